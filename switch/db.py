@@ -1,0 +1,99 @@
+"""PostgreSQL: the pool, and versioned migrations applied under an advisory lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("gridpay.db")
+
+#: Two nodes starting together take turns on this lock, so migrations never collide.
+MIGRATION_LOCK = 0x67726964  # "grid"
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+Pool = asyncpg.Pool
+
+
+class FencedError(Exception):
+    """This node's lease epoch is no longer current: the write was refused by the database."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    out: list[Migration] = []
+    for entry in resources.files("switch").joinpath("migrations").iterdir():
+        m = _NAME.match(entry.name)
+        if m:
+            out.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    out.sort(key=lambda m: m.version)
+    versions = [m.version for m in out]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"duplicate migration versions: {versions}")
+    return out
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply every migration not yet recorded; returns the versions applied now."""
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for m in migrations():
+            if m.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    m.version, m.name,
+                )
+            log.info("migration applied", extra={"version": m.version, "migration": m.name})
+            applied_now.append(m.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied_now
+
+
+async def _init_conn(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=_loads, schema="pg_catalog")
+
+
+def _dumps(v: Any) -> str:
+    import orjson
+
+    return orjson.dumps(v).decode()
+
+
+def _loads(s: str) -> Any:
+    import orjson
+
+    return orjson.loads(s)
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_conn,
+        command_timeout=30, max_inactive_connection_lifetime=300,
+    )
+    assert pool is not None
+    return pool
+
+
+def is_fenced(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "GP001"

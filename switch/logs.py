@@ -1,0 +1,116 @@
+"""Structured logging with masking built in.
+
+Every record passes through `mask_text` and `mask_value` before it is formatted, so a careless
+`log.info("... %s", pin_block)` or `extra={"api_key": ...}` cannot leak a secret: keys whose
+names look secret are replaced whole, and long hex or base64 runs and bearer tokens inside
+messages are masked. JSON lines when stderr is not a terminal, a compact text form when it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+SECRET_KEYS = re.compile(
+    r"(pin|pin_?block|key|secret|token|password|passwd|authorization|mac|kcv_?clear|"
+    r"lmk|pan|track|cvv|api_?key|bearer)",
+    re.IGNORECASE,
+)
+# Not secrets although their names match the pattern above.
+PUBLIC_KEYS = frozenset({"idempotency_key", "key_name", "keys", "kcv", "pin_attempts_left",
+                         "mac_enabled", "posting_key"})
+
+_HEX_RUN = re.compile(r"\b[0-9A-Fa-f]{16,}\b")
+_B64_RUN = re.compile(r"\b[A-Za-z0-9_\-+/]{32,}={0,2}")
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+_KV = re.compile(r"(?i)\b(pin_?block|pin|password|api_?key|token|key|mac)(\s*[=:]\s*)(\S+)")
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+def mask_text(text: str) -> str:
+    """Mask anything in free text that looks like a secret."""
+    text = _BEARER.sub(r"\1***", text)
+    text = _KV.sub(r"\1\2***", text)
+    text = _HEX_RUN.sub(lambda m: f"<hex:{len(m.group())}>", text)
+    return _B64_RUN.sub(lambda m: f"<masked:{len(m.group())}>", text)
+
+
+def mask_value(key: str, value: Any) -> Any:
+    if key.lower() not in PUBLIC_KEYS and SECRET_KEYS.search(key):
+        return "***"
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {str(k): mask_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_value(key, v) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return mask_text(str(value))
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.__dict__.items():
+        if k not in _RECORD_ATTRS and not k.startswith("_"):
+            out[k] = mask_value(k, v)
+    return out
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        msg = record.getMessage()
+    except Exception:  # a bad format string must not lose the line
+        msg = str(record.msg)
+    return mask_text(msg)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": _message(record),
+        }
+        doc.update(_fields(record))
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc_type"] = record.exc_info[0].__name__
+            doc["exc"] = mask_text(self.formatException(record.exc_info))
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{ts} {record.levelname:<7} {record.name}: {_message(record)}"
+        if extra:
+            line += f"  [{extra}]"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + mask_text(self.formatException(record.exc_info))
+        return line
+
+
+def configure(level: str = "INFO", *, json: bool | None = None, stream: Any = None) -> None:
+    """Install the masking formatter on the root logger (idempotent)."""
+    stream = stream or sys.stderr
+    use_json = (not stream.isatty()) if json is None else json
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_gridpay", False):
+            root.removeHandler(h)
+    handler._gridpay = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,387 @@
+"""The switch's client for the marketing (billing) system's HTTP interface.
+
+Errors say what the caller may do next:
+
+- :class:`MarketingUnavailable`: connection refused or dropped, timeout, 5xx, or an answer that
+  cannot be read. The outcome is unknown: retry with the same ``posting_id`` (postings are
+  idempotent on it).
+- :class:`MarketingRejected`: a 4xx other than 409. Permanent: retrying will not help.
+- :class:`MarketingConflict`: 409, the ``posting_id`` was used before with other content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from types import TracebackType
+from typing import Any, Final, Literal, Self, get_args
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+PostingKind = Literal["payment", "card_recharge", "reversal"]
+AccountStatus = Literal["active", "closed"]
+POSTING_KINDS: Final[frozenset[str]] = frozenset(get_args(PostingKind))
+ACCOUNT_STATUSES: Final[frozenset[str]] = frozenset(get_args(AccountStatus))
+_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+class MarketingError(Exception):
+    """Base of every error of the marketing-system client."""
+
+
+class MarketingUnavailable(MarketingError):
+    """No usable answer (refused, dropped, timed out, 5xx, unreadable): outcome unknown."""
+
+
+class MarketingRejected(MarketingError):
+    """The marketing system refused the request for good (4xx other than 409)."""
+
+    def __init__(self, status: int, body: object) -> None:
+        self.status = status
+        self.body = body
+        code = body.get("code") if isinstance(body, dict) else None
+        super().__init__(f"marketing system rejected the request: {status} {code or ''}".strip())
+
+    @property
+    def code(self) -> str | None:
+        """The problem's machine-readable ``code``, when the body carries one."""
+        code = self.body.get("code") if isinstance(self.body, dict) else None
+        return code if isinstance(code, str) else None
+
+
+class MarketingConflict(MarketingError):
+    """409: the posting id was already used with other content."""
+
+    def __init__(self, body: object) -> None:
+        self.status = 409
+        self.body = body
+        super().__init__("marketing system: posting_id already used with other content")
+
+
+def _is_account_no(text: str) -> bool:
+    return len(text) == 10 and text.isascii() and text.isdigit()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    """A customer account as the marketing system shows it; ``bills`` are (period, fen)."""
+
+    account_no: str
+    name: str = field(repr=False)
+    address: str = field(repr=False)
+    status: AccountStatus
+    arrears: int
+    prepaid_balance: int
+    bills: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        _check_account(self.account_no, self.status, self.arrears, self.prepaid_balance)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountSummary:
+    """An account as listed for the switch's mirror (everything but the address)."""
+
+    account_no: str
+    name: str = field(repr=False)
+    status: AccountStatus
+    arrears: int
+    prepaid_balance: int
+    bills: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        _check_account(self.account_no, self.status, self.arrears, self.prepaid_balance)
+
+
+def _check_account(account_no: str, status: str, arrears: int, prepaid: int) -> None:
+    if not _is_account_no(account_no):
+        raise ValueError("account_no must be 10 digits")
+    if status not in ACCOUNT_STATUSES:
+        raise ValueError(f"unknown account status {status!r}")
+    if arrears < 0 or prepaid < 0:
+        raise ValueError("arrears and prepaid balance cannot be negative")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Posting:
+    """A credit to post: ``posting_id`` is the idempotency key, ``amount`` in fen."""
+
+    posting_id: str
+    account_no: str
+    amount: int
+    kind: PostingKind
+    channel: str
+    occurred_at: datetime
+    original_posting_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.posting_id) <= 64:
+            raise ValueError("posting_id must be 1 to 64 characters")
+        if not _is_account_no(self.account_no):
+            raise ValueError("account_no must be 10 digits")
+        if not isinstance(self.amount, int) or isinstance(self.amount, bool) or self.amount <= 0:
+            raise ValueError("amount must be a positive integer in fen")
+        if self.kind not in POSTING_KINDS:
+            raise ValueError(f"unknown posting kind {self.kind!r}")
+        if (self.kind == "reversal") != (self.original_posting_id is not None):
+            raise ValueError("original_posting_id is required for a reversal, and only for one")
+        if not self.channel:
+            raise ValueError("channel must not be empty")
+        if self.occurred_at.utcoffset() is None:
+            raise ValueError("occurred_at must be timezone-aware")
+
+    @property
+    def business_date(self) -> date:
+        return self.occurred_at.date()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "posting_id": self.posting_id,
+            "account_no": self.account_no,
+            "amount": self.amount,
+            "kind": self.kind,
+            "original_posting_id": self.original_posting_id,
+            "channel": self.channel,
+            "occurred_at": self.occurred_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostingResult:
+    """The marketing system's answer; ``replayed`` is true for a 200 (posted before)."""
+
+    posting_id: str
+    arrears_after: int
+    prepaid_balance_after: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostingRecord:
+    """A posting as listed for reconciliation, with the balances right after it."""
+
+    posting: Posting
+    business_date: date
+    arrears_after: int
+    prepaid_balance_after: int
+
+
+def _bills(raw: Any) -> tuple[tuple[str, int], ...]:
+    return tuple((_str(b["period"]), _int(b["amount"])) for b in raw)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("expected an integer")
+    return value
+
+
+def _account(body: Mapping[str, Any]) -> Account:
+    return Account(
+        account_no=_str(body["account_no"]),
+        name=_str(body["name"]),
+        address=_str(body["address"]),
+        status=body["status"],
+        arrears=_int(body["arrears"]),
+        prepaid_balance=_int(body["prepaid_balance"]),
+        bills=_bills(body["bills"]),
+    )
+
+
+def _summary(body: Mapping[str, Any]) -> AccountSummary:
+    return AccountSummary(
+        account_no=_str(body["account_no"]),
+        name=_str(body["name"]),
+        status=body["status"],
+        arrears=_int(body["arrears"]),
+        prepaid_balance=_int(body["prepaid_balance"]),
+        bills=_bills(body["bills"]),
+    )
+
+
+def _record(body: Mapping[str, Any]) -> PostingRecord:
+    original = body.get("original_posting_id")
+    return PostingRecord(
+        posting=Posting(
+            posting_id=_str(body["posting_id"]),
+            account_no=_str(body["account_no"]),
+            amount=_int(body["amount"]),
+            kind=body["kind"],
+            original_posting_id=None if original is None else _str(original),
+            channel=_str(body["channel"]),
+            occurred_at=datetime.fromisoformat(_str(body["occurred_at"])),
+        ),
+        business_date=date.fromisoformat(_str(body["business_date"])),
+        arrears_after=_int(body["arrears_after"]),
+        prepaid_balance_after=_int(body["prepaid_balance_after"]),
+    )
+
+
+def _decode(raw: bytes) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
+class MarketingClient:
+    """Talks to the marketing system at ``base_url``; ``timeout`` (s) bounds each request."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 1.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._owns_session = session is None
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session if this client made it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: object = None,
+    ) -> tuple[int, bytes]:
+        data = None if body is None else orjson.dumps(body)
+        try:
+            async with self._get_session().request(
+                method,
+                self._base_url + path,
+                params=params,
+                data=data,
+                headers=_JSON_HEADERS,
+                timeout=self._timeout,
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise MarketingUnavailable(
+                f"marketing system unreachable: {type(exc).__name__}"
+            ) from exc
+        if status >= 500:
+            raise MarketingUnavailable(f"marketing system answered {status}")
+        return status, raw
+
+    @staticmethod
+    def _refuse(status: int, raw: bytes) -> MarketingError:
+        if status == 409:
+            return MarketingConflict(_decode(raw))
+        if 400 <= status < 500:
+            return MarketingRejected(status, _decode(raw))
+        return MarketingUnavailable(f"marketing system answered an unexpected {status}")
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise MarketingUnavailable("marketing system sent a body that is not JSON") from exc
+
+    async def get_account(self, account_no: str) -> Account | None:
+        """The account, or ``None`` when the marketing system does not know it."""
+        if not _is_account_no(account_no):
+            raise ValueError("account_no must be 10 digits")
+        status, raw = await self._request("GET", f"/accounts/{quote(account_no)}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._refuse(status, raw)
+        try:
+            return _account(self._parse(raw))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MarketingUnavailable("marketing system sent a malformed account") from exc
+
+    async def list_accounts(
+        self, after: str | None = None, limit: int = 1000
+    ) -> tuple[list[AccountSummary], str | None]:
+        """Up to ``limit`` accounts after ``after`` in account-number order, and the next cursor
+        (``None`` at the end)."""
+        params = {"limit": str(limit)}
+        if after is not None:
+            params["after"] = after
+        status, raw = await self._request("GET", "/accounts", params=params)
+        if status != 200:
+            raise self._refuse(status, raw)
+        try:
+            body = self._parse(raw)
+            summaries = [_summary(item) for item in body["accounts"]]
+            next_after = body["next_after"]
+            if next_after is not None:
+                next_after = _str(next_after)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MarketingUnavailable("marketing system sent a malformed account list") from exc
+        return summaries, next_after
+
+    async def post(self, posting: Posting) -> PostingResult:
+        """Credit ``posting``; safe to repeat with the same posting after MarketingUnavailable."""
+        status, raw = await self._request("POST", "/postings", body=posting.to_json())
+        if status not in (200, 201):
+            raise self._refuse(status, raw)
+        try:
+            body = self._parse(raw)
+            result = PostingResult(
+                posting_id=_str(body["posting_id"]),
+                arrears_after=_int(body["arrears_after"]),
+                prepaid_balance_after=_int(body["prepaid_balance_after"]),
+                replayed=status == 200,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MarketingUnavailable("marketing system sent a malformed posting result") from exc
+        if result.posting_id != posting.posting_id:
+            raise MarketingUnavailable("marketing system answered for another posting")
+        return result
+
+    async def postings_for_date(self, business_date: date) -> list[PostingRecord]:
+        """Every posting of ``business_date``, in the order the marketing system accepted them."""
+        status, raw = await self._request(
+            "GET", "/postings", params={"date": business_date.isoformat()}
+        )
+        if status != 200:
+            raise self._refuse(status, raw)
+        try:
+            body = self._parse(raw)
+            return [_record(item) for item in body["postings"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MarketingUnavailable("marketing system sent a malformed posting list") from exc

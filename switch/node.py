@@ -1,0 +1,180 @@
+"""One switch node: the resources it owns, its role in the pair, and its listeners.
+
+Resources are opened in order in an AsyncExitStack and closed in reverse. The HTTP listener is
+bound on both nodes of a pair (a standby answers `/readyz` 503 and payment requests 503
+`standby`); the ISO 8583 listeners and the store-and-forward relay run only while this node
+holds the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from switch import db
+from switch.config import Settings
+from switch.lease import Lease, Role
+from switch.metrics import Metrics
+
+log = logging.getLogger("gridpay.node")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceUrls:
+    database: str
+    redis: str
+    hsm: str
+    marketing: str
+
+    def __repr__(self) -> str:
+        return "ServiceUrls(<masked>)"
+
+
+@dataclass(slots=True)
+class Ports:
+    http: int = 0
+    bank: int | None = None
+    post: int | None = None
+
+
+@dataclass(slots=True)
+class Hooks:
+    """What a component does when the node's role changes (run in registration order)."""
+
+    on_active: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_standby: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class Node:
+    def __init__(self, settings: Settings, services: ServiceUrls) -> None:
+        self.settings = settings
+        self.services = services
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self.ports = Ports()
+        self.hooks = Hooks()
+        self.pool: asyncpg.Pool
+        self.redis: aioredis.Redis
+        self.lease: Lease
+        self.components: dict[str, Any] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._runner: web.AppRunner | None = None
+        self._stopping = False
+
+    # -- role -----------------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self.lease.role
+
+    @property
+    def is_active(self) -> bool:
+        return not self._stopping and self.lease.is_active
+
+    @property
+    def epoch(self) -> int:
+        return self.lease.epoch
+
+    async def _became_active(self) -> None:
+        self.metrics.role.set(1)
+        self.metrics.epoch.set(self.lease.epoch)
+        for hook in self.hooks.on_active:
+            try:
+                await hook()
+            except Exception:
+                log.exception("activation hook failed")
+                await self.lease.demote("activation failed")
+                return
+
+    async def _became_standby(self) -> None:
+        self.metrics.role.set(0)
+        for hook in self.hooks.on_standby:
+            try:
+                await hook()
+            except Exception:
+                log.exception("demotion hook failed")
+
+    async def fenced(self) -> None:
+        """Called by any component whose write was refused for a stale epoch."""
+        await self.lease.demote("write fenced by the database")
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        st = self._stack
+        # Migrations first, on one connection, under the advisory lock.
+        conn = await asyncpg.connect(self.services.database)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        self.pool = await db.create_pool(self.services.database,
+                                         min_size=s.services.db_pool_min,
+                                         max_size=s.services.db_pool_max)
+        st.push_async_callback(self.pool.close)
+        self.redis = aioredis.from_url(self.services.redis, decode_responses=False,
+                                       socket_timeout=2.0, socket_connect_timeout=2.0,
+                                       health_check_interval=10)
+        st.push_async_callback(self.redis.aclose)
+
+        from switch.components import install_components
+
+        await install_components(self, st)
+
+        self.lease = Lease(self.pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
+                           on_active=self._became_active, on_standby=self._became_standby)
+
+        from switch.web.app import build_app
+
+        app = build_app(self)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=s.node.shutdown_grace_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.listen.host, s.listen.http_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        self.ports.http = int(sockets[0].getsockname()[1]) if sockets else s.listen.http_port
+        await self.lease.start()
+
+    def ready_line(self) -> dict[str, Any]:
+        return {
+            "node_id": self.settings.node.id,
+            "role": "active" if self.role is Role.ACTIVE else "standby",
+            "epoch": self.lease.epoch,
+            "ports": {"http": self.ports.http, "bank": self.ports.bank, "post": self.ports.post},
+            "home": str(self.settings.node.home),
+            "services": {"database": self.services.database, "redis": self.services.redis,
+                         "hsm": self.services.hsm, "marketing": self.services.marketing},
+        }
+
+    async def stop(self) -> None:
+        """Stop taking new work, finish what is in flight (bounded), release, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.node.shutdown_grace_s
+        if self.role is Role.ACTIVE:
+            await self._became_standby()  # closes listeners, drains in-flight, stops relays
+        for hook in self.hooks.on_stop:
+            try:
+                await asyncio.wait_for(hook(), grace)
+            except Exception:
+                log.exception("stop hook failed")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.lease.stop()
+        await self._stack.aclose()
+        log.info("node stopped", extra={"node_id": self.settings.node.id})

@@ -1,0 +1,101 @@
+"""The HTTP application: operations endpoints plus every channel's routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from switch.web.problems import Problem, json_response, problem_middleware
+
+if TYPE_CHECKING:
+    from switch.node import Node
+
+NODE: web.AppKey[Node] = web.AppKey("node")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def node_of(request: web.Request) -> Node:
+    return request.app[NODE]
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        m = request.app[NODE].metrics
+        m.http_requests.labels(name, str(status)).inc()
+        m.http_latency.labels(name).observe(time.perf_counter() - started)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    node = node_of(request)
+    return json_response({"status": "ok", "node_id": node.settings.node.id,
+                          "uptime_s": round(time.time() - node.started_at, 1)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = node_of(request)
+    checks: dict[str, bool] = {}
+    try:
+        async with node.pool.acquire(timeout=1.0) as con:
+            checks["database"] = await con.fetchval("SELECT 1", timeout=1.0) == 1
+    except Exception:
+        checks["database"] = False
+    try:
+        checks["redis"] = bool(await node.redis.ping())
+    except Exception:
+        checks["redis"] = False
+    hsm = node.components.get("hsm")
+    if hsm is not None:
+        try:
+            await hsm.echo(b"ready")
+            checks["hsm"] = True
+        except Exception:
+            checks["hsm"] = False
+    checks["active"] = node.is_active
+    ok = all(checks.values())
+    return json_response({"ready": ok, "role": str(node.role), "checks": checks},
+                         status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = node_of(request)
+    refresh = node.components.get("metrics_refresh")
+    if refresh is not None:
+        await refresh()
+    return web.Response(body=node.metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def require_active(request: web.Request) -> Node:
+    node = node_of(request)
+    if not node.is_active:
+        raise Problem(503, "standby", "this node is the standby; send the request to the active "
+                      "node", headers={"Retry-After": "1"})
+    return node
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[metrics_middleware, problem_middleware],
+                          client_max_size=1024 * 1024 * 8)
+    app[NODE] = node
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    for register in node.components.get("routes", []):
+        register(app)
+    return app

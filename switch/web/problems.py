@@ -1,0 +1,93 @@
+"""RFC 9457 problem details: every HTTP error the switch gives has a stable `code`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("gridpay.http")
+
+PROBLEM_TYPE = "https://gridpay.example/problems/"
+CONTENT_TYPE = "application/problem+json"
+
+_TITLES = {
+    400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+    405: "Method not allowed", 409: "Conflict", 413: "Payload too large",
+    415: "Unsupported media type", 422: "Unprocessable content", 429: "Too many requests",
+    500: "Internal error", 503: "Service unavailable", 504: "Gateway timeout",
+}
+
+
+class Problem(Exception):
+    """Raise anywhere in a handler; rendered as application/problem+json."""
+
+    def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: object) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, object]:
+        return {"type": PROBLEM_TYPE + self.code.replace("_", "-"), "title": self.title,
+                "status": self.status, "detail": self.detail, "code": self.code, **self.extra}
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=orjson.dumps(self.body()),
+                            content_type=CONTENT_TYPE, headers=self.headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as p:
+        return p.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            e.status, "http_error")
+        detail = {404: f"no resource at {request.path}",
+                  405: f"{request.method} is not allowed on {request.path}"}.get(
+            e.status, e.reason)
+        return Problem(e.status, code, detail).response()
+    except Exception:
+        log.exception("unhandled error in HTTP handler", extra={"path": request.path})
+        return Problem(500, "internal_error",
+                       "the request could not be completed; nothing was changed unless a "
+                       "later GET shows otherwise").response()
+
+
+async def json_body(request: web.Request, max_bytes: int = 65536) -> dict[str, object]:
+    """The request's JSON object, or a 400/415 problem that says what is wrong."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise Problem(413, "payload_too_large", f"the body must be at most {max_bytes} bytes")
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/problem+json"):
+        raise Problem(415, "unsupported_media_type", "send the body as application/json")
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise Problem(413, "payload_too_large", f"the body must be at most {max_bytes} bytes")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise Problem(400, "malformed_json", f"the body is not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict):
+        raise Problem(400, "malformed_json", "the body must be a JSON object")
+    return doc
+
+
+def json_response(doc: object, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json",
+                        headers=headers)

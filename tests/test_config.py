@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from switch.config import ConfigError, load_settings
+
+
+def test_dev_defaults_load_and_are_frozen() -> None:
+    s = load_settings(env={})
+    assert s.listen.bank_port == 8583 and s.listen.post_port == 8584
+    assert {i.id for i in s.institutions} == {"01020000", "01000000"}
+    bank = s.institution("01020000")
+    assert bank is not None and bank.dialect == "bank" and bank.mac
+    assert bank.allows("127.0.0.1") and not bank.allows("10.1.2.3")
+    with pytest.raises(AttributeError):
+        s.listen.http_port = 1  # type: ignore[misc]
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[listen]\nhttp_port = 9000\nbank_port = 9001\n')
+    s = load_settings(f, env={"GRIDPAY_HTTP_PORT": "0", "GRIDPAY_NODE_ID": "node-b",
+                              "GRIDPAY_HOME": str(tmp_path / "h")})
+    assert s.listen.http_port == 0          # env beats --config
+    assert s.listen.bank_port == 9001       # --config beats the defaults
+    assert s.node.id == "node-b" and s.node.home == tmp_path / "h"
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "allowed"),
+    [
+        ({"GRIDPAY_HTTP_PORT": "70000"}, "listen.http_port", "0 to 65535"),
+        ({"GRIDPAY_HTTP_PORT": "eighty"}, "listen.http_port", "integer"),
+        ({"GRIDPAY_CUTOVER": "25:00"}, "business.cutover", "HH:MM"),
+        ({"GRIDPAY_TIMEZONE": "Mars/Olympus"}, "business.timezone", "IANA"),
+        ({"GRIDPAY_DATABASE_URL": "mysql://x"}, "services.database_url", "postgresql://"),
+        ({"GRIDPAY_HSM_ADDR": "nohostport"}, "services.hsm_addr", "host:port"),
+        ({"GRIDPAY_NODE_ID": "bad id!"}, "node.id", "A-Za-z0-9"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(env: dict[str, str], key: str,
+                                                       allowed: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=env)
+    assert e.value.key == key
+    msg = str(e.value)
+    assert key in msg and allowed in msg and next(iter(env.values())) in msg
+
+
+def test_bad_institution_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[[institutions]]\nid = "ABC"\ndialect = "bank"\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    # arrays of tables in an override file replace the list
+    assert e.value.key == "institutions[0].id"
+
+
+def test_unreadable_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(tmp_path / "missing.toml", env={})
+    assert e.value.key == "--config"
+
+
+def test_lease_renewal_must_fit_in_ttl() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(env={"GRIDPAY_LEASE_TTL_S": "1", "GRIDPAY_LEASE_RENEW_S": "0.9"})
+    assert e.value.key == "lease.renew_s"

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import io
+import logging
+
+import orjson
+
+from switch import logs
+
+
+def _capture() -> tuple[logging.Logger, io.StringIO]:
+    buf = io.StringIO()
+    logs.configure("DEBUG", json=True, stream=buf)
+    return logging.getLogger("gridpay.test"), buf
+
+
+def test_secret_fields_and_values_are_masked() -> None:
+    log, buf = _capture()
+    pin_block = "8F3A9C4D2E1B0A99" * 2
+    log.info("verifying pin_block=%s for card", pin_block,
+             extra={"api_key": "gp_supersecretvalue", "pin": "123456789012", "account": "1"})
+    log.info("Authorization: Bearer gp_abcdefghijklmnopqrstuvwxyz0123456789")
+    out = buf.getvalue()
+    assert pin_block not in out and "123456789012" not in out
+    assert "gp_supersecretvalue" not in out and "abcdefghijklmnopqrstuvwxyz" not in out
+    first = orjson.loads(out.splitlines()[0])
+    assert first["api_key"] == "***" and first["pin"] == "***" and first["account"] == "1"
+    assert first["level"] == "info" and first["logger"] == "gridpay.test"
+
+
+def test_exception_text_is_masked() -> None:
+    log, buf = _capture()
+    try:
+        raise ValueError("key 0123456789ABCDEF0123456789ABCDEF rejected")
+    except ValueError:
+        log.exception("failed")
+    out = buf.getvalue()
+    assert "0123456789ABCDEF0123456789ABCDEF" not in out
+    assert orjson.loads(out)["exc_type"] == "ValueError"
