@@ -1,0 +1,487 @@
+"""The switch's HSM client: a small pool of pipelined connections to the HSM (or its simulator).
+
+Each connection sends requests as they come and matches answers by their 4-character header,
+so one connection carries many requests in flight. Every request has a timeout. When the HSM
+cannot be reached, requests fail at once with `HsmUnavailable` (a circuit breaker tries a new
+connection at most every `retry_interval_s`), instead of each waiting out its timeout.
+
+No method returns or logs a clear key or PIN; key blocks are wrapped in `KeyBlock`, whose repr
+shows only the key usage and length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from hsm_sim.wire import (
+    COMMANDS,
+    MIN_MESSAGE,
+    FieldError,
+    FieldReader,
+    data_field,
+    encode_frame,
+    key_block_field,
+    response_code,
+)
+
+__all__ = [
+    "GeneratedKey",
+    "HsmClient",
+    "HsmError",
+    "HsmTimeout",
+    "HsmUnavailable",
+    "KeyBlock",
+    "VoucherRecord",
+]
+
+log = logging.getLogger("gridpay.hsm")
+
+VOUCHERS_PER_REQUEST = 1000
+PIN_BLOCK_FORMAT_ISO4 = "48"
+
+
+class HsmError(Exception):
+    """The HSM refused a command (`code` is its 2-character error code)."""
+
+    def __init__(self, code: str | None, command: str, detail: str = "") -> None:
+        self.code = code
+        self.command = command
+        text = f"HSM command {command} failed with error {code}" if code else \
+            f"HSM command {command} failed"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class HsmUnavailable(HsmError):
+    """No connection to the HSM could be made (or it dropped with the request in flight)."""
+
+    def __init__(self, command: str, detail: str = "HSM unavailable") -> None:
+        super().__init__(None, command, detail)
+
+
+class HsmTimeout(HsmError):
+    """The HSM did not answer within the request timeout."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(None, command, "timed out")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBlock:
+    """A TR-31 key block (under the LMK or a KEK). Its repr is masked."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if len(self.text) < 16 or not self.text.isascii() or not self.text[1:5].isdigit():
+            raise ValueError("not a TR-31 key block")
+
+    @property
+    def key_usage(self) -> str:
+        return self.text[5:7]
+
+    def __repr__(self) -> str:
+        return f"KeyBlock(usage={self.key_usage}, length={len(self.text)}, <masked>)"
+
+    __str__ = __repr__
+
+
+BlockLike = KeyBlock | str
+
+
+def _block_text(block: BlockLike) -> str:
+    return block.text if isinstance(block, KeyBlock) else KeyBlock(block).text
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedKey:
+    key_block: KeyBlock
+    kcv: str
+    exported_block: KeyBlock | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherRecord:
+    """One generated card: its serial, the keyed tag (hex) and the PIN under the print key."""
+
+    serial: str
+    tag: str
+    encrypted_pin: str
+
+    def __repr__(self) -> str:
+        return f"VoucherRecord(serial={self.serial!r}, tag=<masked>, encrypted_pin=<masked>)"
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("gridpay_hsm_requests", "HSM requests by command and result",
+                                ["command", "result"], registry=registry)
+        self.latency = Histogram("gridpay_hsm_request_seconds", "HSM request latency",
+                                 ["command"], registry=registry,
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                          0.25, 0.5, 1.0, 2.5))
+
+
+class _Connection:
+    """One TCP connection with requests in flight, matched to answers by header."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._pending: dict[bytes, asyncio.Future[bytes]] = {}
+        self._next = 0
+        self.alive = True
+        self._task = asyncio.create_task(self._read_loop())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _header(self) -> bytes:
+        for _ in range(0x10000):
+            self._next = (self._next + 1) % 0x10000
+            header = f"{self._next:04X}".encode()
+            if header not in self._pending:
+                return header
+        raise HsmUnavailable("--", "too many requests in flight")
+
+    async def send(self, command: str, fields: bytes, limit_s: float) -> bytes:
+        if not self.alive:
+            raise HsmUnavailable(command, "connection lost")
+        header = self._header()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[header] = future
+        try:
+            self._writer.write(encode_frame(header + command.encode() + fields))
+            await asyncio.wait_for(self._drain_then(future), limit_s)
+            return future.result()
+        except TimeoutError:
+            raise HsmTimeout(command) from None
+        except HsmUnavailable:
+            raise HsmUnavailable(command, "connection lost") from None
+        except (ConnectionError, OSError):
+            self._fail()
+            raise HsmUnavailable(command, "connection lost") from None
+        finally:
+            self._pending.pop(header, None)
+
+    async def _drain_then(self, future: asyncio.Future[bytes]) -> None:
+        await self._writer.drain()
+        await future
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                length = int.from_bytes(await self._reader.readexactly(2), "big")
+                message = await self._reader.readexactly(length)
+                future = self._pending.get(message[:4])
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self._fail()
+
+    def _fail(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(HsmUnavailable("--", "connection lost"))
+        self._writer.close()
+
+    async def close(self) -> None:
+        self._fail()
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+
+
+class HsmClient:
+    """Async client of the HSM host commands (see docs/hsm.md for the commands)."""
+
+    def __init__(self, host: str, port: int, *, pool_size: int = 2, timeout: float = 2.0,
+                 registry: CollectorRegistry | None = None, connect_timeout: float = 1.0,
+                 retry_interval_s: float = 0.5) -> None:
+        if pool_size < 1 or timeout <= 0 or connect_timeout <= 0 or retry_interval_s <= 0:
+            raise ValueError("pool_size, timeout, connect_timeout and retry interval > 0")
+        self._host = host
+        self._port = port
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._connect_timeout = min(connect_timeout, timeout)
+        self._retry_max = retry_interval_s
+        self._retry = min(0.05, retry_interval_s)
+        self._down_until = 0.0
+        self._conns: list[_Connection] = []
+        self._rr = 0
+        self._lock = asyncio.Lock()
+        self._fill_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = _Metrics(self.registry)
+
+    def __repr__(self) -> str:
+        return f"HsmClient({self._host}:{self._port}, pool_size={self._pool_size})"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool. Does not fail when the HSM is down: requests will say so."""
+        self._closed = False
+        try:
+            await self._acquire("--")
+        except HsmUnavailable:
+            log.warning("HSM not reachable at start", extra={"host": self._host,
+                                                             "port": self._port})
+            return
+        if self._fill_task is not None:
+            with contextlib.suppress(Exception):
+                await self._fill_task
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._fill_task is not None:
+            self._fill_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._fill_task
+            self._fill_task = None
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            await conn.close()
+
+    async def __aenter__(self) -> HsmClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> int:
+        return sum(1 for c in self._conns if c.alive)
+
+    # --- pool -------------------------------------------------------------------------------
+
+    async def _open(self) -> _Connection:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port), self._connect_timeout)
+        return _Connection(reader, writer)
+
+    async def _fill(self) -> None:
+        try:
+            while not self._closed and self.connected < self._pool_size:
+                try:
+                    conn = await self._open()
+                except (OSError, TimeoutError):
+                    return
+                self._conns.append(conn)
+        finally:
+            self._fill_task = None
+
+    def _live(self) -> list[_Connection]:
+        live = [c for c in self._conns if c.alive]
+        if len(live) != len(self._conns):
+            self._conns = live
+        return live
+
+    async def _acquire(self, command: str) -> _Connection:
+        if self._closed:
+            raise HsmUnavailable(command, "client closed")
+        live = self._live()
+        if live:
+            if len(live) < self._pool_size and self._fill_task is None:
+                self._fill_task = asyncio.create_task(self._fill())
+            self._rr = (self._rr + 1) % len(live)
+            return min(live[self._rr:] + live[:self._rr], key=lambda c: c.in_flight)
+        if time.monotonic() < self._down_until:
+            raise HsmUnavailable(command)
+        async with self._lock:
+            live = self._live()
+            if live:
+                return live[0]
+            if time.monotonic() < self._down_until:
+                raise HsmUnavailable(command)
+            try:
+                conn = await self._open()
+            except (OSError, TimeoutError):
+                self._down_until = time.monotonic() + self._retry
+                self._retry = min(self._retry * 2, self._retry_max)
+                log.warning("HSM connection failed", extra={"host": self._host,
+                                                            "port": self._port})
+                raise HsmUnavailable(command) from None
+            self._retry = min(0.05, self._retry_max)
+            self._down_until = 0.0
+            self._conns.append(conn)
+            if self._pool_size > 1 and self._fill_task is None:
+                self._fill_task = asyncio.create_task(self._fill())
+            return conn
+
+    # --- one request ------------------------------------------------------------------------
+
+    async def _call(self, command: str, fields: bytes, *, ok: tuple[str, ...] = ("00",)
+                    ) -> tuple[str, FieldReader]:
+        started = time.perf_counter()
+        result = "error"
+        try:
+            conn = await self._acquire(command)
+            message = await conn.send(command, fields, self._timeout)
+            if len(message) < MIN_MESSAGE + 2 or \
+                    message[4:6] != response_code(command.encode()):
+                result = "bad_response"
+                raise HsmError(None, command, "unexpected response")
+            code = message[6:8].decode("ascii", "replace")
+            result = code
+            if code not in ok:
+                raise HsmError(code, command)
+            return code, FieldReader(message, 8)
+        except HsmTimeout:
+            result = "timeout"
+            raise
+        except HsmUnavailable:
+            result = "unavailable"
+            raise
+        finally:
+            self._metrics.requests.labels(command, result).inc()
+            self._metrics.latency.labels(command).observe(time.perf_counter() - started)
+
+    async def _fields(self, command: str, fields: bytes) -> FieldReader:
+        _, reader = await self._call(command, fields)
+        return reader
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def diagnostics(self) -> tuple[str, str]:
+        """(LMK check value, firmware version)."""
+        r = await self._fields("NC", b"")
+        with _bad_response("NC"):
+            kcv = r.text(6)
+            firmware = r.raw(r.remaining).decode("ascii")
+        return kcv, firmware
+
+    async def echo(self, data: bytes) -> bytes:
+        r = await self._fields("B2", data_field(data))
+        with _bad_response("B2"):
+            return r.raw(r.remaining)
+
+    async def generate_key(self, usage: str, *, export_under: BlockLike | None = None,
+                           mode_of_use: str | None = None,
+                           exportability: str | None = None) -> GeneratedKey:
+        """A new key of TR-31 `usage` (P0, M6, V0, K0, K1) under the LMK.
+
+        With `export_under` (a KEK block), also under that KEK (authorised state only).
+        `mode_of_use` defaults to the usage's usual one; `exportability` to `E` when exported
+        at once, else `N`.
+        """
+        mode_of_use = mode_of_use or _DEFAULT_MODES.get(usage, "N")
+        export = exportability or ("E" if export_under is not None else "N")
+        fields = (("1" if export_under is not None else "0") + usage + mode_of_use
+                  + export).encode("ascii")
+        if export_under is not None:
+            fields += key_block_field(_block_text(export_under))
+        r = await self._fields("A0", fields)
+        with _bad_response("A0"):
+            block = KeyBlock(r.key_block())
+            exported = KeyBlock(r.key_block()) if export_under is not None else None
+            kcv = r.text(6)
+            r.end()
+        return GeneratedKey(block, kcv, exported)
+
+    async def import_key(self, kek_block: BlockLike, block_under_kek: BlockLike, *,
+                         expected_kcv: str | None = None) -> tuple[KeyBlock, str]:
+        """Import a key given under a KEK; returns (block under the LMK, KCV)."""
+        fields = key_block_field(_block_text(kek_block)) + \
+            key_block_field(_block_text(block_under_kek))
+        if expected_kcv is not None:
+            fields += expected_kcv.encode("ascii")
+        r = await self._fields("A6", fields)
+        with _bad_response("A6"):
+            block = KeyBlock(r.key_block())
+            kcv = r.text(6)
+        return block, kcv
+
+    async def export_key(self, kek_block: BlockLike, key_block: BlockLike
+                         ) -> tuple[KeyBlock, str]:
+        """Export a key under a KEK; returns (block under the KEK, KCV)."""
+        r = await self._fields("A8", key_block_field(_block_text(kek_block))
+                               + key_block_field(_block_text(key_block)))
+        with _bad_response("A8"):
+            block = KeyBlock(r.key_block())
+            kcv = r.text(6)
+        return block, kcv
+
+    async def key_check_value(self, key_block: BlockLike) -> str:
+        r = await self._fields("BU", key_block_field(_block_text(key_block)))
+        with _bad_response("BU"):
+            return r.text(6)
+
+    async def generate_mac(self, key_block: BlockLike, data: bytes) -> bytes:
+        """AES-CMAC of `data`, truncated to 8 bytes."""
+        r = await self._fields("M6", key_block_field(_block_text(key_block)) + data_field(data))
+        with _bad_response("M6"):
+            return r.hex(16)
+
+    async def verify_mac(self, key_block: BlockLike, data: bytes, mac: bytes) -> bool:
+        if len(mac) != 8:
+            return False
+        code, _ = await self._call(
+            "M8", key_block_field(_block_text(key_block)) + data_field(data)
+            + mac.hex().upper().encode(), ok=("00", "01"))
+        return code == "00"
+
+    async def voucher_generate(self, vvk_block: BlockLike, print_key_block: BlockLike,
+                               serials: Sequence[str], *, pin_length: int = 12
+                               ) -> list[VoucherRecord]:
+        """New random PINs for `serials`: per card the tag and the PIN under the print key.
+
+        Splits the list into requests of at most 1000 serials, sent concurrently.
+        """
+        head = key_block_field(_block_text(vvk_block)) + \
+            key_block_field(_block_text(print_key_block)) + f"{pin_length:02d}".encode()
+        chunks = [list(serials[i:i + VOUCHERS_PER_REQUEST])
+                  for i in range(0, len(serials), VOUCHERS_PER_REQUEST)]
+
+        async def one(chunk: list[str]) -> list[VoucherRecord]:
+            body = "".join(chunk).encode("ascii")
+            r = await self._fields("ZG", head + f"{len(chunk):04d}".encode() + body)
+            out: list[VoucherRecord] = []
+            with _bad_response("ZG"):
+                for serial in chunk:
+                    tag = r.raw(32).hex().upper()
+                    out.append(VoucherRecord(serial, tag, r.raw(16).hex().upper()))
+                r.end()
+            return out
+
+        results = await asyncio.gather(*(one(c) for c in chunks))
+        return [record for chunk in results for record in chunk]
+
+    async def voucher_verify(self, pin_key_block: BlockLike, vvk_block: BlockLike,
+                             serial: str, pin_block_hex: str, tag: str | bytes) -> bool:
+        """Whether the format-4 PIN block holds the PIN whose tag is `tag`."""
+        tag_hex = tag.hex() if isinstance(tag, bytes) else tag
+        fields = (key_block_field(_block_text(pin_key_block))
+                  + key_block_field(_block_text(vvk_block))
+                  + (PIN_BLOCK_FORMAT_ISO4 + serial + pin_block_hex + tag_hex).encode("ascii"))
+        code, _ = await self._call("ZV", fields, ok=("00", "01"))
+        return code == "00"
+
+
+_DEFAULT_MODES = {"P0": "B", "M6": "C", "V0": "C", "K0": "B", "K1": "B"}
+assert set(COMMANDS) >= {"A0", "A6", "A8", "BU", "M6", "M8", "NC", "B2", "ZG", "ZV"}  # noqa: S101
+
+
+@contextlib.contextmanager
+def _bad_response(command: str) -> Iterator[None]:
+    try:
+        yield
+    except (FieldError, ValueError, UnicodeDecodeError):
+        raise HsmError(None, command, "malformed response") from None
