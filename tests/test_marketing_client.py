@@ -1,0 +1,264 @@
+"""The switch's marketing-system client against the simulator (and a misbehaving server)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta, timezone
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from marketing_sim.app import MarketingSettings, MarketingSim, start
+from marketing_sim.customers import Customer
+from switch.marketing_client import (
+    Account,
+    MarketingClient,
+    MarketingConflict,
+    MarketingError,
+    MarketingRejected,
+    MarketingUnavailable,
+    Posting,
+)
+
+CUSTOMERS = 300
+CST = timezone(timedelta(hours=8))
+WHEN = datetime(2026, 5, 1, 9, 30, tzinfo=CST)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[MarketingSim]:
+    running = await start(MarketingSettings(port=0, customers=CUSTOMERS))
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+@pytest.fixture
+async def client(sim: MarketingSim) -> AsyncIterator[MarketingClient]:
+    async with MarketingClient(sim.url, timeout=1.0) as marketing:
+        yield marketing
+
+
+def customer_with_bills(sim: MarketingSim) -> Customer:
+    book = sim.ledger.book
+    for index in range(book.count):
+        customer = book.customer(index)
+        if customer.status == "active" and len(customer.bills) >= 2:
+            return customer
+    raise AssertionError("no customer with bills")
+
+
+def payment(posting_id: str, account_no: str, amount: int) -> Posting:
+    return Posting(
+        posting_id=posting_id,
+        account_no=account_no,
+        amount=amount,
+        kind="payment",
+        channel="internet",
+        occurred_at=WHEN,
+    )
+
+
+async def test_get_account(sim: MarketingSim, client: MarketingClient) -> None:
+    customer = customer_with_bills(sim)
+    account = await client.get_account(customer.account_no)
+    assert account == Account(
+        account_no=customer.account_no,
+        name=customer.name,
+        address=customer.address,
+        status="active",
+        arrears=sum(b.amount for b in customer.bills),
+        prepaid_balance=0,
+        bills=tuple((b.period, b.amount) for b in customer.bills),
+    )
+    assert customer.name not in repr(account) and customer.address not in repr(account)
+    assert await client.get_account("9999999999") is None
+    with pytest.raises(ValueError):
+        await client.get_account("12")
+
+
+async def test_list_accounts_walks_every_page(sim: MarketingSim, client: MarketingClient) -> None:
+    numbers: list[str] = []
+    after: str | None = None
+    for _ in range(10):
+        page, after = await client.list_accounts(after, limit=128)
+        numbers += [summary.account_no for summary in page]
+        if after is None:
+            break
+    assert after is None
+    assert numbers == [sim.ledger.book.account_no(i) for i in range(CUSTOMERS)]
+    with pytest.raises(MarketingRejected) as rejected:
+        await client.list_accounts(limit=0)
+    assert rejected.value.status == 400 and rejected.value.code == "invalid_query"
+
+
+async def test_post_replay_conflict_and_rejections(
+    sim: MarketingSim, client: MarketingClient
+) -> None:
+    customer = customer_with_bills(sim)
+    total = sum(b.amount for b in customer.bills)
+    first = payment("cl-1", customer.account_no, 1500)
+    result = await client.post(first)
+    assert (result.posting_id, result.arrears_after, result.replayed) == (
+        "cl-1",
+        total - 1500,
+        False,
+    )
+    again = await client.post(first)
+    assert again.replayed and again.arrears_after == result.arrears_after
+
+    with pytest.raises(MarketingConflict):
+        await client.post(payment("cl-1", customer.account_no, 1501))
+    with pytest.raises(MarketingRejected) as rejected:
+        await client.post(payment("cl-2", "9999999999", 100))
+    assert (rejected.value.status, rejected.value.code) == (404, "account_not_found")
+    reverse_wrong = Posting(
+        posting_id="cl-3",
+        account_no=customer.account_no,
+        amount=1,
+        kind="reversal",
+        original_posting_id="cl-1",
+        channel="internet",
+        occurred_at=WHEN,
+    )
+    with pytest.raises(MarketingRejected) as rejected:
+        await client.post(reverse_wrong)
+    assert (rejected.value.status, rejected.value.code) == (400, "reversal_amount_mismatch")
+    reverse = Posting(
+        posting_id="cl-3",
+        account_no=customer.account_no,
+        amount=1500,
+        kind="reversal",
+        original_posting_id="cl-1",
+        channel="internet",
+        occurred_at=WHEN + timedelta(minutes=5),
+    )
+    undone = await client.post(reverse)
+    assert undone.arrears_after == total and not undone.replayed
+
+    records = await client.postings_for_date(date(2026, 5, 1))
+    assert [r.posting for r in records] == [first, reverse]
+    assert [r.arrears_after for r in records] == [total - 1500, total]
+    assert all(r.business_date == date(2026, 5, 1) for r in records)
+    assert await client.postings_for_date(date(2026, 5, 2)) == []
+
+
+def test_posting_is_validated() -> None:
+    with pytest.raises(ValueError):
+        payment("p", "1000000008", 0)
+    with pytest.raises(ValueError):
+        payment("p", "100000000", 10)
+    with pytest.raises(ValueError):
+        Posting(
+            posting_id="p",
+            account_no="1000000008",
+            amount=10,
+            kind="reversal",
+            channel="ivr",
+            occurred_at=WHEN,
+        )
+    with pytest.raises(ValueError):
+        Posting(
+            posting_id="p",
+            account_no="1000000008",
+            amount=10,
+            kind="payment",
+            channel="ivr",
+            occurred_at=datetime(2026, 5, 1, 9, 30),
+        )
+
+
+async def test_unavailable_on_injected_errors(sim: MarketingSim, client: MarketingClient) -> None:
+    customer = customer_with_bills(sim)
+    await sim.set_faults(error_rate=1.0)
+    with pytest.raises(MarketingUnavailable):
+        await client.get_account(customer.account_no)
+    with pytest.raises(MarketingUnavailable):
+        await client.post(payment("u-1", customer.account_no, 100))
+    await sim.clear_faults()
+    assert not (await client.post(payment("u-1", customer.account_no, 100))).replayed
+
+
+async def test_unavailable_on_timeout_then_retry_is_a_replay(sim: MarketingSim) -> None:
+    customer = customer_with_bills(sim)
+    posting = payment("to-1", customer.account_no, 2500)
+    await sim.set_faults(timeout_after_commit_rate=1.0)
+    async with MarketingClient(sim.url, timeout=0.3) as client:
+        with pytest.raises(MarketingUnavailable):
+            await client.post(posting)
+        retried = await client.post(posting)
+    assert retried.replayed
+    assert retried.arrears_after == sum(b.amount for b in customer.bills) - 2500
+
+
+async def test_unavailable_when_down_then_recovers(
+    sim: MarketingSim, client: MarketingClient
+) -> None:
+    customer = customer_with_bills(sim)
+    assert await client.get_account(customer.account_no) is not None
+    await sim.set_faults(down=True)
+    with pytest.raises(MarketingUnavailable):
+        await client.get_account(customer.account_no)
+    with pytest.raises(MarketingUnavailable):
+        await client.post(payment("dn-1", customer.account_no, 100))
+    await sim.clear_faults()
+    assert await client.get_account(customer.account_no) is not None
+    assert not (await client.post(payment("dn-1", customer.account_no, 100))).replayed
+
+
+async def test_unavailable_when_nothing_listens() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]  # bound, never listening: connections are refused
+        async with MarketingClient(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(MarketingUnavailable):
+                await client.get_account("1000000008")
+
+
+async def test_a_misbehaving_server(sim: MarketingSim) -> None:
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(status=200, text="<html>oops</html>")
+
+    async def teapot(request: web.Request) -> web.Response:
+        return web.Response(status=418, text="short and stout")
+
+    async def wrong_id(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"posting_id": "other", "arrears_after": 0, "prepaid_balance_after": 0}, status=201
+        )
+
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=304)
+
+    app = web.Application()
+    app.add_routes(
+        [
+            web.get("/accounts/{account_no}", garbage),
+            web.get("/accounts", teapot),
+            web.post("/postings", wrong_id),
+            web.get("/postings", moved),
+        ]
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = MarketingClient(f"http://127.0.0.1:{site.port}/", session=session)
+            with pytest.raises(MarketingUnavailable):
+                await client.get_account("1000000008")
+            with pytest.raises(MarketingRejected) as rejected:
+                await client.list_accounts()
+            assert rejected.value.status == 418 and rejected.value.body == "short and stout"
+            with pytest.raises(MarketingUnavailable):
+                await client.post(payment("x", "1000000008", 1))
+            with pytest.raises(MarketingError):
+                await client.postings_for_date(date(2026, 5, 1))
+            await client.close()
+            assert not session.closed  # a session passed in belongs to the caller
+    finally:
+        await runner.cleanup()
