@@ -2,13 +2,180 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING
+
+import asyncpg
+
+from switch.business import BusinessCalendar
+from switch.clients import ClientDirectory
+from switch.hsm_client import HsmClient, HsmError
+from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
+from switch.marketing_client import MarketingClient
+from switch.payments.accounts import Accounts
+from switch.payments.forwarder import Forwarder, outbox_counts
+from switch.payments.idempotency import IdempotencyCache
+from switch.payments.ledger import PostingPath
 
 if TYPE_CHECKING:
     from switch.node import Node
 
+log = logging.getLogger("gridpay.components")
+
+KEYS_LOCK = 0x6B657973  # "keys"
+
+
+class KeyStore:
+    """The node's key blocks: loaded from the database, or provisioned once through the HSM."""
+
+    def __init__(self, pool: asyncpg.Pool, hsm: HsmClient,
+                 components: dict[str, object]) -> None:
+        self.pool = pool
+        self.hsm = hsm
+        self.ring: KeyRing | None = None
+        self._components = components
+
+    async def ensure(self) -> KeyRing:
+        if self.ring is not None:
+            return self.ring
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", KEYS_LOCK)
+            rows = await con.fetch("SELECT name, key_block, kcv FROM key_blocks ORDER BY name")
+            if rows:
+                ring = KeyRing.from_rows((r["name"], r["key_block"], r["kcv"]) for r in rows)
+            else:
+                ring = await provision_dev_keys(self.hsm, load_dev_keys())
+                await con.executemany(
+                    "INSERT INTO key_blocks (name, key_block, kcv) VALUES ($1, $2, $3)",
+                    ring.as_rows())
+                log.info("dev keys provisioned through the HSM", extra={"keys": ring.names()})
+        self.ring = ring
+        self._components["keyring"] = ring
+        return ring
+
+    async def keep_trying(self) -> None:
+        delay = 0.5
+        while self.ring is None:
+            try:
+                await self.ensure()
+            except (HsmError, OSError) as e:
+                log.warning("key blocks not available yet (HSM unreachable); retrying",
+                            extra={"error": type(e).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
 
 async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> None:
     """Open every component of the node; each registers its role hooks on `node.hooks`."""
-    return None
+    s = node.settings
+    comps = node.components
+    cal = BusinessCalendar(s.business.timezone, s.business.cutover)
+    comps["calendar"] = cal
+
+    host, _, port = node.services.hsm.rpartition(":")
+    hsm = HsmClient(host, int(port), pool_size=2, timeout=2.0, registry=node.metrics.registry)
+    await hsm.start()
+    stack.push_async_callback(hsm.close)
+    comps["hsm"] = hsm
+    keys = KeyStore(node.pool, hsm, comps)
+    comps["keys"] = keys
+    try:
+        await keys.ensure()
+    except (HsmError, OSError):
+        task = asyncio.create_task(keys.keep_trying(), name="keys")
+        stack.callback(task.cancel)
+
+    marketing = MarketingClient(node.services.marketing, timeout=s.services.marketing_timeout_s)
+    stack.push_async_callback(marketing.close)
+    comps["marketing"] = marketing
+    accounts = Accounts(node.pool, marketing, timeout_s=s.services.marketing_timeout_s)
+    comps["accounts"] = accounts
+    clients = ClientDirectory(node.pool)
+    comps["clients"] = clients
+
+    def epoch() -> int:
+        return node.epoch
+
+    forwarder = Forwarder(node.pool, marketing, s.forwarder, node.metrics, epoch,
+                          on_fenced=node.fenced)
+    comps["forwarder"] = forwarder
+    ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,
+                         on_committed=forwarder.wake)
+    comps["ledger"] = ledger
+    idem = IdempotencyCache(node.redis, ttl_s=s.business.idempotency_ttl_h * 3600)
+    comps["idempotency"] = idem
+
+    from switch.web.payments import HttpPayments
+    from switch.web.payments import register as register_payments
+
+    comps["http_payments"] = HttpPayments(clients=clients, accounts=accounts, ledger=ledger,
+                                          idempotency=idem, max_amount=s.business.max_amount)
+    routes = comps.setdefault("routes", [])
+    routes.append(register_payments)
+
+    from switch.cards.api import register as register_cards
+    from switch.cards.jobs import fail_interrupted
+    from switch.cards.openapi import ADMIN_OPENAPI_PATHS
+    from switch.cards.states import sweep_expired
+
+    routes.append(register_cards)
+    comps.setdefault("openapi_paths", []).append({"paths": ADMIN_OPENAPI_PATHS})
+    sweeper: list[asyncio.Task[None]] = []
+
+    async def sweep_loop() -> None:
+        while True:
+            try:
+                n = await sweep_expired(node.pool)
+                if n:
+                    log.info("cards expired", extra={"cards": n})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("expiry sweep failed", extra={"error": type(e).__name__})
+            await asyncio.sleep(3600)
+
+    async def active() -> None:
+        ledger.start()
+        forwarder.start()
+        accounts.start_sync()
+        await fail_interrupted(node.pool)  # jobs of a node that died cannot resume by themselves
+        sweeper.append(asyncio.create_task(sweep_loop(), name="card-expiry"))
+
+    async def standby() -> None:
+        await ledger.stop()
+        await forwarder.stop()
+        await accounts.stop_sync()
+        while sweeper:
+            t = sweeper.pop()
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    node.hooks.on_active.append(active)
+    node.hooks.on_standby.append(standby)
+
+    async def refresh_metrics() -> None:
+        counts = await outbox_counts(node.pool)
+        node.metrics.outbox_pending.set(counts["pending"])
+        node.metrics.outbox_dead.set(counts["dead"])
+
+    comps["metrics_refresh"] = refresh_metrics
+
+    for installer in _optional_installers():
+        await installer(node, stack)
+
+
+def _optional_installers() -> list:  # type: ignore[type-arg]
+    """Channels installed when their package is present (bank links, IVR, card centre)."""
+    out = []
+    for mod in ("switch.links.install", "switch.ivr.install"):
+        try:
+            module = __import__(mod, fromlist=["install"])
+        except ModuleNotFoundError as e:
+            if e.name is not None and mod.startswith(e.name):
+                continue
+            raise
+        out.append(module.install)
+    return out

@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -17,6 +17,12 @@ MIGRATION_LOCK = 0x67726964  # "grid"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 Pool = asyncpg.Pool
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    #: a connection, whether taken from a pool or opened alone
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
 class FencedError(Exception):

@@ -71,7 +71,8 @@ CREATE TABLE dedup_keys (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE SEQUENCE receipt_seq;
+-- Each node takes receipt numbers in blocks of 1000 (one round trip per block).
+CREATE SEQUENCE receipt_seq INCREMENT BY 1000;
 
 CREATE TABLE payments (
     id             uuid PRIMARY KEY,
@@ -131,6 +132,7 @@ CREATE TABLE outbox (
     arrears_after       bigint,
     prepaid_after       bigint,
     sent_at             timestamptz,
+    retried_at          timestamptz,             -- an operator put a dead letter back
     created_at          timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX outbox_pending ON outbox (next_attempt_at, id) WHERE state = 'pending';

@@ -1,0 +1,186 @@
+"""Customer accounts: live from the marketing system, or from the switch's mirror.
+
+The mirror is kept in step from the marketing system's account listing (a full pass at start
+and periodically after), and refreshed by every live lookup. Payments are validated against it
+(no remote call on the payment path); inquiries ask the marketing system first and fall back to
+the mirror, marked stale, when it does not answer in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from switch.marketing_client import MarketingClient, MarketingError
+
+log = logging.getLogger("gridpay.accounts")
+
+
+class AccountsUnavailable(Exception):
+    """Neither the marketing system nor the mirror can answer for this account."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountView:
+    account_no: str
+    name: str
+    status: str
+    arrears: int
+    prepaid_balance: int
+    bills: tuple[tuple[str, int], ...]
+    as_of: datetime
+    stale: bool
+
+    def __repr__(self) -> str:
+        return f"AccountView({self.account_no}, {self.status}, stale={self.stale})"
+
+
+def mask_name(name: str) -> str:
+    """First character kept, every other replaced by '*'."""
+    return name[:1] + "*" * (len(name) - 1) if name else ""
+
+
+_UPSERT = """
+INSERT INTO account_mirror (account_no, name, status, arrears, prepaid_balance, bills,
+                            refreshed_at)
+SELECT a, n, s, ar, pb, b::jsonb, t
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],
+              $7::timestamptz[]) AS u(a, n, s, ar, pb, b, t)
+ON CONFLICT (account_no) DO UPDATE
+   SET name = EXCLUDED.name, status = EXCLUDED.status, arrears = EXCLUDED.arrears,
+       prepaid_balance = EXCLUDED.prepaid_balance, bills = EXCLUDED.bills,
+       refreshed_at = EXCLUDED.refreshed_at
+"""
+
+
+class Accounts:
+    def __init__(self, pool: asyncpg.Pool, client: MarketingClient, *,
+                 timeout_s: float = 0.8, cache_ttl_s: float = 30.0) -> None:
+        self.pool = pool
+        self.client = client
+        self.timeout_s = timeout_s
+        self.cache_ttl_s = cache_ttl_s
+        self._status: dict[str, tuple[str, float]] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+
+    # -- lookups -------------------------------------------------------------------------
+
+    async def lookup(self, account_no: str) -> AccountView | None:
+        """The account, live when possible, else from the mirror (stale). None: unknown."""
+        try:
+            acc = await asyncio.wait_for(self.client.get_account(account_no), self.timeout_s)
+        except (TimeoutError, MarketingError, OSError):
+            acc = None
+            live_failed = True
+        else:
+            live_failed = False
+        if not live_failed:
+            if acc is None:
+                return None
+            now = datetime.now(UTC)
+            await self._store([(acc.account_no, acc.name, acc.status, acc.arrears,
+                                acc.prepaid_balance, acc.bills)], now)
+            return AccountView(account_no=acc.account_no, name=acc.name, status=acc.status,
+                               arrears=acc.arrears, prepaid_balance=acc.prepaid_balance,
+                               bills=acc.bills, as_of=now, stale=False)
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT account_no, name, status, arrears, prepaid_balance, bills, refreshed_at"
+                " FROM account_mirror WHERE account_no = $1", account_no)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise AccountsUnavailable("marketing system and mirror both unavailable") from e
+        if row is None:
+            if not self.synced.is_set():
+                raise AccountsUnavailable("marketing system unavailable and mirror not ready")
+            return None
+        bills = tuple((str(b[0]), int(b[1])) for b in (row["bills"] or []))
+        return AccountView(account_no=row["account_no"], name=row["name"], status=row["status"],
+                           arrears=row["arrears"] or 0, prepaid_balance=row["prepaid_balance"] or 0,
+                           bills=bills, as_of=row["refreshed_at"], stale=True)
+
+    async def status(self, account_no: str) -> str | None:
+        """'active', 'closed' or None (unknown), for validating a payment: mirror first."""
+        hit = self._status.get(account_no)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < self.cache_ttl_s:
+            return hit[0]
+        st = await self.pool.fetchval(
+            "SELECT status FROM account_mirror WHERE account_no = $1", account_no)
+        if st is None:
+            view = await self.lookup(account_no)  # not mirrored yet: ask live
+            st = view.status if view else None
+        if st is not None:
+            if len(self._status) > 200_000:
+                self._status.clear()
+            self._status[account_no] = (st, now)
+        return str(st) if st is not None else None
+
+    # -- mirror --------------------------------------------------------------------------
+
+    async def _store(self, rows: list[tuple[str, str, str, int, int, tuple[tuple[str, int], ...]]],
+                     now: datetime) -> None:
+        if not rows:
+            return
+        await self.pool.execute(
+            _UPSERT, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [r[3] for r in rows], [r[4] for r in rows],
+            [orjson.dumps([list(b) for b in r[5]]).decode() for r in rows],
+            [now] * len(rows))
+        mono = time.monotonic()
+        for r in rows:
+            self._status[r[0]] = (r[2], mono)
+
+    async def sync_once(self, page: int = 1000) -> int:
+        """One full pass over the marketing system's accounts; returns how many."""
+        after: str | None = None
+        n = 0
+        while True:
+            accounts, nxt = await self.client.list_accounts(after, page)
+            now = datetime.now(UTC)
+            await self._store([(a.account_no, a.name, a.status, a.arrears, a.prepaid_balance,
+                                a.bills) for a in accounts], now)
+            n += len(accounts)
+            if nxt is None or not accounts:
+                break
+            after = nxt
+        await self.pool.execute("UPDATE mirror_sync SET completed_at = now(), last_after = NULL")
+        self.synced.set()
+        return n
+
+    async def _sync_loop(self, every_s: float) -> None:
+        if await self.pool.fetchval("SELECT completed_at IS NOT NULL FROM mirror_sync"):
+            self.synced.set()  # a previous pass exists: usable at once
+        delay = 0.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                started = time.monotonic()
+                n = await self.sync_once()
+                log.info("account mirror in step", extra={
+                    "accounts": n, "seconds": round(time.monotonic() - started, 2)})
+                delay = every_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("account mirror sync failed; will retry",
+                            extra={"error": f"{type(e).__name__}: {e}"})
+                delay = min(max(delay * 2, 1.0), 60.0)
+
+    def start_sync(self, every_s: float = 900.0) -> None:
+        if self._sync_task is None:
+            self._sync_task = asyncio.create_task(self._sync_loop(every_s), name="mirror-sync")
+
+    async def stop_sync(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None

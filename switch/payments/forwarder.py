@@ -1,0 +1,178 @@
+"""Store-and-forward: relays the outbox to the marketing system, exactly once in effect.
+
+At least once on the wire, with the posting id as the marketing system's idempotency key, so
+the credit happens once there. A failed posting is retried with exponential backoff; one still
+failing after `dead_letter_after_s` becomes a dead letter (a metric, and an operator command to
+retry). A reversal is never sent before its original has been accepted. Runs on the active node
+only, and every state change is fenced by the lease epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from switch import db
+from switch.config import ForwarderSettings
+from switch.marketing_client import (
+    MarketingClient,
+    MarketingConflict,
+    MarketingRejected,
+    MarketingUnavailable,
+    Posting,
+)
+from switch.metrics import Metrics
+
+log = logging.getLogger("gridpay.forwarder")
+
+_DUE = """
+SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
+       o.occurred_at, o.attempts, o.created_at
+  FROM outbox o
+ WHERE o.state = 'pending' AND o.next_attempt_at <= now()
+   AND (o.kind <> 'reversal' OR EXISTS (
+        SELECT 1 FROM outbox x WHERE x.posting_id = o.original_posting_id AND x.state = 'sent'))
+ ORDER BY o.id
+ LIMIT $1
+"""
+
+_SENT = """
+UPDATE outbox SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
+       arrears_after = $2, prepaid_after = $3
+ WHERE id = $1 AND state = 'pending'
+"""
+
+_FAILED = """
+UPDATE outbox
+   SET attempts = attempts + 1, last_error = $2,
+       next_attempt_at = now() + make_interval(secs => $3),
+       state = CASE WHEN $4 OR coalesce(retried_at, created_at) < now() - make_interval(secs => $5)
+                    THEN 'dead' ELSE 'pending' END
+ WHERE id = $1 AND state = 'pending'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardStats:
+    sent: int
+    failed: int
+
+
+class Forwarder:
+    def __init__(self, pool: asyncpg.Pool, client: MarketingClient, settings: ForwarderSettings,
+                 metrics: Metrics, epoch: Callable[[], int], *, concurrency: int = 16,
+                 on_fenced: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.pool = pool
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.epoch = epoch
+        self.concurrency = concurrency
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_fenced = on_fenced
+        self._sem = asyncio.Semaphore(concurrency)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="forwarder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    async def _run(self) -> None:
+        idle = 0.5
+        while True:
+            try:
+                stats = await self.forward_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if db.is_fenced(e):
+                    if self._on_fenced:
+                        await self._on_fenced()
+                    return
+                log.warning("forwarding round failed", extra={"error": type(e).__name__})
+                stats = ForwardStats(0, 1)
+            if stats.sent == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), idle)
+
+    async def forward_once(self) -> ForwardStats:
+        """Forward every posting due now (one round); returns what happened."""
+        rows = await self.pool.fetch(_DUE, self.settings.batch)
+        if not rows:
+            return ForwardStats(0, 0)
+        results = await asyncio.gather(*(self._forward(r) for r in rows))
+        sent = sum(1 for ok in results if ok)
+        return ForwardStats(sent, len(results) - sent)
+
+    def _backoff(self, attempts: int) -> float:
+        base = self.settings.backoff_initial_s * (2 ** min(attempts, 20))
+        return float(min(self.settings.backoff_max_s, base) * (0.5 + random.random() / 2))
+
+    async def _forward(self, row: Any) -> bool:
+        posting = Posting(
+            posting_id=row["posting_id"], account_no=row["account_no"], amount=row["amount"],
+            kind=row["kind"], channel=row["channel"], occurred_at=row["occurred_at"],
+            original_posting_id=row["original_posting_id"],
+        )
+        async with self._sem:
+            try:
+                result = await self.client.post(posting)
+            except MarketingUnavailable as e:
+                await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
+                self.metrics.forwarded.labels("retry").inc()
+                return False
+            except (MarketingConflict, MarketingRejected) as e:
+                log.error("marketing system refused a posting",
+                          extra={"posting_id": row["posting_id"], "error": str(e)})
+                await self._failed(row, f"refused: {e}", permanent=True)
+                self.metrics.forwarded.labels("dead").inc()
+                return False
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", self.epoch())
+            await con.execute(_SENT, row["id"], result.arrears_after,
+                              result.prepaid_balance_after)
+        self.metrics.forwarded.labels("sent").inc()
+        return True
+
+    async def _failed(self, row: Any, error: str, *, permanent: bool) -> None:
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", self.epoch())
+            await con.execute(_FAILED, row["id"], error[:500], self._backoff(row["attempts"]),
+                              permanent, self.settings.dead_letter_after_s)
+
+
+async def retry_dead_letters(pool: asyncpg.Pool) -> int:
+    """Operator command: put every dead letter back in the queue, due now."""
+    status = await pool.execute(
+        "UPDATE outbox SET state = 'pending', next_attempt_at = now(), attempts = 0,"
+        " retried_at = now() WHERE state = 'dead'")
+    return int(status.split()[-1])
+
+
+async def outbox_counts(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT state, count(*) AS n FROM outbox GROUP BY state")
+    out = {"pending": 0, "sent": 0, "dead": 0}
+    out.update({r["state"]: int(r["n"]) for r in rows})
+    return out

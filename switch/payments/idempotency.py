@@ -1,0 +1,74 @@
+"""The Redis fast path for idempotency keys: one round trip claims a key or returns its answer.
+
+Redis is only the fast path: PostgreSQL's `dedup_keys` primary key is the fence, so a flushed
+or restarted Redis can cost a database round trip, never a duplicate payment.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+# KEYS[1] = the key; ARGV[1] = request hash (hex); ARGV[2] = claim ttl ms
+# returns {'claimed'} | {'inflight', hash} | {'done', hash, status, body}
+_CLAIM = """
+local v = redis.call('HGETALL', KEYS[1])
+if #v == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'inflight', 'hash', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'claimed'}
+end
+local h = {}
+for i = 1, #v, 2 do h[v[i]] = v[i + 1] end
+if h['state'] == 'done' then
+  return {'done', h['hash'], h['status'], h['body']}
+end
+return {'inflight', h['hash']}
+"""
+
+
+class ClaimState(enum.Enum):
+    CLAIMED = "claimed"
+    IN_FLIGHT = "inflight"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    state: ClaimState
+    request_hash: str = ""
+    status: int = 0
+    body: bytes = b""
+
+
+class IdempotencyCache:
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int, claim_ttl_ms: int = 30_000,
+                 prefix: str = "gp:idem:") -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.claim_ttl_ms = claim_ttl_ms
+        self.prefix = prefix
+        self._claim = redis.register_script(_CLAIM)
+
+    async def claim(self, key: str, request_hash: str) -> Claim:
+        r = await self._claim(keys=[self.prefix + key], args=[request_hash, self.claim_ttl_ms])
+        state = ClaimState(r[0].decode() if isinstance(r[0], bytes) else r[0])
+        if state is ClaimState.CLAIMED:
+            return Claim(state)
+        h = r[1].decode() if isinstance(r[1], bytes) else str(r[1])
+        if state is ClaimState.DONE:
+            return Claim(state, h, int(r[2]), bytes(r[3]))
+        return Claim(state, h)
+
+    async def complete(self, key: str, request_hash: str, status: int, body: bytes) -> None:
+        k = self.prefix + key
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k, mapping={"state": "done", "hash": request_hash, "status": status,
+                                  "body": body})
+            pipe.expire(k, self.ttl_s)
+            await pipe.execute()
+
+    async def release(self, key: str) -> None:
+        await self.redis.delete(self.prefix + key)

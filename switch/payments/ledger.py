@@ -1,0 +1,423 @@
+"""The ledger and its posting path: every channel's payments end here.
+
+A payment is recorded in one database transaction together with its deduplication key and its
+outbox row (the credit to forward to the marketing system). The key's primary key is the fence
+that makes a duplicate impossible, whatever Redis says.
+
+Concurrent payments share commits: `PostingPath.submit` queues a request, and a committer task
+takes everything queued so far into a single transaction (group commit), so that one fsync
+serves many payments under load and none waits for a timer when the switch is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from switch import db
+from switch.business import BusinessCalendar
+from switch.metrics import Metrics
+
+if TYPE_CHECKING:
+    from switch.db import Conn
+
+log = logging.getLogger("gridpay.ledger")
+
+
+class LedgerError(Exception):
+    """Base of the ledger's errors."""
+
+
+class Fenced(LedgerError):
+    """This node's lease epoch is stale: the database refused the write."""
+
+
+class NotReversible(LedgerError):
+    def __init__(self, reason: str, code: str = "not_reversible") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentRequest:
+    """One payment to record. `dedup_key` names its idempotency scope."""
+
+    dedup_key: str
+    request_hash: bytes
+    channel: str
+    method: str
+    account_no: str
+    amount: int
+    kind: str = "payment"  # or 'card_recharge'
+    client_id: uuid.UUID | None = None
+    institution_id: str | None = None
+    reference: str | None = None
+    stan: str | None = None
+    transmitted: str | None = None
+    rrn: str | None = None
+    terminal_id: str | None = None
+    card_serial: str | None = None
+    caller: str | None = None
+    # builds the (status, body) stored with the key for byte-exact replays
+    render: Callable[[PaymentRecord], tuple[int, bytes]] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount <= 0:
+            raise ValueError("amount must be a positive integer in fen")
+        if len(self.account_no) != 10 or not self.account_no.isdigit():
+            raise ValueError("account_no must be 10 digits")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentRecord:
+    id: uuid.UUID
+    receipt_no: str
+    approval_code: str
+    posting_id: str
+    channel: str
+    method: str
+    account_no: str
+    amount: int
+    business_date: date
+    created_at: datetime
+    client_id: uuid.UUID | None = None
+    institution_id: str | None = None
+    reference: str | None = None
+    reversed_at: datetime | None = None
+    posting: str = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    record: PaymentRecord
+    status_code: int | None
+    response: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The key was already taken: by an earlier payment, or a remembered reversal."""
+
+    kind: str
+    request_hash: bytes
+    payment_id: uuid.UUID | None
+    status_code: int | None
+    response: bytes | None
+
+
+Outcome = Committed | Duplicate
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: PaymentRequest
+    future: asyncio.Future[Outcome]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+def posting_id_for(kind: str, receipt_no: str) -> str:
+    return {"payment": "P", "card_recharge": "C", "reversal": "R"}[kind] + receipt_no
+
+
+class ReceiptNumbers:
+    """Receipt numbers: business date + a 10-digit number taken in blocks of 1000."""
+
+    BLOCK = 1000
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._end = 0
+
+    async def take(self, conn: Conn, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self._next >= self._end:
+                start = int(await conn.fetchval("SELECT nextval('receipt_seq')"))
+                self._next, self._end = start, start + self.BLOCK
+            k = min(n - len(out), self._end - self._next)
+            out.extend(range(self._next, self._next + k))
+            self._next += k
+        return out
+
+
+_INSERT_KEYS = """
+INSERT INTO dedup_keys (key, kind, request_hash, payment_id, status_code, response)
+SELECT k, 'payment', h, p, s, r
+  FROM unnest($1::text[], $2::bytea[], $3::uuid[], $4::int[], $5::bytea[]) AS t(k, h, p, s, r)
+ON CONFLICT (key) DO NOTHING
+RETURNING key
+"""
+
+_INSERT_PAYMENTS = """
+INSERT INTO payments (id, receipt_no, dedup_key, channel, client_id, institution_id, method,
+                      account_no, amount, business_date, reference, approval_code, stan,
+                      transmitted, rrn, terminal_id, card_serial, caller, created_at, epoch)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+                     $7::text[], $8::text[], $9::bigint[], $10::date[], $11::text[], $12::text[],
+                     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
+                     $19::timestamptz[]) AS t, (SELECT $20::bigint) AS e
+"""
+
+_INSERT_OUTBOX = """
+INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel, occurred_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bigint[], $6::text[],
+                     $7::timestamptz[])
+"""
+
+
+class PostingPath:
+    """Group-committing writer of payments (active node only)."""
+
+    def __init__(self, pool: asyncpg.Pool, calendar: BusinessCalendar, metrics: Metrics,
+                 epoch: Callable[[], int], *, max_batch: int = 256, committers: int = 2,
+                 on_fenced: Callable[[], Awaitable[None]] | None = None,
+                 on_committed: Callable[[], None] | None = None) -> None:
+        self.pool = pool
+        self.calendar = calendar
+        self.metrics = metrics
+        self.epoch = epoch
+        self.max_batch = max_batch
+        self.receipts = ReceiptNumbers()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._committers = committers
+        self._on_fenced = on_fenced
+        self._on_committed = on_committed
+        self._receipt_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._committer(), name=f"committer-{i}")
+                           for i in range(self._committers)]
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the committers."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), 10)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        while not self._queue.empty():  # nothing may wait for ever
+            p = self._queue.get_nowait()
+            if not p.future.done():
+                p.future.set_exception(LedgerError("the switch is stopping"))
+
+    async def submit(self, request: PaymentRequest) -> Outcome:
+        if not self._tasks:
+            raise LedgerError("the posting path is not running on this node")
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(request, fut))
+        return await fut
+
+    async def _committer(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except asyncio.CancelledError:
+                self._done(batch)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(LedgerError("the switch is stopping"))
+                raise
+            except Exception as e:
+                fenced = db.is_fenced(e)
+                err: Exception = Fenced("this node is no longer active") if fenced else e
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                if fenced and self._on_fenced is not None:
+                    await self._on_fenced()
+                elif not fenced:
+                    log.error("group commit failed", extra={"size": len(batch),
+                                                             "error": type(e).__name__})
+            self._done(batch)
+
+    def _done(self, batch: list[_Pending]) -> None:
+        for _ in batch:
+            self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        # the same key twice in one batch: only the first goes in; the rest resolve as duplicates
+        seen: set[str] = set()
+        unique: list[_Pending] = []
+        later: list[_Pending] = []
+        for p in batch:
+            (later if p.request.dedup_key in seen else unique).append(p)
+            seen.add(p.request.dedup_key)
+        # one lock order for every batch, so that two committers never deadlock on keys
+        unique.sort(key=lambda p: p.request.dedup_key)
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", self.epoch())
+            results = await self.record_in(con, [p.request for p in unique])
+        for p, r in zip(unique, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)
+        for p in later:
+            async with self.pool.acquire() as con:
+                dup = await fetch_duplicate(con, p.request.dedup_key)
+            if not p.future.done():
+                if dup is None:
+                    p.future.set_exception(LedgerError("duplicate key vanished"))
+                else:
+                    p.future.set_result(dup)
+        self.metrics.group_commit_size.observe(len(batch))
+        self.metrics.group_commit_latency.observe(time.perf_counter() - started)
+        if self._on_committed is not None:
+            self._on_committed()
+
+    async def record_in(self, con: Conn,
+                        requests: Sequence[PaymentRequest]) -> list[Outcome]:
+        """Record payments inside the caller's transaction (which must already be fenced)."""
+        if not requests:
+            return []
+        now = datetime.now(UTC)
+        bdate = self.calendar.date_at(now)
+        async with self._receipt_lock:
+            numbers = await self.receipts.take(con, len(requests))
+        records: list[PaymentRecord] = []
+        renders: list[tuple[int | None, bytes | None]] = []
+        for req, n in zip(requests, numbers, strict=True):
+            receipt = f"{bdate:%Y%m%d}{n:010d}"[-20:]
+            rec = PaymentRecord(
+                id=uuid.uuid4(), receipt_no=receipt, approval_code=f"{n % 1_000_000:06d}",
+                posting_id=posting_id_for(req.kind, receipt), channel=req.channel,
+                method=req.method, account_no=req.account_no, amount=req.amount,
+                business_date=bdate, created_at=now, client_id=req.client_id,
+                institution_id=req.institution_id, reference=req.reference,
+            )
+            records.append(rec)
+            renders.append(req.render(rec) if req.render else (None, None))
+        won = {r["key"] for r in await con.fetch(
+            _INSERT_KEYS, [q.dedup_key for q in requests], [q.request_hash for q in requests],
+            [r.id for r in records], [s for s, _ in renders], [b for _, b in renders])}
+        winners = [(q, r) for q, r in zip(requests, records, strict=True) if q.dedup_key in won]
+        if winners:
+            await con.execute(
+                _INSERT_PAYMENTS,
+                [r.id for _, r in winners], [r.receipt_no for _, r in winners],
+                [q.dedup_key for q, _ in winners], [q.channel for q, _ in winners],
+                [q.client_id for q, _ in winners], [q.institution_id for q, _ in winners],
+                [q.method for q, _ in winners], [q.account_no for q, _ in winners],
+                [q.amount for q, _ in winners], [r.business_date for _, r in winners],
+                [q.reference for q, _ in winners], [r.approval_code for _, r in winners],
+                [q.stan for q, _ in winners], [q.transmitted for q, _ in winners],
+                [q.rrn for q, _ in winners], [q.terminal_id for q, _ in winners],
+                [q.card_serial for q, _ in winners], [q.caller for q, _ in winners],
+                [r.created_at for _, r in winners], self.epoch(),
+            )
+            await con.execute(
+                _INSERT_OUTBOX,
+                [r.posting_id for _, r in winners], [q.kind for q, _ in winners],
+                [r.id for _, r in winners], [q.account_no for q, _ in winners],
+                [q.amount for q, _ in winners], [q.channel for q, _ in winners],
+                [r.created_at for _, r in winners],
+            )
+        out: list[Outcome] = []
+        for q, r, (status, body) in zip(requests, records, renders, strict=True):
+            if q.dedup_key in won:
+                self.metrics.payments.labels(q.channel).inc()
+                out.append(Committed(r, status, body))
+            else:
+                dup = await fetch_duplicate(con, q.dedup_key)
+                if dup is None:  # cannot happen: ON CONFLICT saw a row
+                    raise LedgerError("duplicate key vanished")
+                out.append(dup)
+        return out
+
+
+async def fetch_duplicate(con: Conn, key: str) -> Duplicate | None:
+    row = await con.fetchrow(
+        "SELECT kind, request_hash, payment_id, status_code, response FROM dedup_keys"
+        " WHERE key = $1", key)
+    if row is None:
+        return None
+    return Duplicate(row["kind"], bytes(row["request_hash"]), row["payment_id"],
+                     row["status_code"], bytes(row["response"]) if row["response"] else None)
+
+
+_PAYMENT_COLS = """
+p.id, p.receipt_no, p.approval_code, p.channel, p.method, p.account_no, p.amount,
+p.business_date, p.created_at, p.client_id, p.institution_id, p.reference, p.reversed_at,
+o.posting_id, o.state AS outbox_state
+"""
+
+
+def _record(row: Any) -> PaymentRecord:
+    state = row["outbox_state"]
+    posting = {"sent": "posted", "dead": "failed"}.get(state, "pending")
+    return PaymentRecord(
+        id=row["id"], receipt_no=row["receipt_no"], approval_code=row["approval_code"] or "",
+        posting_id=row["posting_id"], channel=row["channel"], method=row["method"],
+        account_no=row["account_no"], amount=row["amount"], business_date=row["business_date"],
+        created_at=row["created_at"], client_id=row["client_id"],
+        institution_id=row["institution_id"], reference=row["reference"],
+        reversed_at=row["reversed_at"], posting=posting,
+    )
+
+
+async def load_payment(con: Conn | asyncpg.Pool,
+                       payment_id: uuid.UUID) -> PaymentRecord | None:
+    row = await con.fetchrow(
+        f"SELECT {_PAYMENT_COLS} FROM payments p"  # noqa: S608 - a constant column list
+        " JOIN outbox o ON o.payment_id = p.id AND o.kind <> 'reversal' WHERE p.id = $1",
+        payment_id)
+    return _record(row) if row else None
+
+
+async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
+                     channel: str, epoch: int, amount: int | None = None,
+                     institution_id: str | None = None, stan: str | None = None,
+                     transmitted: str | None = None) -> tuple[PaymentRecord, bool]:
+    """Reverse a payment inside the caller's fenced transaction.
+
+    Returns the payment and whether this call reversed it (False: it already was). Raises
+    `NotReversible` for another business date or a different amount.
+    """
+    row = await con.fetchrow(
+        "SELECT id, business_date, amount, reversed_at, receipt_no, account_no, channel"
+        " FROM payments WHERE id = $1 FOR UPDATE", payment_id)
+    if row is None:
+        raise NotReversible("no such payment", "payment_not_found")
+    if row["reversed_at"] is not None:
+        rec = await load_payment(con, payment_id)
+        assert rec is not None
+        return rec, False
+    if row["business_date"] != today:
+        raise NotReversible(f"the payment belongs to business date {row['business_date']}, "
+                            f"today is {today}; only same-day payments can be reversed")
+    if amount is not None and amount != row["amount"]:
+        raise NotReversible("the amount differs from the original payment's", "amount_differs")
+    now = datetime.now(UTC)
+    await con.execute("UPDATE payments SET reversed_at = $2 WHERE id = $1", payment_id, now)
+    await con.execute(
+        "INSERT INTO reversals (payment_id, business_date, channel, institution_id, stan,"
+        " transmitted, created_at, epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        payment_id, today, channel, institution_id, stan, transmitted, now, epoch)
+    await con.execute(
+        "INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount,"
+        " original_posting_id, channel, occurred_at)"
+        " SELECT 'R' || p.receipt_no, 'reversal', p.id, p.account_no, p.amount, o.posting_id,"
+        "        $2, $3"
+        "   FROM payments p JOIN outbox o ON o.payment_id = p.id AND o.kind <> 'reversal'"
+        "  WHERE p.id = $1", payment_id, channel, now)
+    rec = await load_payment(con, payment_id)
+    assert rec is not None
+    return rec, True

@@ -1,0 +1,318 @@
+"""The Internet / counter / partner HTTP API (`/v1`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from switch.clients import ApiClient, ClientDirectory
+from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
+from switch.payments.idempotency import ClaimState, IdempotencyCache
+from switch.payments.ledger import (
+    Committed,
+    Fenced,
+    LedgerError,
+    NotReversible,
+    PaymentRecord,
+    PaymentRequest,
+    PostingPath,
+    load_payment,
+    reverse_in,
+)
+from switch.web.app import node_of, require_active
+from switch.web.problems import Problem, json_body, json_response
+
+if TYPE_CHECKING:
+    from switch.node import Node
+
+PAYMENT_CHANNELS = frozenset({"internet", "counter", "partner"})
+METHODS = ("cash", "transfer", "bank_card", "wallet")
+_ACCOUNT = re.compile(r"^[0-9]{10}$")
+_IDEM_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpPayments:
+    """What the HTTP payment routes need from the node."""
+
+    clients: ClientDirectory
+    accounts: Accounts
+    ledger: PostingPath
+    idempotency: IdempotencyCache
+    max_amount: int
+
+
+def _svc(node: Node) -> HttpPayments:
+    svc = node.components["http_payments"]
+    assert isinstance(svc, HttpPayments)
+    return svc
+
+
+async def authenticate(request: web.Request, channels: frozenset[str]) -> ApiClient:
+    node = node_of(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Problem(401, "unauthenticated", "send the API key as 'Authorization: Bearer <key>'",
+                      headers={"WWW-Authenticate": 'Bearer realm="gridpay"'})
+    directory: ClientDirectory = node.components["clients"]
+    client = await directory.authenticate(key.strip())
+    if client is None:
+        raise Problem(401, "unauthenticated", "the API key is not known or has been revoked",
+                      headers={"WWW-Authenticate": 'Bearer realm="gridpay", error="invalid_token"'})
+    if client.channel not in channels:
+        raise Problem(403, "wrong_channel",
+                      f"a key of the {client.channel!r} channel cannot use this endpoint")
+    return client
+
+
+def _fmt_time(rec_time: object) -> str:
+    from datetime import datetime
+
+    assert isinstance(rec_time, datetime)
+    return rec_time.isoformat(timespec="milliseconds")
+
+
+def payment_doc(rec: PaymentRecord) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "payment_id": str(rec.id),
+        "receipt_no": rec.receipt_no,
+        "account_no": rec.account_no,
+        "amount": rec.amount,
+        "method": rec.method,
+        "channel": rec.channel,
+        "business_date": rec.business_date.isoformat(),
+        "status": "reversed" if rec.reversed_at else "confirmed",
+        "posting": rec.posting,
+        "created_at": _fmt_time(rec.created_at),
+    }
+    if rec.reference is not None:
+        doc["reference"] = rec.reference
+    if rec.reversed_at is not None:
+        doc["reversed_at"] = _fmt_time(rec.reversed_at)
+    return doc
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key")
+    if key is None or not _IDEM_KEY.match(key):
+        raise Problem(400, "idempotency_key_missing",
+                      "send an Idempotency-Key header of 1 to 64 characters of [A-Za-z0-9_-]")
+    return key
+
+
+def _validate_payment(body: dict[str, object], max_amount: int) -> tuple[str, int, str, str | None]:
+    account = body.get("account_no")
+    if not isinstance(account, str) or not _ACCOUNT.match(account):
+        raise Problem(400, "invalid_account_no", "account_no must be a string of 10 digits")
+    amount = body.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise Problem(400, "invalid_amount_type",
+                      "amount must be a JSON integer in fen (e.g. 12050 for 120.50 yuan)")
+    if amount < 0:
+        raise Problem(400, "invalid_amount_type", "amount cannot be negative")
+    method = body.get("method")
+    if method not in METHODS:
+        raise Problem(400, "invalid_method", f"method must be one of {', '.join(METHODS)}")
+    ref = body.get("reference")
+    if ref is not None and (not isinstance(ref, str) or not 1 <= len(ref) <= 64):
+        raise Problem(400, "invalid_reference", "reference must be a string of 1 to 64 characters")
+    unknown = set(body) - {"account_no", "amount", "method", "reference"}
+    if unknown:
+        raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    if amount == 0 or amount > max_amount:
+        raise Problem(422, "invalid_amount",
+                      f"amount must be from 1 to {max_amount} fen", max_amount=max_amount)
+    assert isinstance(method, str)
+    return account, amount, method, ref
+
+
+def _replay(status: int, body: bytes) -> web.Response:
+    ctype = "application/json" if status < 400 else "application/problem+json"
+    return web.Response(status=status, body=body, content_type=ctype,
+                        headers={"Idempotent-Replayed": "true"})
+
+
+async def create_payment(request: web.Request) -> web.Response:
+    node = require_active(request)
+    svc = _svc(node)
+    client = await authenticate(request, PAYMENT_CHANNELS)
+    key = _idempotency_key(request)
+    body = await json_body(request)
+    account, amount, method, ref = _validate_payment(body, svc.max_amount)
+    canonical = orjson.dumps({"account_no": account, "amount": amount, "method": method,
+                              "reference": ref}, option=orjson.OPT_SORT_KEYS)
+    req_hash = hashlib.sha256(canonical).hexdigest()
+    scope = f"http:{client.id}:{key}"
+
+    try:
+        claim = await svc.idempotency.claim(scope, req_hash)
+    except Exception:  # Redis is only the fast path: PostgreSQL decides
+        claim = None
+    if claim is not None:
+        if claim.state is ClaimState.DONE:
+            if claim.request_hash != req_hash:
+                raise _reused()
+            return _replay(claim.status, claim.body)
+        if claim.state is ClaimState.IN_FLIGHT:
+            if claim.request_hash != req_hash:
+                raise _reused()
+            raise Problem(409, "request_in_progress",
+                          "a request with this Idempotency-Key is still being processed; "
+                          "retry in a moment", headers={"Retry-After": "1"})
+    claimed = claim is not None
+
+    try:
+        try:
+            status = await svc.accounts.status(account)
+        except AccountsUnavailable:
+            raise Problem(503, "account_unverifiable",
+                          "the account cannot be checked right now; retry shortly",
+                          headers={"Retry-After": "2"}) from None
+        if status is None:
+            raise Problem(404, "account_not_found", f"no customer account {account}")
+        if status != "active":
+            raise Problem(422, "account_closed", f"account {account} is closed")
+
+        def render(rec: PaymentRecord) -> tuple[int, bytes]:
+            return 201, orjson.dumps(payment_doc(rec))
+
+        preq = PaymentRequest(
+            dedup_key=scope, request_hash=bytes.fromhex(req_hash), channel=client.channel,
+            method=method, account_no=account, amount=amount, client_id=client.id,
+            reference=ref, render=render)
+        try:
+            outcome = await svc.ledger.submit(preq)
+        except Fenced:
+            raise Problem(503, "standby", "this node is no longer active; retry on the active "
+                          "node", headers={"Retry-After": "1"}) from None
+        except LedgerError:
+            raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
+                          "charged; retry with the same Idempotency-Key",
+                          headers={"Retry-After": "1"}) from None
+    except BaseException:
+        if claimed:
+            try:
+                await svc.idempotency.release(scope)
+            except Exception:  # noqa: S110 - the claim expires by itself
+                pass
+        raise
+
+    if isinstance(outcome, Committed):
+        assert outcome.status_code is not None and outcome.response is not None
+        st, resp = outcome.status_code, outcome.response
+        replayed = False
+    else:
+        if outcome.request_hash.hex() != req_hash:
+            raise _reused()
+        if outcome.status_code is None or outcome.response is None:
+            raise _reused()
+        st, resp = outcome.status_code, outcome.response
+        replayed = True
+    try:
+        await svc.idempotency.complete(scope, req_hash, st, resp)
+    except Exception:  # noqa: S110 - PostgreSQL already holds the answer
+        pass
+    if replayed:
+        return _replay(st, resp)
+    return web.Response(status=st, body=resp, content_type="application/json")
+
+
+def _reused() -> Problem:
+    return Problem(422, "idempotency_key_reused",
+                   "this Idempotency-Key was used with a different request body")
+
+
+def _payment_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["payment_id"])
+    except ValueError:
+        raise Problem(404, "payment_not_found", "no such payment") from None
+
+
+async def get_payment(request: web.Request) -> web.Response:
+    node = node_of(request)
+    client = await authenticate(request, PAYMENT_CHANNELS)
+    rec = await load_payment(node.pool, _payment_id(request))
+    if rec is None or rec.channel != client.channel:
+        raise Problem(404, "payment_not_found", "no such payment")
+    return json_response(payment_doc(rec))
+
+
+async def reverse_payment(request: web.Request) -> web.Response:
+    node = require_active(request)
+    client = await authenticate(request, PAYMENT_CHANNELS)
+    _idempotency_key(request)
+    pid = _payment_id(request)
+    cal = node.components["calendar"]
+    try:
+        async with node.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", node.epoch)
+            owner = await con.fetchval("SELECT channel FROM payments WHERE id = $1", pid)
+            if owner is None or owner != client.channel:
+                raise Problem(404, "payment_not_found", "no such payment")
+            rec, done = await reverse_in(con, pid, today=cal.today(), channel=client.channel,
+                                         epoch=node.epoch)
+    except NotReversible as e:
+        raise Problem(409, "not_reversible", e.reason) from None
+    except Problem:
+        raise
+    except Exception as e:
+        from switch import db
+
+        if db.is_fenced(e):
+            await node.fenced()
+            raise Problem(503, "standby", "this node is no longer active",
+                          headers={"Retry-After": "1"}) from None
+        raise
+    if done:
+        node.metrics.reversals.labels(client.channel).inc()
+        fwd = node.components.get("forwarder")
+        if fwd is not None:
+            fwd.wake()
+    return json_response(payment_doc(rec))
+
+
+async def get_account(request: web.Request) -> web.Response:
+    node = require_active(request)
+    await authenticate(request, PAYMENT_CHANNELS)
+    account = request.match_info["account_no"]
+    if not _ACCOUNT.match(account):
+        raise Problem(400, "invalid_account_no", "account_no must be 10 digits")
+    try:
+        view = await _svc(node).accounts.lookup(account)
+    except AccountsUnavailable:
+        raise Problem(503, "account_unavailable", "the marketing system and the mirror are "
+                      "both unavailable; retry shortly", headers={"Retry-After": "2"}) from None
+    if view is None:
+        raise Problem(404, "account_not_found", f"no customer account {account}")
+    return json_response({
+        "account_no": view.account_no,
+        "name": mask_name(view.name),
+        "status": view.status,
+        "arrears": view.arrears,
+        "prepaid_balance": view.prepaid_balance,
+        "bills": [{"period": p, "amount": a} for p, a in view.bills],
+        "as_of": view.as_of.isoformat(timespec="seconds"),
+        "stale": view.stale,
+    })
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from switch.web.openapi import document
+
+    return json_response(document(node_of(request)))
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/v1/accounts/{account_no}", get_account)
+    app.router.add_post("/v1/payments", create_payment)
+    app.router.add_get("/v1/payments/{payment_id}", get_payment)
+    app.router.add_post("/v1/payments/{payment_id}/reversal", reverse_payment)
+    app.router.add_get("/v1/openapi.json", openapi)

@@ -1,0 +1,131 @@
+"""Running a real switch node in the test process, against the real simulators."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from hsm_sim.server import HsmServer, load_dev_settings, start_server
+from marketing_sim.app import MarketingSettings, MarketingSim
+from marketing_sim.app import start as start_marketing
+from switch.clients import create_client
+from switch.config import Settings, load_settings
+from switch.node import Node, ServiceUrls
+
+TEST_CUSTOMERS = 3000
+
+
+@dataclasses.dataclass
+class Sims:
+    hsm: HsmServer
+    marketing: MarketingSim
+
+    @property
+    def hsm_addr(self) -> str:
+        return f"127.0.0.1:{self.hsm.port}"
+
+
+@contextlib.asynccontextmanager
+async def simulators(data_dir: Path | None = None,
+                     customers: int = TEST_CUSTOMERS) -> AsyncIterator[Sims]:
+    hsm_settings = dataclasses.replace(load_dev_settings(), port=0)
+    hsm = await start_server(hsm_settings)
+    mkt = await start_marketing(MarketingSettings(host="127.0.0.1", port=0, data_dir=data_dir,
+                                                  customers=customers, seed=42))
+    try:
+        yield Sims(hsm, mkt)
+    finally:
+        await mkt.close()
+        hsm.close()
+        await hsm.wait_closed()
+
+
+def node_settings(home: Path, node_id: str = "node-a", **env: str) -> Settings:
+    base = {"GRIDPAY_HOME": str(home), "GRIDPAY_NODE_ID": node_id, "GRIDPAY_HTTP_PORT": "0",
+            "GRIDPAY_BANK_PORT": "0", "GRIDPAY_POST_PORT": "0"}
+    base.update(env)
+    return load_settings(env=base)
+
+
+@contextlib.asynccontextmanager
+async def running_node(database_url: str, redis_url: str, sims: Sims, home: Path,
+                       node_id: str = "node-a", wait_active: bool = True,
+                       **env: str) -> AsyncIterator[Node]:
+    settings = node_settings(home, node_id, **env)
+    node = Node(settings, ServiceUrls(database=database_url, redis=redis_url,
+                                      hsm=sims.hsm_addr, marketing=sims.marketing.url))
+    await node.start()
+    try:
+        if wait_active:
+            for _ in range(200):
+                if node.is_active:
+                    break
+                await asyncio.sleep(0.02)
+            assert node.is_active, "node did not become active"
+        yield node
+    finally:
+        await node.stop()
+
+
+async def api_key(pool_or_url: asyncpg.Pool | str, channel: str, name: str = "t") -> str:
+    if isinstance(pool_or_url, str):
+        pool = await asyncpg.create_pool(pool_or_url, min_size=1, max_size=1)
+        assert pool is not None
+        try:
+            return (await create_client(pool, name, channel))[1]
+        finally:
+            await pool.close()
+    return (await create_client(pool_or_url, name, channel))[1]
+
+
+class Api:
+    """A tiny HTTP client bound to a node's base URL and one API key."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, key: str | None) -> None:
+        self.session = session
+        self.base = base
+        self.key = key
+
+    def headers(self, idem: str | None = None, **extra: str) -> dict[str, str]:
+        h = dict(extra)
+        if self.key is not None:
+            h["Authorization"] = f"Bearer {self.key}"
+        if idem is not None:
+            h["Idempotency-Key"] = idem
+        return h
+
+    async def call(self, method: str, path: str, *, json: Any = None, data: bytes | None = None,
+                   idem: str | None = None, headers: dict[str, str] | None = None
+                   ) -> tuple[int, dict[str, str], bytes]:
+        h = self.headers(idem, **(headers or {}))
+        async with self.session.request(method, self.base + path, json=json, data=data,
+                                        headers=h) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def active_account(marketing: MarketingSim, *, start: int = 0) -> str:
+    """An active account number of the simulator (scanning from `start`)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(marketing.url + "/accounts", params={"limit": "500"}) as r:
+            body = await r.json()
+    for a in body["accounts"][start:]:
+        if a["status"] == "active":
+            return str(a["account_no"])
+    raise AssertionError("no active account")
+
+
+async def closed_account(marketing: MarketingSim) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(marketing.url + "/accounts", params={"limit": "1000"}) as r:
+            body = await r.json()
+    for a in body["accounts"]:
+        if a["status"] == "closed":
+            return str(a["account_no"])
+    raise AssertionError("no closed account")

@@ -1,0 +1,333 @@
+"""The HTTP payment API against a real node, PostgreSQL, Redis and simulators."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from switch.node import Node
+from tests.nodekit import (
+    Api,
+    Sims,
+    active_account,
+    api_key,
+    closed_account,
+    running_node,
+    simulators,
+)
+
+
+@pytest.fixture(scope="module")
+async def sims() -> AsyncIterator[Sims]:
+    async with simulators() as s:
+        yield s
+
+
+@pytest.fixture
+async def node(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> AsyncIterator[Node]:
+    await sims.marketing.clear_faults()
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as n:
+        await asyncio.wait_for(n.components["accounts"].synced.wait(), 20)
+        yield n
+
+
+@pytest.fixture
+async def api(node: Node) -> AsyncIterator[Api]:
+    key = await api_key(node.pool, "internet")
+    async with aiohttp.ClientSession() as s:
+        yield Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+
+
+async def _drain(node: Node, within_s: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while asyncio.get_running_loop().time() < deadline:
+        n = await node.pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+        if n == 0:
+            return
+        node.components["forwarder"].wake()
+        await asyncio.sleep(0.05)
+    raise AssertionError("outbox did not drain")
+
+
+async def test_payment_is_confirmed_then_posted_once(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    st, h, body = await api.call("POST", "/v1/payments", idem="k1",
+                                 json={"account_no": acct, "amount": 12050, "method": "cash"})
+    assert st == 201, body
+    doc = orjson.loads(body)
+    assert doc["status"] == "confirmed" and doc["amount"] == 12050 and doc["channel"] == "internet"
+    assert doc["posting"] == "pending" and len(doc["receipt_no"]) <= 20
+    await _drain(node)
+    st, _, body = await api.call("GET", f"/v1/payments/{doc['payment_id']}")
+    assert st == 200 and orjson.loads(body)["posting"] == "posted"
+    n = await node.pool.fetchval("SELECT count(*) FROM payments WHERE account_no = $1", acct)
+    assert n == 1
+
+
+async def test_replay_is_byte_identical(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    req = {"account_no": acct, "amount": 500, "method": "wallet", "reference": "r-1"}
+    st1, _, b1 = await api.call("POST", "/v1/payments", idem="same", json=req)
+    st2, h2, b2 = await api.call("POST", "/v1/payments", idem="same", json=req)
+    assert (st1, st2) == (201, 201) and b1 == b2
+    assert h2.get("Idempotent-Replayed") == "true"
+    # Redis forgets everything: PostgreSQL still answers the same, byte for byte
+    await node.redis.flushdb()
+    st3, h3, b3 = await api.call("POST", "/v1/payments", idem="same", json=req)
+    assert st3 == 201 and b3 == b1 and h3.get("Idempotent-Replayed") == "true"
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def test_same_key_other_body_is_422(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    await api.call("POST", "/v1/payments", idem="k", json={"account_no": acct, "amount": 100,
+                                                           "method": "cash"})
+    st, h, body = await api.call("POST", "/v1/payments", idem="k",
+                                 json={"account_no": acct, "amount": 101, "method": "cash"})
+    assert st == 422 and orjson.loads(body)["code"] == "idempotency_key_reused"
+    assert h["Content-Type"].startswith("application/problem+json")
+    await node.redis.flushdb()
+    st, _, body = await api.call("POST", "/v1/payments", idem="k",
+                                 json={"account_no": acct, "amount": 101, "method": "cash"})
+    assert st == 422 and orjson.loads(body)["code"] == "idempotency_key_reused"
+
+
+async def test_concurrent_same_key_never_pays_twice(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    req = {"account_no": acct, "amount": 777, "method": "transfer"}
+    results = await asyncio.gather(*(api.call("POST", "/v1/payments", idem="race", json=req)
+                                     for _ in range(20)))
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {201, 409}, statuses
+    bodies = {r[2] for r in results if r[0] == 201}
+    assert len(bodies) == 1
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def test_concurrent_same_key_without_redis_state(node: Node, api: Api, sims: Sims) -> None:
+    """Redis flushed between claims: the database fence alone keeps it to one payment."""
+    acct = await active_account(sims.marketing)
+    req = {"account_no": acct, "amount": 778, "method": "transfer"}
+
+    async def one() -> tuple[int, dict[str, str], bytes]:
+        await node.redis.flushdb()
+        return await api.call("POST", "/v1/payments", idem="race2", json=req)
+
+    results = await asyncio.gather(*(one() for _ in range(10)))
+    assert {r[0] for r in results} <= {201, 409}
+    assert len({r[2] for r in results if r[0] == 201}) == 1
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"amount": 10.5, "method": "cash"}, 400, "invalid_amount_type"),
+        ({"amount": "100", "method": "cash"}, 400, "invalid_amount_type"),
+        ({"amount": -5, "method": "cash"}, 400, "invalid_amount_type"),
+        ({"amount": True, "method": "cash"}, 400, "invalid_amount_type"),
+        ({"amount": 0, "method": "cash"}, 422, "invalid_amount"),
+        ({"amount": 5_000_001, "method": "cash"}, 422, "invalid_amount"),
+        ({"amount": 100, "method": "cheque"}, 400, "invalid_method"),
+        ({"amount": 100, "method": "cash", "extra": 1}, 400, "unknown_field"),
+    ],
+)
+async def test_amount_and_body_validation(node: Node, api: Api, sims: Sims,
+                                          body: dict[str, object], status: int,
+                                          code: str) -> None:
+    acct = await active_account(sims.marketing)
+    st, h, raw = await api.call("POST", "/v1/payments", idem=f"v-{uuid.uuid4().hex[:8]}",
+                                json={"account_no": acct, **body})
+    doc = orjson.loads(raw)
+    assert st == status and doc["code"] == code and doc["status"] == status
+    assert {"type", "title", "detail"} <= set(doc)
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 0
+
+
+async def test_accounts_unknown_closed_and_malformed(node: Node, api: Api, sims: Sims) -> None:
+    req = {"amount": 100, "method": "cash"}
+    st, _, raw = await api.call("POST", "/v1/payments", idem="a1",
+                                json={"account_no": "0000000001", **req})
+    assert st == 404 and orjson.loads(raw)["code"] == "account_not_found"
+    closed = await closed_account(sims.marketing)
+    st, _, raw = await api.call("POST", "/v1/payments", idem="a2",
+                                json={"account_no": closed, **req})
+    assert st == 422 and orjson.loads(raw)["code"] == "account_closed"
+    st, _, raw = await api.call("POST", "/v1/payments", idem="a3",
+                                json={"account_no": "12345", **req})
+    assert st == 400
+    st, _, raw = await api.call("GET", "/v1/accounts/12ab")
+    assert st == 400
+    st, _, raw = await api.call("GET", "/v1/accounts/0000000001")
+    assert st == 404 and orjson.loads(raw)["code"] == "account_not_found"
+
+
+async def test_account_inquiry_live_then_stale(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    st, _, raw = await api.call("GET", f"/v1/accounts/{acct}")
+    doc = orjson.loads(raw)
+    assert st == 200 and doc["stale"] is False and doc["account_no"] == acct
+    assert len(doc["name"]) >= 2 and set(doc["name"][1:]) == {"*"}
+    await sims.marketing.set_faults(latency_ms=3000)
+    try:
+        st, _, raw = await api.call("GET", f"/v1/accounts/{acct}")
+    finally:
+        await sims.marketing.clear_faults()
+    doc2 = orjson.loads(raw)
+    assert st == 200 and doc2["stale"] is True and doc2["arrears"] == doc["arrears"]
+
+
+async def test_idempotency_key_and_auth_errors(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    req = {"account_no": acct, "amount": 100, "method": "cash"}
+    st, _, raw = await api.call("POST", "/v1/payments", json=req)
+    assert st == 400 and orjson.loads(raw)["code"] == "idempotency_key_missing"
+    st, _, raw = await api.call("POST", "/v1/payments", json=req, idem="bad key!")
+    assert st == 400 and orjson.loads(raw)["code"] == "idempotency_key_missing"
+    anon = Api(api.session, api.base, None)
+    st, _, _ = await anon.call("POST", "/v1/payments", json=req, idem="x")
+    assert st == 401
+    wrong = Api(api.session, api.base, "gp_not_a_key")
+    st, _, raw = await wrong.call("POST", "/v1/payments", json=req, idem="x")
+    assert st == 401 and b"gp_not_a_key" not in raw
+    ivr = Api(api.session, api.base, await api_key(node.pool, "ivr"))
+    st, _, raw = await ivr.call("POST", "/v1/payments", json=req, idem="x")
+    assert st == 403 and orjson.loads(raw)["code"] == "wrong_channel"
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 0
+
+
+async def test_only_the_channel_that_made_it_reads_it(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    _, _, raw = await api.call("POST", "/v1/payments", idem="own",
+                               json={"account_no": acct, "amount": 100, "method": "cash"})
+    pid = orjson.loads(raw)["payment_id"]
+    counter = Api(api.session, api.base, await api_key(node.pool, "counter"))
+    st, _, _ = await counter.call("GET", f"/v1/payments/{pid}")
+    assert st == 404
+    st, _, _ = await api.call("GET", f"/v1/payments/{uuid.uuid4()}")
+    assert st == 404
+
+
+async def test_reversal_same_day_repeatable_and_forwarded_after_original(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    _, _, raw = await api.call("POST", "/v1/payments", idem="rv",
+                               json={"account_no": acct, "amount": 2500, "method": "cash"})
+    pid = orjson.loads(raw)["payment_id"]
+    st, _, r1 = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="rv-1")
+    assert st == 200
+    d1 = orjson.loads(r1)
+    assert d1["status"] == "reversed" and "reversed_at" in d1
+    st, _, r2 = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="rv-1")
+    assert st == 200 and orjson.loads(r2)["reversed_at"] == d1["reversed_at"]
+    await _drain(node)
+    rows = await node.pool.fetch("SELECT kind, sent_at FROM outbox ORDER BY sent_at")
+    assert [r["kind"] for r in rows] == ["payment", "reversal"]
+    st, _, _ = await api.call("POST", f"/v1/payments/{pid}/reversal")
+    assert st == 400
+
+
+async def test_reversal_of_another_business_date_is_refused(node: Node, api: Api,
+                                                            sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    _, _, raw = await api.call("POST", "/v1/payments", idem="old",
+                               json={"account_no": acct, "amount": 300, "method": "cash"})
+    pid = orjson.loads(raw)["payment_id"]
+    await node.pool.execute("UPDATE payments SET business_date = business_date - 1")
+    st, _, raw = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="old-r")
+    assert st == 409 and orjson.loads(raw)["code"] == "not_reversible"
+
+
+async def test_marketing_down_payment_confirmed_then_credited_once(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    await sims.marketing.set_faults(error_rate=1.0)
+    try:
+        st, _, raw = await api.call("POST", "/v1/payments", idem="down",
+                                    json={"account_no": acct, "amount": 900, "method": "cash"})
+        assert st == 201
+        await asyncio.sleep(0.3)
+        assert await node.pool.fetchval("SELECT state FROM outbox") == "pending"
+    finally:
+        await sims.marketing.clear_faults()
+    await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
+    await _drain(node)
+
+
+async def _balance(sims: Sims, acct: str) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{sims.marketing.url}/accounts/{acct}") as r:
+            doc = await r.json()
+    return int(doc["prepaid_balance"]) - int(doc["arrears"])
+
+
+async def test_marketing_times_out_after_commit_credited_once(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing, start=7)
+    before = await _balance(sims, acct)
+    await sims.marketing.set_faults(timeout_after_commit_rate=1.0, hold_ms=3000)
+    try:
+        st, _, raw = await api.call("POST", "/v1/payments", idem="tac",
+                                    json={"account_no": acct, "amount": 901, "method": "cash"})
+        assert st == 201
+        await asyncio.sleep(1.5)  # the first attempt committed there, then timed out here
+        assert await node.pool.fetchval("SELECT attempts FROM outbox") >= 1
+    finally:
+        await sims.marketing.clear_faults()
+    await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
+    await _drain(node)
+    pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
+    assert sims.marketing.ledger.posting(pid) is not None
+    assert await _balance(sims, acct) - before == 901  # credited once, not twice
+
+
+async def test_standby_node_answers_503(clean_db: str, clean_redis: str, sims: Sims,
+                                        tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a:
+        async with running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                                wait_active=False) as b:
+            assert a.is_active and not b.is_active
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{b.ports.http}/readyz") as r:
+                    assert r.status == 503
+                async with s.get(f"http://127.0.0.1:{a.ports.http}/readyz") as r:
+                    assert r.status == 200
+                key = await api_key(b.pool, "internet")
+                async with s.post(f"http://127.0.0.1:{b.ports.http}/v1/payments",
+                                  json={"account_no": "1", "amount": 1, "method": "cash"},
+                                  headers={"Authorization": f"Bearer {key}",
+                                           "Idempotency-Key": "s"}) as r:
+                    assert r.status == 503 and (await r.json())["code"] == "standby"
+
+
+async def test_openapi_document_validates(node: Node, api: Api) -> None:
+    from openapi_spec_validator import validate
+
+    st, _, raw = await api.call("GET", "/v1/openapi.json")
+    assert st == 200
+    doc = orjson.loads(raw)
+    validate(doc)
+    assert {"/v1/payments", "/v1/payments/{payment_id}", "/v1/payments/{payment_id}/reversal",
+            "/v1/accounts/{account_no}"} <= set(doc["paths"])
+
+
+async def test_metrics_and_health(node: Node, api: Api) -> None:
+    st, _, raw = await api.call("GET", "/metrics")
+    assert st == 200 and b"gridpay_payments_total" in raw
+    st, _, raw = await api.call("GET", "/healthz")
+    assert st == 200
+    st, _, raw = await api.call("GET", "/nope")
+    assert st == 404 and orjson.loads(raw)["code"] == "not_found"
+
+
+async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
+    st, _, raw = await api.call("POST", "/v1/payments", idem="mj", data=b"{not json",
+                                headers={"Content-Type": "application/json"})
+    assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
+
