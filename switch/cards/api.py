@@ -1,0 +1,539 @@
+"""The card centre's admin API under `/admin/v1` (see docs/card-centre.md).
+
+Every call but `POST /admin/v1/session` needs `Authorization: Bearer <token>` and is checked
+against the user's role (and hall). Errors are problem+json with stable codes. Every action
+that changes something (and every login and file download) is appended to the operation log,
+refused ones included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from switch.cards import batches, jobs, oplog, workflow
+from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
+from switch.cards.files import CardBackParser
+from switch.cards.openapi import ADMIN_OPENAPI_PATHS
+from switch.cards.users import User, authenticate, login, logout
+from switch.web.app import NODE, node_of, require_active
+from switch.web.problems import Problem, json_body, json_response
+
+if TYPE_CHECKING:
+    from switch.node import Node
+
+__all__ = ["ADMIN_OPENAPI_PATHS", "CARD_JOBS", "PREFIX", "SYNC_LIMIT", "register"]
+
+PREFIX = "/admin/v1"
+#: Below this many cards a job is awaited and the call answers with its result.
+SYNC_LIMIT = 100_000
+SYNC_WAIT_S = 100.0
+MAX_CARD_BACK_BYTES = 128 * 1024 * 1024
+BIG_BODY = 8 * 1024 * 1024
+
+CARD_JOBS: web.AppKey[jobs.JobRunner] = web.AppKey("card_jobs", jobs.JobRunner)
+
+
+@dataclass(slots=True)
+class Ctx:
+    request: web.Request
+    node: Node
+    user: User
+    objects: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pool(self) -> Any:
+        return self.node.pool
+
+
+Body = Callable[[Ctx], Awaitable[web.StreamResponse]]
+
+
+def _problem(e: CardError) -> Problem:
+    p = Problem(e.status, e.code, e.detail)
+    p.extra = dict(e.extra)
+    return p
+
+
+async def _log(node: Node, actor: str, action: str, objects: dict[str, Any],
+               result: dict[str, Any]) -> None:
+    async with node.pool.acquire() as conn:
+        await oplog.append(conn, actor=actor, action=action, objects=objects, result=result)
+
+
+def _handler(action: str, *, changes: bool, logged: bool | None = None
+             ) -> Callable[[Body], Callable[[web.Request], Awaitable[web.StreamResponse]]]:
+    """Authenticate, authorise `action`, run, map errors, append to the operation log."""
+    log_it = changes if logged is None else logged
+
+    def deco(fn: Body) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            node = require_active(request) if changes else node_of(request)
+            try:
+                user = await authenticate(node.pool, request.headers.get("Authorization"))
+            except CardError as e:
+                raise _problem(e) from None
+            ctx = Ctx(request=request, node=node, user=user,
+                      objects=dict(request.match_info))
+            try:
+                user.require(action)
+                resp = await fn(ctx)
+            except CardError as e:
+                if log_it:
+                    await _log(node, user.username, action, ctx.objects,
+                               {"ok": False, "status": e.status, "code": e.code,
+                                "detail": e.detail})
+                raise _problem(e) from None
+            except Problem as p:
+                if log_it:
+                    await _log(node, user.username, action, ctx.objects,
+                               {"ok": False, "status": p.status, "code": p.code})
+                raise
+            if log_it:
+                await _log(node, user.username, action, ctx.objects,
+                           {"ok": True, "status": resp.status, **ctx.result})
+            return resp
+        handle.__name__ = fn.__name__
+        return handle
+    return deco
+
+
+def _int_id(ctx: Ctx, name: str = "id") -> int:
+    raw = ctx.request.match_info[name]
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidInput(f"{name} must be a positive integer", code="invalid_id")
+    return int(raw)
+
+
+def _hsm(node: Node) -> tuple[Any, Any]:
+    hsm = node.components.get("hsm")
+    keyring = node.components.get("keyring")
+    if hsm is None or keyring is None:
+        raise HsmUnavailable("the HSM or its key ring is not configured on this node")
+    return hsm, keyring
+
+
+async def _run_job(ctx: Ctx, kind: str, total: int, object_id: str,
+                   body: jobs.JobBody, *, sync: bool) -> tuple[uuid.UUID, dict[str, Any]]:
+    runner = ctx.request.app[CARD_JOBS]
+    job_id = await jobs.create_job(ctx.pool, kind, total=total, actor=ctx.user.username,
+                                   object_id=object_id)
+    runner.start(job_id, total, body)
+    if sync:
+        await runner.wait(job_id, SYNC_WAIT_S)
+    return job_id, await jobs.get_job(ctx.pool, job_id)
+
+
+def _job_accepted(job: dict[str, Any], extra: dict[str, Any]) -> web.Response:
+    return json_response({**extra, "job": job}, status=202,
+                         headers={"Location": f"{PREFIX}/jobs/{job['id']}"})
+
+
+def _job_failed(job: dict[str, Any]) -> Problem:
+    """The error of a job that was awaited: the card error it failed with, if any."""
+    res = job.get("result") or {}
+    if job["state"] == "failed" and isinstance(res, dict) and "code" in res:
+        p = Problem(int(res.get("status", 409)), str(res["code"]), str(job["error"]))
+        p.extra = {k: v for k, v in res.items() if k not in ("code", "status")}
+        p.extra["job_id"] = job["id"]
+        return p
+    return Problem(409 if job["state"] == "failed" else 503, "job_failed",
+                   f"job {job['id']} {job['state']}: {job['error'] or 'still running'}",
+                   job_id=job["id"])
+
+
+# --- session ----------------------------------------------------------------------------------
+
+async def create_session(request: web.Request) -> web.Response:
+    node = node_of(request)
+    doc = await json_body(request)
+    username, password = doc.get("username"), doc.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username:
+        raise Problem(422, "validation_failed", "username and password are required strings")
+    try:
+        session = await login(node.pool, username[:64], password,
+                              node.settings.cards.session_ttl_s)
+    except CardError as e:
+        await _log(node, username[:64], "session.create", {}, {"ok": False, "code": e.code})
+        raise _problem(e) from None
+    await _log(node, username, "session.create", {}, {"ok": True})
+    return json_response({"token": session.token, "token_type": "Bearer",
+                          "expires_at": session.expires_at.isoformat(),
+                          "user": {"username": session.user.username,
+                                   "role": session.user.role.value,
+                                   "hall": session.user.hall}}, status=201)
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await logout(node.pool, request.headers.get("Authorization"))
+    return web.Response(status=204)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+@_handler("batch.order", changes=True)
+async def order_batch(ctx: Ctx) -> web.StreamResponse:
+    doc = await json_body(ctx.request)
+    cards = ctx.node.settings.cards
+    order = batches.BatchOrder.validate(doc, face_values=cards.face_values,
+                                        expiry_years=cards.expiry_years)
+    ctx.objects.update(face_value=order.face_value, quantity=order.quantity,
+                       manufacturer=order.manufacturer, expiry=order.expiry.isoformat())
+    hsm, keyring = _hsm(ctx.node)
+    try:
+        keyring.print_key(order.manufacturer)
+    except KeyError:
+        raise InvalidInput(f"no print key for manufacturer {order.manufacturer}",
+                           code="unknown_manufacturer") from None
+    pool = ctx.pool
+    job_id = await jobs.create_job(pool, "batch.generate", total=order.quantity,
+                                   actor=ctx.user.username)
+    batch_id = await batches.create_batch(pool, order, issuer=cards.issuer,
+                                          actor=ctx.user.username, job_id=job_id)
+    await pool.execute("UPDATE card_jobs SET object_id = $2 WHERE id = $1", job_id,
+                       str(batch_id))
+    ctx.objects["batch_id"] = batch_id
+    ctx.result["job_id"] = str(job_id)
+    runner = ctx.request.app[CARD_JOBS]
+
+    async def body(p: jobs.Progress) -> dict[str, Any]:
+        return await batches.generate(pool, hsm, keyring, batch_id, p)
+
+    runner.start(job_id, order.quantity, body)
+    if order.quantity >= SYNC_LIMIT:
+        job = await jobs.get_job(pool, job_id)
+        return _job_accepted(job, {"batch_id": batch_id})
+    await runner.wait(job_id, SYNC_WAIT_S)
+    job = await jobs.get_job(pool, job_id)
+    if job["state"] != "succeeded":
+        raise _job_failed(job)
+    view = await batches.batch_view(pool, batch_id)
+    return json_response({**view, "job": job}, status=201,
+                         headers={"Location": f"{PREFIX}/batches/{batch_id}"})
+
+
+@_handler("batch.read", changes=False)
+async def get_batch(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await batches.batch_view(ctx.pool, _int_id(ctx)))
+
+
+@_handler("batch.new_card_file", changes=False, logged=True)
+async def get_new_card_file(ctx: Ctx) -> web.StreamResponse:
+    batch_id = _int_id(ctx)
+    stream = batches.new_card_file(ctx.pool, batch_id)
+    first = await anext(stream)  # raises the batch's errors before any byte is sent
+    resp = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/plain; charset=us-ascii",
+        "Content-Disposition": f'attachment; filename="batch-{batch_id}.ncf"'})
+    await resp.prepare(ctx.request)
+    await resp.write(first)
+    async for chunk in stream:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def _read_card_back(request: web.Request) -> CardBackParser:
+    parser = CardBackParser()
+    size = 0
+    rest = b""
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > MAX_CARD_BACK_BYTES:
+            raise Problem(413, "payload_too_large",
+                          f"a card-back file is at most {MAX_CARD_BACK_BYTES} bytes")
+        data = rest + chunk
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            parser.feed(line + b"\n")
+    if rest:
+        parser.feed(rest)
+    return parser
+
+
+@_handler("batch.card_back_file", changes=True)
+async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
+    batch_id = _int_id(ctx)
+    row = await batches.batch_row(ctx.pool, batch_id)
+    if row["status"] != "ordered":
+        raise Conflict(f"batch {batch_id} is {row['status']}; a card-back file is taken once, "
+                       "for an ordered batch", code="batch_state")
+    cbf = (await _read_card_back(ctx.request)).result()
+    ctx.objects.update(batch_id=batch_id, records=len(cbf.records))
+    if cbf.batch_id != batch_id:
+        raise InvalidInput(f"the card-back file is for batch {cbf.batch_id}, not {batch_id}",
+                           code="wrong_batch")
+    pool, user = ctx.pool, ctx.user.username
+
+    async def body(p: jobs.Progress) -> dict[str, Any]:
+        rec = await batches.reconcile_batch(pool, batch_id, cbf.records, actor=user,
+                                            file_batch_id=cbf.batch_id, progress=p)
+        return rec.as_dict()
+
+    sync = row["quantity"] < SYNC_LIMIT
+    job_id, job = await _run_job(ctx, "batch.reconcile", row["quantity"], str(batch_id), body,
+                                 sync=sync)
+    ctx.result["job_id"] = str(job_id)
+    if not sync:
+        return _job_accepted(job, {"batch_id": batch_id})
+    if job["state"] != "succeeded":
+        raise _job_failed(job)
+    report = job["result"]
+    ctx.result["counts"] = report.get("counts")
+    ctx.result["matched"] = report.get("matched")
+    return json_response(report)
+
+
+@_handler("batch.stock_in", changes=True)
+async def stock_in(ctx: Ctx) -> web.StreamResponse:
+    batch_id = _int_id(ctx)
+    row = await batches.batch_row(ctx.pool, batch_id)
+    ctx.objects["batch_id"] = batch_id
+    if row["status"] != "reconciled":
+        raise Conflict(f"batch {batch_id} is {row['status']}; stock-in follows reconciliation",
+                       code="batch_state")
+    pool, user = ctx.pool, ctx.user.username
+
+    async def body(p: jobs.Progress) -> dict[str, Any]:
+        return await batches.stock_in(pool, batch_id, actor=user, progress=p)
+
+    sync = row["quantity"] < SYNC_LIMIT
+    job_id, job = await _run_job(ctx, "batch.stock_in", row["quantity"], str(batch_id), body,
+                                 sync=sync)
+    ctx.result["job_id"] = str(job_id)
+    if not sync:
+        return _job_accepted(job, {"batch_id": batch_id})
+    if job["state"] != "succeeded":
+        raise _job_failed(job)
+    ctx.result["stocked_in"] = job["result"].get("stocked_in")
+    return json_response(job["result"])
+
+
+# --- voids, stocktakes ------------------------------------------------------------------------
+
+@_handler("void.create", changes=True)
+async def create_void(ctx: Ctx) -> web.StreamResponse:
+    doc = await json_body(ctx.request, BIG_BODY)
+    reason = doc.get("reason")
+    note = doc.get("note")
+    st = doc.get("stocktake_id")
+    if not isinstance(reason, str):
+        raise InvalidInput("reason is required", code="invalid_reason")
+    if note is not None and (not isinstance(note, str) or len(note) > 500):
+        raise InvalidInput("note is a string of up to 500 characters", code="invalid_note")
+    if st is not None and type(st) is not int:
+        raise InvalidInput("stocktake_id is an integer", code="invalid_id")
+    serials = workflow.cards_of(doc)
+    ctx.objects.update(reason=reason, count=len(serials),
+                       ranges=[r for r in workflow._ranges(serials)][:100])
+    out = await workflow.void_cards(ctx.pool, ctx.user, serials, reason, note=note,
+                                    stocktake_id=st)
+    ctx.result.update(void_id=out["void_id"], state=out["state"])
+    return json_response(out, status=202 if out["state"] == "pending_approval" else 200)
+
+
+async def _decide_void(ctx: Ctx, approve: bool) -> web.StreamResponse:
+    void_id = _int_id(ctx)
+    out = await workflow.approve_void(ctx.pool, ctx.user, void_id, approve=approve)
+    ctx.result.update(state=out["state"], count=out["count"])
+    return json_response(out)
+
+
+@_handler("void.approve", changes=True)
+async def approve_void(ctx: Ctx) -> web.StreamResponse:
+    return await _decide_void(ctx, True)
+
+
+@_handler("void.approve", changes=True)
+async def reject_void(ctx: Ctx) -> web.StreamResponse:
+    return await _decide_void(ctx, False)
+
+
+@_handler("stocktake.create", changes=True)
+async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
+    doc = await json_body(ctx.request, BIG_BODY)
+    location = doc.get("location")
+    if not isinstance(location, str):
+        raise InvalidInput("location is required", code="invalid_location")
+    if not doc.get("serials") and not doc.get("ranges"):
+        counted: list[str] = []
+    else:
+        counted = workflow.cards_of(doc)
+    ctx.objects.update(location=location, counted=len(counted))
+    out = await workflow.stocktake(ctx.pool, ctx.user, location, counted)
+    ctx.result.update(stocktake_id=out["stocktake_id"], missing=out["missing_count"],
+                      unexpected=out["unexpected_count"])
+    return json_response(out, status=201)
+
+
+# --- requests, issues, sales, unlocks ---------------------------------------------------------
+
+@_handler("request.create", changes=True)
+async def create_request(ctx: Ctx) -> web.StreamResponse:
+    doc = await json_body(ctx.request)
+    ctx.objects.update(face_value=doc.get("face_value"), quantity=doc.get("quantity"),
+                       hall=ctx.user.hall)
+    out = await workflow.create_request(ctx.pool, ctx.user, doc.get("face_value"),
+                                        doc.get("quantity"), ctx.node.settings.cards.face_values)
+    ctx.result["request_id"] = out["id"]
+    return json_response(out, status=201,
+                         headers={"Location": f"{PREFIX}/requests/{out['id']}"})
+
+
+@_handler("request.read", changes=False)
+async def get_request(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await workflow.get_request(ctx.pool, ctx.user, _int_id(ctx)))
+
+
+async def _decide(ctx: Ctx, approve: bool) -> web.StreamResponse:
+    note: str | None = None
+    if ctx.request.can_read_body:
+        doc = await json_body(ctx.request)
+        raw = doc.get("note")
+        note = raw if isinstance(raw, str) else None
+    out = await workflow.decide_request(ctx.pool, ctx.user, _int_id(ctx), approve=approve,
+                                        note=note)
+    ctx.result["state"] = out["state"]
+    return json_response(out)
+
+
+@_handler("request.decide", changes=True)
+async def approve_request(ctx: Ctx) -> web.StreamResponse:
+    return await _decide(ctx, True)
+
+
+@_handler("request.decide", changes=True)
+async def reject_request(ctx: Ctx) -> web.StreamResponse:
+    return await _decide(ctx, False)
+
+
+@_handler("request.issue", changes=True)
+async def issue_request(ctx: Ctx) -> web.StreamResponse:
+    out = await workflow.issue_request(ctx.pool, ctx.user, _int_id(ctx))
+    ctx.result.update(issue_id=out["issue_id"], quantity=out["quantity"],
+                      ranges=out["ranges"][:100])
+    return json_response(out, status=201)
+
+
+@_handler("sale.create", changes=True)
+async def create_sale(ctx: Ctx) -> web.StreamResponse:
+    doc = await json_body(ctx.request, BIG_BODY)
+    serials = workflow.cards_of(doc, limit=100_000)
+    ctx.objects.update(count=len(serials), ranges=workflow._ranges(serials)[:100],
+                       hall=ctx.user.hall)
+    out = await workflow.sell(ctx.pool, ctx.user, serials)
+    ctx.result.update(sale_id=out["sale_id"], total_face_value=out["total_face_value"])
+    return json_response(out, status=201)
+
+
+@_handler("card.unlock", changes=True)
+async def unlock_card(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await workflow.unlock(ctx.pool, ctx.user,
+                                               ctx.request.match_info["serial"]))
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+@_handler("card.read", changes=False)
+async def get_card(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await workflow.card_history(ctx.pool, ctx.user,
+                                                     ctx.request.match_info["serial"]))
+
+
+@_handler("inventory.read", changes=False)
+async def get_inventory(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await workflow.inventory(ctx.pool, ctx.user))
+
+
+@_handler("inventory.read", changes=False)
+async def get_hall_report(ctx: Ctx) -> web.StreamResponse:
+    return json_response(await workflow.hall_report(ctx.pool, ctx.user,
+                                                    ctx.request.query.get("hall")))
+
+
+@_handler("recharges.read", changes=False)
+async def get_recharges(ctx: Ctx) -> web.StreamResponse:
+    day = ctx.request.query.get("date") or dt.date.today().isoformat()
+    tz = str(ctx.node.settings.business.timezone)
+    return json_response(await workflow.recharges(ctx.pool, day, tz))
+
+
+def _query_int(ctx: Ctx, name: str, default: int, hi: int) -> int:
+    raw = ctx.request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= hi:
+        raise InvalidInput(f"{name} must be an integer from 0 to {hi}", code="invalid_query")
+    return int(raw)
+
+
+@_handler("oplog.read", changes=False)
+async def get_oplog(ctx: Ctx) -> web.StreamResponse:
+    after = _query_int(ctx, "after", 0, 10**15)
+    limit = _query_int(ctx, "limit", 100, 1000)
+    items = await oplog.entries(ctx.pool, after=after, limit=limit)
+    return json_response({"entries": items,
+                          "next_after": items[-1]["seq"] if items else None})
+
+
+@_handler("oplog.read", changes=False)
+async def verify_oplog(ctx: Ctx) -> web.StreamResponse:
+    return json_response((await oplog.verify(ctx.pool)).as_dict())
+
+
+@_handler("job.read", changes=False)
+async def get_job(ctx: Ctx) -> web.StreamResponse:
+    job = await jobs.get_job(ctx.pool, ctx.request.match_info["id"])
+    return json_response({**job, "progress": jobs.render_progress(job)})
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+def register(app: web.Application) -> None:
+    """Add the admin routes and the job runner (closed with the application)."""
+    node = app[NODE]
+
+    async def runner_ctx(a: web.Application) -> AsyncIterator[None]:
+        runner = a[CARD_JOBS]
+        yield
+        with contextlib.suppress(Exception):
+            await runner.close()
+
+    app[CARD_JOBS] = jobs.JobRunner(node.pool)
+    app.cleanup_ctx.append(runner_ctx)
+    p = PREFIX
+    r = app.router
+    r.add_post(f"{p}/session", create_session)
+    r.add_delete(f"{p}/session", delete_session)
+    r.add_post(f"{p}/batches", order_batch)
+    r.add_get(f"{p}/batches/{{id}}", get_batch)
+    r.add_get(f"{p}/batches/{{id}}/new-card-file", get_new_card_file)
+    r.add_post(f"{p}/batches/{{id}}/card-back-file", upload_card_back)
+    r.add_post(f"{p}/batches/{{id}}/stock-in", stock_in)
+    r.add_post(f"{p}/voids", create_void)
+    r.add_post(f"{p}/voids/{{id}}/approve", approve_void)
+    r.add_post(f"{p}/voids/{{id}}/reject", reject_void)
+    r.add_post(f"{p}/stocktakes", create_stocktake)
+    r.add_post(f"{p}/requests", create_request)
+    r.add_get(f"{p}/requests/{{id}}", get_request)
+    r.add_post(f"{p}/requests/{{id}}/approve", approve_request)
+    r.add_post(f"{p}/requests/{{id}}/reject", reject_request)
+    r.add_post(f"{p}/requests/{{id}}/issue", issue_request)
+    r.add_post(f"{p}/sales", create_sale)
+    r.add_post(f"{p}/cards/{{serial}}/unlock", unlock_card)
+    r.add_get(f"{p}/cards/{{serial}}", get_card)
+    r.add_get(f"{p}/inventory", get_inventory)
+    r.add_get(f"{p}/reports/halls", get_hall_report)
+    r.add_get(f"{p}/recharges", get_recharges)
+    r.add_get(f"{p}/operation-log", get_oplog)
+    r.add_get(f"{p}/operation-log/verify", verify_oplog)
+    r.add_get(f"{p}/jobs/{{id}}", get_job)

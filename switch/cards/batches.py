@@ -1,0 +1,325 @@
+"""Batches: order, PIN generation in the HSM, the new-card file, reconciliation, stock-in.
+
+Generation runs chunk by chunk (1000 serials, the HSM's limit per voucher-generate request),
+with several HSM requests in flight; each chunk is one database transaction: its cards and
+their `ordered` events by COPY, and its slice of the new-card file. A failed generation can be
+resumed: chunks already written are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from switch.cards import states
+from switch.cards.errors import Conflict, Gone, HsmUnavailable, InvalidInput, NotFound
+from switch.cards.files import (
+    CardBackRecord,
+    Reconciliation,
+    new_card_header,
+    new_card_record,
+    reconcile,
+    trailer,
+)
+from switch.cards.jobs import Progress
+from switch.cards.serials import MAX_SEQ, make_serial
+from switch.cards.states import CardState
+from switch.hsm_client import HsmClient
+from switch.keys import KeyRing
+
+log = logging.getLogger("gridpay.cards.batches")
+
+CHUNK = 1000  # serials per HSM request
+IN_FLIGHT = 6  # HSM requests in flight per generation job
+STOCK_SLICE = 50_000  # cards per stock-in transaction
+WAREHOUSE = "warehouse"
+MAX_QUANTITY = 1_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchOrder:
+    face_value: int
+    quantity: int
+    expiry: dt.date
+    manufacturer: str
+
+    @classmethod
+    def validate(cls, doc: Mapping[str, object], *, face_values: Sequence[int],
+                 expiry_years: int, today: dt.date | None = None) -> BatchOrder:
+        today = today or dt.date.today()
+        fv = doc.get("face_value")
+        if type(fv) is not int or fv not in face_values:
+            raise InvalidInput(f"face_value must be one of {list(face_values)} (fen)",
+                               code="invalid_face_value")
+        qty = doc.get("quantity")
+        if type(qty) is not int or not 1 <= qty <= MAX_QUANTITY:
+            raise InvalidInput(f"quantity must be an integer from 1 to {MAX_QUANTITY}",
+                               code="invalid_quantity")
+        man = doc.get("manufacturer")
+        if not isinstance(man, str) or not man or len(man) > 32 or "|" in man \
+                or not man.isascii() or not man.isprintable():
+            raise InvalidInput("manufacturer must be a name of up to 32 characters",
+                               code="invalid_manufacturer")
+        raw_exp = doc.get("expiry")
+        if raw_exp is None:
+            try:
+                expiry = today.replace(year=today.year + expiry_years)
+            except ValueError:  # 29 February
+                expiry = today.replace(year=today.year + expiry_years, day=28)
+        else:
+            try:
+                expiry = dt.date.fromisoformat(str(raw_exp))
+            except ValueError:
+                raise InvalidInput("expiry must be a date YYYY-MM-DD",
+                                   code="invalid_expiry") from None
+            if expiry <= today:
+                raise InvalidInput("expiry must be in the future", code="invalid_expiry")
+        return cls(face_value=fv, quantity=qty, expiry=expiry, manufacturer=man)
+
+
+async def create_batch(pool: asyncpg.Pool, order: BatchOrder, *, issuer: str, actor: str,
+                       job_id: Any, today: dt.date | None = None) -> int:
+    """Reserve a serial range and record the batch (`generating`); returns its id."""
+    today = today or dt.date.today()
+    prefix = f"{issuer}{today.year % 100:02d}"
+    async with pool.acquire() as conn, conn.transaction():
+        nxt = await conn.fetchval(
+            "INSERT INTO card_serial_counters (prefix, next_seq) VALUES ($1, 1 + $2::bigint)"
+            " ON CONFLICT (prefix) DO UPDATE"
+            " SET next_seq = card_serial_counters.next_seq + $2::bigint RETURNING next_seq",
+            prefix, order.quantity)
+        first = int(nxt) - order.quantity
+        if int(nxt) - 1 > MAX_SEQ:
+            raise Conflict(f"the serial sequence of prefix {prefix} is exhausted",
+                           code="serials_exhausted")
+        batch_id: int = await conn.fetchval(
+            "INSERT INTO card_batches (face_value, quantity, expiry, manufacturer, prefix,"
+            " first_seq, ordered_by, generate_job) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
+            order.face_value, order.quantity, order.expiry, order.manufacturer, prefix, first,
+            actor, job_id)
+    return batch_id
+
+
+async def batch_row(pool: asyncpg.Pool | asyncpg.Connection, batch_id: int) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM card_batches WHERE id = $1", batch_id)
+    if row is None:
+        raise NotFound(f"no batch {batch_id}", code="batch_not_found")
+    return row
+
+
+async def batch_view(pool: asyncpg.Pool, batch_id: int) -> dict[str, Any]:
+    row = await batch_row(pool, batch_id)
+    counts = {r["state"]: int(r["n"]) for r in await pool.fetch(
+        "SELECT state, count(*) AS n FROM cards WHERE batch_id = $1 GROUP BY state", batch_id)}
+    first = make_serial(row["prefix"], row["first_seq"])
+    last = make_serial(row["prefix"], row["first_seq"] + row["quantity"] - 1)
+    return {"id": row["id"], "face_value": row["face_value"], "quantity": row["quantity"],
+            "expiry": row["expiry"].isoformat(), "manufacturer": row["manufacturer"],
+            "status": row["status"], "first_serial": first, "last_serial": last,
+            "ordered_by": row["ordered_by"], "created_at": row["created_at"].isoformat(),
+            "generate_job": str(row["generate_job"]) if row["generate_job"] else None,
+            "new_card_file_sha256": row["file_sha256"],
+            "new_card_file_purged": row["file_purged_at"] is not None,
+            "counts": {s.value: counts.get(s.value, 0) for s in CardState},
+            "reconciliation": _summary(row["reconciliation"])}
+
+
+def _summary(rec: Any) -> Any:
+    if not isinstance(rec, dict):
+        return rec
+    return {k: v for k, v in rec.items() if k != "discrepancies"}
+
+
+# --- generation -------------------------------------------------------------------------------
+
+async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_id: int,
+                   progress: Progress, *, in_flight: int = IN_FLIGHT) -> dict[str, Any]:
+    """PINs in the HSM for every card of the batch; cards `ordered`; the new-card file."""
+    row = await batch_row(pool, batch_id)
+    if row["status"] not in ("generating", "failed"):
+        raise Conflict(f"batch {batch_id} is {row['status']}, not being generated",
+                       code="batch_state")
+    try:
+        vvk = keyring.vvk
+        print_key = keyring.print_key(row["manufacturer"])
+    except KeyError:
+        raise InvalidInput(f"no print key for manufacturer {row['manufacturer']}",
+                           code="unknown_manufacturer") from None
+    prefix, first, qty, face = row["prefix"], row["first_seq"], row["quantity"], row["face_value"]
+    expiry, actor = row["expiry"], row["ordered_by"]
+    done_chunks = {int(r["seq"]) for r in await pool.fetch(
+        "SELECT seq FROM card_file_chunks WHERE batch_id = $1", batch_id)}
+    n_chunks = (qty + CHUNK - 1) // CHUNK
+    progress.add(sum(min(CHUNK, qty - s * CHUNK) for s in done_chunks))
+    todo: asyncio.Queue[int] = asyncio.Queue()
+    for s in range(n_chunks):
+        if s not in done_chunks:
+            todo.put_nowait(s)
+    doc_id = str(batch_id)
+
+    async def worker() -> None:
+        while True:
+            try:
+                seq = todo.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            lo = first + seq * CHUNK
+            serials = [make_serial(prefix, q) for q in range(lo, min(lo + CHUNK, first + qty))]
+            try:
+                records = await hsm.voucher_generate(vvk, print_key, serials)
+            except Exception as e:
+                raise HsmUnavailable(f"voucher generation failed ({type(e).__name__})") from e
+            if [r.serial for r in records] != serials:
+                raise HsmUnavailable("the HSM answered for other serials")
+            now = dt.datetime.now(dt.UTC)
+            cards = [(r.serial, batch_id, face, "ordered", "manufacturer", expiry,
+                      bytes.fromhex(r.tag), now) for r in records]
+            events = [(r.serial, "ordered", actor, "batch ordered", "batch", doc_id, now)
+                      for r in records]
+            body = "".join(new_card_record(r.serial, face, r.encrypted_pin)
+                           for r in records).encode("ascii")
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(
+                    "cards", records=cards,
+                    columns=["serial", "batch_id", "face_value", "state", "location", "expiry",
+                             "tag", "updated_at"])
+                await conn.copy_records_to_table(
+                    "card_events", records=events,
+                    columns=["serial", "to_state", "actor", "reason", "doc_type", "doc_id",
+                             "at"])
+                await conn.execute(
+                    "INSERT INTO card_file_chunks (batch_id, seq, cards, body)"
+                    " VALUES ($1, $2, $3, $4)", batch_id, seq, len(records), body)
+            progress.add(len(records))
+
+    try:
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, in_flight))]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        kcv = await hsm.key_check_value(print_key)
+        digest = await _file_digest(pool, batch_id)
+    except BaseException:
+        await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1", batch_id)
+        raise
+    await pool.execute(
+        "UPDATE card_batches SET status = 'ordered', file_sha256 = $2, print_key_kcv = $3"
+        " WHERE id = $1", batch_id, digest, kcv)
+    return {"batch_id": batch_id, "cards": qty, "new_card_file_sha256": digest}
+
+
+async def _chunks(pool: asyncpg.Pool, batch_id: int, page: int = 20) -> AsyncIterator[bytes]:
+    after = -1
+    while True:
+        rows = await pool.fetch(
+            "SELECT seq, body FROM card_file_chunks WHERE batch_id = $1 AND seq > $2"
+            " ORDER BY seq LIMIT $3", batch_id, after, page)
+        if not rows:
+            return
+        for r in rows:
+            yield bytes(r["body"])
+        after = int(rows[-1]["seq"])
+
+
+async def _file_digest(pool: asyncpg.Pool, batch_id: int) -> str:
+    h = hashlib.sha256()
+    async for body in _chunks(pool, batch_id):
+        h.update(body)
+    return h.hexdigest()
+
+
+async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[bytes]:
+    """The batch's new-card file, streamed: header, records (from the chunks), trailer."""
+    row = await batch_row(pool, batch_id)
+    if row["status"] in ("generating", "failed"):
+        raise Conflict(f"batch {batch_id} is still {row['status']}; its file is not ready",
+                       code="file_not_ready")
+    if row["file_purged_at"] is not None:
+        raise Gone(f"the new-card file of batch {batch_id} was erased at stock-in",
+                   code="file_purged")
+    yield new_card_header(batch_id=batch_id, face_value=row["face_value"],
+                          count=row["quantity"], manufacturer=row["manufacturer"],
+                          created=row["created_at"].astimezone(dt.UTC).isoformat(
+                              timespec="seconds"),
+                          print_kcv=row["print_key_kcv"] or "", expiry=row["expiry"].isoformat())
+    async for body in _chunks(pool, batch_id):
+        yield body
+    yield trailer(row["quantity"], row["quantity"] * row["face_value"], row["file_sha256"])
+
+
+# --- reconciliation and stock-in ---------------------------------------------------------------
+
+async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[CardBackRecord],
+                          *, actor: str, file_batch_id: int | None = None,
+                          progress: Progress | None = None) -> Reconciliation:
+    """Match the card-back file: matched cards → produced, the batch's cards in discrepancy →
+    voided with the reconciliation as the reason. Once per batch."""
+    row = await batch_row(pool, batch_id)
+    if file_batch_id is not None and file_batch_id != batch_id:
+        raise InvalidInput(f"the card-back file is for batch {file_batch_id}, not {batch_id}",
+                           code="wrong_batch")
+    if row["status"] != "ordered":
+        raise Conflict(f"batch {batch_id} is {row['status']}; a card-back file is taken once, "
+                       "for an ordered batch", code="batch_state")
+    rec = reconcile(batch_id=batch_id, prefix=row["prefix"], first_seq=row["first_seq"],
+                    quantity=row["quantity"], face_value=row["face_value"], records=records)
+    to_void = rec.to_void()
+    by_kind: dict[str, list[str]] = {}
+    for serial, kind in to_void.items():
+        by_kind.setdefault(kind, []).append(serial)
+    async with pool.acquire() as conn, conn.transaction():
+        locked = await conn.fetchval(
+            "UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
+            " WHERE id = $1 AND status = 'ordered' RETURNING id", batch_id, rec.as_dict())
+        if locked is None:
+            raise Conflict(f"batch {batch_id} was reconciled meanwhile", code="batch_state")
+        for kind, serials in sorted(by_kind.items()):
+            await states.transition(conn, serials, CardState.VOIDED, actor=actor,
+                                    reason=f"reconciliation: {kind}",
+                                    doc=states.Document(type="batch", id=str(batch_id)))
+        moved = await states.transition_batch(
+            conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
+            reason="reconciled with the card-back file", exclude=list(to_void))
+        if moved != rec.matched:
+            raise Conflict(f"batch {batch_id}: {moved} cards matched in the database, "
+                           f"{rec.matched} in the file", code="reconciliation_mismatch")
+    if progress is not None:
+        progress.add(row["quantity"])
+    return rec
+
+
+async def stock_in(pool: asyncpg.Pool, batch_id: int, *, actor: str,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """produced → in_stock at the warehouse, in slices; then erase the new-card file."""
+    row = await batch_row(pool, batch_id)
+    if row["status"] != "reconciled":
+        raise Conflict(f"batch {batch_id} is {row['status']}; stock-in follows reconciliation",
+                       code="batch_state")
+    prefix, first, qty = row["prefix"], row["first_seq"], row["quantity"]
+    total = 0
+    for lo in range(first, first + qty, STOCK_SLICE):
+        hi = min(lo + STOCK_SLICE, first + qty) - 1
+        async with pool.acquire() as conn, conn.transaction():
+            total += await states.transition_batch(
+                conn, batch_id, CardState.PRODUCED, CardState.IN_STOCK, actor=actor,
+                reason="stocked in", location=WAREHOUSE, first=make_serial(prefix, lo),
+                last=make_serial(prefix, hi))
+        if progress is not None:
+            progress.add(hi - lo + 1)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
+        await conn.execute(
+            "UPDATE card_batches SET status = 'stocked', file_purged_at = now() WHERE id = $1",
+            batch_id)
+    return {"batch_id": batch_id, "stocked_in": total, "location": WAREHOUSE}

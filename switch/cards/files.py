@@ -1,0 +1,298 @@
+"""The manufacturer files (formats in docs/card-files.md) and the reconciliation (pure code).
+
+New-card file (switch → manufacturer), one record per line, fields separated by `|`:
+
+    H|GRIDPAY-NEWCARD|1|<batch>|<face value>|<count>|<manufacturer>|<created>|<print KCV>|<expiry>
+    D|<serial>|<face value>|<PIN block under the print key, 32 hex>
+    T|<count>|<total face value>|<SHA-256 hex of every D line including its newline>
+
+Card-back file (manufacturer → switch):
+
+    H|GRIDPAY-CARDBACK|1|<batch>|<count>|<manufacturer>|<created>
+    D|<serial>|<box no>|<pack no>|<OK or DAMAGED>|<face value as printed>
+    T|<count>|<total printed face value>|<SHA-256 hex of every D line including its newline>
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from switch.cards.errors import InvalidInput
+from switch.cards.serials import luhn_digit, make_serial
+
+NEW_CARD_MAGIC = "GRIDPAY-NEWCARD"
+CARD_BACK_MAGIC = "GRIDPAY-CARDBACK"
+FORMAT_VERSION = "1"
+PRINT_OK = "OK"
+PRINT_DAMAGED = "DAMAGED"
+
+
+def _bad(line_no: int, what: str, code: str = "malformed_card_back_file") -> InvalidInput:
+    return InvalidInput(f"line {line_no}: {what}", code=code)
+
+
+# --- new-card file ----------------------------------------------------------------------------
+
+def new_card_header(*, batch_id: int, face_value: int, count: int, manufacturer: str,
+                    created: str, print_kcv: str, expiry: str) -> bytes:
+    return (f"H|{NEW_CARD_MAGIC}|{FORMAT_VERSION}|{batch_id}|{face_value}|{count}|"
+            f"{manufacturer}|{created}|{print_kcv}|{expiry}\n").encode("ascii")
+
+
+def new_card_record(serial: str, face_value: int, encrypted_pin_hex: str) -> str:
+    return f"D|{serial}|{face_value}|{encrypted_pin_hex}\n"
+
+
+def trailer(count: int, total: int, sha256_hex: str) -> bytes:
+    return f"T|{count}|{total}|{sha256_hex}\n".encode("ascii")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewCardRecord:
+    serial: str
+    face_value: int
+    encrypted_pin: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewCardFile:
+    batch_id: int
+    face_value: int
+    manufacturer: str
+    created: str
+    print_kcv: str
+    expiry: str
+    records: tuple[NewCardRecord, ...]
+
+
+def parse_new_card_file(lines: Iterable[bytes]) -> NewCardFile:
+    """Parse and check a new-card file (header, records, trailer counts, total and digest)."""
+    code = "malformed_new_card_file"
+    it = iter(lines)
+    head = next(it, b"").decode("ascii", "replace").rstrip("\n").split("|")
+    if len(head) != 10 or head[:3] != ["H", NEW_CARD_MAGIC, FORMAT_VERSION]:
+        raise _bad(1, "not a new-card file header", code)
+    digest = hashlib.sha256()
+    records: list[NewCardRecord] = []
+    total = 0
+    line_no = 1
+    for raw in it:
+        line_no += 1
+        text = raw.decode("ascii", "replace")
+        if text.startswith("T|"):
+            parts = text.rstrip("\n").split("|")
+            if len(parts) != 4:
+                raise _bad(line_no, "malformed trailer", code)
+            if int(parts[1]) != len(records) or int(parts[1]) != int(head[5]):
+                raise _bad(line_no, "trailer count does not match the records", code)
+            if int(parts[2]) != total:
+                raise _bad(line_no, "trailer total does not match the records", code)
+            if parts[3] != digest.hexdigest():
+                raise _bad(line_no, "trailer digest does not match the records", code)
+            return NewCardFile(batch_id=int(head[3]), face_value=int(head[4]),
+                               manufacturer=head[6], created=head[7], print_kcv=head[8],
+                               expiry=head[9], records=tuple(records))
+        digest.update(raw)
+        parts = text.rstrip("\n").split("|")
+        if len(parts) != 4 or parts[0] != "D" or len(parts[3]) != 32:
+            raise _bad(line_no, "malformed record", code)
+        face = int(parts[2])
+        total += face
+        records.append(NewCardRecord(serial=parts[1], face_value=face,
+                                     encrypted_pin=bytes.fromhex(parts[3])))
+    raise _bad(line_no, "no trailer", code)
+
+
+# --- card-back file ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CardBackRecord:
+    serial: str
+    box: int
+    pack: int
+    status: str
+    face_value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CardBackFile:
+    batch_id: int
+    manufacturer: str
+    created: str
+    records: tuple[CardBackRecord, ...]
+
+
+def card_back_header(*, batch_id: int, count: int, manufacturer: str, created: str) -> bytes:
+    return (f"H|{CARD_BACK_MAGIC}|{FORMAT_VERSION}|{batch_id}|{count}|{manufacturer}|"
+            f"{created}\n").encode("ascii")
+
+
+def card_back_record(r: CardBackRecord) -> bytes:
+    return f"D|{r.serial}|{r.box}|{r.pack}|{r.status}|{r.face_value}\n".encode("ascii")
+
+
+class CardBackParser:
+    """Incremental card-back file parser: feed it lines (bytes, with their newline)."""
+
+    def __init__(self, max_records: int = 2_000_000) -> None:
+        self._digest = hashlib.sha256()
+        self._records: list[CardBackRecord] = []
+        self._header: list[str] | None = None
+        self._done: CardBackFile | None = None
+        self._total = 0
+        self._line = 0
+        self._max = max_records
+
+    def feed(self, raw: bytes) -> None:
+        self._line += 1
+        if self._done is not None:
+            if raw.strip():
+                raise _bad(self._line, "data after the trailer")
+            return
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise _bad(self._line, "not ASCII") from None
+        parts = text.rstrip("\r\n").split("|")
+        if self._header is None:
+            if len(parts) != 7 or parts[:3] != ["H", CARD_BACK_MAGIC, FORMAT_VERSION] \
+                    or not parts[3].isdigit() or not parts[4].isdigit():
+                raise _bad(self._line, "not a card-back file header")
+            self._header = parts
+            return
+        if parts[0] == "T":
+            if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+                raise _bad(self._line, "malformed trailer")
+            n = len(self._records)
+            if int(parts[1]) != n or int(self._header[4]) != n:
+                raise _bad(self._line, f"trailer count {parts[1]} (header {self._header[4]}) "
+                           f"but {n} records")
+            if int(parts[2]) != self._total:
+                raise _bad(self._line, "trailer total does not match the records")
+            if parts[3].lower() != self._digest.hexdigest():
+                raise _bad(self._line, "trailer digest does not match the records")
+            self._done = CardBackFile(batch_id=int(self._header[3]),
+                                      manufacturer=self._header[5], created=self._header[6],
+                                      records=tuple(self._records))
+            return
+        if len(parts) != 6 or parts[0] != "D":
+            raise _bad(self._line, "malformed record")
+        serial, box, pack, status, face = parts[1:]
+        if len(serial) != 16 or not serial.isdigit() or not box.isdigit() \
+                or not pack.isdigit() or not face.isdigit() \
+                or status not in (PRINT_OK, PRINT_DAMAGED):
+            raise _bad(self._line, "malformed record")
+        if len(self._records) >= self._max:
+            raise _bad(self._line, f"more than {self._max} records")
+        self._digest.update(raw if raw.endswith(b"\n") else raw + b"\n")
+        fv = int(face)
+        self._total += fv
+        self._records.append(CardBackRecord(serial=serial, box=int(box), pack=int(pack),
+                                            status=status, face_value=fv))
+
+    def result(self) -> CardBackFile:
+        if self._done is None:
+            raise _bad(self._line, "the file ends without a trailer")
+        return self._done
+
+
+def parse_card_back(data: bytes) -> CardBackFile:
+    p = CardBackParser()
+    for line in data.splitlines(keepends=True):
+        p.feed(line)
+    return p.result()
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+MISSING = "missing"
+UNEXPECTED = "unexpected"
+DAMAGED = "damaged"
+FACE_VALUE_CHANGED = "face_value_changed"
+DUPLICATE = "duplicate"
+KINDS = (MISSING, UNEXPECTED, DAMAGED, FACE_VALUE_CHANGED, DUPLICATE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discrepancy:
+    serial: str
+    kind: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"serial": self.serial, "kind": self.kind, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconciliation:
+    batch_id: int
+    expected: int
+    received: int
+    matched: int
+    discrepancies: tuple[Discrepancy, ...]
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(KINDS, 0)
+        for d in self.discrepancies:
+            out[d.kind] += 1
+        return out
+
+    def to_void(self) -> dict[str, str]:
+        """Serials of this batch in discrepancy → the first kind found (unexpected excluded)."""
+        out: dict[str, str] = {}
+        for d in self.discrepancies:
+            if d.kind != UNEXPECTED:
+                out.setdefault(d.serial, d.kind)
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        return {"batch_id": self.batch_id, "expected": self.expected,
+                "received": self.received, "matched": self.matched, "counts": self.counts(),
+                "discrepancies": [d.as_dict() for d in self.discrepancies]}
+
+
+def reconcile(*, batch_id: int, prefix: str, first_seq: int, quantity: int, face_value: int,
+              records: Iterable[CardBackRecord]) -> Reconciliation:
+    """Compare a card-back file with the batch (a contiguous serial range of one face value)."""
+    seen: set[str] = set()
+    found_seqs: set[int] = set()
+    out: list[Discrepancy] = []
+    bad_in_batch: set[int] = set()
+    received = 0
+    last_seq = first_seq + quantity - 1
+    for r in records:
+        received += 1
+        s = r.serial
+        seq = int(s[6:15])
+        in_batch = (s[:6] == prefix and first_seq <= seq <= last_seq
+                    and luhn_digit(s[:15]) == s[15])
+        if not in_batch:
+            out.append(Discrepancy(serial=s, kind=UNEXPECTED,
+                                   detail=f"not a serial of batch {batch_id}"))
+            continue
+        if s in seen:
+            out.append(Discrepancy(serial=s, kind=DUPLICATE,
+                                   detail="serial appears more than once"))
+            bad_in_batch.add(seq)
+            continue
+        seen.add(s)
+        found_seqs.add(seq)
+        if r.status == PRINT_DAMAGED:
+            out.append(Discrepancy(serial=s, kind=DAMAGED,
+                                   detail=f"damaged print (box {r.box}, pack {r.pack})"))
+            bad_in_batch.add(seq)
+        if r.face_value != face_value:
+            out.append(Discrepancy(serial=s, kind=FACE_VALUE_CHANGED,
+                                   detail=f"printed {r.face_value}, ordered {face_value}"))
+            bad_in_batch.add(seq)
+    if len(found_seqs) != quantity:
+        for seq in range(first_seq, last_seq + 1):
+            if seq not in found_seqs:
+                out.append(Discrepancy(serial=make_serial(prefix, seq), kind=MISSING,
+                                       detail="not in the card-back file"))
+                bad_in_batch.add(seq)
+    matched = quantity - len(bad_in_batch)
+    return Reconciliation(batch_id=batch_id, expected=quantity, received=received,
+                          matched=matched, discrepancies=tuple(out))

@@ -1,0 +1,163 @@
+"""Background jobs (batch generation, reconciliation, stock-in): asyncio tasks in the node,
+with their state and progress in `card_jobs` so that any node can show them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from switch.cards.errors import CardError, NotFound
+
+log = logging.getLogger("gridpay.cards.jobs")
+
+FLUSH_S = 0.5
+
+
+@dataclass(slots=True)
+class Progress:
+    """Handed to a job's body: count work done; flushed to the database twice a second."""
+
+    job_id: uuid.UUID
+    total: int
+    done: int = 0
+    _flushed: float = field(default=0.0)
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+
+JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
+
+
+async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
+                     actor: str, object_id: str | None = None) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO card_jobs (id, kind, object_id, total, created_by) VALUES ($1,$2,$3,$4,$5)",
+        job_id, kind, object_id, total, actor)
+    return job_id
+
+
+async def get_job(pool: asyncpg.Pool, job_id: str | uuid.UUID) -> dict[str, Any]:
+    try:
+        jid = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job {job_id}", code="job_not_found") from None
+    row = await pool.fetchrow("SELECT * FROM card_jobs WHERE id = $1", jid)
+    if row is None:
+        raise NotFound(f"no job {job_id}", code="job_not_found")
+    return job_doc(row)
+
+
+def job_doc(row: asyncpg.Record) -> dict[str, Any]:
+    total = int(row["total"])
+    done = int(row["done"])
+    return {"id": str(row["id"]), "kind": row["kind"], "object_id": row["object_id"],
+            "state": row["state"], "done": done, "total": total,
+            "percent": round(100.0 * done / total, 1) if total else 100.0,
+            "error": row["error"], "result": row["result"], "created_by": row["created_by"],
+            "created_at": row["created_at"].isoformat(),
+            "updated_at": row["updated_at"].isoformat(),
+            "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None}
+
+
+def render_progress(job: Mapping[str, Any], width: int = 40) -> str:
+    """One line for a terminal: `[#####-----]  52.0%  520000/1000000  running  generate`."""
+    total = int(job.get("total") or 0)
+    done = int(job.get("done") or 0)
+    frac = min(1.0, done / total) if total else 1.0
+    filled = int(round(frac * width))
+    line = (f"[{'#' * filled}{'-' * (width - filled)}] {100 * frac:5.1f}%  {done}/{total}  "
+            f"{job.get('state')}  {job.get('kind')}")
+    if job.get("error"):
+        line += f"  error: {job['error']}"
+    return line
+
+
+class JobRunner:
+    """Runs job bodies as tasks; cancels them when closed (the job is then marked failed)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    def start(self, job_id: uuid.UUID, total: int, body: JobBody) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._run(job_id, total, body), name=f"card-job-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+        return task
+
+    async def wait(self, job_id: uuid.UUID, limit_s: float) -> bool:
+        """Wait up to `limit_s` seconds for the job to finish; True if it did."""
+        task = self._tasks.get(job_id)
+        if task is None:
+            return True
+        done, _ = await asyncio.wait({task}, timeout=limit_s)
+        return bool(done)
+
+    async def _flush(self, p: Progress) -> None:
+        await self._pool.execute(
+            "UPDATE card_jobs SET done = $2, updated_at = now() WHERE id = $1", p.job_id, p.done)
+
+    async def _run(self, job_id: uuid.UUID, total: int, body: JobBody) -> None:
+        progress = Progress(job_id=job_id, total=total)
+        await self._pool.execute(
+            "UPDATE card_jobs SET state = 'running', updated_at = now() WHERE id = $1", job_id)
+
+        async def flusher() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_S)
+                with contextlib.suppress(Exception):
+                    await self._flush(progress)
+
+        ticker = asyncio.create_task(flusher())
+        started = time.perf_counter()
+        try:
+            result = await body(progress)
+        except asyncio.CancelledError:
+            await self._finish(job_id, progress, "failed", error="interrupted (node stopping)")
+            raise
+        except CardError as e:
+            await self._finish(job_id, progress, "failed", error=e.detail,
+                               result={"code": e.code, "status": e.status, **e.extra})
+        except Exception as e:
+            log.exception("card job failed", extra={"job": str(job_id)})
+            await self._finish(job_id, progress, "failed", error=type(e).__name__)
+        else:
+            doc = dict(result)
+            doc.setdefault("seconds", round(time.perf_counter() - started, 3))
+            await self._finish(job_id, progress, "succeeded", result=doc)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await ticker
+
+    async def _finish(self, job_id: uuid.UUID, p: Progress, state: str, *,
+                      error: str | None = None, result: Mapping[str, Any] | None = None) -> None:
+        await self._pool.execute(
+            "UPDATE card_jobs SET state = $2, done = $3, error = $4, result = $5,"
+            " updated_at = now(), finished_at = now() WHERE id = $1",
+            job_id, state, p.done, error, None if result is None else dict(result))
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+
+async def fail_interrupted(pool: asyncpg.Pool) -> int:
+    """At start: jobs left running by a node that stopped are marked failed."""
+    status: str = await pool.execute(
+        "UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()"
+        " WHERE state IN ('queued', 'running')")
+    return int(status.split()[-1])

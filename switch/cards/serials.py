@@ -1,0 +1,115 @@
+"""Card serials: issuer (4) + year (2) + sequence (9) + Luhn check digit (1) = 16 digits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from switch.cards.errors import InvalidInput
+
+SERIAL_LEN = 16
+SEQ_LEN = 9
+MAX_SEQ = 10**SEQ_LEN - 1
+MAX_RANGE = 1_000_000
+
+
+def luhn_digit(body: str) -> str:
+    """The Luhn check digit to append to the digit string `body`."""
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = ord(ch) - 48
+        if i % 2 == 0:  # doubled: rightmost digit of the body sits next to the check digit
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def valid_serial(s: str) -> bool:
+    """Whether `s` is 16 ASCII digits with a correct Luhn check digit."""
+    return (isinstance(s, str) and len(s) == SERIAL_LEN and s.isascii() and s.isdigit()
+            and luhn_digit(s[:15]) == s[15])
+
+
+def make_serial(prefix: str, seq: int) -> str:
+    """The serial of sequence number `seq` under a 6-digit prefix (issuer + year)."""
+    if len(prefix) != 6 or not prefix.isdigit():
+        raise InvalidInput(f"serial prefix {prefix!r} must be 6 digits")
+    if not 0 <= seq <= MAX_SEQ:
+        raise InvalidInput(f"serial sequence {seq} is out of range")
+    body = f"{prefix}{seq:09d}"
+    return body + luhn_digit(body)
+
+
+def serial_seq(serial: str) -> tuple[str, int]:
+    """(prefix, sequence) of a valid serial."""
+    return serial[:6], int(serial[6:15])
+
+
+@dataclass(frozen=True, slots=True)
+class SerialRange:
+    """An inclusive range of serials with the same prefix."""
+
+    first: str
+    last: str
+
+    def __post_init__(self) -> None:
+        for s in (self.first, self.last):
+            if not valid_serial(s):
+                raise InvalidInput(f"{s!r} is not a valid card serial", code="invalid_serial")
+        if self.first[:6] != self.last[:6]:
+            raise InvalidInput(f"range {self.first}..{self.last} spans two prefixes",
+                               code="invalid_range")
+        if self.last < self.first:
+            raise InvalidInput(f"range {self.first}..{self.last} is reversed",
+                               code="invalid_range")
+
+    def __len__(self) -> int:
+        return serial_seq(self.last)[1] - serial_seq(self.first)[1] + 1
+
+    def __iter__(self) -> Iterator[str]:
+        prefix, a = serial_seq(self.first)
+        _, b = serial_seq(self.last)
+        for seq in range(a, b + 1):
+            yield make_serial(prefix, seq)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"first": self.first, "last": self.last, "count": len(self)}
+
+
+def expand(serials: Iterable[str], ranges: Iterable[SerialRange],
+           limit: int = MAX_RANGE) -> list[str]:
+    """Every serial named, singly or by range, without duplicates, in order of mention."""
+    out: dict[str, None] = {}
+    for s in serials:
+        if not valid_serial(s):
+            raise InvalidInput(f"{s!r} is not a valid card serial", code="invalid_serial")
+        out[s] = None
+    for r in ranges:
+        if len(out) + len(r) > limit:
+            raise InvalidInput(f"at most {limit} cards per call", code="too_many_cards")
+        for s in r:
+            out[s] = None
+    if len(out) > limit:
+        raise InvalidInput(f"at most {limit} cards per call", code="too_many_cards")
+    return list(out)
+
+
+def compress(serials: Sequence[str]) -> list[SerialRange]:
+    """Contiguous runs of a list of serials (sorted first): the shortest list of ranges."""
+    out: list[SerialRange] = []
+    run_first: str | None = None
+    prev: tuple[str, int] | None = None
+    prev_serial = ""
+    for s in sorted(serials):
+        cur = serial_seq(s)
+        if prev is not None and cur[0] == prev[0] and cur[1] == prev[1] + 1:
+            prev, prev_serial = cur, s
+            continue
+        if run_first is not None:
+            out.append(SerialRange(run_first, prev_serial))
+        run_first, prev, prev_serial = s, cur, s
+    if run_first is not None:
+        out.append(SerialRange(run_first, prev_serial))
+    return out

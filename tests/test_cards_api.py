@@ -1,0 +1,350 @@
+"""The admin API end to end: real PostgreSQL, the HSM simulator on a real socket, real HTTP.
+
+The node shell is a stand-in (pool, settings, components, metrics, is_active): it is not what
+is under test here; the routes, the card centre and the HSM are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from argon2 import PasswordHasher
+
+from crypto.pinblock import Format4Codec
+from crypto.voucher import voucher_tag
+from hsm_sim.server import load_dev_settings, start_server
+from switch.cards import api
+from switch.cards.files import parse_new_card_file
+from switch.cards.manufacturer import manufacture
+from switch.cards.openapi import ADMIN_OPENAPI_PATHS
+from switch.config import Settings, load_settings
+from switch.hsm_client import HsmClient
+from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
+from switch.metrics import Metrics
+from switch.web.app import build_app
+
+PASSWORD = "correct-horse-9"
+A = "/admin/v1"
+USERS = [("admin", "card_admin", None), ("admin2", "card_admin", None),
+         ("appr", "approver", None), ("store", "storekeeper", None),
+         ("hm1", "hall_manager", "H1"), ("hm2", "hall_manager", "H2"),
+         ("cash1", "cashier", "H1"), ("cash2", "cashier", "H2"), ("aud", "auditor", None)]
+
+
+@dataclass
+class StandInNode:
+    pool: asyncpg.Pool
+    settings: Settings
+    components: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    is_active: bool = True
+
+
+@pytest.fixture(scope="session")
+async def hsm() -> AsyncIterator[tuple[HsmClient, KeyRing]]:
+    server = await start_server(replace(load_dev_settings(), port=0))
+    client = HsmClient("127.0.0.1", server.port, pool_size=2, timeout=10.0)
+    await client.start()
+    ring = await provision_dev_keys(client, load_dev_keys())
+    try:
+        yield client, ring
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    return PasswordHasher().hash(PASSWORD)
+
+
+@dataclass
+class Api:
+    client: TestClient[Any, Any]
+    pool: asyncpg.Pool
+    tokens: dict[str, str]
+
+    async def h(self, user: str) -> dict[str, str]:
+        """Log in on first use (argon2 is deliberately slow: only the users a test needs)."""
+        if user not in self.tokens:
+            resp = await self.client.post(f"{A}/session",
+                                          json={"username": user, "password": PASSWORD})
+            assert resp.status == 201
+            self.tokens[user] = (await resp.json())["token"]
+        return {"Authorization": f"Bearer {self.tokens[user]}"}
+
+    async def call(self, method: str, path: str, user: str | None, json: Any = None,
+                   data: bytes | None = None, expect: int | None = None) -> Any:
+        resp = await self.client.request(method, A + path, json=json, data=data,
+                                         headers=await self.h(user) if user else {})
+        body = await resp.read()
+        if expect is not None:
+            assert resp.status == expect, (resp.status, body[:600])
+        if resp.content_type.endswith("json"):
+            return await resp.json(content_type=None)
+        return body
+
+
+@pytest.fixture
+async def admin_api(pool: asyncpg.Pool, hsm: tuple[HsmClient, KeyRing],
+                    password_hash: str) -> AsyncIterator[Api]:
+    node = StandInNode(pool=pool, settings=load_settings())
+    node.components.update(hsm=hsm[0], keyring=hsm[1], routes=[api.register])
+    app = build_app(cast(Any, node))
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    await pool.executemany(
+        "INSERT INTO card_users (username, role, hall, password_hash) VALUES ($1, $2, $3, $4)",
+        [(u, r, h, password_hash) for u, r, h in USERS])
+    try:
+        yield Api(client, pool, {})
+    finally:
+        await client.close()
+
+
+async def _order(api_: Api, quantity: int, face: int = 10000) -> dict[str, Any]:
+    doc: dict[str, Any] = await api_.call(
+        "POST", "/batches", "admin", json={"face_value": face, "quantity": quantity,
+                                           "manufacturer": "acme"}, expect=201)
+    return doc
+
+
+async def _stocked_batch(api_: Api, tmp: Path, quantity: int
+                         ) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    batch = await _order(api_, quantity)
+    ncf = await api_.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    (tmp / "b.ncf").write_bytes(ncf)
+    summary = manufacture(tmp / "b.ncf", tmp / "b.cbf", seed=3)
+    report = await api_.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                             data=(tmp / "b.cbf").read_bytes(), expect=200)
+    await api_.call("POST", f"/batches/{batch['id']}/stock-in", "admin", expect=200)
+    return batch, ncf, {"summary": summary.as_dict(), "report": report}
+
+
+async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch = await _order(a, 40)
+    assert batch["status"] == "ordered" and batch["counts"]["ordered"] == 40
+    assert batch["job"]["state"] == "succeeded"
+
+    # the new-card file: integrity, and its PINs decrypt under the print key to the tags
+    ncf_raw = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    ncf = parse_new_card_file(ncf_raw.splitlines(keepends=True))
+    assert len(ncf.records) == 40 and ncf.batch_id == batch["id"]
+    dev = load_dev_keys()
+    codec = Format4Codec(dev.print_key("acme"))
+    pins = {r.serial: codec.decipher(r.encrypted_pin, r.serial) for r in ncf.records}
+    assert all(re.fullmatch(r"[0-9]{12}", p) for p in pins.values())
+    assert dev.voucher_verification_key is not None
+    tags = {r["serial"]: bytes(r["tag"]) for r in await a.pool.fetch(
+        "SELECT serial, tag FROM cards")}
+    for serial, pin in pins.items():
+        assert tags[serial] == voucher_tag(dev.voucher_verification_key, serial, pin)
+
+    # manufacture with one defect of each kind, reconcile
+    (tmp_path / "b.ncf").write_bytes(ncf_raw)
+    summary = manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", missing=1, unexpected=1,
+                          damaged=1, changed_face=1, seed=11)
+    report = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                          data=(tmp_path / "b.cbf").read_bytes(), expect=200)
+    assert report["counts"] == {"missing": 1, "unexpected": 1, "damaged": 1,
+                                "face_value_changed": 1, "duplicate": 0}
+    kinds = {(d["kind"], d["serial"]) for d in report["discrepancies"]}
+    assert kinds == {("missing", summary.missing[0]), ("unexpected", summary.unexpected[0]),
+                     ("damaged", summary.damaged[0]),
+                     ("face_value_changed", summary.changed_face[0])}
+    assert report["matched"] == 37
+    again = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                         data=(tmp_path / "b.cbf").read_bytes(), expect=409)
+    assert again["code"] == "batch_state"
+    damaged = await a.call("GET", f"/cards/{summary.damaged[0]}", "aud", expect=200)
+    assert damaged["state"] == "voided"
+    assert damaged["history"][-1]["reason"] == "reconciliation: damaged"
+
+    stocked = await a.call("POST", f"/batches/{batch['id']}/stock-in", "admin", expect=200)
+    assert stocked["stocked_in"] == 37
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["counts"]["in_stock"] == 37 and view["counts"]["voided"] == 3
+    gone = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=410)
+    assert gone["code"] == "file_purged"
+
+    # request → approve → issue → sale
+    req = await a.call("POST", "/requests", "hm1", json={"face_value": 10000, "quantity": 10},
+                       expect=201)
+    assert req["hall"] == "H1" and req["state"] == "pending"
+    await a.call("POST", f"/requests/{req['id']}/issue", "store", expect=409)  # not approved
+    await a.call("POST", f"/requests/{req['id']}/approve", "appr", expect=200)
+    issue = await a.call("POST", f"/requests/{req['id']}/issue", "store", expect=201)
+    assert issue["quantity"] == 10 and sum(r["count"] for r in issue["ranges"]) == 10
+    first = issue["ranges"][0]
+    assert first["first"] == min(s for s in pins if s not in summary.missing
+                                 and s not in summary.damaged
+                                 and s not in summary.changed_face)
+    other = await a.call("POST", "/sales", "cash2", json={"ranges": [first]}, expect=409)
+    assert other["code"] == "illegal_transition" and "issued at H1" in other["detail"]
+    sale = await a.call("POST", "/sales", "cash1", json={"ranges": [first]}, expect=201)
+    assert sale["quantity"] == first["count"]
+    assert sale["total_face_value"] == 10000 * first["count"]
+    resold = await a.call("POST", "/sales", "cash1", json={"serials": [first["first"]]},
+                          expect=409)
+    assert resold["refused"] == [{"serial": first["first"], "state": "sold"}]
+
+    card = await a.call("GET", f"/cards/{first['first']}", "cash1", expect=200)
+    assert [h["to"] for h in card["history"]] == ["ordered", "produced", "in_stock", "issued",
+                                                   "sold"]
+    assert card["history"][3]["document"] == {"type": "request", "id": str(req["id"])}
+    inv = await a.call("GET", "/inventory", "aud", expect=200)
+    assert inv["by_state"]["sold"] == first["count"] and inv["total"] == 40
+    halls = await a.call("GET", "/reports/halls", "aud", expect=200)
+    assert halls["sales"][0]["hall"] == "H1"
+
+    # PINs never in the database: dump every card table and look for each clear PIN
+    dump = bytearray()
+
+    async def sink(chunk: bytes) -> None:
+        dump.extend(chunk)
+
+    async with a.pool.acquire() as conn:
+        tables = [r["tablename"] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND (tablename LIKE 'card%')")]
+        for t in tables:
+            await conn.copy_from_query(f'SELECT * FROM "{t}"', output=sink)
+    text = bytes(dump)
+    assert b"cards" and len(text) > 1000
+    for pin in pins.values():
+        assert pin.encode() not in text
+
+    # the operation log saw every action, and is intact
+    log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
+    actions = [e["action"] for e in log["entries"]]
+    for act in ("session.create", "batch.order", "batch.new_card_file",
+                "batch.card_back_file", "batch.stock_in", "request.create", "request.decide",
+                "request.issue", "sale.create"):
+        assert act in actions
+    assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
+
+
+async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    # authentication
+    assert (await a.call("GET", "/inventory", None, expect=401))["code"] == "session_required"
+    resp = await a.client.get(f"{A}/inventory", headers={"Authorization": "Bearer nope"})
+    assert resp.status == 401
+    bad = await a.client.post(f"{A}/session", json={"username": "admin", "password": "wrong!"})
+    assert bad.status == 401 and "wrong!" not in await bad.text()
+    await a.h("admin2")
+    await a.pool.execute("UPDATE card_sessions SET expires_at = now() - interval '1 s'"
+                         " WHERE username = 'admin2'")
+    assert (await a.call("GET", "/inventory", "admin2", expect=401))["code"] == \
+        "session_invalid"
+
+    # roles
+    for user, method, path in (("cash1", "POST", "/batches"), ("aud", "POST", "/voids"),
+                               ("hm1", "POST", "/sales"), ("store", "POST", "/requests"),
+                               ("cash1", "GET", "/operation-log")):
+        body = await a.call(method, path, user, json={}, expect=403)
+        assert body["code"] == "forbidden_role"
+    assert (await a.call("POST", "/batches", "admin",
+                         json={"face_value": 1234, "quantity": 5, "manufacturer": "acme"},
+                         expect=422))["code"] == "invalid_face_value"
+    assert (await a.call("POST", "/batches", "admin",
+                         json={"face_value": 5000, "quantity": 5, "manufacturer": "nobody"},
+                         expect=422))["code"] == "unknown_manufacturer"
+    assert (await a.call("GET", "/batches/999", "admin", expect=404))["code"] == \
+        "batch_not_found"
+
+    batch, _, _ = await _stocked_batch(a, tmp_path, 12)
+    req = await a.call("POST", "/requests", "hm1", json={"face_value": 10000, "quantity": 4},
+                       expect=201)
+    # hall roles see only their hall
+    await a.call("GET", f"/requests/{req['id']}", "hm2", expect=403)
+    assert (await a.call("POST", "/stocktakes", "hm1", json={"location": "H2"},
+                         expect=403))["code"] == "forbidden_hall"
+    # maker-checker: the requester, later made an approver, still cannot approve it
+    await a.pool.execute("UPDATE card_users SET role = 'approver', hall = NULL"
+                         " WHERE username = 'hm1'")
+    mc = await a.call("POST", f"/requests/{req['id']}/approve", "hm1", expect=403)
+    assert mc["code"] == "maker_checker"
+    assert (await a.call("GET", f"/requests/{req['id']}", "aud", expect=200))["state"] == \
+        "pending"
+    await a.call("POST", f"/requests/{req['id']}/reject", "appr", expect=200)
+    await a.call("POST", f"/requests/{req['id']}/approve", "appr", expect=409)
+    card = batch["first_serial"]
+    assert (await a.call("GET", f"/cards/{card}", "cash1", expect=403))["code"] == \
+        "forbidden_hall"
+
+    # stocktake: two cards missing at the warehouse → void as lost needs an approver
+    inv_serials = [r["serial"] for r in await a.pool.fetch(
+        "SELECT serial FROM cards WHERE state = 'in_stock' ORDER BY serial")]
+    st = await a.call("POST", "/stocktakes", "store",
+                      json={"location": "warehouse", "serials": inv_serials[2:]}, expect=201)
+    assert st["missing"] == inv_serials[:2] and st["unexpected"] == []
+    void = await a.call("POST", "/voids", "admin", json={
+        "reason": "lost", "serials": st["missing"], "stocktake_id": st["stocktake_id"]},
+        expect=202)
+    assert void["state"] == "pending_approval"
+    assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'voided'") == 0
+    await a.call("POST", f"/voids/{void['void_id']}/approve", "admin", expect=403)
+    done = await a.call("POST", f"/voids/{void['void_id']}/approve", "appr", expect=200)
+    assert done["state"] == "done"
+    assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'voided'") == 2
+    # other reasons void at once; an illegal one changes nothing
+    await a.call("POST", "/voids", "admin", json={"reason": "damaged",
+                                                 "serials": [inv_serials[2]]}, expect=200)
+    refused = await a.call("POST", "/voids", "admin", json={
+        "reason": "damaged", "serials": [inv_serials[2], inv_serials[3]]}, expect=409)
+    assert refused["refused"] == [{"serial": inv_serials[2], "state": "voided"}]
+    assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1",
+                                 inv_serials[3]) == "in_stock"
+    # unlock is the approver's
+    await a.pool.execute("UPDATE cards SET state = 'locked' WHERE serial = $1", inv_serials[4])
+    await a.call("POST", f"/cards/{inv_serials[4]}/unlock", "admin", expect=403)
+    out = await a.call("POST", f"/cards/{inv_serials[4]}/unlock", "appr", expect=200)
+    assert out["state"] == "sold"
+    # refused actions are logged too
+    log = await a.call("GET", "/operation-log?limit=1000", "admin", expect=200)
+    assert any(e["action"] == "request.decide" and e["result"].get("code") == "maker_checker"
+               for e in log["entries"])
+
+
+async def test_large_batches_run_as_jobs(admin_api: Api, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    a = admin_api
+    monkeypatch.setattr(api, "SYNC_LIMIT", 10)
+    resp = await a.client.post(f"{A}/batches", headers=await a.h("admin"), json={
+        "face_value": 5000, "quantity": 2500, "manufacturer": "acme",
+        "expiry": (dt.date.today() + dt.timedelta(days=30)).isoformat()})
+    assert resp.status == 202
+    doc = await resp.json()
+    assert resp.headers["Location"] == f"{A}/jobs/{doc['job']['id']}"
+    job: dict[str, Any] = {}
+    for _ in range(400):
+        job = await a.call("GET", f"/jobs/{doc['job']['id']}", "admin", expect=200)
+        if job["state"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert job["state"] == "succeeded" and job["done"] == job["total"] == 2500
+    assert job["progress"].startswith("[####")
+    view = await a.call("GET", f"/batches/{doc['batch_id']}", "admin", expect=200)
+    assert view["counts"]["ordered"] == 2500 and view["status"] == "ordered"
+    assert await a.pool.fetchval("SELECT count(DISTINCT tag) FROM cards") == 2500
+
+
+def test_openapi_fragment_validates() -> None:
+    from openapi_spec_validator import validate
+
+    doc = {"openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+           "paths": ADMIN_OPENAPI_PATHS}
+    validate(doc)
+    assert "/admin/v1/batches/{id}/card-back-file" in ADMIN_OPENAPI_PATHS

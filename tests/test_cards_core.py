@@ -1,0 +1,297 @@
+"""Card centre core: serials, the state machine against a real PostgreSQL, the IVR helpers,
+the operation log's hash chain, the files and the reconciliation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from switch.cards import oplog, states
+from switch.cards.errors import IllegalTransition, InvalidInput
+from switch.cards.files import (
+    CardBackRecord,
+    new_card_header,
+    new_card_record,
+    parse_card_back,
+    reconcile,
+    trailer,
+)
+from switch.cards.jobs import render_progress
+from switch.cards.manufacturer import main as manufacturer_main
+from switch.cards.manufacturer import manufacture
+from switch.cards.serials import (
+    SerialRange,
+    compress,
+    expand,
+    luhn_digit,
+    make_serial,
+    valid_serial,
+)
+from switch.cards.states import ALLOWED_FROM, TRANSITIONS, CardState, Document
+from switch.cards.users import add_user, main_users_add
+
+S = CardState
+DOC = Document(type="test", id="1")
+
+
+def test_serial_luhn_and_validation() -> None:
+    s = make_serial("130225", 1)
+    assert len(s) == 16 and s.startswith("130225000000001")
+    assert valid_serial(s)
+    # every single-digit change is caught
+    for i in range(16):
+        for d in "0123456789":
+            if d != s[i]:
+                assert not valid_serial(s[:i] + d + s[i + 1:])
+    assert luhn_digit("7992739871") == "3"  # the textbook example
+    assert not valid_serial("123") and not valid_serial("13022500000000１0")
+
+
+def test_ranges_expand_and_compress() -> None:
+    a = [make_serial("130225", q) for q in (5, 6, 7, 9, 10)]
+    ranges = compress(a)
+    assert [(r.first, r.last, len(r)) for r in ranges] == [(a[0], a[2], 3), (a[3], a[4], 2)]
+    assert expand([], ranges) == a
+    assert expand([a[0]], [SerialRange(a[0], a[1])]) == [a[0], a[1]]
+    with pytest.raises(InvalidInput):
+        SerialRange(a[2], a[0])
+    with pytest.raises(InvalidInput):
+        expand(["1302250000000011"], [])  # bad check digit
+
+
+def test_transition_table_is_the_contract() -> None:
+    edges = {(e.source, e.target) for e in TRANSITIONS}
+    forward = [S.ORDERED, S.PRODUCED, S.IN_STOCK, S.ISSUED, S.SOLD, S.REDEEMED]
+    for a, b in itertools.pairwise(forward):
+        assert (a, b) in edges
+    assert ALLOWED_FROM[S.VOIDED] == {S.ORDERED, S.PRODUCED, S.IN_STOCK, S.ISSUED}
+    assert ALLOWED_FROM[S.LOCKED] == {S.SOLD} and ALLOWED_FROM[S.SOLD] == {S.ISSUED, S.LOCKED}
+    assert S.REDEEMED not in ALLOWED_FROM[S.EXPIRED] and S.VOIDED not in ALLOWED_FROM[S.EXPIRED]
+    assert ALLOWED_FROM[S.ORDERED] == frozenset()
+    assert "sold --> locked: lock" in states.diagram()
+
+
+async def _batch(conn: asyncpg.Connection | asyncpg.Pool, *, expiry: dt.date | None = None
+                 ) -> int:
+    bid: int = await conn.fetchval(
+        "INSERT INTO card_batches (face_value, quantity, expiry, manufacturer, prefix,"
+        " first_seq, ordered_by, status) VALUES (10000, 100, $1, 'acme', '130225', 1, 't',"
+        " 'ordered') RETURNING id", expiry or dt.date.today() + dt.timedelta(days=365))
+    return bid
+
+
+_SEQ = itertools.count(1)
+
+
+async def _card(pool: asyncpg.Pool, state: CardState, *, location: str = "warehouse",
+                expiry: dt.date | None = None) -> str:
+    bid = await _batch(pool)
+    serial = make_serial("130225", next(_SEQ))
+    await pool.execute(
+        "INSERT INTO cards (serial, batch_id, face_value, state, location, expiry, tag)"
+        " VALUES ($1, $2, 10000, $3, $4, $5, $6)", serial, bid, state.value, location,
+        expiry or dt.date.today() + dt.timedelta(days=365), bytes(32))
+    return serial
+
+
+async def _state(pool: asyncpg.Pool, serial: str) -> str:
+    st: str = await pool.fetchval("SELECT state FROM cards WHERE serial = $1", serial)
+    return st
+
+
+async def test_every_illegal_transition_is_refused_and_changes_nothing(
+        pool: asyncpg.Pool) -> None:
+    legal = {(e.source, e.target) for e in TRANSITIONS}
+    for source in CardState:
+        serial = await _card(pool, source)
+        for target in CardState:
+            if (source, target) in legal:
+                continue
+            async with pool.acquire() as conn:
+                with pytest.raises(IllegalTransition) as ei:
+                    await states.transition(conn, [serial], target, actor="t", reason="r",
+                                            doc=DOC)
+            assert ei.value.refused == {serial: source.value}
+            assert serial in str(ei.value) and source.value in str(ei.value)
+            assert await _state(pool, serial) == source.value
+    assert await pool.fetchval("SELECT count(*) FROM card_events") == 0
+
+
+async def test_transition_is_all_or_nothing(pool: asyncpg.Pool) -> None:
+    good = [await _card(pool, S.IN_STOCK) for _ in range(3)]
+    bad = await _card(pool, S.SOLD)
+    unknown = make_serial("130225", 999_999)
+    async with pool.acquire() as conn:
+        with pytest.raises(IllegalTransition) as ei:
+            await states.transition(conn, [*good, bad, unknown], S.ISSUED, actor="t",
+                                    reason="r", doc=DOC, location="H1")
+    assert ei.value.refused == {bad: "sold", unknown: "unknown"}
+    for s in good:
+        assert await _state(pool, s) == "in_stock"
+    assert await pool.fetchval("SELECT count(*) FROM card_events") == 0
+    async with pool.acquire() as conn:
+        n = await states.transition(conn, good, S.ISSUED, actor="alice", reason="r", doc=DOC,
+                                    location="H1")
+    assert n == 3
+    rows = await pool.fetch("SELECT serial, from_state, to_state, actor, doc_type, doc_id"
+                            " FROM card_events ORDER BY id")
+    assert {(r["from_state"], r["to_state"], r["actor"], r["doc_type"]) for r in rows} == \
+        {("in_stock", "issued", "alice", "test")}
+    assert await pool.fetchval("SELECT count(*) FROM cards WHERE location = 'H1'") == 3
+    # a sale requires the cards to be at the seller's hall
+    async with pool.acquire() as conn:
+        with pytest.raises(IllegalTransition) as ei:
+            await states.transition(conn, good, S.SOLD, actor="t", reason="r", doc=DOC,
+                                    at_location="H2")
+    assert set(ei.value.refused.values()) == {"issued at H1"}
+
+
+async def test_expiry_blocks_sale_and_redemption_and_is_swept(pool: asyncpg.Pool) -> None:
+    past = dt.date.today() - dt.timedelta(days=1)
+    issued = await _card(pool, S.ISSUED, location="H1", expiry=past)
+    sold = await _card(pool, S.SOLD, location="H1", expiry=past)
+    redeemed = await _card(pool, S.REDEEMED, location="H1", expiry=past)
+    async with pool.acquire() as conn:
+        with pytest.raises(IllegalTransition) as ei:
+            await states.transition(conn, [issued], S.SOLD, actor="t", reason="r", doc=DOC)
+        assert ei.value.refused == {issued: "issued, past expiry"}
+        async with conn.transaction():
+            r = await states.redeem_card(conn, sold, "0000000001", txn_no="T1")
+        assert not r.redeemed and r.reason == "expired"
+    view = await states.card_status(pool, issued)
+    assert view is not None and view.state is S.EXPIRED and "tag" not in repr(view)
+    assert await _state(pool, sold) == "expired"  # lazily, when touched
+    assert await states.sweep_expired(pool) == 1
+    assert await _state(pool, issued) == "expired"
+    assert await _state(pool, redeemed) == "redeemed"
+    assert await pool.fetchval("SELECT count(*) FROM card_recharges") == 0
+
+
+async def test_wrong_pins_lock_then_unlock_and_redeem(pool: asyncpg.Pool) -> None:
+    serial = await _card(pool, S.SOLD, location="H1")
+    async with pool.acquire() as conn:
+        assert await states.record_wrong_pin(conn, serial, 3) == (1, False)
+        assert await states.record_wrong_pin(conn, serial, 3) == (2, False)
+        assert await states.record_wrong_pin(conn, serial, 3) == (3, True)
+        assert await states.record_wrong_pin(conn, serial, 3) == (3, True)  # not counted
+        assert await states.record_wrong_pin(conn, make_serial("130225", 999_998), 3) \
+            == (0, False)
+        async with conn.transaction():
+            r = await states.redeem_card(conn, serial, "0000000001", txn_no="T1")
+        assert not r.redeemed and r.reason == "state:locked"
+        await states.transition(conn, [serial], S.SOLD, actor="appr", reason="unlocked",
+                                doc=DOC, reset_pin_count=True)
+        async with conn.transaction():
+            r = await states.redeem_card(conn, serial, "0000000001", amount_expected=10000,
+                                         txn_no="T2", caller="13800000000", actor="ivr")
+        assert r.redeemed and r.face_value == 10000
+        async with conn.transaction():
+            again = await states.redeem_card(conn, serial, "0000000001", txn_no="T3")
+        assert not again.redeemed and again.reason == "state:redeemed"
+    led = await pool.fetch("SELECT serial, account_no, amount, txn_no, caller FROM "
+                           "card_recharges")
+    assert [tuple(r) for r in led] == [(serial, "0000000001", 10000, "T2", "13800000000")]
+    history = [r["to_state"] for r in await pool.fetch(
+        "SELECT to_state FROM card_events WHERE serial = $1 ORDER BY id", serial)]
+    assert history == ["sold", "sold", "locked", "sold", "redeemed"]
+
+
+async def test_operation_log_detects_edit_and_deletion(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        for i in range(6):
+            await oplog.append(conn, actor="alice", action="batch.order",
+                               objects={"batch_id": i, "note": "é"}, result={"ok": True})
+    good = await oplog.verify(pool)
+    assert good.ok and good.entries == 6
+    await pool.execute("UPDATE card_oplog SET actor = 'mallory' WHERE seq = 3")
+    bad = await oplog.verify(pool)
+    assert not bad.ok and bad.first_broken == 3 and "altered" in (bad.problem or "")
+    await pool.execute("UPDATE card_oplog SET actor = 'alice' WHERE seq = 3")
+    assert (await oplog.verify(pool)).ok
+    await pool.execute("UPDATE card_oplog SET objects = '{\"batch_id\": 9, \"note\": \"é\"}'"
+                       " WHERE seq = 2")
+    assert (await oplog.verify(pool)).first_broken == 2
+    await pool.execute("UPDATE card_oplog SET objects = '{\"batch_id\": 1, \"note\": \"é\"}'"
+                       " WHERE seq = 2")
+    assert (await oplog.verify(pool)).ok
+    await pool.execute("DELETE FROM card_oplog WHERE seq = 4")
+    gone = await oplog.verify(pool)
+    assert not gone.ok and gone.first_broken == 4 and "missing" in (gone.problem or "")
+    await pool.execute("DELETE FROM card_oplog WHERE seq >= 4")
+    tail = await oplog.verify(pool)
+    assert not tail.ok and tail.first_broken == 4
+
+
+def _new_card_file(path: Path, n: int) -> list[str]:
+    serials = [make_serial("130225", 100 + i) for i in range(n)]
+    body = "".join(new_card_record(s, 10000, "AB" * 16) for s in serials).encode()
+    path.write_bytes(new_card_header(batch_id=7, face_value=10000, count=n, manufacturer="acme",
+                                     created="2025-01-01T00:00:00+00:00", print_kcv="5ECA62",
+                                     expiry="2028-01-01")
+                     + body + trailer(n, n * 10000, hashlib.sha256(body).hexdigest()))
+    return serials
+
+
+def test_manufacturer_defects_are_reconciled_exactly(tmp_path: Path) -> None:
+    ncf = tmp_path / "b.ncf"
+    serials = _new_card_file(ncf, 250)
+    out = tmp_path / "b.cbf"
+    summary = manufacture(ncf, out, missing=3, unexpected=2, damaged=4, changed_face=5, seed=7)
+    assert summary.delivered == 250 - 3 + 2
+    cbf = parse_card_back(out.read_bytes())
+    # a duplicate, made by hand
+    records = [*cbf.records, cbf.records[10]]
+    rec = reconcile(batch_id=7, prefix="130225", first_seq=100, quantity=250, face_value=10000,
+                    records=records)
+    by_kind: dict[str, set[str]] = {}
+    for d in rec.discrepancies:
+        by_kind.setdefault(d.kind, set()).add(d.serial)
+    assert by_kind["missing"] == set(summary.missing)
+    assert by_kind["unexpected"] == set(summary.unexpected)
+    assert by_kind["damaged"] == set(summary.damaged)
+    assert by_kind["face_value_changed"] == set(summary.changed_face)
+    assert by_kind["duplicate"] == {cbf.records[10].serial}
+    assert rec.matched == 250 - 3 - 4 - 5 - 1
+    assert set(rec.to_void()) <= set(serials)
+    # a tampered file is refused
+    raw = out.read_bytes().replace(b"|OK|", b"|DAMAGED|", 1)
+    with pytest.raises(InvalidInput, match="digest"):
+        parse_card_back(raw)
+    assert manufacturer_main([str(ncf), "--out", str(tmp_path / "c.cbf"), "--damaged", "1"]) == 0
+    clean = reconcile(batch_id=7, prefix="130225", first_seq=100, quantity=250,
+                      face_value=10000,
+                      records=parse_card_back((tmp_path / "c.cbf").read_bytes()).records)
+    assert clean.counts() == {"missing": 0, "unexpected": 0, "damaged": 1,
+                              "face_value_changed": 0, "duplicate": 0}
+    assert isinstance(CardBackRecord, type)
+
+
+def test_render_progress() -> None:
+    line = render_progress({"done": 250, "total": 1000, "state": "running",
+                            "kind": "batch.generate"}, width=20)
+    assert line.startswith("[#####---------------]  25.0%  250/1000  running")
+
+
+async def test_users_add_and_cli(pool: asyncpg.Pool) -> None:
+    import io
+
+    u = await add_user(pool, "carol", "cashier", "H1", "s3cret-pass")
+    assert u.hall == "H1"
+    with pytest.raises(InvalidInput):
+        await add_user(pool, "dave", "cashier", None, "s3cret-pass")
+    with pytest.raises(InvalidInput):
+        await add_user(pool, "dave", "wizard", None, "s3cret-pass")
+    rc = await main_users_add(["erin", "--role", "auditor", "--password-stdin"], pool,
+                              stdin=io.StringIO("another-pass\n"))
+    assert rc == 0
+    row = await pool.fetchrow("SELECT role, hall, password_hash FROM card_users"
+                              " WHERE username = 'erin'")
+    assert row is not None
+    assert row["role"] == "auditor" and row["hall"] is None
+    assert row["password_hash"].startswith("$argon2id$")
+    assert "another-pass" not in row["password_hash"]
