@@ -47,18 +47,20 @@ async def simulators(data_dir: Path | None = None,
         await hsm.wait_closed()
 
 
-def node_settings(home: Path, node_id: str = "node-a", **env: str) -> Settings:
+def node_settings(home: Path, node_id: str = "node-a",
+                  overrides: dict[str, Any] | None = None, **env: str) -> Settings:
     base = {"GRIDPAY_HOME": str(home), "GRIDPAY_NODE_ID": node_id, "GRIDPAY_HTTP_PORT": "0",
             "GRIDPAY_BANK_PORT": "0", "GRIDPAY_POST_PORT": "0"}
     base.update(env)
-    return load_settings(env=base)
+    return load_settings(env=base, overrides=overrides)
 
 
 @contextlib.asynccontextmanager
 async def running_node(database_url: str, redis_url: str, sims: Sims, home: Path,
                        node_id: str = "node-a", wait_active: bool = True,
+                       overrides: dict[str, Any] | None = None,
                        **env: str) -> AsyncIterator[Node]:
-    settings = node_settings(home, node_id, **env)
+    settings = node_settings(home, node_id, overrides, **env)
     node = Node(settings, ServiceUrls(database=database_url, redis=redis_url,
                                       hsm=sims.hsm_addr, marketing=sims.marketing.url))
     await node.start()

@@ -42,6 +42,16 @@ class AccountView:
         return f"AccountView({self.account_no}, {self.status}, stale={self.stale})"
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorProfile:
+    status: str
+    name: str
+    arrears: int
+
+    def __repr__(self) -> str:
+        return f"MirrorProfile({self.status})"
+
+
 def mask_name(name: str) -> str:
     """First character kept, every other replaced by '*'."""
     return name[:1] + "*" * (len(name) - 1) if name else ""
@@ -98,9 +108,9 @@ class Accounts:
         except (OSError, asyncpg.PostgresError) as e:
             raise AccountsUnavailable("marketing system and mirror both unavailable") from e
         if row is None:
-            if not self.synced.is_set():
-                raise AccountsUnavailable("marketing system unavailable and mirror not ready")
-            return None
+            # The marketing system did not answer and the mirror has never seen this account:
+            # it may be new since the last pass, so "unknown" would be a guess. Say we cannot.
+            raise AccountsUnavailable("marketing system unavailable; account not in the mirror")
         bills = tuple((str(b[0]), int(b[1])) for b in (row["bills"] or []))
         return AccountView(account_no=row["account_no"], name=row["name"], status=row["status"],
                            arrears=row["arrears"] or 0, prepaid_balance=row["prepaid_balance"] or 0,
@@ -112,16 +122,24 @@ class Accounts:
         now = time.monotonic()
         if hit is not None and now - hit[1] < self.cache_ttl_s:
             return hit[0]
-        st = await self.pool.fetchval(
-            "SELECT status FROM account_mirror WHERE account_no = $1", account_no)
-        if st is None:
+        prof = await self.profile(account_no)
+        return prof.status if prof else None
+
+    async def profile(self, account_no: str) -> MirrorProfile | None:
+        """The mirrored name, status and last known arrears (no remote call when mirrored)."""
+        row = await self.pool.fetchrow(
+            "SELECT status, name, arrears FROM account_mirror WHERE account_no = $1", account_no)
+        if row is None:
             view = await self.lookup(account_no)  # not mirrored yet: ask live
-            st = view.status if view else None
-        if st is not None:
-            if len(self._status) > 200_000:
-                self._status.clear()
-            self._status[account_no] = (st, now)
-        return str(st) if st is not None else None
+            if view is None:
+                return None
+            prof = MirrorProfile(view.status, view.name, view.arrears)
+        else:
+            prof = MirrorProfile(row["status"], row["name"], row["arrears"] or 0)
+        if len(self._status) > 200_000:
+            self._status.clear()
+        self._status[account_no] = (prof.status, time.monotonic())
+        return prof
 
     # -- mirror --------------------------------------------------------------------------
 

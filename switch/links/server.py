@@ -1,0 +1,205 @@
+"""The TCP listeners of the bank and post-office links: a thin asyncio shell around the framer
+and `LinkService`.
+
+Per connection: the peer address must belong to an institution of this dialect (else the
+connection is closed at once, as is one above the institution's connection limit); frames are
+fed to the framer; each request is handled in its own task, so responses go back in whatever
+order they complete (clients match them by MTI class, 11, 7 and 32); at most `max_in_flight`
+requests are handled at once, and reading pauses until one finishes (backpressure); a connection
+silent for `idle_timeout_s` is closed; a bad length header or an oversize frame closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from protocols.iso8583 import NEED_DATA, Codec, Dialect, Framer, FramingError
+from switch.config import Institution, LinkSettings
+from switch.links.service import Link, LinkService, LinkState
+
+if TYPE_CHECKING:
+    from switch.metrics import Metrics
+
+log = logging.getLogger("gridpay.links")
+
+
+class LinkProtocol(asyncio.Protocol):
+    def __init__(self, listener: LinkListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.link: Link | None = None
+        self.framer = Framer(listener.dialect, listener.settings.max_frame)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.paused = False
+        self.closing = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if peer else ""
+        lst = self.listener
+        candidates = tuple(lst.institutions_for(host))
+        if not lst.accepting or not candidates:
+            log.warning("connection refused", extra={"dialect": lst.dialect.name, "peer": host,
+                                                     "reason": "standby or stopping"
+                                                     if not lst.accepting else
+                                                     "address of no institution"})
+            lst.metrics.link_errors.labels(lst.dialect.name, "refused").inc()
+            transport.abort()
+            return
+        link = Link(dialect=lst.dialect.name, codec=lst.codec, peer=host, candidates=candidates)
+        if len(candidates) == 1:
+            inst = candidates[0]
+            if lst.count[inst.id] >= inst.max_connections:
+                log.warning("connection refused: institution at its connection limit",
+                            extra={"institution": inst.id, "limit": inst.max_connections})
+                lst.metrics.link_errors.labels(lst.dialect.name, "over_limit").inc()
+                transport.abort()
+                return
+            link.institution = inst
+            lst.count[inst.id] += 1
+            lst.metrics.link_connections.labels(inst.id).inc()
+        self.link = link
+        lst.protocols.add(self)
+        self._arm_idle()
+        log.info("link connected", extra={"dialect": lst.dialect.name, "peer": host})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lst = self.listener
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.link is not None:
+            if self.link.institution is not None and self in lst.protocols:
+                lst.count[self.link.institution.id] -= 1
+                lst.metrics.link_connections.labels(self.link.institution.id).dec()
+            self.link.state = LinkState.CLOSED
+        lst.protocols.discard(self)
+        for t in self.in_flight:
+            t.cancel()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(self.listener.settings.idle_timeout_s, self._idle_out)
+
+    def _idle_out(self) -> None:
+        log.info("link idle: closing", extra={"peer": self.link.peer if self.link else ""})
+        self.listener.metrics.link_errors.labels(self.listener.dialect.name, "idle").inc()
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- data ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.link is None or self.closing:
+            return
+        self._arm_idle()
+        try:
+            self.framer.receive_data(data)
+            while True:
+                frame = self.framer.next_frame()
+                if frame is NEED_DATA:
+                    break
+                self._spawn(frame)
+        except FramingError as e:
+            log.warning("framing error: closing the connection",
+                        extra={"peer": self.link.peer, "reason": str(e)})
+            self.listener.metrics.link_errors.labels(self.listener.dialect.name,
+                                                     "framing").inc()
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _spawn(self, frame: bytes) -> None:
+        assert self.link is not None
+        task = asyncio.get_running_loop().create_task(self._handle(frame))
+        self.in_flight.add(task)
+        if len(self.in_flight) >= self.listener.settings.max_in_flight and not self.paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.paused = True
+
+    async def _handle(self, frame: bytes) -> None:
+        assert self.link is not None
+        try:
+            out = await self.listener.service.handle(self.link, frame)
+            if out is not None and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(self.listener.codec.frame(out))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request failed unexpectedly", extra={"peer": self.link.peer})
+            self.listener.metrics.link_errors.labels(self.listener.dialect.name,
+                                                     "internal").inc()
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self.in_flight.discard(task)
+            if (self.paused and len(self.in_flight) < self.listener.settings.max_in_flight
+                    and self.transport is not None and not self.transport.is_closing()):
+                self.transport.resume_reading()
+                self.paused = False
+
+
+class LinkListener:
+    """One dialect's listening socket (bound only while the node is active)."""
+
+    def __init__(self, dialect: Dialect, host: str, port: int, settings: LinkSettings,
+                 institutions: tuple[Institution, ...], service: LinkService,
+                 metrics: Metrics) -> None:
+        self.dialect = dialect
+        self.codec = Codec(dialect)
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self.institutions = tuple(i for i in institutions if i.dialect == dialect.name)
+        self.service = service
+        self.metrics = metrics
+        self.server: asyncio.Server | None = None
+        self.protocols: set[LinkProtocol] = set()
+        self.count: Counter[str] = Counter()
+        self.accepting = False
+        self.bound_port: int | None = None
+
+    def institutions_for(self, host: str) -> list[Institution]:
+        return [i for i in self.institutions if i.allows(host)]
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.accepting = True
+        self.server = await loop.create_server(lambda: LinkProtocol(self), self.host, self.port,
+                                               reuse_address=True, backlog=512)
+        self.bound_port = int(self.server.sockets[0].getsockname()[1])
+        if self.port == 0:
+            self.port = self.bound_port  # keep the same port across standby/active flips
+        log.info("link listener open", extra={"dialect": self.dialect.name,
+                                              "port": self.bound_port})
+        return self.bound_port
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close."""
+        self.accepting = False
+        if self.server is not None:
+            self.server.close()
+        pending = [t for p in self.protocols for t in p.in_flight]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        for p in list(self.protocols):
+            p.close()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+            self.server = None
+        self.bound_port = None

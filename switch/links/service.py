@@ -1,0 +1,492 @@
+"""What the switch answers to each request on a bank or post-office link.
+
+`LinkService.handle(link, body)` takes one frame body and returns the response body (or None
+when nothing can be answered). No sockets here: the server feeds it frames, the tests can too.
+
+Order of checks, for every request: decode (30) → sign-on (91) → institution (58) → MAC (63) →
+content rules (30 / 12) → transaction type enabled (58) → the transaction itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING
+
+import orjson
+
+from protocols.iso8583 import (
+    Codec,
+    DecodeError,
+    Message,
+    OriginalData,
+    Tlv,
+    ValidationError,
+    validate_required,
+)
+from switch import db
+from switch.business import BusinessCalendar
+from switch.config import Institution
+from switch.hsm_client import HsmError
+from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
+from switch.payments.ledger import (
+    Committed,
+    Fenced,
+    LedgerError,
+    NotReversible,
+    PaymentRequest,
+    PostingPath,
+    load_payment,
+    reverse_in,
+)
+
+if TYPE_CHECKING:
+    from switch.keys import KeyRing
+    from switch.metrics import Metrics
+    from switch.node import Node
+
+log = logging.getLogger("gridpay.links")
+
+# Fields a response echoes from its request (field 48 tag 01 is echoed separately).
+ECHO = (3, 4, 7, 11, 12, 13, 32, 37, 41, 49)
+RESPONSE_MTI = {"0800": "0810", "0200": "0210", "0420": "0430", "0421": "0430",
+                "0500": "0510"}
+MAC_MTIS = frozenset({"0210", "0430", "0510"})
+TX_TYPE = {("0200", "310000"): "inquiry", ("0200", "500000"): "payment",
+           ("0420", None): "reversal", ("0421", None): "reversal",
+           ("0500", None): "reconciliation"}
+
+
+class LinkState(enum.StrEnum):
+    CONNECTED = "connected"
+    SIGNED_ON = "signed_on"
+    SIGNED_OFF = "signed_off"
+    CLOSED = "closed"
+
+
+#: network management code (field 70) → the state it leads to, from each state
+SIGN_TRANSITIONS: dict[tuple[LinkState, str], LinkState] = {
+    (LinkState.CONNECTED, "001"): LinkState.SIGNED_ON,
+    (LinkState.SIGNED_ON, "001"): LinkState.SIGNED_ON,
+    (LinkState.SIGNED_OFF, "001"): LinkState.SIGNED_ON,
+    (LinkState.SIGNED_ON, "002"): LinkState.SIGNED_OFF,
+    (LinkState.CONNECTED, "002"): LinkState.SIGNED_OFF,
+    (LinkState.SIGNED_OFF, "002"): LinkState.SIGNED_OFF,
+}
+
+
+@dataclass(slots=True)
+class Link:
+    """One connection's state, owned by the server."""
+
+    dialect: str
+    codec: Codec
+    peer: str
+    candidates: tuple[Institution, ...]
+    institution: Institution | None = None
+    state: LinkState = LinkState.CONNECTED
+    opened_at: float = field(default_factory=time.monotonic)
+
+    def network(self, code: str) -> bool:
+        nxt = SIGN_TRANSITIONS.get((self.state, code))
+        if nxt is None:
+            return False
+        self.state = nxt
+        return True
+
+
+class Decline(Exception):  # noqa: N818 - a decision, not a failure
+    """Answer with this response code (and nothing posted)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _tlv_01(msg: Message) -> str | None:
+    t = msg.fields.get(48)
+    if isinstance(t, Tlv):
+        return t.get("01")
+    return None
+
+
+def _amount12(v: int) -> str:
+    return f"{v:012d}"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkContext:
+    """What the service needs from the node."""
+
+    accounts: Accounts
+    ledger: PostingPath
+    calendar: BusinessCalendar
+    metrics: Metrics
+    keyring: Callable[[], KeyRing | None]
+    hsm_mac: Callable[[object, bytes], Awaitable[bytes]]
+    hsm_verify: Callable[[object, bytes, bytes], Awaitable[bool]]
+    epoch: Callable[[], int]
+    on_fenced: Callable[[], Awaitable[None]]
+    on_posted: Callable[[], None]
+    pool: object
+    max_amount: int
+
+
+class LinkService:
+    def __init__(self, ctx: LinkContext) -> None:
+        self.ctx = ctx
+
+    # -- entry point ---------------------------------------------------------------------
+
+    async def handle(self, link: Link, body: bytes) -> bytes | None:
+        started = time.perf_counter()
+        codec = link.codec
+        try:
+            msg, mac_input = codec.decode_with_mac_input(body)
+        except DecodeError as e:
+            partial = e.partial
+            log.info("malformed frame", extra={"dialect": link.dialect, "field": e.field,
+                                                "reason": e.reason, "raw": e.masked_raw})
+            self.ctx.metrics.link_errors.labels(link.dialect, "malformed").inc()
+            if partial is None or partial.mti not in RESPONSE_MTI or 11 not in partial.fields:
+                return None
+            resp = self._response(partial, "30")
+            return await self._finish(link, partial, resp, started)
+        if msg.mti not in RESPONSE_MTI:
+            self.ctx.metrics.link_errors.labels(link.dialect, "unexpected_mti").inc()
+            if msg.mti[2] in "02" and 11 in msg.fields:  # an unknown request: invalid
+                resp = Message(msg.mti[:2] + str(int(msg.mti[2]) + 1) + msg.mti[3],
+                               {k: v for k, v in msg.fields.items() if k in (7, 11, 32)})
+                resp.fields[39] = "12"
+                return codec.encode(resp)
+            return None  # a response or advice we never asked for: drop it
+        try:
+            resp = await self._dispatch(link, msg, mac_input)
+        except Decline as d:
+            resp = self._response(msg, d.code)
+            if d.code not in ("00",):
+                log.info("request declined", extra={"mti": msg.mti, "response_code": d.code,
+                                                    "reason": d.reason,
+                                                    "stan": msg.fields.get(11)})
+        return await self._finish(link, msg, resp, started)
+
+    async def _finish(self, link: Link, req: Message, resp: Message, started: float) -> bytes:
+        inst = link.institution.id if link.institution else "unknown"
+        code = str(resp.fields.get(39, "00"))
+        m = self.ctx.metrics
+        m.link_transactions.labels(inst, req.mti, code).inc()
+        m.link_latency.labels(inst, req.mti).observe(time.perf_counter() - started)
+        codec = link.codec
+        needs_mac = (resp.mti in MAC_MTIS and code != "63" and link.institution is not None
+                     and link.institution.mac)
+        if not needs_mac:
+            return codec.encode(resp)
+        assert link.institution is not None
+        ring = self.ctx.keyring()
+        data = codec.mac_input(resp)
+        try:
+            if ring is None:
+                raise HsmError("68", "M6")
+            mac = await self.ctx.hsm_mac(ring.mac_key(link.institution.id), data)
+        except (HsmError, OSError, KeyError):
+            # cannot sign: the bank will reject an unsigned 0210 anyway, so say why
+            resp.fields[39] = "96"
+            return codec.encode(resp)
+        return codec.append_mac(data, mac)
+
+    def _response(self, req: Message, code: str) -> Message:
+        fields = {k: req.fields[k] for k in ECHO if k in req.fields}
+        if 90 in req.fields and req.mti in ("0420", "0421"):
+            fields[90] = req.fields[90]
+        if 70 in req.fields and req.mti == "0800":
+            fields[70] = req.fields[70]
+        acct = _tlv_01(req)
+        if acct is not None:
+            fields[48] = Tlv.of(("01", acct))
+        fields[39] = code
+        if req.mti != "0800":
+            fields[15] = self.ctx.calendar.today().strftime("%m%d")
+        return Message(RESPONSE_MTI[req.mti], fields)
+
+    # -- checks --------------------------------------------------------------------------
+
+    async def _dispatch(self, link: Link, msg: Message, mac_input: bytes | None) -> Message:
+        if msg.mti == "0800":
+            return self._network(link, msg)
+        if link.state is not LinkState.SIGNED_ON:
+            raise Decline("91", "not signed on")
+        inst = self._institution(link, msg)
+        if inst.mac:
+            await self._verify_mac(inst, msg, mac_input)
+        try:
+            validate_required(msg, "request")
+        except ValidationError as e:
+            raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
+        kind = TX_TYPE.get((msg.mti, msg.fields.get(3) if msg.mti == "0200" else None))  # type: ignore[arg-type]
+        if kind is None:
+            raise Decline("12", "unknown transaction")
+        if kind not in inst.transactions:
+            raise Decline("58", f"{kind} is not enabled for institution {inst.id}")
+        if kind == "inquiry":
+            return await self._inquiry(msg)
+        if kind == "payment":
+            return await self._payment(inst, msg)
+        if kind == "reversal":
+            return await self._reversal(inst, msg)
+        return await self._reconciliation(inst, msg)
+
+    def _institution(self, link: Link, msg: Message) -> Institution:
+        f32 = msg.fields.get(32)
+        if not isinstance(f32, str):
+            raise Decline("30", "field 32 missing")
+        if link.institution is not None:
+            if link.institution.id.zfill(11) != f32.zfill(11):
+                raise Decline("58", "field 32 does not match this link's institution")
+            return link.institution
+        raise Decline("58", "this link has no institution")
+
+    async def _verify_mac(self, inst: Institution, msg: Message, mac_input: bytes | None) -> None:
+        mac = msg.fields.get(128 if 128 in msg.fields else 64)
+        if mac_input is None or not isinstance(mac, bytes):
+            raise Decline("63", "MAC missing")
+        ring = self.ctx.keyring()
+        try:
+            if ring is None:
+                raise HsmError("68", "M8")
+            ok = await self.ctx.hsm_verify(ring.mac_key(inst.id), mac_input, mac)
+        except (HsmError, OSError):
+            raise Decline("96", "HSM unavailable: MAC cannot be verified") from None
+        if not ok:
+            self.ctx.metrics.link_errors.labels(inst.dialect, "bad_mac").inc()
+            raise Decline("63", "MAC does not verify")
+
+    # -- network management ---------------------------------------------------------------
+
+    def _network(self, link: Link, msg: Message) -> Message:
+        code = msg.fields.get(70)
+        f32 = msg.fields.get(32)
+        if not isinstance(code, str) or not isinstance(f32, str) or 7 not in msg.fields:
+            raise Decline("30", "0800 needs fields 7, 11, 32 and 70")
+        if link.institution is None:
+            match = [i for i in link.candidates if i.id.zfill(11) == f32.zfill(11)]
+            if not match:
+                raise Decline("58", "field 32 names no institution allowed on this link")
+            link.institution = match[0]
+        elif link.institution.id.zfill(11) != f32.zfill(11):
+            raise Decline("58", "field 32 does not match this link's institution")
+        if code == "301":
+            resp = self._response(msg, "00")
+        elif link.network(code):
+            log.info("link state", extra={"institution": link.institution.id,
+                                          "state": str(link.state), "peer": link.peer})
+            resp = self._response(msg, "00")
+        else:
+            raise Decline("12", f"unknown network management code {code}")
+        resp.fields[15] = self.ctx.calendar.today().strftime("%m%d")
+        return resp
+
+    # -- inquiry --------------------------------------------------------------------------
+
+    async def _inquiry(self, msg: Message) -> Message:
+        acct = _tlv_01(msg)
+        assert acct is not None
+        try:
+            view = await self.ctx.accounts.lookup(acct)
+        except AccountsUnavailable:
+            raise Decline("91", "marketing system and mirror both unavailable") from None
+        if view is None:
+            raise Decline("14", "no such account")
+        if view.status != "active":
+            raise Decline("57", "account closed")
+        resp = self._response(msg, "00")
+        resp.fields[4] = _amount12(view.arrears)
+        resp.fields[48] = Tlv.of(("01", acct), ("02", mask_name(view.name)),
+                                 ("03", _amount12(view.arrears)),
+                                 ("04", _amount12(view.prepaid_balance)),
+                                 ("05", f"{min(len(view.bills), 99):02d}"))
+        return resp
+
+    # -- payment --------------------------------------------------------------------------
+
+    async def _payment(self, inst: Institution, msg: Message) -> Message:
+        f = msg.fields
+        acct = _tlv_01(msg)
+        assert acct is not None
+        amount = int(str(f[4]))
+        stan, f7 = str(f[11]), str(f[7])
+        key = f"iso:{inst.id}:{stan}:{f7}"
+        content = orjson.dumps([f.get(3), f.get(4), acct, f.get(37)])
+        req_hash = hashlib.sha256(content).digest()
+        # A retransmission is answered before anything else, even if the rules changed since.
+        prior = await self._prior(key)
+        if prior is not None:
+            return await self._replay(msg, prior, req_hash)
+        if amount <= 0 or amount > min(inst.max_amount, self.ctx.max_amount):
+            raise Decline("13", "amount zero or above the limit")
+        try:
+            prof = await self.ctx.accounts.profile(acct)
+        except AccountsUnavailable:
+            raise Decline("91", "account cannot be checked now") from None
+        if prof is None:
+            raise Decline("14", "no such account")
+        if prof.status != "active":
+            raise Decline("57", "account closed")
+        name, arrears = mask_name(prof.name), prof.arrears
+
+        def render(rec: object) -> tuple[int, bytes]:
+            return 0, orjson.dumps({"02": name, "03": _amount12(arrears)})
+
+        preq = PaymentRequest(
+            dedup_key=key, request_hash=req_hash, channel=inst.dialect, method="bank_transfer",
+            account_no=acct, amount=amount, institution_id=inst.id, stan=stan, transmitted=f7,
+            rrn=str(f.get(37, "")), terminal_id=str(f[41]) if 41 in f else None, render=render)
+        try:
+            outcome = await self.ctx.ledger.submit(preq)
+        except Fenced:
+            raise Decline("91", "this node is no longer active") from None
+        except LedgerError:
+            raise Decline("96", "the payment could not be recorded") from None
+        if not isinstance(outcome, Committed):
+            return await self._replay(msg, outcome, req_hash)
+        rec = outcome.record
+        self.ctx.on_posted()
+        resp = self._response(msg, "00")
+        resp.fields[15] = rec.business_date.strftime("%m%d")
+        resp.fields[38] = rec.approval_code
+        resp.fields[48] = Tlv.of(("01", acct), ("02", name), ("03", _amount12(arrears)),
+                                 ("06", rec.receipt_no))
+        return resp
+
+    async def _prior(self, key: str) -> object | None:
+        from switch.payments.ledger import fetch_duplicate
+
+        async with self.ctx.pool.acquire() as con:  # type: ignore[attr-defined]
+            return await fetch_duplicate(con, key)
+
+    async def _replay(self, msg: Message, prior: object, req_hash: bytes) -> Message:
+        from switch.payments.ledger import Duplicate
+
+        assert isinstance(prior, Duplicate)
+        if prior.kind == "reversal_marker":
+            raise Decline("94", "a reversal for this identity came first: declined")
+        if prior.request_hash != req_hash or prior.payment_id is None:
+            raise Decline("94", "same identity, different content")
+        async with self.ctx.pool.acquire() as con:  # type: ignore[attr-defined]
+            rec = await load_payment(con, prior.payment_id)
+        assert rec is not None
+        extra = orjson.loads(prior.response) if prior.response else {}
+        resp = self._response(msg, "00")
+        resp.fields[15] = rec.business_date.strftime("%m%d")
+        resp.fields[38] = rec.approval_code
+        acct = _tlv_01(msg) or rec.account_no
+        resp.fields[48] = Tlv.of(("01", acct), ("02", extra.get("02", "*")),
+                                 ("03", extra.get("03", _amount12(0))), ("06", rec.receipt_no))
+        return resp
+
+    # -- reversal -------------------------------------------------------------------------
+
+    async def _reversal(self, inst: Institution, msg: Message) -> Message:
+        f = msg.fields
+        try:
+            orig = OriginalData.parse(str(f[90]))
+        except ValueError:
+            raise Decline("30", "field 90 is not 42 digits") from None
+        if orig.mti != "0200" or not orig.names_acquirer(inst.id):
+            raise Decline("12", "field 90 does not name a payment of this institution")
+        key = f"iso:{inst.id}:{orig.stan}:{orig.transmission}"
+        amount = int(str(f[4]))
+        today = self.ctx.calendar.today()
+        marker_hash = hashlib.sha256(b"reversal:" + str(f[11]).encode()
+                                     + str(f[7]).encode()).digest()
+        try:
+            async with self.ctx.pool.acquire() as con, con.transaction():  # type: ignore[attr-defined]
+                await con.execute("SELECT gridpay_fence($1)", self.ctx.epoch())
+                inserted = await con.fetchval(
+                    "INSERT INTO dedup_keys (key, kind, request_hash) VALUES ($1,"
+                    " 'reversal_marker', $2) ON CONFLICT (key) DO NOTHING RETURNING true",
+                    key, marker_hash)
+                if inserted:
+                    receipt = f"U{orig.stan}{orig.transmission}"
+                    done = False
+                else:
+                    row = await con.fetchrow(
+                        "SELECT kind, payment_id FROM dedup_keys WHERE key = $1", key)
+                    if row["kind"] == "reversal_marker":
+                        receipt = f"U{orig.stan}{orig.transmission}"
+                        done = False
+                    else:
+                        rec, done = await reverse_in(
+                            con, row["payment_id"], today=today, channel=inst.dialect,
+                            epoch=self.ctx.epoch(), amount=amount, institution_id=inst.id,
+                            stan=str(f[11]), transmitted=str(f[7]))
+                        receipt = rec.receipt_no
+        except NotReversible as e:
+            raise Decline("12", e.reason) from None
+        except Exception as e:
+            if db.is_fenced(e):
+                await self.ctx.on_fenced()
+                raise Decline("91", "this node is no longer active") from None
+            raise
+        if done:
+            self.ctx.metrics.reversals.labels(inst.dialect).inc()
+            self.ctx.on_posted()
+        resp = self._response(msg, "00")
+        resp.fields[48] = Tlv.of(("01", _tlv_01(msg) or ""), ("06", receipt))
+        return resp
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    async def _reconciliation(self, inst: Institution, msg: Message) -> Message:
+        f = msg.fields
+        try:
+            day = self.ctx.calendar.date_from_mmdd(str(f[15]))
+        except ValueError:
+            raise Decline("30", "field 15 is not a date") from None
+        ours = await institution_totals(self.ctx.pool, inst.id, day)
+        theirs = (int(str(f[74])), int(str(f[75])), int(str(f[86])), int(str(f[87])))
+        code = "00" if theirs == ours else "95"
+        resp = self._response(msg, code)
+        resp.fields[15] = f[15]
+        resp.fields[74] = f"{ours[0]:010d}"
+        resp.fields[75] = f"{ours[1]:010d}"
+        resp.fields[86] = f"{ours[2]:016d}"
+        resp.fields[87] = f"{ours[3]:016d}"
+        return resp
+
+
+async def institution_totals(pool: object, inst_id: str, day: date) -> tuple[int, int, int, int]:
+    """(payments count, reversals count, payments amount, reversals amount) of one date."""
+    row = await pool.fetchrow(  # type: ignore[attr-defined]
+        "SELECT (SELECT count(*) FROM payments WHERE institution_id = $1 AND business_date = $2)"
+        "         AS n_pay,"
+        "       (SELECT coalesce(sum(amount), 0) FROM payments"
+        "         WHERE institution_id = $1 AND business_date = $2) AS a_pay,"
+        "       (SELECT count(*) FROM reversals r WHERE r.institution_id = $1"
+        "         AND r.business_date = $2) AS n_rev,"
+        "       (SELECT coalesce(sum(p.amount), 0) FROM reversals r JOIN payments p"
+        "         ON p.id = r.payment_id WHERE r.institution_id = $1 AND r.business_date = $2)"
+        "         AS a_rev", inst_id, day)
+    return int(row["n_pay"]), int(row["n_rev"]), int(row["a_pay"]), int(row["a_rev"])
+
+
+def link_context(node: Node) -> LinkContext:
+    comps = node.components
+    hsm = comps["hsm"]
+
+    def keyring() -> KeyRing | None:
+        ring = comps.get("keyring")
+        return ring
+
+    forwarder = comps["forwarder"]
+    return LinkContext(
+        accounts=comps["accounts"], ledger=comps["ledger"], calendar=comps["calendar"],
+        metrics=node.metrics, keyring=keyring, hsm_mac=hsm.generate_mac,
+        hsm_verify=hsm.verify_mac, epoch=lambda: node.epoch, on_fenced=node.fenced,
+        on_posted=forwarder.wake, pool=node.pool, max_amount=node.settings.business.max_amount,
+    )
