@@ -197,6 +197,156 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
     return _with_db(settings, run)
 
 
+def cmd_users(args: argparse.Namespace, argv: list[str]) -> int:
+    from switch.cards.users import main_users_add
+
+    settings = _settings(args)
+    logs.configure("WARNING")
+    rest = argv[argv.index("add") + 1:]
+
+    async def run(pool: Any) -> int:
+        return await main_users_add(rest, pool, sys.stdin)
+
+    return _with_db(settings, run)
+
+
+def cmd_cards(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.sub == "manufacture":
+        from switch.cards.manufacturer import main as manufacture
+
+        return int(manufacture(argv[argv.index("manufacture") + 1:]))
+    settings = _settings(args)
+    logs.configure("WARNING")
+    if args.sub == "verify-log":
+        from switch.cards.oplog import main_verify
+
+        async def verify(pool: Any) -> int:
+            return await main_verify(pool)
+
+        return _with_db(settings, verify)
+
+    from switch.cards.jobs import get_job, render_progress
+
+    async def watch(pool: Any) -> int:
+        tty = sys.stdout.isatty()
+        while True:
+            job = await get_job(pool, args.job_id)
+            line = render_progress(job)
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            if job.get("state") in ("done", "failed") or not args.follow:
+                if tty:
+                    print()
+                return 0 if job.get("state") != "failed" else 1
+            await asyncio.sleep(1.0)
+
+    return _with_db(settings, watch)
+
+
+def cmd_recon(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    settings = _settings(args)
+    logs.configure("WARNING")
+    try:
+        day = date.fromisoformat(args.date)
+    except ValueError:
+        print(f"gridpay recon: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if args.sub == "export":
+        from switch.links.recon import export
+
+        if settings.institution(args.institution) is None:
+            print(f"gridpay recon: no institution {args.institution!r} is configured",
+                  file=sys.stderr)
+            return 2
+
+        out: list[str] = []
+
+        async def run(pool: Any) -> int:
+            out.append(await export(pool, args.institution, day))
+            return 0
+
+        rc = _with_db(settings, run)
+        if args.out:
+            Path(args.out).write_text(out[0], encoding="utf-8")
+            print(f"written {args.out}")
+        else:
+            sys.stdout.write(out[0])
+        return rc
+
+    from switch.marketing_client import MarketingClient
+    from switch.payments.reconcile import reconcile
+
+    url = settings.services.marketing_url or args.marketing_url
+    if not url:
+        print("gridpay recon marketing: set GRIDPAY_MARKETING_URL or --marketing-url",
+              file=sys.stderr)
+        return 2
+
+    async def run_m(pool: Any) -> int:
+        async with MarketingClient(url, timeout=10) as client:
+            rep = await reconcile(pool, client, day, requeue=not args.dry_run)
+        print(orjson.dumps(rep.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        return 0 if rep.clean else 1
+
+    return _with_db(settings, run_m)
+
+
+def cmd_forwarder(args: argparse.Namespace) -> int:
+    from switch.payments.forwarder import outbox_counts, retry_dead_letters
+
+    settings = _settings(args)
+    logs.configure("WARNING")
+
+    async def run(pool: Any) -> int:
+        if args.sub == "retry-dead":
+            n = await retry_dead_letters(pool)
+            print(f"{n} dead letter(s) queued again for forwarding")
+        print(orjson.dumps(await outbox_counts(pool)).decode())
+        return 0
+
+    return _with_db(settings, run)
+
+
+def cmd_dev_keys(args: argparse.Namespace) -> int:
+    from switch.keys import KeyProvisioningError, dev_keys_json, load_dev_keys
+
+    settings = _settings(args)
+    logs.configure("WARNING")
+    try:
+        dev = load_dev_keys()
+    except KeyProvisioningError as e:
+        print(f"gridpay dev keys: refused: {e}", file=sys.stderr)
+        return 3
+    addr = settings.services.hsm_addr
+    if addr:  # a configured HSM: it must be running the dev LMK
+        from switch.hsm_client import HsmClient, HsmError
+
+        async def check() -> bool:
+            host, _, port = addr.rpartition(":")
+            async with HsmClient(host, int(port)) as hsm:
+                kcv, _ = await hsm.diagnostics()
+            return bool(kcv.upper() == dev.dev_lmk_kcv)
+
+        try:
+            is_dev = _run_async(_as_int(check()))
+        except HsmError as e:
+            print(f"gridpay dev keys: the HSM at {addr} cannot be asked: {e}", file=sys.stderr)
+            return 3
+    else:
+        is_dev = 1  # the embedded HSM runs from the dev configuration
+    try:
+        print(dev_keys_json(dev, bool(is_dev)))
+    except KeyProvisioningError as e:
+        print(f"gridpay dev keys: refused: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+async def _as_int(coro: Awaitable[bool]) -> int:
+    return int(await coro)
+
+
 def cmd_hsm(argv: list[str]) -> int:
     from hsm_sim.server import main
 
@@ -224,11 +374,49 @@ def build_parser() -> argparse.ArgumentParser:
     ca = clients.add_parser("add", help="create an API client; the key is the last line")
     ca.add_argument("name")
     ca.add_argument("--channel", required=True, choices=["internet", "counter", "ivr", "partner"])
+
+    users = sub.add_parser("users", help="card-centre users").add_subparsers(dest="sub",
+                                                                          required=True)
+    ua = users.add_parser("add", help="create a user (password on standard input)")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True)
+    ua.add_argument("--hall")
+    ua.add_argument("--password-stdin", action="store_true", required=True)
+
+    cards = sub.add_parser("cards", help="card centre").add_subparsers(dest="sub", required=True)
+    cm = cards.add_parser("manufacture", help="the manufacturer simulator", add_help=False)
+    cm.add_argument("rest", nargs=argparse.REMAINDER)
+    cj = cards.add_parser("job", help="show a background job's progress")
+    cj.add_argument("job_id")
+    cj.add_argument("--follow", action="store_true", help="keep showing until it ends")
+    cards.add_parser("verify-log", help="check the operation log's hash chain")
+
+    recon = sub.add_parser("recon", help="reconciliation").add_subparsers(dest="sub",
+                                                                         required=True)
+    re_ = recon.add_parser("export", help="an institution's daily reconciliation file")
+    re_.add_argument("--institution", required=True)
+    re_.add_argument("--date", required=True, help="business date YYYY-MM-DD")
+    re_.add_argument("--out", help="write to this file instead of standard output")
+    rm = recon.add_parser("marketing", help="compare the ledger with the marketing system")
+    rm.add_argument("--date", required=True, help="business date YYYY-MM-DD")
+    rm.add_argument("--marketing-url")
+    rm.add_argument("--dry-run", action="store_true", help="report only; re-queue nothing")
+
+    fwd = sub.add_parser("forwarder", help="store-and-forward queue").add_subparsers(
+        dest="sub", required=True)
+    fwd.add_parser("status", help="postings by state")
+    fwd.add_parser("retry-dead", help="queue every dead letter again")
+
+    dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="sub",
+                                                                           required=True)
+    dk = dev.add_parser("keys", help="the clear TEST keys of the dev configuration")
+    dk.add_argument("--json", action="store_true", required=True)
     return p
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up, "switch": cmd_switch, "services": cmd_services, "migrate": cmd_migrate,
+    "recon": cmd_recon, "forwarder": cmd_forwarder,
 }
 
 
@@ -240,9 +428,19 @@ def main(argv: list[str] | None = None) -> int:
         rest = rest[2:]
     if rest and rest[0] in ("hsm", "marketing"):
         return (cmd_hsm if rest[0] == "hsm" else cmd_marketing)(rest[1:])
+    if "cards" in rest[:1] and "manufacture" in rest[1:2]:
+        from switch.cards.manufacturer import main as manufacture
+
+        return int(manufacture(rest[2:]))
     args = build_parser().parse_args(argv)
     if args.command == "clients":
         return cmd_clients_add(args)
+    if args.command == "users":
+        return cmd_users(args, argv)
+    if args.command == "cards":
+        return cmd_cards(args, argv)
+    if args.command == "dev":
+        return cmd_dev_keys(args)
     return COMMANDS[args.command](args)
 
 

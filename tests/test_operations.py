@@ -1,0 +1,165 @@
+"""`gridpay up` as an operator runs it: READY line, health, graceful stop, crash recovery, and
+the one-shot commands against its embedded database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDPAY_")}
+    env.update({"GRIDPAY_HOME": str(home), "GRIDPAY_HTTP_PORT": "0", "GRIDPAY_BANK_PORT": "0",
+                "GRIDPAY_POST_PORT": "0", "GRIDPAY_MARKETING_CUSTOMERS": "2000",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _gridpay(*args: str, home: Path, stdin: str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "switch.cli", *args], cwd=ROOT, env=_env(home),
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+class Up:
+    def __init__(self, home: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "switch.cli", "up"], cwd=ROOT,
+                                     env=_env(home), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.ready: dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"gridpay up exited with {self.proc.wait()}")
+            if line.startswith("READY "):
+                self.ready = orjson.loads(line[6:])
+                return
+        raise AssertionError("no READY line")
+
+    def stop(self, sig: int = signal.SIGTERM, within_s: float = 15) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(within_s)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.ready['ports']['http']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read()
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for c in children:
+        out.add(int(c))
+        out |= _descendants(int(c))
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            os.kill(p, 0)
+            stat = Path(f"/proc/{p}/stat").read_text()
+            if ") Z " not in stat:
+                alive.add(p)
+        except (OSError, ProcessLookupError):
+            pass
+    return alive
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "home"
+
+
+@pytest.mark.timeout(240)
+def test_up_ready_health_and_graceful_stop(home: Path) -> None:
+    up = Up(home)
+    r = up.ready
+    assert r["role"] == "active" and r["node_id"] and r["home"] == str(home)
+    assert all(isinstance(r["ports"][k], int) and r["ports"][k] > 0
+               for k in ("http", "bank", "post"))
+    assert r["services"]["database"].startswith("postgresql://")
+    assert up.get("/healthz")[0] == 200
+    status, body = up.get("/readyz")
+    assert status == 200, body
+    assert b"gridpay_node_active 1.0" in up.get("/metrics")[1]
+    children = _descendants(up.proc.pid)
+    assert len(children) >= 4  # postgres, redis, hsm, marketing (and postgres' own workers)
+
+    # one-shot commands against the running embedded database
+    out = _gridpay("clients", "add", "portal", "--channel", "internet", home=home)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("gp_") and len(key) > 30
+    out = _gridpay("dev", "keys", "--json", home=home)
+    assert out.returncode == 0 and "01020000" in out.stdout
+    day = time.strftime("%Y-%m-%d")
+    out = _gridpay("recon", "export", "--institution", "01020000", "--date", day, home=home)
+    assert out.returncode == 0 and out.stdout.startswith("H|01020000|")
+    out = _gridpay("recon", "export", "--institution", "99", "--date", day, home=home)
+    assert out.returncode == 2 and "no institution" in out.stderr
+    out = _gridpay("users", "add", "alice", "--role", "card_admin", "--password-stdin",
+                   home=home, stdin="correct horse battery staple\n")
+    assert out.returncode == 0, out.stderr
+
+    started = time.monotonic()
+    assert up.stop() == 0
+    assert time.monotonic() - started < 10
+    time.sleep(0.5)
+    assert _alive(children) == set(), "processes left behind after SIGTERM"
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_then_up_again_on_the_same_home(home: Path) -> None:
+    up = Up(home)
+    children = _descendants(up.proc.pid)
+    assert up.stop(signal.SIGKILL, 5) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while _alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _alive(children) == set(), "children outlived a kill -9 of gridpay up"
+    again = Up(home)  # same data directory: starts cleanly on the same data
+    try:
+        assert again.get("/readyz")[0] == 200
+    finally:
+        assert again.stop() == 0
+
+
+def test_bad_configuration_names_key_and_value(home: Path) -> None:
+    env = _env(home)
+    env["GRIDPAY_HTTP_PORT"] = "99999"
+    out = subprocess.run([sys.executable, "-m", "switch.cli", "up"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "listen.http_port" in out.stderr and "99999" in out.stderr
+
+
+def test_switch_without_services_says_what_is_missing(home: Path) -> None:
+    out = _gridpay("switch", home=home, timeout=60)
+    assert out.returncode == 2 and "GRIDPAY_DATABASE_URL" in out.stderr
