@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from protocols.iso8583 import NEED_DATA, Codec, Dialect, Framer, FramingError
 from switch.config import Institution, LinkSettings
@@ -41,8 +41,8 @@ class LinkProtocol(asyncio.Protocol):
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport, but behave as one
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         host = peer[0] if peer else ""
         lst = self.listener
@@ -53,7 +53,7 @@ class LinkProtocol(asyncio.Protocol):
                                                      if not lst.accepting else
                                                      "address of no institution"})
             lst.metrics.link_errors.labels(lst.dialect.name, "refused").inc()
-            transport.abort()
+            self.transport.abort()
             return
         link = Link(dialect=lst.dialect.name, codec=lst.codec, peer=host, candidates=candidates)
         if len(candidates) == 1:
@@ -62,7 +62,7 @@ class LinkProtocol(asyncio.Protocol):
                 log.warning("connection refused: institution at its connection limit",
                             extra={"institution": inst.id, "limit": inst.max_connections})
                 lst.metrics.link_errors.labels(lst.dialect.name, "over_limit").inc()
-                transport.abort()
+                self.transport.abort()
                 return
             link.institution = inst
             lst.count[inst.id] += 1
