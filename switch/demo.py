@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "demo-password-1"
+PASSWORD = "demo-password-1"  # noqa: S105 - the demo's throwaway users
 
 
 class Demo:
@@ -138,26 +138,26 @@ class Demo:
             async with BankClient("127.0.0.1", port, dialect=dialect, institution=inst,
                                   mac_key=keys[inst]) as c:
                 r = await c.sign_on()
-                self.row(name, f"sign on as {inst}", f"39={r.fields[39]}")
+                self.row(name, f"sign on as {inst}", f"39={r.fields[39]!s}")
                 r = await c.request(c.inquiry(acct))
-                self.row(name, "bill inquiry", f"39={r.fields[39]} due "
+                self.row(name, "bill inquiry", f"39={r.fields[39]!s} due "
                          f"{int(str(r.fields[4])) / 100:.2f}")
                 pay = c.payment(acct, 12345)
                 r = await c.request(pay)
                 tlv = r.tlv()
                 self.row(name, "bill payment 123.45",
-                         f"39={r.fields[39]} receipt {tlv.get('06') if tlv else ''}")
+                         f"39={r.fields[39]!s} receipt {tlv.get('06') if tlv else ''}")
                 r = await c.request(pay)
-                self.row(name, "retransmission of the same payment", f"39={r.fields[39]}")
+                self.row(name, "retransmission of the same payment", f"39={r.fields[39]!s}")
                 small = c.payment(acct, 500)
                 await c.request(small)
                 r = await c.request(c.reversal(small))
-                self.row(name, "payment 5.00 then reversal (0420)", f"39={r.fields[39]}")
+                self.row(name, "payment 5.00 then reversal (0420)", f"39={r.fields[39]!s}")
                 today = time.strftime("%m%d")
                 r = await c.request(c.reconciliation(str(r.fields.get(15, today)), 2, 1,
                                                      12845, 500))
                 self.row(name, "reconciliation 0500 (2 paid, 1 reversed)",
-                         f"39={r.fields[39]}")
+                         f"39={r.fields[39]!s}")
                 if c.bad_macs:
                     raise SystemExit("a response MAC did not verify")
 
