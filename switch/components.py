@@ -136,14 +136,21 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
                 log.warning("expiry sweep failed", extra={"error": type(e).__name__})
             await asyncio.sleep(3600)
 
+    from switch.payments.daily import DailyCutover
+
+    daily = DailyCutover(node, cal, marketing)
+    comps["daily"] = daily
+
     async def active() -> None:
         ledger.start()
         forwarder.start()
         accounts.start_sync()
         await fail_interrupted(node.pool)  # jobs of a node that died cannot resume by themselves
         sweeper.append(asyncio.create_task(sweep_loop(), name="card-expiry"))
+        daily.start()
 
     async def standby() -> None:
+        await daily.stop()
         await ledger.stop()
         await forwarder.stop()
         await accounts.stop_sync()

@@ -163,3 +163,57 @@ def test_bad_configuration_names_key_and_value(home: Path) -> None:
 def test_switch_without_services_says_what_is_missing(home: Path) -> None:
     out = _gridpay("switch", home=home, timeout=60)
     assert out.returncode == 2 and "GRIDPAY_DATABASE_URL" in out.stderr
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})},
+        data=orjson.dumps(body) if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+            return int(r.status), orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), orjson.loads(e.read())
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_right_after_a_201_loses_nothing(home: Path) -> None:
+    up = Up(home)
+    key = _gridpay("clients", "add", "p", "--channel", "internet",
+                   home=home).stdout.strip().splitlines()[-1]
+    auth = {"Authorization": f"Bearer {key}"}
+    _, accounts = _http("GET", up.ready["services"]["marketing"] + "/accounts?limit=50")
+    acct = next(a["account_no"] for a in accounts["accounts"] if a["status"] == "active")
+    base = f"http://127.0.0.1:{up.ready['ports']['http']}"
+    st, pay = _http("POST", base + "/v1/payments",
+                    {"account_no": acct, "amount": 4200, "method": "cash"},
+                    {**auth, "Idempotency-Key": "crash-1"})
+    assert st == 201
+    assert up.stop(signal.SIGKILL, 5) == -signal.SIGKILL  # right after the 201
+    again = Up(home)
+    try:
+        base = f"http://127.0.0.1:{again.ready['ports']['http']}"
+        deadline = time.monotonic() + 30
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            st, doc = _http("GET", f"{base}/v1/payments/{pay['payment_id']}", headers=auth)
+            assert st == 200
+            if doc["posting"] == "posted":
+                break
+            time.sleep(0.2)
+        assert doc["posting"] == "posted"
+        # the retry after the crash gets the original answer, and nothing new is posted
+        st, replay = _http("POST", base + "/v1/payments",
+                           {"account_no": acct, "amount": 4200, "method": "cash"},
+                           {**auth, "Idempotency-Key": "crash-1"})
+        assert st == 201 and replay == pay
+        mkt = again.ready["services"]["marketing"]
+        found = 0
+        for day in {pay["business_date"], pay["created_at"][:10]}:
+            _, listing = _http("GET", f"{mkt}/postings?date={day}")
+            found += sum(1 for p in listing["postings"]
+                         if p["posting_id"] == "P" + pay["receipt_no"])
+        assert found == 1  # credited exactly once in the marketing system
+    finally:
+        assert again.stop() == 0

@@ -1,0 +1,131 @@
+"""Business date, cut-over and reconciliation with the marketing system."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import orjson
+import pytest
+
+from switch.business import BusinessCalendar, next_cutover
+from switch.node import Node
+from switch.payments.reconcile import reconcile
+from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
+
+SH = ZoneInfo("Asia/Shanghai")
+
+
+def test_business_date_advances_at_the_cutover() -> None:
+    cal = BusinessCalendar(SH, time(23, 0))
+    before = datetime(2026, 11, 26, 22, 59, 59, tzinfo=SH)
+    at = datetime(2026, 11, 26, 23, 0, 0, tzinfo=SH)
+    assert cal.date_at(before) == date(2026, 11, 26)
+    assert cal.date_at(at) == date(2026, 11, 27)
+    assert cal.date_at(datetime(2026, 12, 31, 23, 30, tzinfo=SH)) == date(2027, 1, 1)
+    assert next_cutover(cal, before) == at.astimezone(UTC)
+    assert next_cutover(cal, at) == (at + timedelta(days=1)).astimezone(UTC)
+
+
+def test_settlement_mmdd_is_read_in_the_nearest_year() -> None:
+    cal = BusinessCalendar(SH, time(23, 0))
+    assert cal.date_from_mmdd("1231", date(2027, 1, 2)) == date(2026, 12, 31)
+    assert cal.date_from_mmdd("0102", date(2026, 12, 31)) == date(2027, 1, 2)
+    with pytest.raises(ValueError):
+        cal.date_from_mmdd("0230", date(2026, 12, 31))
+
+
+@pytest.fixture(scope="module")
+async def sims() -> AsyncIterator[Sims]:
+    async with simulators() as s:
+        yield s
+
+
+async def test_a_payment_after_the_cutover_belongs_to_the_next_date(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    # a cut-over at 00:00 local time has always just passed: every payment is "after" it
+    async with running_node(clean_db, clean_redis, sims, tmp_path,
+                            GRIDPAY_CUTOVER="00:00") as node:
+        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+        key = await api_key(node.pool, "counter")
+        acct = await active_account(sims.marketing)
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            st, _, raw = await api.call("POST", "/v1/payments", idem="cut",
+                                        json={"account_no": acct, "amount": 100,
+                                              "method": "cash"})
+        assert st == 201
+        local_today = datetime.now(SH).date()
+        assert orjson.loads(raw)["business_date"] == (local_today + timedelta(1)).isoformat()
+
+
+async def _drain(node: Node) -> None:
+    for _ in range(300):
+        if await node.pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'sent'") == 0:
+            return
+        node.components["forwarder"].wake()
+        await asyncio.sleep(0.05)
+    raise AssertionError("outbox did not drain")
+
+
+async def test_reconciliation_finds_and_requeues_what_is_missing(
+        clean_db: str, clean_redis: str, tmp_path: Path) -> None:
+    async with simulators() as sims, running_node(clean_db, clean_redis, sims,
+                                                  tmp_path) as node:
+        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+        key = await api_key(node.pool, "internet")
+        acct = await active_account(sims.marketing)
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            for i in range(3):
+                st, _, _ = await api.call("POST", "/v1/payments", idem=f"r{i}",
+                                          json={"account_no": acct, "amount": 100 + i,
+                                                "method": "cash"})
+                assert st == 201
+        await _drain(node)
+        day = node.components["calendar"].today()
+        clean = await reconcile(node.pool, node.components["marketing"], day)
+        assert clean.clean and clean.matched == 3 and clean.ours == 3
+        # a posting the switch believes sent, but the marketing system never got
+        await node.components["forwarder"].stop()
+        await node.pool.execute(
+            "INSERT INTO dedup_keys (key, kind, request_hash) VALUES ('ghost', 'payment', '')")
+        pid = await node.pool.fetchval("SELECT id FROM payments LIMIT 1")
+        await node.pool.execute(
+            "INSERT INTO payments (id, receipt_no, dedup_key, channel, method, account_no,"
+            " amount, business_date, created_at, epoch) SELECT gen_random_uuid(),"
+            " '99999999999999999', 'ghost', channel, method, account_no, 55, business_date,"
+            " now(), epoch FROM payments WHERE id = $1", pid)
+        ghost = await node.pool.fetchval(
+            "SELECT id FROM payments WHERE receipt_no = '99999999999999999'")
+        await node.pool.execute(
+            "INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel,"
+            " occurred_at, state) VALUES ('P999999999999999999', 'payment', $1, $2, 55,"
+            " 'internet', now(), 'sent')", ghost, acct)
+        rep = await reconcile(node.pool, node.components["marketing"], day)
+        assert rep.missing == ["P999999999999999999"] and rep.requeued == 1
+        node.components["forwarder"].start()
+        await _drain(node)
+        again = await reconcile(node.pool, node.components["marketing"], day)
+        assert again.clean and again.matched == 4
+
+
+async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: str,
+                                                   sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        daily = node.components["daily"]
+        yesterday = node.components["calendar"].today() - timedelta(days=1)
+        rep = await daily.close_date(yesterday)
+        assert rep is not None and rep.clean
+        await daily.close_date(yesterday)
+        assert await node.pool.fetchval("SELECT count(*) FROM cutovers") == 1
+        await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
+        with pytest.raises(Exception) as e:
+            await daily.close_date(yesterday - timedelta(days=1))
+        assert "fenced" in str(e.value)
+
+
