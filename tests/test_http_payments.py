@@ -331,3 +331,39 @@ async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
                                 headers={"Content-Type": "application/json"})
     assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
 
+
+
+async def test_dead_letters_and_retry(clean_db: str, clean_redis: str, sims: Sims,
+                                      tmp_path: Path) -> None:
+    from switch.payments.forwarder import outbox_counts, retry_dead_letters
+
+    await sims.marketing.clear_faults()
+    async with running_node(clean_db, clean_redis, sims, tmp_path,
+                            overrides={"forwarder": {"dead_letter_after_s": 1.0,
+                                                     "backoff_initial_s": 0.05,
+                                                     "backoff_max_s": 0.2}}) as node:
+        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+        key = await api_key(node.pool, "internet")
+        acct = await active_account(sims.marketing, start=21)
+        await sims.marketing.set_faults(error_rate=1.0)
+        try:
+            async with aiohttp.ClientSession() as s:
+                api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+                st, _, raw = await api.call("POST", "/v1/payments", idem="dl", json={
+                    "account_no": acct, "amount": 300, "method": "cash"})
+                assert st == 201
+                pid = orjson.loads(raw)["payment_id"]
+                for _ in range(100):
+                    if (await outbox_counts(node.pool))["dead"] == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert (await outbox_counts(node.pool))["dead"] == 1
+                st, _, raw = await api.call("GET", f"/v1/payments/{pid}")
+                assert orjson.loads(raw)["posting"] == "failed"
+                st, _, raw = await api.call("GET", "/metrics")
+                assert b"gridpay_outbox_dead 1.0" in raw
+        finally:
+            await sims.marketing.clear_faults()
+        assert await retry_dead_letters(node.pool) == 1
+        await _drain(node)
+        assert (await outbox_counts(node.pool)) == {"pending": 0, "sent": 1, "dead": 0}
