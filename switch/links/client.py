@@ -59,6 +59,7 @@ class BankClient:
         self._task: asyncio.Task[None] | None = None
         self.unmatched: list[Message] = []
         self.bad_macs: list[Message] = []  # responses whose MAC did not verify
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"BankClient({self.institution}@{self.host}:{self.port})"
@@ -108,6 +109,7 @@ class BankClient:
                     else:
                         self.unmatched.append(msg)
         finally:
+            self._closed = True
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(LinkClosed("connection closed by the switch"))
@@ -137,6 +139,8 @@ class BankClient:
 
     async def request(self, msg: Message, *, frame: bytes | None = None) -> Message:
         """Send one request and wait for its response."""
+        if self._closed:
+            raise LinkClosed("connection closed by the switch")
         key = self._match_key(msg)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[key] = fut
