@@ -37,3 +37,12 @@ def test_exception_text_is_masked() -> None:
     out = buf.getvalue()
     assert "0123456789ABCDEF0123456789ABCDEF" not in out
     assert orjson.loads(out)["exc_type"] == "ValueError"
+
+
+def test_receipts_and_accounts_stay_readable() -> None:
+    log, buf = _capture()
+    log.info("payment 202611260000000004 for account 1000001857 approved, id "
+             "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f")
+    out = buf.getvalue()
+    assert "202611260000000004" in out and "1000001857" in out
+    assert "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f" in out
