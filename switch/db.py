@@ -92,9 +92,15 @@ def _loads(s: str) -> Any:
     return orjson.loads(s)
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Connections go back to the pool without a reset round trip: the switch keeps no
+    session state (its advisory locks are transaction-scoped; migrations use a connection of
+    their own), so asyncpg's default reset would only cost a round trip per release."""
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_conn,
+        url, min_size=min_size, max_size=max_size, init=_init_conn, reset=_no_reset,
         command_timeout=30, max_inactive_connection_lifetime=300,
     )
     assert pool is not None

@@ -37,6 +37,8 @@ class LinkProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self._idle: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     # -- connection ----------------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class LinkProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
+        self._flush()  # answers already made go out before the close
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -122,6 +125,19 @@ class LinkProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    def _send(self, data: bytes) -> None:
+        """Responses completed in the same loop iteration leave in one write."""
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
     def _spawn(self, frame: bytes) -> None:
         assert self.link is not None
         task = asyncio.get_running_loop().create_task(self._handle(frame))
@@ -135,8 +151,8 @@ class LinkProtocol(asyncio.Protocol):
         assert self.link is not None
         try:
             out = await self.listener.service.handle(self.link, frame)
-            if out is not None and self.transport is not None and not self.transport.is_closing():
-                self.transport.write(self.listener.codec.frame(out))
+            if out is not None:
+                self._send(self.listener.codec.frame(out))
         except asyncio.CancelledError:
             raise
         except Exception:

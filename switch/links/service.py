@@ -323,20 +323,22 @@ class LinkService:
         key = f"iso:{inst.id}:{stan}:{f7}"
         content = orjson.dumps([f.get(3), f.get(4), acct, f.get(37)])
         req_hash = hashlib.sha256(content).digest()
-        # A retransmission is answered before anything else, even if the rules changed since.
-        prior = await self._prior(key)
-        if prior is not None:
-            return await self._replay(msg, prior, req_hash)
+        # A retransmission is answered before anything else, even if the rules changed since:
+        # every decline below first looks the key up (`_decline`), and on the way to an
+        # approval a key already taken comes back from the ledger as a duplicate (replayed
+        # below), so the common case costs no extra database round trip.
         if amount <= 0 or amount > min(inst.max_amount, self.ctx.max_amount):
-            raise Decline("13", "amount zero or above the limit")
+            return await self._decline(key, msg, req_hash, "13",
+                                       "amount zero or above the limit")
         try:
             prof = await self.ctx.accounts.profile(acct)
         except AccountsUnavailable:
-            raise Decline("91", "account cannot be checked now") from None
+            return await self._decline(key, msg, req_hash, "91",
+                                       "account cannot be checked now")
         if prof is None:
-            raise Decline("14", "no such account")
+            return await self._decline(key, msg, req_hash, "14", "no such account")
         if prof.status != "active":
-            raise Decline("57", "account closed")
+            return await self._decline(key, msg, req_hash, "57", "account closed")
         name, arrears = mask_name(prof.name), prof.arrears
 
         def render(rec: object) -> tuple[int, bytes]:
@@ -349,9 +351,11 @@ class LinkService:
         try:
             outcome = await self.ctx.ledger.submit(preq)
         except Fenced:
-            raise Decline("91", "this node is no longer active") from None
+            return await self._decline(key, msg, req_hash, "91",
+                                       "this node is no longer active")
         except LedgerError:
-            raise Decline("96", "the payment could not be recorded") from None
+            return await self._decline(key, msg, req_hash, "96",
+                                       "the payment could not be recorded")
         if not isinstance(outcome, Committed):
             return await self._replay(msg, outcome, req_hash)
         rec = outcome.record
@@ -362,6 +366,17 @@ class LinkService:
         resp.fields[48] = Tlv.of(("01", acct), ("02", name), ("03", _amount12(arrears)),
                                  ("06", rec.receipt_no))
         return resp
+
+    async def _decline(self, key: str, msg: Message, req_hash: bytes, code: str,
+                       reason: str) -> Message:
+        """Decline with `code`, unless the key is already taken: then answer as before."""
+        try:
+            prior = await self._prior(key)
+        except Exception:  # the database cannot answer: the decline stands
+            prior = None
+        if prior is not None:
+            return await self._replay(msg, prior, req_hash)
+        raise Decline(code, reason)
 
     async def _prior(self, key: str) -> object | None:
         from switch.payments.ledger import fetch_duplicate

@@ -72,12 +72,17 @@ ON CONFLICT (account_no) DO UPDATE
 
 class Accounts:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, *,
-                 timeout_s: float = 0.8, cache_ttl_s: float = 30.0) -> None:
+                 timeout_s: float = 0.8, cache_ttl_s: float = 900.0) -> None:
         self.pool = pool
         self.client = client
         self.timeout_s = timeout_s
         self.cache_ttl_s = cache_ttl_s
         self._status: dict[str, tuple[str, float]] = {}
+        # mirrored profiles in memory, so that validating a payment costs no round trip: kept
+        # for `cache_ttl_s` (the mirror's own refresh period: the copy is never staler than the
+        # table it copies) and replaced whenever this node writes the mirror (every live lookup
+        # and every sync pass goes through `_store`)
+        self._profiles: dict[str, tuple[MirrorProfile, float]] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
@@ -127,6 +132,9 @@ class Accounts:
 
     async def profile(self, account_no: str) -> MirrorProfile | None:
         """The mirrored name, status and last known arrears (no remote call when mirrored)."""
+        hit = self._profiles.get(account_no)
+        if hit is not None and time.monotonic() - hit[1] < self.cache_ttl_s:
+            return hit[0]
         row = await self.pool.fetchrow(
             "SELECT status, name, arrears FROM account_mirror WHERE account_no = $1", account_no)
         if row is None:
@@ -138,7 +146,11 @@ class Accounts:
             prof = MirrorProfile(row["status"], row["name"], row["arrears"] or 0)
         if len(self._status) > 200_000:
             self._status.clear()
-        self._status[account_no] = (prof.status, time.monotonic())
+        if len(self._profiles) > 2_000_000:
+            self._profiles.clear()
+        mono = time.monotonic()
+        self._status[account_no] = (prof.status, mono)
+        self._profiles[account_no] = (prof, mono)
         return prof
 
     # -- mirror --------------------------------------------------------------------------
@@ -155,6 +167,7 @@ class Accounts:
         mono = time.monotonic()
         for r in rows:
             self._status[r[0]] = (r[2], mono)
+            self._profiles[r[0]] = (MirrorProfile(r[2], r[1], r[3]), mono)
 
     async def sync_once(self, page: int = 1000) -> int:
         """One full pass over the marketing system's accounts; returns how many."""

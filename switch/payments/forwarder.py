@@ -27,6 +27,7 @@ from switch.marketing_client import (
     MarketingRejected,
     MarketingUnavailable,
     Posting,
+    PostingResult,
 )
 from switch.metrics import Metrics
 
@@ -43,10 +44,13 @@ SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id
  LIMIT $1
 """
 
+# every posting of a round that the marketing system accepted, marked in one statement
 _SENT = """
-UPDATE outbox SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
-       arrears_after = $2, prepaid_after = $3
- WHERE id = $1 AND state = 'pending'
+UPDATE outbox o
+   SET state = 'sent', sent_at = now(), attempts = o.attempts + 1, last_error = NULL,
+       arrears_after = u.arrears, prepaid_after = u.prepaid
+  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, arrears, prepaid)
+ WHERE o.id = u.id AND o.state = 'pending'
 """
 
 _FAILED = """
@@ -123,14 +127,26 @@ class Forwarder:
         if not rows:
             return ForwardStats(0, 0)
         results = await asyncio.gather(*(self._forward(r) for r in rows))
-        sent = sum(1 for ok in results if ok)
-        return ForwardStats(sent, len(results) - sent)
+        accepted = [(row, res) for row, res in zip(rows, results, strict=True)
+                    if res is not None]
+        if accepted:
+            # One fenced transaction (one commit) for the whole round. A crash before it
+            # commits only means these postings are sent again: the marketing system answers a
+            # repeated posting id with the stored result, so the credit still happens once.
+            async with self.pool.acquire() as con, con.transaction():
+                await con.execute("SELECT gridpay_fence($1)", self.epoch())
+                await con.execute(_SENT, [row["id"] for row, _ in accepted],
+                                  [res.arrears_after for _, res in accepted],
+                                  [res.prepaid_balance_after for _, res in accepted])
+            self.metrics.forwarded.labels("sent").inc(len(accepted))
+        return ForwardStats(len(accepted), len(results) - len(accepted))
 
     def _backoff(self, attempts: int) -> float:
         base = self.settings.backoff_initial_s * (2 ** min(attempts, 20))
         return float(min(self.settings.backoff_max_s, base) * (0.5 + random.random() / 2))
 
-    async def _forward(self, row: Any) -> bool:
+    async def _forward(self, row: Any) -> PostingResult | None:
+        """Send one posting; its result when accepted (the caller marks it sent), else None."""
         posting = Posting(
             posting_id=row["posting_id"], account_no=row["account_no"], amount=row["amount"],
             kind=row["kind"], channel=row["channel"], occurred_at=row["occurred_at"],
@@ -142,19 +158,14 @@ class Forwarder:
             except MarketingUnavailable as e:
                 await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
                 self.metrics.forwarded.labels("retry").inc()
-                return False
+                return None
             except (MarketingConflict, MarketingRejected) as e:
                 log.error("marketing system refused a posting",
                           extra={"posting_id": row["posting_id"], "error": str(e)})
                 await self._failed(row, f"refused: {e}", permanent=True)
                 self.metrics.forwarded.labels("dead").inc()
-                return False
-        async with self.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", self.epoch())
-            await con.execute(_SENT, row["id"], result.arrears_after,
-                              result.prepaid_balance_after)
-        self.metrics.forwarded.labels("sent").inc()
-        return True
+                return None
+        return result
 
     async def _failed(self, row: Any, error: str, *, permanent: bool) -> None:
         async with self.pool.acquire() as con, con.transaction():
