@@ -1,0 +1,394 @@
+"""The IVR's I/O shell: runs the dialog's effects against Redis, PostgreSQL, the HSM and the
+marketing system, and keeps each call's turns in order.
+
+Per input: take the call's lock, read the call, answer a retried input from what was stored,
+ask the dialog what it needs (`plan`), do it (a `Fact`), let the dialog decide (`advance`),
+save the call with a compare-and-set, release the lock.
+
+Guarantees, and where they come from:
+
+- A PIN is checked only by the HSM (`voucher_verify`); the switch sees the PIN block, which it
+  passes on and never stores, logs or returns.
+- A wrong PIN is counted in ONE fenced transaction: a row in `ivr_pin_failures` keyed by
+  (call, hash of the PIN block), so that a retried input is not counted again; the card's count
+  (`record_wrong_pin`, which locks the card at the limit); and the caller number's count over
+  24 hours under a per-number advisory lock, which blocks the number at the limit
+  (`ivr_ani_blocks`). Parallel calls cannot get around any of the three; a Redis flush lifts
+  none of them.
+- A card is redeemed at most once: a Redis lock on the serial keeps racing calls apart (fast
+  path), and one fenced transaction records the payment with the key `card:<serial>` and moves
+  the card sold → redeemed; if the card cannot move, the transaction is rolled back. The key
+  makes a second redemption impossible whatever Redis says; a retry of the same call finds its
+  own payment and gets the original result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from switch import db
+from switch.cards.states import CardState, card_status, record_wrong_pin, redeem_card
+from switch.hsm_client import HsmError
+from switch.ivr import dialog
+from switch.ivr.dialog import (
+    AccountFact,
+    AniBlocked,
+    Busy,
+    Call,
+    CardFact,
+    Fact,
+    Input,
+    Limits,
+    LookupAccount,
+    LookupCard,
+    NotFound,
+    PinBlock,
+    PinFact,
+    Redeem,
+    RedeemFact,
+    Step,
+    Timeout,
+    VerifyPin,
+)
+from switch.ivr.store import CallStore, LockNotAcquired, RedisLock, StoreConflict, StoredCall
+from switch.payments.accounts import AccountsUnavailable, mask_name
+from switch.payments.ledger import Committed, PaymentRequest, load_payment
+
+if TYPE_CHECKING:
+    from switch.node import Node
+
+log = logging.getLogger("gridpay.ivr")
+
+__all__ = ["CallBusy", "CallEnded", "CallExists", "CallNotFound", "InputKeyReused", "IvrError",
+           "IvrService", "NodeFenced", "TurnAnswer"]
+
+
+class IvrError(Exception):
+    """Base of the IVR shell's errors (each maps to one HTTP problem)."""
+
+
+class CallNotFound(IvrError):
+    """No such call (never started, or forgotten after being idle)."""
+
+
+class CallExists(IvrError):
+    """A call with this id is already under way."""
+
+
+class CallEnded(IvrError):
+    """The call has ended; it takes no more input."""
+
+
+class CallBusy(IvrError):
+    """Another turn of this call is being processed; retry the same input."""
+
+
+class InputKeyReused(IvrError):
+    """The same Idempotency-Key came with another input."""
+
+
+class NodeFenced(IvrError):
+    """This node lost the lease: the write was refused; it is demoting itself."""
+
+
+class _NotRedeemed(Exception):
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True, slots=True)
+class TurnAnswer:
+    turn: dict[str, Any]
+    replayed: bool = False
+
+
+_REDEEM_OUTCOMES = {"state:redeemed": "used", "state:locked": "locked",
+                    "state:voided": "voided", "state:expired": "expired", "expired": "expired",
+                    "unknown": "unknown"}
+
+_ANI_BLOCKED = "SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $1"
+_BLOCK_ANI = """
+INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)
+VALUES ($1, $2, now(), now() + interval '24 hours')
+ON CONFLICT (ani) DO UPDATE
+   SET failures = EXCLUDED.failures, blocked_at = now(), blocked_until = EXCLUDED.blocked_until
+"""
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _input_hash(inp: Input, step: Step) -> str:
+    """What identifies an input for replays. Digits at the PIN step are never hashed (they
+    might be a PIN the IVR should not have sent in clear)."""
+    if isinstance(inp, PinBlock):
+        return _sha("p:" + inp.hex.lower())
+    if isinstance(inp, Timeout):
+        return _sha("t")
+    if dialog.STEPS[step].entry == "pin":
+        return _sha("d:<at pin step>")
+    return _sha("d:" + inp.value)
+
+
+def hangup_turn(call_id: str) -> dict[str, Any]:
+    return {"call_id": call_id, "step": Step.GOODBYE.value, "prompts": [],
+            "collect": dialog.NOTHING.as_json(), "hangup": True}
+
+
+class IvrService:
+    """The IVR channel of one node (state shared with the other node through Redis)."""
+
+    def __init__(self, node: Node, *, effect_timeout_s: float = 8.0,
+                 turn_wait_s: float = 5.0) -> None:
+        self.node = node
+        s = node.settings.ivr
+        self.limits = Limits(pin_tries_per_call=s.pin_tries_per_call,
+                             pin_tries_per_card=s.pin_tries_per_card)
+        self.ani_limit = s.ani_failures_per_day
+        self.store = CallStore(node.redis, idle_s=s.call_idle_s)
+        self.effect_timeout_s = effect_timeout_s
+        self.turn_wait_s = turn_wait_s
+
+    # -- the three requests ---------------------------------------------------------------
+
+    async def start_call(self, call: Call) -> TurnAnswer:
+        start_hash = _sha(f"{call.ani}|{call.dnis}|{call.lang}")
+        async with self._turn_lock(call.call_id):
+            stored = await self.store.load(call.call_id)
+            if stored is not None:
+                if stored.start_hash == start_hash and stored.version == 1:
+                    return TurnAnswer(stored.turn, replayed=True)  # a retried start
+                raise CallExists(call.call_id)
+            blocked = await self._ani_blocked(call.ani)
+            call, turn = dialog.start(call, ani_blocked=blocked)
+            doc = turn.as_json(call.call_id)
+            await self._save(StoredCall(call=call, turn=doc, start_hash=start_hash))
+            self.node.metrics.ivr_turns.labels(turn.step.value).inc()
+            return TurnAnswer(doc)
+
+    async def send(self, call_id: str, inp: Input, idempotency_key: str | None) -> TurnAnswer:
+        async with self._turn_lock(call_id):
+            stored = await self.store.load(call_id)
+            if stored is None:
+                raise CallNotFound(call_id)
+            ihash = _input_hash(inp, stored.call.step)
+            if idempotency_key is not None and stored.input_key == idempotency_key:
+                if stored.input_hash != ihash:
+                    raise InputKeyReused(call_id)
+                return TurnAnswer(stored.turn, replayed=True)
+            if isinstance(inp, PinBlock) and stored.input_hash == ihash:
+                # a PIN block is never the same twice (8 random bytes): this is a retry
+                return TurnAnswer(stored.turn, replayed=True)
+            if stored.call.ended:
+                raise CallEnded(call_id)
+            call = stored.call
+            effect = dialog.plan(call, inp)
+            fact = await self._perform(effect, call, ihash) if effect is not None else None
+            call, turn = dialog.advance(call, inp, fact, self.limits)
+            doc = turn.as_json(call_id)
+            await self._save(dataclasses.replace(stored, call=call, turn=doc,
+                                                 input_key=idempotency_key, input_hash=ihash))
+            self.node.metrics.ivr_turns.labels(turn.step.value).inc()
+            return TurnAnswer(doc)
+
+    async def hang_up(self, call_id: str) -> TurnAnswer:
+        async with self._turn_lock(call_id):
+            stored = await self.store.load(call_id)
+            if stored is None:
+                raise CallNotFound(call_id)
+            if stored.hung_up:
+                return TurnAnswer(stored.turn, replayed=True)
+            doc = hangup_turn(call_id)
+            await self._save(dataclasses.replace(stored, call=dialog.hang_up(stored.call),
+                                                 turn=doc, hung_up=True))
+            self.node.metrics.ivr_turns.labels("hangup").inc()
+            return TurnAnswer(doc)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _turn_lock(self, call_id: str) -> AsyncIterator[None]:
+        """Turns of one call, one at a time (`CallBusy` if another does not finish in time)."""
+        lock = self.store.lock(call_id)
+        try:
+            token = await lock.acquire(self.turn_wait_s)
+        except LockNotAcquired:
+            raise CallBusy(call_id) from None
+        try:
+            yield
+        finally:
+            await lock.release(token)
+
+    async def _save(self, stored: StoredCall) -> None:
+        try:
+            await self.store.save(stored)
+        except StoreConflict:
+            raise CallBusy(stored.call.call_id) from None
+
+    async def _ani_blocked(self, ani: str) -> bool:
+        try:
+            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani, timeout=2.0))
+        except Exception as e:  # the PIN step checks again, and refuses when it cannot
+            log.warning("caller-number block not checked", extra={"error": type(e).__name__})
+            return False
+
+    async def _perform(self, effect: dialog.Effect, call: Call, ihash: str) -> Fact:
+        try:
+            async with asyncio.timeout(self.effect_timeout_s):
+                if isinstance(effect, LookupAccount):
+                    return await self._lookup_account(effect.account_no)
+                if isinstance(effect, LookupCard):
+                    return await self._lookup_card(effect.serial)
+                if isinstance(effect, VerifyPin):
+                    return await self._verify_pin(call, effect, ihash)
+                return await self._redeem(call, effect)
+        except NodeFenced:
+            raise
+        except Exception as e:
+            if db.is_fenced(e):
+                await self.node.fenced()
+                raise NodeFenced(call.call_id) from None
+            log.warning("IVR effect failed; the caller is told the service is busy",
+                        extra={"call_id": call.call_id, "effect": type(effect).__name__,
+                               "error": type(e).__name__})
+            return Busy()
+
+    async def _lookup_account(self, account_no: str) -> Fact:
+        try:
+            view = await self.node.components["accounts"].lookup(account_no)
+        except AccountsUnavailable:
+            return Busy()
+        if view is None:
+            return NotFound()
+        return AccountFact(account_no=view.account_no, name=mask_name(view.name),
+                           status=view.status, arrears=view.arrears,
+                           prepaid=view.prepaid_balance)
+
+    async def _lookup_card(self, serial: str) -> Fact:
+        card = await card_status(self.node.pool, serial)
+        if card is None:
+            return NotFound()
+        return CardFact(state=card.state.value, face_value=card.face_value)
+
+    async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
+        if await self._ani_blocked_strict(call.ani):
+            return AniBlocked()
+        card = await card_status(self.node.pool, effect.serial)
+        if card is None:
+            return NotFound()
+        if card.state is not CardState.SOLD:
+            return CardFact(state=card.state.value, face_value=card.face_value)
+        ring = self.node.components.get("keyring")
+        if ring is None:
+            return Busy()
+        try:
+            match = await self.node.components["hsm"].voucher_verify(
+                ring.ivr_pin_key, ring.vvk, effect.serial, effect.pin_block.hex.upper(),
+                card.tag)
+        except (HsmError, OSError, TimeoutError) as e:
+            log.warning("HSM did not verify a card PIN; nothing counted",
+                        extra={"call_id": call.call_id, "error": type(e).__name__})
+            return Busy()
+        if match:
+            return PinFact(match=True)
+        return await self._count_wrong_pin(call, effect.serial, bytes.fromhex(ihash))
+
+    async def _ani_blocked_strict(self, ani: str) -> bool:
+        return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani))
+
+    async def _count_wrong_pin(self, call: Call, serial: str, attempt: bytes) -> Fact:
+        node = self.node
+        async with node.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", node.epoch)
+            # one caller number at a time: count-and-block is atomic across parallel calls
+            await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                              "ivr-ani:" + call.ani)
+            fresh = await con.fetchval(
+                "INSERT INTO ivr_pin_failures (call_id, attempt, ani, serial)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                call.call_id, attempt, call.ani, serial)
+            card = await con.fetchrow(
+                "SELECT state, face_value, failed_pin_count FROM cards WHERE serial = $1"
+                " FOR UPDATE", serial)
+            if card is None:
+                return NotFound()
+            if card["state"] != CardState.SOLD.value:
+                # locked (or redeemed) by another call meanwhile: not counted on the card
+                if card["state"] == CardState.LOCKED.value and not fresh:
+                    return PinFact(match=False, card_failures=int(card["failed_pin_count"]),
+                                   card_locked=True)  # a retry of the attempt that locked it
+                return CardFact(state=card["state"], face_value=int(card["face_value"]))
+            count, locked = int(card["failed_pin_count"]), False
+            if fresh:
+                count, locked = await record_wrong_pin(
+                    con, serial, self.limits.pin_tries_per_card, actor="ivr",
+                    call_id=call.call_id)
+            failures = int(await con.fetchval(
+                "SELECT count(*) FROM ivr_pin_failures"
+                " WHERE ani = $1 AND at > now() - interval '24 hours'", call.ani))
+            blocked = failures >= self.ani_limit
+            if blocked and fresh:
+                await con.execute(_BLOCK_ANI, call.ani, failures)
+                log.warning("caller number blocked for 24 hours after wrong PINs",
+                            extra={"call_id": call.call_id, "failures": failures})
+            if locked:
+                log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
+        return PinFact(match=False, card_failures=count, card_locked=locked,
+                       ani_blocked=blocked)
+
+    async def _redeem(self, call: Call, effect: Redeem) -> Fact:
+        lock = RedisLock(self.node.redis, f"ivr:card-lock:{effect.serial}", ttl_ms=10000)
+        try:
+            async with lock.hold(wait_s=3.0):
+                return await self._redeem_locked(call, effect)
+        except LockNotAcquired:
+            return Busy()
+
+    async def _redeem_locked(self, call: Call, effect: Redeem) -> Fact:
+        node = self.node
+        ledger = node.components["ledger"]
+        request_hash = hashlib.sha256(
+            f"{call.call_id}|{effect.serial}|{effect.account_no}".encode()).digest()
+        request = PaymentRequest(
+            kind="card_recharge", dedup_key=f"card:{effect.serial}", request_hash=request_hash,
+            channel="ivr", method="card", account_no=effect.account_no,
+            amount=effect.face_value, card_serial=effect.serial, caller=call.ani)
+        fact: Fact
+        try:
+            async with node.pool.acquire() as con, con.transaction():
+                await con.execute("SELECT gridpay_fence($1)", node.epoch)
+                [outcome] = await ledger.record_in(con, [request])
+                if isinstance(outcome, Committed):
+                    rec = outcome.record
+                    done = await redeem_card(
+                        con, effect.serial, effect.account_no,
+                        amount_expected=effect.face_value, actor="ivr", payment_id=rec.id,
+                        txn_no=rec.receipt_no, caller=call.ani, channel="ivr",
+                        at=rec.created_at)
+                    if not done.redeemed:
+                        raise _NotRedeemed(_REDEEM_OUTCOMES.get(done.reason, "busy"))
+                    fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
+                elif outcome.request_hash == request_hash and outcome.payment_id is not None:
+                    # this call's own redemption, committed before its answer was lost
+                    original = await load_payment(con, outcome.payment_id)
+                    assert original is not None
+                    return RedeemFact(outcome="ok", amount=original.amount,
+                                      receipt_no=original.receipt_no)
+                else:
+                    return RedeemFact(outcome="used")
+        except _NotRedeemed as e:  # rolled back: no payment, no card move
+            return Busy() if e.outcome == "busy" else RedeemFact(outcome=e.outcome)
+        node.metrics.redemptions.inc()
+        node.components["forwarder"].wake()
+        log.info("card redeemed", extra={"call_id": call.call_id, "receipt_no": rec.receipt_no,
+                                         "amount": rec.amount})
+        return fact
