@@ -1,0 +1,97 @@
+"""Figures from load-generator results, the table for people and the JSON for machines."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from bench.loadgen import new_histogram
+
+__all__ = ["format_table", "summarise"]
+
+PERCENTILES = (("p50_ms", 50.0), ("p90_ms", 90.0), ("p99_ms", 99.0), ("p999_ms", 99.9))
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stream name: throughput, latency percentiles (ms), codes, load-generator CPU."""
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_name[str(r["name"])].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in by_name.items():
+        hist = new_histogram()
+        codes: dict[str, int] = defaultdict(int)
+        for r in rs:
+            hist.decode_and_add(r["hist"])
+            for c, n in r["codes"].items():
+                codes[c] += int(n)
+        duration = max(float(r["duration_s"]) for r in rs)
+        in_window = sum(int(r["completed_in_window"]) for r in rs)
+        ok = sum(n for c, n in codes.items() if c in ("00", "200", "201"))
+        fig: dict[str, Any] = {
+            "workers": len(rs),
+            "open_loop": bool(rs[0]["open_loop"]),
+            "duration_s": duration,
+            "issued": sum(int(r["issued"]) for r in rs),
+            "completed": sum(int(r["completed"]) for r in rs),
+            "tps": round(in_window / duration, 1) if duration else 0.0,
+            "approved": ok,
+            "error_rate": round(1 - ok / max(1, sum(codes.values())), 5),
+            "codes": dict(sorted(codes.items())),
+            "unanswered": sum(len(r["unanswered"]) for r in rs),
+            "loadgen_cpu_s": round(sum(float(r["cpu_s"]) for r in rs), 2),
+            "loadgen_build_cpu_s": round(sum(float(r["build_cpu_s"]) for r in rs), 2),
+            "built_late": sum(int(r["built_late"]) for r in rs),
+        }
+        dialogs: dict[str, int] = defaultdict(int)
+        for r in rs:
+            for c, n in r.get("dialogs", {}).items():
+                dialogs[c] += int(n)
+        if dialogs:
+            fig["dialogs"] = dict(dialogs)
+        for key, pct in PERCENTILES:
+            fig[key] = round(hist.get_value_at_percentile(pct) / 1000, 3)
+        fig["max_ms"] = round(hist.get_max_value() / 1000, 3)
+        out[name] = fig
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of one scenario's report."""
+    lines = [f"== {report['scenario']} ==  ({report.get('status', '?')})"]
+    phases = report.get("phases", {})
+    if phases:
+        cols = ("tps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "error_rate",
+                "loadgen_cpu_s")
+        lines.append(f"{'phase':<28}" + "".join(f"{c:>13}" for c in cols))
+        for name, fig in phases.items():
+            lines.append(f"{name:<28}" + "".join(f"{_fmt(fig.get(c, '')):>13}" for c in cols))
+            codes = fig.get("codes")
+            if codes and set(codes) - {"00", "200", "201"}:
+                lines.append(f"{'':<28}codes {codes}")
+    for name, b in report.get("baselines", {}).items():
+        shown = {k: v for k, v in b.items() if k in ("tps", "latency_avg_ms", "clients",
+                                                    "ratio_base", "per_s")}
+        lines.append(f"baseline {name:<19} {shown}")
+    for name, g in report.get("goals", {}).items():
+        mark = "MET " if g["met"] else "MISS"
+        lines.append(f"goal [{mark}] {name}: {_fmt(g['value'])} (goal {g['goal']})")
+    cpu = report.get("cpu")
+    if cpu:
+        lines.append("cpu seconds by process: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    books = report.get("books")
+    if books is not None:
+        verdict = "balance" if books["ok"] else "DO NOT BALANCE: " + "; ".join(books["problems"])
+        lines.append(f"books: {verdict} (approved {books.get('approved_responses')}, ledger "
+                     f"{books.get('ledger_payments')}, marketing "
+                     f"{books.get('marketing_postings')}, drained in {books.get('drain_s')} s)")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""The scenarios of `python -m bench`: each starts the system, measures it and its baseline in
+the same run, checks the books, and returns a report (a JSON-able dict)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bench.baseline import pgbench
+from bench.books import check_books
+from bench.cpu import CpuSnapshot, cpu_split
+from bench.loadgen import LoadSpec, WorkerPool
+from bench.report import summarise
+from bench.stack import Child, Stack, StackError
+
+__all__ = ["Harness", "Options", "SCENARIOS", "run_scenario"]
+
+BANK_INST, POST_INST = "01020000", "01000000"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    duration_s: float = 10.0
+    connections: int | None = None  # per stream; None: the scenario's default
+    rate: float | None = None  # open-loop rate; None: 70 % of the measured peak
+    depth: int = 24  # closed loop, requests in flight per link connection
+    customers: int = 20_000
+    workers: int = 1  # load-generator processes per stream
+    pgbench_clients: int = 16
+    home: Path | None = None
+    skip_open_loop: bool = False
+    skip_baseline: bool = False
+
+
+def _goal(value: float, goal: float, *, at_most: bool = False) -> dict[str, Any]:
+    met = value <= goal if at_most else value >= goal
+    return {"value": round(value, 3), "goal": f"{'<=' if at_most else '>='} {goal}", "met": met}
+
+
+@dataclass
+class Harness:
+    """A running system under test and what the load generators need to load it."""
+
+    stack: Stack
+    opts: Options
+    accounts: tuple[str, ...] = ()
+    api_keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # channel → (id, key)
+    approved: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)
+    run_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, opts: Options) -> AsyncIterator[Harness]:
+        import tempfile
+
+        with contextlib.ExitStack() as es:
+            home = opts.home or Path(es.enter_context(
+                tempfile.TemporaryDirectory(prefix="gridpay-bench-")))
+            stack = Stack(home, customers=opts.customers)
+            es.callback(stack.stop)
+            await asyncio.to_thread(stack.start)
+            h = cls(stack, opts)
+            await h._prepare()
+            yield h
+
+    @property
+    def db(self) -> str:
+        return self.stack.urls["database"]
+
+    async def _prepare(self) -> None:
+        # the switch validates payments against its account mirror: wait for the first pass
+        con = await asyncpg.connect(self.db)
+        try:
+            deadline = time.monotonic() + 120
+            while not await con.fetchval("SELECT completed_at IS NOT NULL FROM mirror_sync"):
+                if time.monotonic() > deadline:
+                    raise StackError("the account mirror did not complete its first pass")
+                await asyncio.sleep(0.2)
+        finally:
+            await con.close()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.stack.urls["marketing"] + "/accounts",
+                             params={"limit": "1000"}) as r:
+                body = await r.json()
+        self.accounts = tuple(str(a["account_no"]) for a in body["accounts"]
+                              if a["status"] == "active")
+
+    async def api_key(self, channel: str) -> tuple[str, str]:
+        if channel not in self.api_keys:
+            from switch.clients import create_client
+
+            pool = await asyncpg.create_pool(self.db, min_size=1, max_size=1)
+            assert pool is not None
+            try:
+                cid, key = await create_client(pool, f"bench-{channel}", channel)
+            finally:
+                await pool.close()
+            self.api_keys[channel] = (str(cid), key)
+        return self.api_keys[channel]
+
+    # -- load specs ---------------------------------------------------------------------
+
+    def iso_specs(self, dialect: str, *, name: str, connections: int, rate: float = 0.0,
+                  duration_s: float | None = None, depth: int | None = None) -> list[LoadSpec]:
+        from switch.keys import load_dev_keys
+
+        inst = BANK_INST if dialect == "bank" else POST_INST
+        key = dict(load_dev_keys().institution_mac)[inst]
+        d = duration_s or self.opts.duration_s
+        dp = depth or self.opts.depth
+        w = max(1, min(self.opts.workers, connections))
+        # enough pre-built messages for a generous guess of the peak (the rest are built late)
+        per_worker = int(min(400_000, max(2_000, (rate or 6000) * d * 1.3 / w)))
+        return [LoadSpec(kind="iso", name=name, host="127.0.0.1",
+                         port=self.stack.ports[dialect], connections=connections // w,
+                         duration_s=d, rate=rate / w, depth=dp, worker=i,
+                         prebuild=per_worker, accounts=self.accounts, dialect=dialect,
+                         institution=inst, mac_key=key, seed=hash(self.run_tag) % 10_000)
+                for i in range(w)]
+
+    async def http_specs(self, *, name: str, connections: int, port: int | None = None,
+                         channel: str | None = "internet", rate: float = 0.0,
+                         duration_s: float | None = None) -> list[LoadSpec]:
+        cid, key = await self.api_key(channel) if channel else ("", "")
+        d = duration_s or self.opts.duration_s
+        w = max(1, min(self.opts.workers, connections))
+        per_worker = int(min(300_000, max(2_000, (rate or 4000) * d * 1.3 / w)))
+        return [LoadSpec(kind="http", name=name, host="127.0.0.1",
+                         port=port or self.stack.ports["http"], connections=connections // w,
+                         duration_s=d, rate=rate / w, worker=i, prebuild=per_worker,
+                         accounts=self.accounts, api_key=key, client_id=cid,
+                         run_tag=f"{self.run_tag}{name.replace('_', '')[:16]}") for i in range(w)]
+
+    # -- running load -------------------------------------------------------------------
+
+    async def load(self, specs: Sequence[LoadSpec], *, count: bool = True
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+        """Run the workers together; (figures per stream, CPU split)."""
+        pool = WorkerPool(specs)
+        try:
+            await pool.ready()
+            before = CpuSnapshot.take(pool.pids)
+            pool.go()
+            longest = max(s.duration_s + s.timeout_s for s in specs)
+            results = await pool.results(longest + 60)
+            after = CpuSnapshot.take(pool.pids)
+        finally:
+            pool.close()
+        if count:
+            for r in results:
+                self.approved.extend(r["approved"])
+                self.unanswered.extend(r["unanswered"])
+        return summarise(results), cpu_split(before, after, pool.pids)
+
+    async def books(self) -> dict[str, Any]:
+        b = await check_books(self.db, self.stack.urls["marketing"], self.approved,
+                              self.unanswered)
+        return b.as_json()
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:
+    o = h.opts
+    conns = o.connections or 8
+    report: dict[str, Any] = {"scenario": dialect, "phases": {}, "baselines": {}, "goals": {},
+                              "notes": []}
+    if not o.skip_baseline:
+        report["baselines"]["pgbench_N"] = await pgbench(h.db, o.duration_s, o.pgbench_clients)
+    figs, cpu = await h.load(h.iso_specs(dialect, name=f"{dialect}_peak", connections=conns))
+    peak = figs[f"{dialect}_peak"]
+    report["phases"][f"{dialect}_peak (closed loop)"] = peak
+    report["cpu"] = cpu
+    if not o.skip_open_loop:
+        rate = o.rate or max(10.0, 0.7 * peak["tps"])
+        figs2, cpu2 = await h.load(h.iso_specs(dialect, name=f"{dialect}_open",
+                                               connections=conns, rate=rate))
+        fig = figs2[f"{dialect}_open"]
+        fig["offered_rate"] = round(rate, 1)
+        report["phases"][f"{dialect}_open @{rate:.0f}/s"] = fig
+        report["cpu_open_loop"] = cpu2
+        report["goals"]["p99_ms_at_70pct_open_loop"] = _goal(fig["p99_ms"], 20.0, at_most=True)
+    base = report["baselines"].get("pgbench_N")
+    if base and base["tps"]:
+        ratio = peak["tps"] / base["tps"]
+        report["ratios"] = {f"{dialect}_tps/pgbench_N_tps": round(ratio, 3)}
+        if dialect == "bank":
+            report["goals"]["bank_tps_vs_pgbench_N"] = _goal(ratio, 1.0)
+            report["goals"]["bank_tps_vs_pgbench_N_stretch"] = _goal(ratio, 1.5)
+    if dialect == "bank":
+        from bench.hsm import run as hsm_run
+
+        host, _, port = h.stack.urls["hsm"].rpartition(":")
+        before = CpuSnapshot.take()
+        hsm = await hsm_run(host, int(port), o.duration_s, 64)
+        hsm["cpu"] = cpu_split(before, CpuSnapshot.take())
+        report["baselines"]["hsm_mac_verify"] = {"per_s": hsm["verifications_per_s"], **hsm}
+        report["goals"]["hsm_mac_verify_vs_bank_tps"] = _goal(
+            hsm["verifications_per_s"] / max(1.0, peak["tps"]), 2.0)
+    return report
+
+
+async def scenario_bank(h: Harness) -> dict[str, Any]:
+    return await _link_scenario(h, "bank")
+
+
+async def scenario_post(h: Harness) -> dict[str, Any]:
+    return await _link_scenario(h, "post")
+
+
+@contextlib.asynccontextmanager
+async def baseline_server() -> AsyncIterator[int]:
+    child = Child("baseline", [sys.executable, "-m", "bench.baseline", "--port", "0"],
+                  {**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+                  Path("/dev/null"))
+    ready = await asyncio.to_thread(child.start, 30.0)
+    try:
+        yield int(ready["port"])
+    finally:
+        await asyncio.to_thread(child.stop)
+
+
+async def scenario_http(h: Harness) -> dict[str, Any]:
+    o = h.opts
+    conns = o.connections or 32
+    report: dict[str, Any] = {"scenario": "http", "phases": {}, "baselines": {}, "goals": {},
+                              "notes": []}
+    if not o.skip_baseline:
+        async with baseline_server() as port:
+            figs, cpu0 = await h.load(await h.http_specs(name="aiohttp_minimal", port=port,
+                                                         channel=None, connections=conns),
+                                      count=False)
+        report["phases"]["aiohttp_minimal (baseline)"] = figs["aiohttp_minimal"]
+        report["baselines"]["aiohttp_minimal"] = {"tps": figs["aiohttp_minimal"]["tps"]}
+        report["cpu_baseline"] = cpu0
+    figs, cpu = await h.load(await h.http_specs(name="http_peak", connections=conns))
+    peak = figs["http_peak"]
+    report["phases"]["http_peak (closed loop)"] = peak
+    report["cpu"] = cpu
+    if not o.skip_open_loop:
+        rate = o.rate or max(10.0, 0.7 * peak["tps"])
+        figs2, cpu2 = await h.load(await h.http_specs(name="http_open", connections=conns,
+                                                      rate=rate))
+        figs2["http_open"]["offered_rate"] = round(rate, 1)
+        report["phases"][f"http_open @{rate:.0f}/s"] = figs2["http_open"]
+        report["cpu_open_loop"] = cpu2
+    base = report["baselines"].get("aiohttp_minimal")
+    if base and base["tps"]:
+        ratio = peak["tps"] / base["tps"]
+        report["ratios"] = {"http_tps/aiohttp_minimal_tps": round(ratio, 3)}
+        report["goals"]["http_tps_vs_aiohttp_minimal"] = _goal(ratio, 0.4)
+    return report
+
+
+async def scenario_mixed(h: Harness) -> dict[str, Any]:
+    """Bank, post and Internet load at once (closed loop), sharing the switch."""
+    o = h.opts
+    conns = o.connections or 4
+    specs = (h.iso_specs("bank", name="bank", connections=conns)
+             + h.iso_specs("post", name="post", connections=conns)
+             + await h.http_specs(name="http", connections=4 * conns))
+    report: dict[str, Any] = {"scenario": "mixed", "phases": {}, "baselines": {}, "goals": {},
+                              "notes": []}
+    if not o.skip_baseline:
+        report["baselines"]["pgbench_N"] = await pgbench(h.db, o.duration_s, o.pgbench_clients)
+    figs, cpu = await h.load(specs)
+    report["phases"] = figs
+    report["cpu"] = cpu
+    total = sum(f["tps"] for f in figs.values())
+    report["phases"]["total"] = {"tps": round(total, 1)}
+    base = report["baselines"].get("pgbench_N")
+    if base and base["tps"]:
+        report["ratios"] = {"mixed_tps/pgbench_N_tps": round(total / base["tps"], 3)}
+    return report
+
+
+async def scenario_ivr(h: Harness) -> dict[str, Any]:
+    from bench.ivr import run_ivr
+
+    report: dict[str, Any] = await run_ivr(h)
+    return report
+
+
+SCENARIOS = {"bank": scenario_bank, "post": scenario_post, "http": scenario_http,
+             "mixed": scenario_mixed, "ivr": scenario_ivr}
+
+
+async def run_scenario(name: str, opts: Options) -> dict[str, Any]:
+    """Start a fresh system, run one scenario on it, check the books, stop it."""
+    started = time.monotonic()
+    async with Harness.open(opts) as h:
+        report = await SCENARIOS[name](h)
+        report["books"] = await h.books()
+    report["options"] = {"duration_s": opts.duration_s, "connections": opts.connections,
+                         "rate": opts.rate, "depth": opts.depth, "customers": opts.customers,
+                         "workers": opts.workers}
+    report["machine"] = machine()
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    report["status"] = "pass" if report["books"]["ok"] else "FAIL (books)"
+    return report
+
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, IndexError):
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    return {"cpus": os.cpu_count(), "cpu_model": model, "memory": mem,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "postgres": _pg_version()}
+
+
+def _pg_version() -> str:
+    from switch.embedded import pg_bin_dir
+
+    with contextlib.suppress(Exception):
+        out = subprocess.run([str(pg_bin_dir() / "postgres"), "--version"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    return ""

@@ -1,0 +1,89 @@
+"""The benchmark harness, run tiny: a real system (services and a switch node as child
+processes), a real load generator process, the books check passing, and failing when the books
+are broken."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from bench.books import check_books
+from bench.cpu import CpuSnapshot, cpu_split
+from bench.loadgen import LoadSpec, WorkerPool
+from bench.report import format_table, summarise
+from bench.scenarios import Harness, Options, baseline_server
+
+OPTS = Options(duration_s=1.0, customers=500, depth=4, skip_open_loop=True, skip_baseline=True)
+
+
+@pytest.fixture(scope="module")
+async def harness() -> AsyncIterator[Harness]:
+    async with Harness.open(OPTS) as h:
+        yield h
+
+
+async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
+    figs, cpu = await harness.load(harness.iso_specs("bank", name="bank", connections=2))
+    bank = figs["bank"]
+    assert bank["approved"] > 0 and bank["tps"] > 0
+    assert set(bank["codes"]) == {"00"}
+    assert bank["p50_ms"] > 0 and bank["max_ms"] >= bank["p99_ms"] >= bank["p50_ms"]
+    assert cpu["switch"] > 0 and cpu["loadgen"] >= 0
+    books = await harness.books()
+    assert books["ok"], books["problems"]
+    assert books["ledger_payments"] == books["approved_responses"] == bank["approved"]
+    assert books["marketing_postings"] == books["ledger_payments"]
+    table = format_table({"scenario": "bank", "status": "pass", "phases": {"bank": bank},
+                          "books": books})
+    assert "books: balance" in table
+
+
+async def test_http_payments_count_in_the_books(harness: Harness) -> None:
+    figs, _ = await harness.load(await harness.http_specs(name="http", connections=2))
+    assert figs["http"]["approved"] > 0 and set(figs["http"]["codes"]) == {"201"}
+    books = await harness.books()
+    assert books["ok"], books["problems"]
+
+
+async def test_broken_books_fail(harness: Harness) -> None:
+    urls = harness.stack.urls
+    # a payment a client was told is approved but the ledger does not hold
+    told = [*harness.approved, "iso:01020000:999999:0101000000"]
+    books = await check_books(urls["database"], urls["marketing"], told, harness.unanswered,
+                              drain_timeout_s=5)
+    assert not books.ok and "not in the ledger" in books.problems[0]
+    # a posting the switch believes sent that the marketing system never got
+    con = await asyncpg.connect(urls["database"])
+    try:
+        await con.execute(
+            "INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel,"
+            " occurred_at, state) SELECT 'PBENCHFAKE', 'payment', id, account_no, amount,"
+            " channel, created_at, 'sent' FROM payments LIMIT 1")
+        books = await check_books(urls["database"], urls["marketing"], harness.approved,
+                                  harness.unanswered, drain_timeout_s=5)
+        assert not books.ok
+        assert any("never reached the marketing system" in p for p in books.problems)
+    finally:
+        await con.execute("DELETE FROM outbox WHERE posting_id = 'PBENCHFAKE'")
+        await con.close()
+
+
+async def test_open_loop_against_the_baseline_handler() -> None:
+    async with baseline_server() as port:
+        spec = LoadSpec(kind="http", name="base", host="127.0.0.1", port=port, connections=2,
+                        duration_s=0.5, rate=200, prebuild=200, accounts=("0000000001",))
+        pool = WorkerPool([spec])
+        try:
+            await pool.ready()
+            before = CpuSnapshot.take(pool.pids)
+            pool.go()
+            results = await pool.results(30)
+            after = CpuSnapshot.take(pool.pids)
+        finally:
+            pool.close()
+    fig = summarise(results)["base"]
+    assert fig["open_loop"] and fig["codes"] == {"201": fig["completed"]}
+    assert 60 <= fig["completed"] <= 110  # 200/s for half a second, on schedule
+    assert "idle" in cpu_split(before, after, pool.pids)
