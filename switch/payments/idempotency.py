@@ -29,6 +29,14 @@ return {'inflight', h['hash']}
 """
 
 
+# KEYS[1] = the key; ARGV = hash, status, body, ttl s: the stored answer, in one command
+_COMPLETE = """
+redis.call('HSET', KEYS[1], 'state', 'done', 'hash', ARGV[1], 'status', ARGV[2], 'body', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
 class ClaimState(enum.Enum):
     CLAIMED = "claimed"
     IN_FLIGHT = "inflight"
@@ -51,6 +59,7 @@ class IdempotencyCache:
         self.claim_ttl_ms = claim_ttl_ms
         self.prefix = prefix
         self._claim = redis.register_script(_CLAIM)
+        self._complete = redis.register_script(_COMPLETE)
 
     async def claim(self, key: str, request_hash: str) -> Claim:
         r = await self._claim(keys=[self.prefix + key], args=[request_hash, self.claim_ttl_ms])
@@ -63,12 +72,8 @@ class IdempotencyCache:
         return Claim(state, h)
 
     async def complete(self, key: str, request_hash: str, status: int, body: bytes) -> None:
-        k = self.prefix + key
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k, mapping={"state": "done", "hash": request_hash, "status": status,
-                                  "body": body})
-            pipe.expire(k, self.ttl_s)
-            await pipe.execute()
+        await self._complete(keys=[self.prefix + key],
+                             args=[request_hash, status, body, self.ttl_s])
 
     async def release(self, key: str) -> None:
         await self.redis.delete(self.prefix + key)

@@ -150,28 +150,40 @@ class ReceiptNumbers:
         return out
 
 
-_INSERT_KEYS = """
-INSERT INTO dedup_keys (key, kind, request_hash, payment_id, status_code, response)
-SELECT k, 'payment', h, p, s, r
-  FROM unnest($1::text[], $2::bytea[], $3::uuid[], $4::int[], $5::bytea[]) AS t(k, h, p, s, r)
-ON CONFLICT (key) DO NOTHING
-RETURNING key
-"""
-
-_INSERT_PAYMENTS = """
-INSERT INTO payments (id, receipt_no, dedup_key, channel, client_id, institution_id, method,
-                      account_no, amount, business_date, reference, approval_code, stan,
-                      transmitted, rrn, terminal_id, card_serial, caller, created_at, epoch)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                     $7::text[], $8::text[], $9::bigint[], $10::date[], $11::text[], $12::text[],
-                     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
-                     $19::timestamptz[]) AS t, (SELECT $20::bigint) AS e
-"""
-
-_INSERT_OUTBOX = """
+# One statement records a whole batch: the fence, the keys (the first writer of a key wins;
+# the others are returned as duplicates afterwards), the payments of the keys won, and their
+# outbox rows. One round trip and one implicit transaction, whatever the batch size.
+_RECORD = """
+WITH fence AS (SELECT gridpay_fence($20::bigint)),
+k AS (
+  INSERT INTO dedup_keys (key, kind, request_hash, payment_id, status_code, response)
+  SELECT t.k, 'payment', t.h, t.p, t.s, t.r
+    FROM unnest($1::text[], $2::bytea[], $3::uuid[], $4::int[], $5::bytea[]) AS t(k, h, p, s, r),
+         fence
+  ON CONFLICT (key) DO NOTHING
+  RETURNING key, payment_id
+),
+pay AS (
+  INSERT INTO payments (id, receipt_no, dedup_key, channel, client_id, institution_id, method,
+                        account_no, amount, business_date, reference, approval_code, stan,
+                        transmitted, rrn, terminal_id, card_serial, caller, created_at, epoch)
+  SELECT u.id, u.receipt, u.dkey, u.channel, u.client, u.inst, u.method, u.acct, u.amount,
+         u.bdate, u.ref, u.approval, u.stan, u.f7, u.rrn, u.term, u.serial, u.caller, u.at,
+         $20::bigint
+    FROM unnest($3::uuid[], $6::text[], $1::text[], $7::text[], $8::uuid[], $9::text[],
+                $10::text[], $11::text[], $12::bigint[], $13::date[], $14::text[], $15::text[],
+                $16::text[], $17::text[], $18::text[], $19::text[], $21::text[], $22::text[],
+                $23::timestamptz[])
+         AS u(id, receipt, dkey, channel, client, inst, method, acct, amount, bdate, ref,
+              approval, stan, f7, rrn, term, serial, caller, at)
+    JOIN k ON k.key = u.dkey
+  RETURNING id, receipt_no, account_no, amount, channel, created_at
+)
 INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel, occurred_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bigint[], $6::text[],
-                     $7::timestamptz[])
+SELECT w.posting_id, w.kind, pay.id, pay.account_no, pay.amount, pay.channel, pay.created_at
+  FROM pay JOIN unnest($3::uuid[], $24::text[], $25::text[]) AS w(id, posting_id, kind)
+    ON w.id = pay.id
+RETURNING payment_id
 """
 
 
@@ -264,8 +276,7 @@ class PostingPath:
             seen.add(p.request.dedup_key)
         # one lock order for every batch, so that two committers never deadlock on keys
         unique.sort(key=lambda p: p.request.dedup_key)
-        async with self.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", self.epoch())
+        async with self.pool.acquire() as con:
             results = await self.record_in(con, [p.request for p in unique])
         for p, r in zip(unique, results, strict=True):
             if not p.future.done():
@@ -285,7 +296,8 @@ class PostingPath:
 
     async def record_in(self, con: Conn,
                         requests: Sequence[PaymentRequest]) -> list[Outcome]:
-        """Record payments inside the caller's transaction (which must already be fenced)."""
+        """Record payments: in one statement of their own (fenced by this node's epoch), or
+        inside the caller's transaction when there is one."""
         if not requests:
             return []
         now = datetime.now(UTC)
@@ -305,31 +317,23 @@ class PostingPath:
             )
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
-        won = {r["key"] for r in await con.fetch(
-            _INSERT_KEYS, [q.dedup_key for q in requests], [q.request_hash for q in requests],
-            [r.id for r in records], [s for s, _ in renders], [b for _, b in renders])}
-        winners = [(q, r) for q, r in zip(requests, records, strict=True) if q.dedup_key in won]
-        if winners:
-            await con.execute(
-                _INSERT_PAYMENTS,
-                [r.id for _, r in winners], [r.receipt_no for _, r in winners],
-                [q.dedup_key for q, _ in winners], [q.channel for q, _ in winners],
-                [q.client_id for q, _ in winners], [q.institution_id for q, _ in winners],
-                [q.method for q, _ in winners], [q.account_no for q, _ in winners],
-                [q.amount for q, _ in winners], [r.business_date for _, r in winners],
-                [q.reference for q, _ in winners], [r.approval_code for _, r in winners],
-                [q.stan for q, _ in winners], [q.transmitted for q, _ in winners],
-                [q.rrn for q, _ in winners], [q.terminal_id for q, _ in winners],
-                [q.card_serial for q, _ in winners], [q.caller for q, _ in winners],
-                [r.created_at for _, r in winners], self.epoch(),
-            )
-            await con.execute(
-                _INSERT_OUTBOX,
-                [r.posting_id for _, r in winners], [q.kind for q, _ in winners],
-                [r.id for _, r in winners], [q.account_no for q, _ in winners],
-                [q.amount for q, _ in winners], [q.channel for q, _ in winners],
-                [r.created_at for _, r in winners],
-            )
+        rows = await con.fetch(
+            _RECORD,
+            [q.dedup_key for q in requests], [q.request_hash for q in requests],
+            [r.id for r in records], [st for st, _ in renders], [b for _, b in renders],
+            [r.receipt_no for r in records], [q.channel for q in requests],
+            [q.client_id for q in requests], [q.institution_id for q in requests],
+            [q.method for q in requests], [q.account_no for q in requests],
+            [q.amount for q in requests], [r.business_date for r in records],
+            [q.reference for q in requests], [r.approval_code for r in records],
+            [q.stan for q in requests], [q.transmitted for q in requests],
+            [q.rrn for q in requests], [q.terminal_id for q in requests], self.epoch(),
+            [q.card_serial for q in requests], [q.caller for q in requests],
+            [r.created_at for r in records], [r.posting_id for r in records],
+            [q.kind for q in requests],
+        )
+        won_ids = {r["payment_id"] for r in rows}
+        won = {q.dedup_key for q, r in zip(requests, records, strict=True) if r.id in won_ids}
         out: list[Outcome] = []
         for q, r, (status, body) in zip(requests, records, renders, strict=True):
             if q.dedup_key in won:
