@@ -5,6 +5,20 @@ lease expires after `ttl_s` and the standby takes it with epoch + 1. Every activ
 calls `gridpay_fence(epoch)` in its own transaction, so a node that wakes up believing it is
 still active has its writes refused by the database.
 
+`gridpay_fence` takes a share lock on the lease row, so a takeover waits for the old holder's
+in-flight writes. A holder that was paused in the middle of one (SIGSTOP, a frozen VM) would
+hold that lock for ever; the node taking an expired lease therefore cuts off the old holder's
+database sessions (found by their `application_name`, see `session_dsn`) when its update waits
+too long for the row lock.
+
+The `handover_to` column carries a planned switchover:
+
+| value      | meaning                                                              |
+|------------|----------------------------------------------------------------------|
+| NULL       | nothing planned                                                      |
+| `?NODE`    | an operator asked the holder to hand over to NODE (`?*`: to anyone)  |
+| `NODE`     | the holder has drained and released the lease to NODE (`*`: anyone)  |
+
 Role transitions are one table: an illegal one raises and changes nothing.
 """
 
@@ -15,6 +29,7 @@ import contextlib
 import enum
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -36,32 +51,67 @@ TRANSITIONS: dict[Role, frozenset[Role]] = {
     Role.STOPPED: frozenset(),
 }
 
+#: `handover_to` prefix of a switchover an operator asked for, not yet granted
+HANDOVER_REQUEST = "?"
+#: `handover_to` target meaning "any node but the one handing over"
+ANY_NODE = "*"
+
 
 class IllegalTransition(Exception):
     pass
 
 
+def application_name(node_id: str) -> str:
+    """The PostgreSQL `application_name` of a node's sessions."""
+    return f"gridpay:{node_id}"
+
+
+def session_dsn(url: str, node_id: str) -> str:
+    """`url` with the node's `application_name` (asyncpg passes unknown query parameters to
+    the server as session settings), so that a node's sessions can be found and cut off."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+             if k != "application_name"]
+    query.append(("application_name", application_name(node_id)))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+# Take the lease: handed to me, handed to anyone but its holder, expired (unless handed to a
+# named node less than a ttl ago), or expired for more than a whole ttl whatever was planned.
 _ACQUIRE = """
 UPDATE node_lease
    SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2),
        handover_to = NULL, updated_at = now()
  WHERE id = 1
-   AND (holder IS NULL OR expires_at < now() OR handover_to = $1)
+   AND (handover_to = $1
+        OR (handover_to = '*' AND holder IS DISTINCT FROM $1)
+        OR ((holder IS NULL OR expires_at < now())
+            AND (handover_to IS NULL OR handover_to LIKE '?%'))
+        OR expires_at < now() - make_interval(secs => $2))
 RETURNING epoch
 """
 _RENEW = """
 UPDATE node_lease SET expires_at = now() + make_interval(secs => $3), updated_at = now()
- WHERE id = 1 AND holder = $1 AND epoch = $2 AND handover_to IS NULL
-RETURNING epoch
+ WHERE id = 1 AND holder = $1 AND epoch = $2
+   AND (handover_to IS NULL OR handover_to LIKE '?%')
+RETURNING epoch, handover_to
 """
 _RELEASE = """
-UPDATE node_lease SET holder = NULL, expires_at = 'epoch', updated_at = now()
+UPDATE node_lease SET holder = NULL, expires_at = 'epoch', handover_to = NULL, updated_at = now()
  WHERE id = 1 AND holder = $1 AND epoch = $2
 """
 _HANDOVER = """
 UPDATE node_lease SET handover_to = $3, expires_at = now(), updated_at = now()
  WHERE id = 1 AND holder = $1 AND epoch = $2
 RETURNING epoch
+"""
+_EXPIRED_HOLDER = """
+SELECT holder FROM node_lease
+ WHERE id = 1 AND holder IS NOT NULL AND holder <> $1 AND expires_at < now()
+"""
+_CUT_OFF = """
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+ WHERE application_name = $1 AND pid <> pg_backend_pid()
 """
 
 Hook = Callable[[], Awaitable[None]]
@@ -81,6 +131,7 @@ class Lease:
         self._valid_until = 0.0  # monotonic: past it, we must not act as active
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._handing_over: asyncio.Task[bool] | None = None
 
     @property
     def is_active(self) -> bool:
@@ -125,16 +176,46 @@ class Lease:
                                          timeout=self.renew_s)
             if row is None:
                 await self.demote("lease lost")
-            else:
-                self._valid_until = started + self.ttl_s
+                return
+            self._valid_until = started + self.ttl_s
+            asked = row["handover_to"]
+            if asked is not None and self._handing_over is None:
+                target = str(asked)[len(HANDOVER_REQUEST):] or ANY_NODE
+                log.info("switchover requested", extra={"to_node": target})
+                self._handing_over = asyncio.create_task(self._handover_then_clear(target))
             return
-        async with self.pool.acquire(timeout=self.renew_s) as con:
-            row = await con.fetchrow(_ACQUIRE, self.node_id, self.ttl_s, timeout=self.renew_s)
-        if row is not None:
-            self.epoch = int(row["epoch"])
+        if self.role is Role.STOPPED:
+            return
+        epoch = await self._acquire()
+        if epoch is not None:
+            self.epoch = epoch
             self._valid_until = started + self.ttl_s
             self._move(Role.ACTIVE)
             await self._on_active()
+
+    async def _acquire(self) -> int | None:
+        """One attempt at the lease; cuts off an expired holder whose sessions block it."""
+        wait_ms = max(20, int(self.renew_s * 1000 / 4))
+        for attempt in range(2):
+            async with self.pool.acquire(timeout=self.renew_s) as con:
+                try:
+                    async with con.transaction():
+                        await con.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                        row = await con.fetchrow(_ACQUIRE, self.node_id, self.ttl_s,
+                                                 timeout=self.renew_s)
+                    return None if row is None else int(row["epoch"])
+                except asyncpg.LockNotAvailableError:
+                    if attempt:
+                        return None
+                    holder = await con.fetchval(_EXPIRED_HOLDER, self.node_id,
+                                                timeout=self.renew_s)
+                    if holder is None:
+                        return None
+                    n = await con.fetchval(_CUT_OFF, application_name(str(holder)),
+                                           timeout=self.renew_s)
+                    log.warning("cut off the database sessions of an expired lease holder",
+                                extra={"holder": str(holder), "sessions": int(n or 0)})
+        return None
 
     async def demote(self, reason: str) -> None:
         if self.role is not Role.ACTIVE:
@@ -144,13 +225,27 @@ class Lease:
         self._move(Role.STANDBY)
         await self._on_standby()
 
-    async def handover(self, to_node: str) -> bool:
-        """Planned switchover: stop being active and let `to_node` take the next epoch."""
+    async def _handover_then_clear(self, to_node: str) -> bool:
+        try:
+            return await self.handover(to_node)
+        except Exception as e:
+            log.error("switchover failed", extra={"error": type(e).__name__})
+            return False
+        finally:
+            self._handing_over = None
+
+    async def handover(self, to_node: str = ANY_NODE) -> bool:
+        """Planned switchover: stop taking work, finish what is in flight while the epoch is
+        still ours, then release the lease to `to_node` (`*`: any other node), which takes
+        the next epoch. Returns whether the lease was handed over (False: it was lost first).
+        """
         if self.role is not Role.ACTIVE:
             return False
-        async with self.pool.acquire() as con:
-            row = await con.fetchrow(_HANDOVER, self.node_id, self.epoch, to_node)
-        await self.demote(f"handed over to {to_node}")
+        epoch = self.epoch
+        await self.demote(f"switchover to {to_node}")  # the hooks drain in-flight work
+        async with self.pool.acquire(timeout=self.ttl_s) as con:
+            row = await con.fetchrow(_HANDOVER, self.node_id, epoch, to_node,
+                                     timeout=self.ttl_s)
         return row is not None
 
     async def stop(self) -> None:
@@ -158,6 +253,9 @@ class Lease:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._handing_over is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._handing_over), self.ttl_s)
         if self.role is Role.ACTIVE:
             with contextlib.suppress(Exception):
                 async with self.pool.acquire(timeout=2) as con:

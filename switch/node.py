@@ -22,7 +22,7 @@ from aiohttp import web
 
 from switch import db
 from switch.config import Settings
-from switch.lease import Lease, Role
+from switch.lease import Lease, Role, session_dsn
 from switch.metrics import Metrics
 
 log = logging.getLogger("gridpay.node")
@@ -119,7 +119,9 @@ class Node:
             await db.migrate(conn)
         finally:
             await conn.close()
-        self.pool = await db.create_pool(self.services.database,
+        # sessions named after the node, so that a node taking an expired lease can cut off
+        # the sessions of a holder that was paused in the middle of a fenced write
+        self.pool = await db.create_pool(session_dsn(self.services.database, s.node.id),
                                          min_size=s.services.db_pool_min,
                                          max_size=s.services.db_pool_max)
         st.push_async_callback(self.pool.close)
@@ -131,6 +133,13 @@ class Node:
         from switch.components import install_components
 
         await install_components(self, st)
+
+        from switch.standby import on_takeover
+
+        async def took_over() -> None:
+            await on_takeover(self)
+
+        self.hooks.on_active.append(took_over)
 
         self.lease = Lease(self.pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
                            on_active=self._became_active, on_standby=self._became_standby)
@@ -148,6 +157,11 @@ class Node:
         sockets = getattr(server, "sockets", None) or []
         self.ports.http = int(sockets[0].getsockname()[1]) if sockets else s.listen.http_port
         await self.lease.start()
+
+        from switch.standby import keep_warm
+
+        warm = asyncio.create_task(keep_warm(self), name="keep-warm")
+        st.callback(warm.cancel)
 
     def ready_line(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,285 @@
+"""The standby pair in-process: switchover, fencing of a stale writer, cutting off a paused
+holder, abandoned claims, the replicated database (RPO 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from switch.lease import Role, application_name, session_dsn
+from switch.node import Node
+from switch.replication import ReplicatedPostgres
+from switch.standby import (
+    SwitchoverRefused,
+    TakeoverClock,
+    drop_abandoned_claims,
+    lease_state,
+    switchover,
+)
+from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
+
+TTL_S, RENEW_S = "1.0", "0.2"  # a fast lease for these tests
+
+
+@pytest.fixture(scope="module")
+async def sims() -> AsyncIterator[Sims]:
+    async with simulators() as s:
+        yield s
+
+
+async def _wait(cond: object, within_s: float, what: str) -> None:
+    assert callable(cond)
+    for _ in range(int(within_s / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {within_s}s: {what}")
+
+
+def _pay(acct: str, amount: int) -> dict[str, object]:
+    return {"account_no": acct, "amount": amount, "method": "cash"}
+
+
+def test_session_dsn_keeps_hosts_and_names_the_node() -> None:
+    url = "postgresql://u@h1:5432,h2:5433/gridpay?target_session_attrs=read-write"
+    out = session_dsn(url, "node-b")
+    assert out.startswith("postgresql://u@h1:5432,h2:5433/gridpay?")
+    assert "target_session_attrs=read-write" in out and "application_name=gridpay%3Anode-b" in out
+    assert session_dsn(out, "node-c").count("application_name") == 1
+
+
+async def test_session_dsn_names_the_session(clean_db: str) -> None:
+    con = await asyncpg.connect(session_dsn(clean_db, "node-x"))
+    try:
+        assert await con.fetchval("SHOW application_name") == application_name("node-x")
+    finally:
+        await con.close()
+
+
+def test_takeover_clock_counts_only_the_other_node() -> None:
+    clock = TakeoverClock()
+    clock.approved("node-b", at=1.0)  # before any fault: ignored
+    clock.mark("node-a", at=10.0)
+    clock.approved("node-a", at=10.5)  # the failed node itself: ignored
+    assert clock.seconds is None
+    clock.approved("node-b", at=12.25)
+    clock.approved("node-b", at=13.0)
+    assert clock.seconds == pytest.approx(2.25) and clock.first_approval_by == "node-b"
+    clock.mark("", at=20.0, only_new=True)  # a shared service failed: any node counts...
+    clock.approved("node-a", at=20.1, started=19.9)  # ... but not what was already in flight
+    clock.approved("node-a", at=21.0, started=20.2)
+    assert clock.seconds == pytest.approx(1.0)
+
+
+async def test_switchover_loses_nothing(clean_db: str, clean_redis: str, sims: Sims,
+                                        tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a, \
+            running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                         wait_active=False) as b:
+        await asyncio.wait_for(a.components["accounts"].synced.wait(), 20)
+        assert a.is_active and b.role is Role.STANDBY
+        epoch = a.epoch
+        key = await api_key(a.pool, "internet")
+        acct = await active_account(sims.marketing)
+        urls = {"node-a": f"http://127.0.0.1:{a.ports.http}",
+                "node-b": f"http://127.0.0.1:{b.ports.http}"}
+        approved: dict[str, bytes] = {}
+        async with aiohttp.ClientSession() as s:
+            apis = {n: Api(s, u, key) for n, u in urls.items()}
+
+            async def client(i: int) -> None:
+                # a client with both addresses: retries the same key on the other node
+                idem = f"sw-{i}"
+                for _ in range(200):
+                    for api in apis.values():
+                        st, _, body = await api.call("POST", "/v1/payments", idem=idem,
+                                                     json=_pay(acct, 100 + i))
+                        if st == 201:
+                            approved[idem] = body
+                            return
+                        assert st in (503, 409), (st, body)
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"{idem} never approved")
+
+            async def stream() -> None:
+                await asyncio.gather(*(client(i) for i in range(60)))
+
+            load = asyncio.create_task(stream())
+            await asyncio.sleep(0.05)
+            result = await switchover(clean_db, "node-b", timeout_s=10)
+            await asyncio.wait_for(load, 30)
+            assert result.from_node == "node-a" and result.to_node == "node-b"
+            assert result.to_epoch == epoch + 1 and result.seconds < 3
+            await _wait(lambda: b.is_active, 5, "node-b active")
+            assert a.role is Role.STANDBY and not a.is_active
+            # every approved payment is in the ledger once, and a retry on the new node of a
+            # key approved by the old one gets the original answer, byte for byte
+            rows = await b.pool.fetch("SELECT dedup_key FROM payments")
+            assert len(rows) == len(approved) == 60
+            await b.redis.flushdb()
+            st, h, body = await apis["node-b"].call("POST", "/v1/payments", idem="sw-0",
+                                                    json=_pay(acct, 100))
+            assert st == 201 and body == approved["sw-0"]
+            assert h.get("Idempotent-Replayed") == "true"
+            # the old node answers 503 standby
+            st, _, body = await apis["node-a"].call("POST", "/v1/payments", idem="late",
+                                                    json=_pay(acct, 5))
+            assert st == 503 and orjson.loads(body)["code"] == "standby"
+        with pytest.raises(SwitchoverRefused):
+            await switchover(clean_db, "node-b", timeout_s=2)  # it already holds the lease
+
+
+async def test_switchover_with_nobody_holding_is_refused(clean_db: str) -> None:
+    with pytest.raises(SwitchoverRefused):
+        await switchover(clean_db, None, timeout_s=1)
+
+
+async def test_stale_writer_is_fenced_and_demotes(clean_db: str, clean_redis: str, sims: Sims,
+                                                  tmp_path: Path) -> None:
+    """A node whose lease loop hung and whose clock lies still believes it is active: the
+    database refuses its write, it answers 503 and demotes itself at once."""
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a:
+        await asyncio.wait_for(a.components["accounts"].synced.wait(), 20)
+        key = await api_key(a.pool, "internet")
+        acct = await active_account(sims.marketing)
+        task = a.lease._task
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        a.lease._valid_until = time.monotonic() + 3600  # the lying clock
+        async with running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                                wait_active=False, GRIDPAY_LEASE_TTL_S=TTL_S,
+                                GRIDPAY_LEASE_RENEW_S=RENEW_S) as b:
+            await _wait(lambda: b.is_active, 5, "node-b takes the expired lease")
+            assert a.is_active  # it still believes it
+            async with aiohttp.ClientSession() as s:
+                api = Api(s, f"http://127.0.0.1:{a.ports.http}", key)
+                st, _, body = await api.call("POST", "/v1/payments", idem="stale",
+                                             json=_pay(acct, 700))
+                assert st == 503 and orjson.loads(body)["code"] == "standby"
+            assert a.role is Role.STANDBY and not a.is_active
+            assert await b.pool.fetchval("SELECT count(*) FROM payments") == 0
+            assert await b.pool.fetchval("SELECT epoch FROM node_lease") == b.epoch > a.epoch
+
+
+async def test_paused_holder_mid_write_is_cut_off(clean_db: str, clean_redis: str, sims: Sims,
+                                                  tmp_path: Path) -> None:
+    """The holder froze inside a fenced transaction (share lock on the lease row): the node
+    taking the expired lease cuts off the frozen node's sessions instead of waiting for ever."""
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a:
+        task = a.lease._task
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        con = await a.pool.acquire()
+        tx = con.transaction()
+        await tx.start()
+        await con.execute("SELECT gridpay_fence($1)", a.epoch)  # ... and freezes here
+        try:
+            started = time.monotonic()
+            async with running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                                    wait_active=False, GRIDPAY_LEASE_TTL_S=TTL_S,
+                                    GRIDPAY_LEASE_RENEW_S=RENEW_S) as b:
+                await _wait(lambda: b.is_active, 6, "node-b takes over")
+                assert time.monotonic() - started < 4
+                with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                    await con.execute("SELECT 1")  # the frozen session was terminated
+        finally:
+            with contextlib.suppress(Exception):
+                await tx.rollback()
+            with contextlib.suppress(Exception):
+                await a.pool.release(con)
+
+
+async def test_abandoned_claims_are_dropped_answers_kept(clean_redis: str) -> None:
+    r = aioredis.from_url(clean_redis)
+    try:
+        await r.hset("gp:idem:a", mapping={"state": "inflight", "hash": "x"})
+        await r.hset("gp:idem:b", mapping={"state": "done", "hash": "x", "status": 201,
+                                           "body": b"{}"})
+        await r.set("other:key", "v")
+        for i in range(1200):
+            await r.hset(f"gp:idem:n{i}", mapping={"state": "inflight" if i % 3 else "done"})
+        n = await drop_abandoned_claims(r, "gp:idem:", batch=100)
+        assert n == 1 + 800
+        assert await r.exists("gp:idem:a") == 0 and await r.exists("gp:idem:b") == 1
+        assert await r.exists("other:key") == 1 and await r.exists("gp:idem:n0") == 1
+    finally:
+        await r.aclose()
+
+
+async def test_lease_state_after_takeover_grows(clean_db: str, clean_redis: str, sims: Sims,
+                                                tmp_path: Path) -> None:
+    """A stopped active node releases the lease: the standby takes the next epoch at once."""
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                            wait_active=False) as b:
+        first: Node | None = None
+        async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                                wait_active=False) as a:
+            first = a if a.is_active else b
+            epoch = first.epoch
+        assert first is not None
+        await _wait(lambda: b.is_active, 3, "node-b active after node-a stopped")
+        con = await asyncpg.connect(clean_db)
+        try:
+            st = await lease_state(con)
+        finally:
+            await con.close()
+        assert st.holder == "node-b" and st.epoch >= epoch + (0 if first is b else 1)
+
+
+def test_replicated_postgres_loses_no_commit(tmp_path: Path) -> None:
+    """RPO 0: every commit acknowledged by the primary is on the promoted standby."""
+    rp = ReplicatedPostgres(tmp_path / "pg")
+    rp.start()
+    try:
+        assert rp.status().sync_state == "sync"
+
+        async def write_then_fail_over() -> tuple[int, int, int]:
+            con = await asyncpg.connect(rp.url)
+            await con.execute("CREATE TABLE acked (id uuid PRIMARY KEY)")
+            acked = 0
+
+            async def writer() -> None:
+                nonlocal acked
+                while True:
+                    await con.execute("INSERT INTO acked VALUES ($1)", uuid.uuid4())
+                    acked += 1
+
+            w = asyncio.create_task(writer())
+            await asyncio.sleep(0.5)
+            rp.kill_primary()  # mid-stream: the writer's next commit fails
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w, 5)
+            w.cancel()
+            with contextlib.suppress(BaseException):
+                await w
+            rp.promote_standby()
+            con2 = await asyncpg.connect(rp.url)  # the same URL finds the new primary
+            try:
+                n = int(await con2.fetchval("SELECT count(*) FROM acked"))
+                port = int(await con2.fetchval("SHOW port"))
+                await con2.execute("INSERT INTO acked VALUES ($1)", uuid.uuid4())
+            finally:
+                await con2.close()
+            return acked, n, port
+
+        acked, present, port = asyncio.run(write_then_fail_over())
+        assert acked > 10 and present >= acked and present <= acked + 1
+        assert port == rp.primary.port
+    finally:
+        rp.stop()
