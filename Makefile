@@ -31,5 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench all
 
+fault: $(STAMP)
+	$(BIN)/python -m bench.faults --doc docs/reliability.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info .gridpay

@@ -104,7 +104,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.node.log_level)
-    services = Services(settings)
+    services = Services(settings, replicated=args.replicated)
     urls = services.start()
     stop = {"flag": False}
 
@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="embedded services (where not configured) + one switch node")
     sub.add_parser("switch", help="one switch node against configured services")
-    sub.add_parser("services", help="the embedded services alone")
+    sv = sub.add_parser("services", help="the embedded services alone")
+    sv.add_argument("--replicated", action="store_true",
+                    help="PostgreSQL as a primary with a synchronous streaming standby")
     sub.add_parser("migrate", help="apply database migrations and list them")
     sub.add_parser("hsm", help="the HSM simulator alone", add_help=False)
     sub.add_parser("marketing", help="the marketing-system simulator alone", add_help=False)
@@ -411,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            required=True)
     dk = dev.add_parser("keys", help="the clear TEST keys of the dev configuration")
     dk.add_argument("--json", action="store_true", required=True)
+
+    from switch.standby import register_cli
+
+    register_cli(sub)  # switchover, lease
     return p
 
 
@@ -441,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cards(args, argv)
     if args.command == "dev":
         return cmd_dev_keys(args)
+    if args.command in ("switchover", "lease"):
+        return int(args.func(args))
     return COMMANDS[args.command](args)
 
 

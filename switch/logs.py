@@ -28,8 +28,9 @@ PUBLIC_KEYS = frozenset({"idempotency_key", "key_name", "keys", "kcv", "pin_atte
 # Long hex runs (keys, PIN blocks, MACs) are masked; all-digit runs only past 20 digits, so
 # that receipt numbers (up to 20) and account numbers stay readable in the logs.
 _HEX_RUN = re.compile(r"\b(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,}\b|\b[0-9]{21,}\b")
-# Tokens and base64 secrets (but not UUIDs, which name payments and jobs).
-_B64_RUN = re.compile(r"\b(?![0-9a-fA-F]{8}-[0-9a-fA-F]{4}-)[A-Za-z0-9_\-+/]{32,}={0,2}")
+# Tokens, key blocks and base64 secrets (but not UUIDs, which name payments and jobs, nor
+# file paths, whose segments are split by the slashes).
+_B64_RUN = re.compile(r"\b(?![0-9a-fA-F]{8}-[0-9a-fA-F]{4}-)[A-Za-z0-9_\-]{32,}={0,2}")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _KV = re.compile(r"(?i)\b(pin_?block|pin|password|api_?key|token|key|mac)(\s*[=:]\s*)(\S+)")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

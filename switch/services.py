@@ -23,6 +23,7 @@ import orjson
 from switch.config import Settings
 from switch.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis, _preexec
 from switch.node import ServiceUrls
+from switch.replication import ReplicatedPostgres
 
 log = logging.getLogger("gridpay.services")
 
@@ -87,10 +88,11 @@ class ChildService:
 class Services:
     """Starts whatever is not configured; `stop()` stops exactly what it started."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, replicated: bool = False) -> None:
         self.settings = settings
         self.home = settings.node.home
-        self.pg: EmbeddedPostgres | None = None
+        self.replicated = replicated
+        self.pg: EmbeddedPostgres | ReplicatedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
         self.hsm: ChildService | None = None
         self.marketing: ChildService | None = None
@@ -101,7 +103,10 @@ class Services:
         try:
             db = s.database_url
             if not db:
-                self.pg = EmbeddedPostgres(self.home / "postgres")
+                if self.replicated:  # primary + synchronous standby (RPO 0)
+                    self.pg = ReplicatedPostgres(self.home / "postgres-pair")
+                else:
+                    self.pg = EmbeddedPostgres(self.home / "postgres")
                 self.pg.start()
                 db = self.pg.url
             rurl = s.redis_url

@@ -42,7 +42,8 @@ def test_exception_text_is_masked() -> None:
 def test_receipts_and_accounts_stay_readable() -> None:
     log, buf = _capture()
     log.info("payment 202611260000000004 for account 1000001857 approved, id "
-             "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f")
+             "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f in /tmp/gridpay-home/postgres-pair/data")
     out = buf.getvalue()
     assert "202611260000000004" in out and "1000001857" in out
     assert "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f" in out
+    assert "/tmp/gridpay-home/postgres-pair/data" in out
