@@ -30,12 +30,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run_async(coro: Awaitable[int]) -> int:
-    import uvloop
+    from switch import loop
 
     async def wrap() -> int:
         return await coro
 
-    return uvloop.run(wrap())
+    return loop.run(wrap())
 
 
 # -- long-running nodes ------------------------------------------------------------------------

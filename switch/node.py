@@ -141,7 +141,12 @@ class Node:
 
         self.hooks.on_active.append(took_over)
 
-        self.lease = Lease(self.pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
+        # The lease has connections of its own: a burst of work that takes every connection of
+        # the main pool must not make this node miss its renewals and demote itself.
+        lease_pool = await db.create_pool(session_dsn(self.services.database, s.node.id),
+                                          min_size=1, max_size=2)
+        st.push_async_callback(lease_pool.close)
+        self.lease = Lease(lease_pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
                            on_active=self._became_active, on_standby=self._became_standby)
 
         from switch.web.app import build_app

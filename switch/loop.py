@@ -1,0 +1,55 @@
+"""The event loop every gridpay process runs on: uvloop, with a bounded close.
+
+Closing a uvloop loop runs libuv until its last handles and requests are gone; we have seen
+that run never end (rarely, after a long test session with many child processes). A process
+that is stopping must not hang there: everything it had to do is done by then, so a watchdog
+ends the process if the close takes longer than `CLOSE_TIMEOUT_S`, with the exit status the
+caller chose (`exit_status_on_hang`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+T = TypeVar("T")
+
+CLOSE_TIMEOUT_S = 15.0
+
+
+def _exit_zero() -> int:
+    return 0
+
+
+#: what the process exits with when closing its loop hangs (tests install their own)
+exit_status_on_hang: Callable[[], int] = _exit_zero
+
+
+class Loop(uvloop.Loop):  # type: ignore[misc]
+    def close(self) -> None:
+        closed = threading.Event()
+
+        def watchdog() -> None:
+            if not closed.wait(CLOSE_TIMEOUT_S):
+                os.write(2, b"gridpay: the event loop did not close in time; exiting\n")
+                os._exit(exit_status_on_hang())
+
+        threading.Thread(target=watchdog, name="loop-close-watchdog", daemon=True).start()
+        try:
+            super().close()
+        finally:
+            closed.set()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    return Loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
