@@ -30,7 +30,7 @@ def _exit_zero() -> int:
 exit_status_on_hang: Callable[[], int] = _exit_zero
 
 
-class Loop(uvloop.Loop):  # type: ignore[misc]
+class Loop(uvloop.Loop):
     def close(self) -> None:
         closed = threading.Event()
 
