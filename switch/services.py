@@ -21,7 +21,13 @@ from pathlib import Path
 import orjson
 
 from switch.config import Settings
-from switch.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis, _preexec
+from switch.embedded import (
+    EmbeddedError,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    _preexec,
+    stop_process,
+)
 from switch.node import ServiceUrls
 from switch.replication import ReplicatedPostgres
 
@@ -75,14 +81,7 @@ class ChildService:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, signal.SIGTERM, timeout)
 
 
 class Services:
