@@ -367,3 +367,20 @@ async def test_dead_letters_and_retry(clean_db: str, clean_redis: str, sims: Sim
         assert await retry_dead_letters(node.pool) == 1
         await _drain(node)
         assert (await outbox_counts(node.pool)) == {"pending": 0, "sent": 1, "dead": 0}
+
+
+async def test_slow_marketing_does_not_slow_payments(node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing, start=31)
+    await sims.marketing.set_faults(latency_ms=2000)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        st, _, _ = await api.call("POST", "/v1/payments", idem="slow",
+                                  json={"account_no": acct, "amount": 640, "method": "cash"})
+        assert st == 201
+        assert loop.time() - started < 1.0  # confirmed at once: the credit follows later
+    finally:
+        await sims.marketing.clear_faults()
+    await _drain(node)
+    pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
+    assert sims.marketing.ledger.posting(pid) is not None
