@@ -19,7 +19,7 @@ import uvloop
 
 T = TypeVar("T")
 
-CLOSE_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = float(os.environ.get("GRIDPAY_LOOP_CLOSE_TIMEOUT_S", "15"))
 
 
 def _exit_zero() -> int:

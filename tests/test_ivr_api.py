@@ -453,6 +453,26 @@ async def test_retried_confirmation_gets_the_original_result(node: Node, raw: Ap
         "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 1
 
 
+async def test_state_flushed_during_the_confirmation_still_answers_the_result(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """Redis loses the call while the confirmed recharge commits: the caller still hears it."""
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
+    async with node.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM cards WHERE serial = $1 FOR UPDATE", serial)
+        confirm = asyncio.create_task(ivr.send_digits(call_id, "1"))
+        await asyncio.sleep(0.5)  # the turn is now waiting for the card row
+        await node.redis.flushdb()
+        await tx.rollback()
+    t = await asyncio.wait_for(confirm, 15)
+    assert t["step"] == "result", t
+    assert (await card_row(node, serial))["state"] == "redeemed"
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 1
+
+
 async def test_marketing_down_recharge_accepted_then_credited_once(
         node: Node, ivr: IvrSimulator, sims: Sims) -> None:
     serial, pin = await make_card(node, face=5000)

@@ -195,8 +195,19 @@ class IvrService:
             fact = await self._perform(effect, call, ihash) if effect is not None else None
             call, turn = dialog.advance(call, inp, fact, self.limits)
             doc = turn.as_json(call_id)
-            await self._save(dataclasses.replace(stored, call=call, turn=doc,
-                                                 input_key=idempotency_key, input_hash=ihash))
+            new = dataclasses.replace(stored, call=call, turn=doc, input_key=idempotency_key,
+                                      input_hash=ihash)
+            try:
+                await self._save(new)
+            except CallBusy:
+                if not (isinstance(fact, RedeemFact) and fact.outcome == "ok"):
+                    raise
+                # The recharge is committed: the caller must hear its result even though the
+                # call's state vanished meanwhile (a Redis flush or restart). Put it back.
+                log.warning("call state lost after a committed recharge; answering anyway",
+                            extra={"call_id": call_id})
+                with contextlib.suppress(Exception):
+                    await self.store.save(dataclasses.replace(new, version=0))
             self.node.metrics.ivr_turns.labels(turn.step.value).inc()
             return TurnAnswer(doc)
 
