@@ -15,7 +15,11 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import uvloop
+# libuv (inside uvloop) may use io_uring; an io_uring instance was open in a process whose
+# loop close hung, so it is switched off here, before any loop exists (libuv reads this once).
+os.environ.setdefault("UV_USE_IO_URING", "0")
+
+import uvloop  # noqa: E402 - after the environment above
 
 T = TypeVar("T")
 
