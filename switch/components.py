@@ -170,19 +170,9 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
 
     comps["metrics_refresh"] = refresh_metrics
 
-    for installer in _optional_installers():
-        await installer(node, stack)
+    # the channels that have their own listeners and routes
+    from switch.ivr.install import install as install_ivr
+    from switch.links.install import install as install_links
 
-
-def _optional_installers() -> list:  # type: ignore[type-arg]
-    """Channels installed when their package is present (bank links, IVR, card centre)."""
-    out = []
-    for mod in ("switch.links.install", "switch.ivr.install"):
-        try:
-            module = __import__(mod, fromlist=["install"])
-        except ModuleNotFoundError as e:
-            if e.name is not None and mod.startswith(e.name):
-                continue
-            raise
-        out.append(module.install)
-    return out
+    await install_links(node, stack)
+    await install_ivr(node, stack)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING
 
+import asyncpg
 import orjson
 
 from protocols.iso8583 import (
@@ -36,11 +37,13 @@ from switch.hsm_client import HsmError
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.ledger import (
     Committed,
+    Duplicate,
     Fenced,
     LedgerError,
     NotReversible,
     PaymentRequest,
     PostingPath,
+    fetch_duplicate,
     load_payment,
     reverse_in,
 )
@@ -134,7 +137,7 @@ class LinkContext:
     epoch: Callable[[], int]
     on_fenced: Callable[[], Awaitable[None]]
     on_posted: Callable[[], None]
-    pool: object
+    pool: asyncpg.Pool
     max_amount: int
 
 
@@ -378,21 +381,16 @@ class LinkService:
             return await self._replay(msg, prior, req_hash)
         raise Decline(code, reason)
 
-    async def _prior(self, key: str) -> object | None:
-        from switch.payments.ledger import fetch_duplicate
-
-        async with self.ctx.pool.acquire() as con:  # type: ignore[attr-defined]
+    async def _prior(self, key: str) -> Duplicate | None:
+        async with self.ctx.pool.acquire() as con:
             return await fetch_duplicate(con, key)
 
-    async def _replay(self, msg: Message, prior: object, req_hash: bytes) -> Message:
-        from switch.payments.ledger import Duplicate
-
-        assert isinstance(prior, Duplicate)
+    async def _replay(self, msg: Message, prior: Duplicate, req_hash: bytes) -> Message:
         if prior.kind == "reversal_marker":
             raise Decline("94", "a reversal for this identity came first: declined")
         if prior.request_hash != req_hash or prior.payment_id is None:
             raise Decline("94", "same identity, different content")
-        async with self.ctx.pool.acquire() as con:  # type: ignore[attr-defined]
+        async with self.ctx.pool.acquire() as con:
             rec = await load_payment(con, prior.payment_id)
         assert rec is not None
         extra = orjson.loads(prior.response) if prior.response else {}
@@ -420,7 +418,7 @@ class LinkService:
         marker_hash = hashlib.sha256(b"reversal:" + str(f[11]).encode()
                                      + str(f[7]).encode()).digest()
         try:
-            async with self.ctx.pool.acquire() as con, con.transaction():  # type: ignore[attr-defined]
+            async with self.ctx.pool.acquire() as con, con.transaction():
                 await con.execute("SELECT gridpay_fence($1)", self.ctx.epoch())
                 inserted = await con.fetchval(
                     "INSERT INTO dedup_keys (key, kind, request_hash) VALUES ($1,"
@@ -432,6 +430,7 @@ class LinkService:
                 else:
                     row = await con.fetchrow(
                         "SELECT kind, payment_id FROM dedup_keys WHERE key = $1", key)
+                    assert row is not None  # the insert above conflicted with it
                     if row["kind"] == "reversal_marker":
                         receipt = f"U{orig.stan}{orig.transmission}"
                         done = False
@@ -475,9 +474,10 @@ class LinkService:
         return resp
 
 
-async def institution_totals(pool: object, inst_id: str, day: date) -> tuple[int, int, int, int]:
+async def institution_totals(pool: asyncpg.Pool, inst_id: str,
+                             day: date) -> tuple[int, int, int, int]:
     """(payments count, reversals count, payments amount, reversals amount) of one date."""
-    row = await pool.fetchrow(  # type: ignore[attr-defined]
+    row = await pool.fetchrow(
         "SELECT (SELECT count(*) FROM payments WHERE institution_id = $1 AND business_date = $2)"
         "         AS n_pay,"
         "       (SELECT coalesce(sum(amount), 0) FROM payments"
@@ -487,6 +487,7 @@ async def institution_totals(pool: object, inst_id: str, day: date) -> tuple[int
         "       (SELECT coalesce(sum(p.amount), 0) FROM reversals r JOIN payments p"
         "         ON p.id = r.payment_id WHERE r.institution_id = $1 AND r.business_date = $2)"
         "         AS a_rev", inst_id, day)
+    assert row is not None  # aggregates always give one row
     return int(row["n_pay"]), int(row["n_rev"]), int(row["a_pay"]), int(row["a_rev"])
 
 

@@ -77,7 +77,6 @@ class Accounts:
         self.client = client
         self.timeout_s = timeout_s
         self.cache_ttl_s = cache_ttl_s
-        self._status: dict[str, tuple[str, float]] = {}
         # mirrored profiles in memory, so that validating a payment costs no round trip: kept
         # for `cache_ttl_s` (the mirror's own refresh period: the copy is never staler than the
         # table it copies) and replaced whenever this node writes the mirror (every live lookup
@@ -123,10 +122,6 @@ class Accounts:
 
     async def status(self, account_no: str) -> str | None:
         """'active', 'closed' or None (unknown), for validating a payment: mirror first."""
-        hit = self._status.get(account_no)
-        now = time.monotonic()
-        if hit is not None and now - hit[1] < self.cache_ttl_s:
-            return hit[0]
         prof = await self.profile(account_no)
         return prof.status if prof else None
 
@@ -144,12 +139,9 @@ class Accounts:
             prof = MirrorProfile(view.status, view.name, view.arrears)
         else:
             prof = MirrorProfile(row["status"], row["name"], row["arrears"] or 0)
-        if len(self._status) > 200_000:
-            self._status.clear()
         if len(self._profiles) > 2_000_000:
             self._profiles.clear()
         mono = time.monotonic()
-        self._status[account_no] = (prof.status, mono)
         self._profiles[account_no] = (prof, mono)
         return prof
 
@@ -166,7 +158,6 @@ class Accounts:
             [now] * len(rows))
         mono = time.monotonic()
         for r in rows:
-            self._status[r[0]] = (r[2], mono)
             self._profiles[r[0]] = (MirrorProfile(r[2], r[1], r[3]), mono)
 
     async def sync_once(self, page: int = 1000) -> int:
