@@ -104,7 +104,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,
                          on_committed=forwarder.wake)
     comps["ledger"] = ledger
-    idem = IdempotencyCache(node.redis, ttl_s=s.business.idempotency_ttl_h * 3600)
+    idem = IdempotencyCache(node.redis_pipe, ttl_s=s.business.idempotency_ttl_h * 3600)
     comps["idempotency"] = idem
 
     from switch.web.payments import HttpPayments

@@ -24,6 +24,7 @@ from switch import db
 from switch.config import Settings
 from switch.lease import Lease, Role, session_dsn
 from switch.metrics import Metrics
+from switch.redis_pipe import RedisPipe
 
 log = logging.getLogger("gridpay.node")
 
@@ -65,6 +66,7 @@ class Node:
         self.hooks = Hooks()
         self.pool: asyncpg.Pool
         self.redis: aioredis.Redis
+        self.redis_pipe: RedisPipe  # the hot paths' shared, pipelined connection
         self.lease: Lease
         self.components: dict[str, Any] = {}
         self._stack = contextlib.AsyncExitStack()
@@ -129,6 +131,8 @@ class Node:
                                        socket_timeout=2.0, socket_connect_timeout=2.0,
                                        health_check_interval=10)
         st.push_async_callback(self.redis.aclose)
+        self.redis_pipe = RedisPipe(self.services.redis, timeout_s=2.0, connect_timeout_s=2.0)
+        st.push_async_callback(self.redis_pipe.aclose)
 
         from switch.components import install_components
 

@@ -35,6 +35,7 @@ from switch.ivr.service import (
     NodeFenced,
     TurnAnswer,
 )
+from switch.redis_pipe import RedisPipeError
 from switch.web.app import require_active
 from switch.web.payments import authenticate
 from switch.web.problems import Problem, json_body, json_response
@@ -142,7 +143,7 @@ async def _run(work: Awaitable[T]) -> T:
     except NodeFenced:
         raise Problem(503, "standby", "this node is no longer active; send the request to the "
                       "active node", headers={"Retry-After": "1"}) from None
-    except (RedisError, OSError):
+    except (RedisError, RedisPipeError, OSError):
         raise Problem(503, "unavailable", "call state is unavailable; retry shortly",
                       headers={"Retry-After": "1"}) from None
 

@@ -154,7 +154,7 @@ class IvrService:
         self.limits = Limits(pin_tries_per_call=s.pin_tries_per_call,
                              pin_tries_per_card=s.pin_tries_per_card)
         self.ani_limit = s.ani_failures_per_day
-        self.store = CallStore(node.redis, idle_s=s.call_idle_s)
+        self.store = CallStore(node.redis_pipe, idle_s=s.call_idle_s)
         self.effect_timeout_s = effect_timeout_s
         self.turn_wait_s = turn_wait_s
 
@@ -357,7 +357,7 @@ class IvrService:
                        ani_blocked=blocked)
 
     async def _redeem(self, call: Call, effect: Redeem) -> Fact:
-        lock = RedisLock(self.node.redis, f"ivr:card-lock:{effect.serial}", ttl_ms=10000)
+        lock = RedisLock(self.node.redis_pipe, f"ivr:card-lock:{effect.serial}", ttl_ms=10000)
         try:
             async with lock.hold(wait_s=3.0):
                 return await self._redeem_locked(call, effect)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from switch.ivr.dialog import Call
+from switch.redis_pipe import RedisPipe
 
 __all__ = ["CallStore", "LockNotAcquired", "RedisLock", "StoreConflict", "StoredCall"]
 
@@ -58,7 +58,7 @@ class StoreConflict(Exception):
 class RedisLock:
     """One lock per critical section: `SET key token NX PX ttl`, released only by its owner."""
 
-    def __init__(self, redis: aioredis.Redis, key: str, *, ttl_ms: int) -> None:
+    def __init__(self, redis: RedisPipe, key: str, *, ttl_ms: int) -> None:
         self.redis = redis
         self.key = key
         self.ttl_ms = ttl_ms
@@ -115,7 +115,7 @@ class StoredCall:
 
 
 class CallStore:
-    def __init__(self, redis: aioredis.Redis, *, idle_s: int, lock_ttl_ms: int = 15000) -> None:
+    def __init__(self, redis: RedisPipe, *, idle_s: int, lock_ttl_ms: int = 15000) -> None:
         self.redis = redis
         self.idle_s = idle_s
         self.lock_ttl_ms = lock_ttl_ms

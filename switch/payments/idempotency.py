@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
+from switch.redis_pipe import RedisPipe
 
 # KEYS[1] = the key; ARGV[1] = request hash (hex); ARGV[2] = claim ttl ms
 # returns {'claimed'} | {'inflight', hash} | {'done', hash, status, body}
@@ -52,7 +52,7 @@ class Claim:
 
 
 class IdempotencyCache:
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: int, claim_ttl_ms: int = 30_000,
+    def __init__(self, redis: RedisPipe, *, ttl_s: int, claim_ttl_ms: int = 30_000,
                  prefix: str = "gp:idem:") -> None:
         self.redis = redis
         self.ttl_s = ttl_s

@@ -1,0 +1,143 @@
+"""The pipelining Redis client of the hot paths, against the embedded Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from switch.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable
+
+
+@pytest.fixture
+async def pipe(clean_redis: str) -> AsyncIterator[RedisPipe]:
+    p = RedisPipe(clean_redis, timeout_s=2.0)
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+def _with_db(url: str, db: int) -> str:
+    u = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, f"/{db}", "", ""))
+
+
+async def test_concurrent_callers_each_get_their_own_reply(pipe: RedisPipe) -> None:
+    n = 600
+    assert all(await asyncio.gather(*(pipe.set(f"k{i}", f"v{i}") for i in range(n))))
+    got = await asyncio.gather(*(pipe.execute("GET", f"k{i}") for i in range(n)))
+    assert got == [f"v{i}".encode() for i in range(n)]
+    counts = await asyncio.gather(*(pipe.execute("INCR", "counter") for _ in range(n)))
+    assert sorted(counts) == list(range(1, n + 1))
+    # issued in one turn of the loop, they went out in order on the one connection
+    assert counts == list(range(1, n + 1))
+
+
+async def test_an_error_reply_fails_only_its_own_command(pipe: RedisPipe) -> None:
+    await pipe.set("text", "abc")
+    results = await asyncio.gather(pipe.execute("INCR", "n"), pipe.execute("INCR", "text"),
+                                   pipe.execute("INCR", "n"), return_exceptions=True)
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], RedisReplyError)
+    assert "not an integer" in str(results[1])
+
+
+async def test_set_nx_px_hmget_delete(pipe: RedisPipe) -> None:
+    assert await pipe.set("lock", "a", nx=True, px=5000)
+    assert not await pipe.set("lock", "b", nx=True, px=5000)
+    assert 0 < await pipe.execute("PTTL", "lock") <= 5000
+    await pipe.execute("HSET", "h", "v", "3", "doc", b"\x00\xff")
+    assert await pipe.hmget("h", ["v", "doc", "missing"]) == [b"3", b"\x00\xff", None]
+    assert await pipe.delete("lock", "h", "nothing") == 2
+    assert await pipe.ping()
+
+
+async def test_script_is_loaded_again_after_the_server_forgot_it(pipe: RedisPipe) -> None:
+    script = pipe.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert await script(keys=["s"], args=[5]) == 5
+    await pipe.execute("SCRIPT", "FLUSH")
+    assert await script(keys=["s"], args=[2]) == 7  # NOSCRIPT, then EVAL
+    assert await script(keys=["s"], args=[1]) == 8
+    bad = pipe.register_script("return redis.call('NOSUCHCOMMAND')")
+    with pytest.raises(RedisReplyError):
+        await bad()
+
+
+async def test_database_number_in_the_url_is_selected(clean_redis: str) -> None:
+    p = RedisPipe(_with_db(clean_redis, 3))
+    r = aioredis.from_url(_with_db(clean_redis, 3))
+    try:
+        await p.set("where", "db3")
+        assert await r.get("where") == b"db3"
+    finally:
+        await r.flushdb()
+        await r.aclose()
+        await p.aclose()
+
+
+async def test_unreachable_redis_fails_fast_with_a_clear_error() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = RedisPipe(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match=f"127.0.0.1:{port}"):
+        await p.execute("PING")
+    assert time.monotonic() - started < 1.5
+    await p.aclose()
+
+
+async def test_a_killed_connection_fails_its_commands_and_the_next_one_reconnects(
+        pipe: RedisPipe, clean_redis: str) -> None:
+    await pipe.ping()
+    proto = pipe._proto
+    assert proto is not None and proto.transport is not None
+    host, port = proto.transport.get_extra_info("sockname")[:2]
+    blocked = asyncio.ensure_future(pipe.execute("BLPOP", "nothing", 5))
+    await asyncio.sleep(0.1)
+    admin = aioredis.from_url(clean_redis)
+    try:
+        assert await admin.client_kill(f"{host}:{port}")
+    finally:
+        await admin.aclose()
+    with pytest.raises(RedisUnavailable):
+        await asyncio.wait_for(blocked, 2)
+    assert await pipe.ping()  # a new connection
+    assert pipe._proto is not proto
+
+
+async def test_a_connection_that_stops_answering_is_dropped_after_the_timeout(
+        clean_redis: str) -> None:
+    p = RedisPipe(clean_redis, timeout_s=0.4)
+    try:
+        await p.ping()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="did not answer within 0.4 s"):
+            await p.execute("BLPOP", "nothing", 10)
+        assert time.monotonic() - started < 1.5
+        assert await p.ping()
+    finally:
+        await p.aclose()
+
+
+async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: RedisPipe) -> None:
+    waiting = asyncio.ensure_future(pipe.execute("BLPOP", "queue", 1))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    # queued behind the BLPOP on the same connection: answered after it, with its own reply
+    assert await pipe.execute("SET", "after", "1") == b"OK"
+    assert await pipe.execute("GET", "after") == b"1"
+
+
+async def test_closed_client_refuses_and_repr_hides_the_password() -> None:
+    p = RedisPipe("redis://user:s3cr3t-pass@127.0.0.1:6390/1")
+    assert "s3cr3t" not in repr(p) and "6390/1" in repr(p)
+    await p.aclose()
+    with pytest.raises(RedisUnavailable, match="closed"):
+        await p.execute("PING")
