@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -126,6 +127,19 @@ class _Metrics:
                                  ["command"], registry=registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                                           0.25, 0.5, 1.0, 2.5))
+        # the labelled children, looked up once (labels() is a locked dict lookup per call)
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+
+    def count(self, command: str, result: str, seconds: float) -> None:
+        counter = self._counts.get((command, result))
+        if counter is None:
+            counter = self._counts[command, result] = self.requests.labels(command, result)
+        counter.inc()
+        hist = self._latencies.get(command)
+        if hist is None:
+            hist = self._latencies[command] = self.latency.labels(command)
+        hist.observe(seconds)
 
 
 class _Connection:
@@ -134,10 +148,14 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._pending: dict[bytes, asyncio.Future[bytes]] = {}
+        # header -> (future, deadline, command); one timer checks the deadlines, which is
+        # much cheaper than a timeout context per request
+        self._pending: dict[bytes, tuple[asyncio.Future[bytes], float, str]] = {}
         self._next = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._check_every = 0.05
+        self._timer: asyncio.TimerHandle | None = None
         self.alive = True
         self._task = asyncio.create_task(self._read_loop())
 
@@ -159,7 +177,10 @@ class _Connection:
         header = self._header()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._pending[header] = future
+        self._pending[header] = (future, loop.time() + limit_s, command)
+        if self._timer is None:
+            self._check_every = max(0.005, limit_s / 4)
+            self._timer = loop.call_later(self._check_every, self._expire)
         # Requests made in the same loop iteration leave in one write (one system call),
         # which is what pipelining buys under load.
         self._out.append(encode_frame(header + command.encode() + fields))
@@ -167,12 +188,9 @@ class _Connection:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         try:
-            async with asyncio.timeout(limit_s):
-                if self._writer.transport.get_write_buffer_size() > 1 << 16:
-                    await self._writer.drain()
-                return await future
-        except TimeoutError:
-            raise HsmTimeout(command) from None
+            if self._writer.transport.get_write_buffer_size() > 1 << 16:
+                await self._writer.drain()
+            return await future
         except HsmUnavailable:
             raise HsmUnavailable(command, "connection lost") from None
         except (ConnectionError, OSError):
@@ -180,6 +198,19 @@ class _Connection:
             raise HsmUnavailable(command, "connection lost") from None
         finally:
             self._pending.pop(header, None)
+
+    def _expire(self) -> None:
+        """Fail the requests that have waited past their deadline (`HsmTimeout`)."""
+        self._timer = None
+        if not self.alive:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for future, deadline, command in list(self._pending.values()):
+            if deadline <= now and not future.done():
+                future.set_exception(HsmTimeout(command))
+        if self._pending:
+            self._timer = loop.call_later(self._check_every, self._expire)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -199,9 +230,9 @@ class _Connection:
             while True:
                 length = int.from_bytes(await self._reader.readexactly(2), "big")
                 message = await self._reader.readexactly(length)
-                future = self._pending.get(message[:4])
-                if future is not None and not future.done():
-                    future.set_result(message)
+                entry = self._pending.get(message[:4])
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(message)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -211,7 +242,10 @@ class _Connection:
         if not self.alive:
             return
         self.alive = False
-        for future in self._pending.values():
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future, _, _ in self._pending.values():
             if not future.done():
                 future.set_exception(HsmUnavailable("--", "connection lost"))
         self._writer.close()
@@ -370,8 +404,7 @@ class HsmClient:
             result = "unavailable"
             raise
         finally:
-            self._metrics.requests.labels(command, result).inc()
-            self._metrics.latency.labels(command).observe(time.perf_counter() - started)
+            self._metrics.count(command, result, time.perf_counter() - started)
 
     async def _fields(self, command: str, fields: bytes) -> FieldReader:
         _, reader = await self._call(command, fields)

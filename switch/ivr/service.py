@@ -172,7 +172,7 @@ class IvrService:
             call, turn = dialog.start(call, ani_blocked=blocked)
             doc = turn.as_json(call.call_id)
             await self._save(StoredCall(call=call, turn=doc, start_hash=start_hash))
-            self.node.metrics.ivr_turns.labels(turn.step.value).inc()
+            self.node.metrics.child(self.node.metrics.ivr_turns, turn.step.value).inc()
             return TurnAnswer(doc)
 
     async def send(self, call_id: str, inp: Input, idempotency_key: str | None) -> TurnAnswer:
@@ -208,7 +208,7 @@ class IvrService:
                             extra={"call_id": call_id})
                 with contextlib.suppress(Exception):
                     await self.store.save(dataclasses.replace(new, version=0))
-            self.node.metrics.ivr_turns.labels(turn.step.value).inc()
+            self.node.metrics.child(self.node.metrics.ivr_turns, turn.step.value).inc()
             return TurnAnswer(doc)
 
     async def hang_up(self, call_id: str) -> TurnAnswer:

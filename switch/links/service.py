@@ -183,8 +183,8 @@ class LinkService:
         inst = link.institution.id if link.institution else "unknown"
         code = str(resp.fields.get(39, "00"))
         m = self.ctx.metrics
-        m.link_transactions.labels(inst, req.mti, code).inc()
-        m.link_latency.labels(inst, req.mti).observe(time.perf_counter() - started)
+        m.child(m.link_transactions, inst, req.mti, code).inc()
+        m.child(m.link_latency, inst, req.mti).observe(time.perf_counter() - started)
         codec = link.codec
         needs_mac = (resp.mti in MAC_MTIS and code != "63" and link.institution is not None
                      and link.institution.mac)

@@ -337,7 +337,7 @@ class PostingPath:
         out: list[Outcome] = []
         for q, r, (status, body) in zip(requests, records, renders, strict=True):
             if q.dedup_key in won:
-                self.metrics.payments.labels(q.channel).inc()
+                self.metrics.child(self.metrics.payments, q.channel).inc()
                 out.append(Committed(r, status, body))
             else:
                 dup = await fetch_duplicate(con, q.dedup_key)

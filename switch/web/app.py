@@ -37,8 +37,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         m = request.app[NODE].metrics
-        m.http_requests.labels(name, str(status)).inc()
-        m.http_latency.labels(name).observe(time.perf_counter() - started)
+        m.child(m.http_requests, name, str(status)).inc()
+        m.child(m.http_latency, name).observe(time.perf_counter() - started)
 
 
 async def healthz(request: web.Request) -> web.Response:
