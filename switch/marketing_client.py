@@ -21,6 +21,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from switch.keepalive import KeepAlivePool
+
 PostingKind = Literal["payment", "card_recharge", "reversal"]
 AccountStatus = Literal["active", "closed"]
 POSTING_KINDS: Final[frozenset[str]] = frozenset(get_args(PostingKind))
@@ -242,6 +244,7 @@ class MarketingClient:
         *,
         timeout: float = 1.0,
         session: aiohttp.ClientSession | None = None,
+        posting_connections: int = 16,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -249,6 +252,12 @@ class MarketingClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._owns_session = session is None
+        # postings (one per payment) go through kept-alive connections of their own; the
+        # other requests are rare and keep aiohttp
+        self._postings: KeepAlivePool | None = None
+        if session is None and self._base_url.startswith("http://"):
+            self._postings = KeepAlivePool(self._base_url, size=posting_connections,
+                                           timeout_s=timeout)
 
     @property
     def base_url(self) -> str:
@@ -270,6 +279,8 @@ class MarketingClient:
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
+        if self._postings is not None:
+            await self._postings.close()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -356,7 +367,17 @@ class MarketingClient:
 
     async def post(self, posting: Posting) -> PostingResult:
         """Credit ``posting``; safe to repeat with the same posting after MarketingUnavailable."""
-        status, raw = await self._request("POST", "/postings", body=posting.to_json())
+        if self._postings is not None:
+            try:
+                status, raw = await self._postings.request(
+                    "POST", "/postings", orjson.dumps(posting.to_json()))
+            except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
+                raise MarketingUnavailable(
+                    f"marketing system unreachable: {type(exc).__name__}") from exc
+            if status >= 500:
+                raise MarketingUnavailable(f"marketing system answered {status}")
+        else:
+            status, raw = await self._request("POST", "/postings", body=posting.to_json())
         if status not in (200, 201):
             raise self._refuse(status, raw)
         try:

@@ -138,7 +138,7 @@ class Forwarder:
                 await con.execute(_SENT, [row["id"] for row, _ in accepted],
                                   [res.arrears_after for _, res in accepted],
                                   [res.prepaid_balance_after for _, res in accepted])
-            self.metrics.forwarded.labels("sent").inc(len(accepted))
+            self.metrics.child(self.metrics.forwarded, "sent").inc(len(accepted))
         return ForwardStats(len(accepted), len(results) - len(accepted))
 
     def _backoff(self, attempts: int) -> float:

@@ -1,0 +1,170 @@
+"""The relay's kept-alive HTTP/1.1 client, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from aiohttp import web
+
+from switch.keepalive import HttpStatusError, KeepAlivePool, PoolClosed
+
+Echo = tuple[str, set[tuple[str, int]]]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    """An aiohttp server echoing the JSON body; also the set of client ports it saw."""
+    peers: set[tuple[str, int]] = set()
+
+    async def handle(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername")[:2])  # type: ignore[union-attr]
+        body = await request.read()
+        await asyncio.sleep(0.001)
+        return web.Response(status=201, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/base/echo", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site.port}/base/", peers
+    finally:
+        await runner.cleanup()
+
+
+async def _raw_server(handler: Handler) -> tuple[asyncio.Server, int]:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(closing, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _stop(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.05)  # the handlers' writers close
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return await reader.readexactly(length)
+
+
+async def test_concurrent_requests_share_the_pool_size_connections(echo: Echo) -> None:
+    url, peers = echo
+    pool = KeepAlivePool(url, size=4, timeout_s=5.0)
+    try:
+        bodies = [orjson.dumps({"n": i}) for i in range(200)]
+        results = await asyncio.gather(*(pool.request("POST", "/echo", b) for b in bodies))
+        assert [r for r in results] == [(201, b) for b in bodies]
+        assert 1 <= len(peers) <= 4  # kept alive and reused, never more than the size
+        more = await pool.request("POST", "/echo", b"{}")
+        assert more == (201, b"{}") and len(peers) <= 4
+    finally:
+        await pool.close()
+    with pytest.raises(PoolClosed):
+        await pool.request("POST", "/echo", b"{}")
+
+
+async def test_a_connection_the_server_closed_is_replaced_once() -> None:
+    served = 0
+
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:
+        nonlocal served
+        body = await _read_request(reader)
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # says keep-alive, then closes while the client is idle
+
+    server, port = await _raw_server(one_then_close)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
+    try:
+        for i in range(4):
+            assert await pool.request("POST", "/x", b"%d" % i) == (200, b"%d" % i)
+            await asyncio.sleep(0.1)
+        assert served == 4
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_server_that_does_not_answer_times_out_and_frees_the_slot() -> None:
+    hold = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await hold.wait()
+
+    server, port = await _raw_server(silent)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/x", b"{}")
+        assert 0.25 < time.monotonic() - started < 1.0
+        with pytest.raises(TimeoutError):  # the slot was given back: a new connection
+            await pool.request("POST", "/x", b"{}")
+    finally:
+        hold.set()
+        await pool.close()
+        await _stop(server)
+
+
+async def test_garbage_and_refused_connections_are_connection_errors() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    server, port = await _raw_server(garbage)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=1.0)
+    try:
+        with pytest.raises(HttpStatusError, match="malformed"):
+            await pool.request("POST", "/x", b"{}")
+    finally:
+        await pool.close()
+        await _stop(server)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    pool = KeepAlivePool(f"http://127.0.0.1:{free}", size=2, timeout_s=1.0)
+    with pytest.raises(ConnectionRefusedError):
+        await pool.request("POST", "/x", b"{}")
+    await pool.close()
+
+
+async def test_waiters_beyond_the_size_are_served_in_turn(echo: Echo) -> None:
+    url, _ = echo
+    pool = KeepAlivePool(url, size=1, timeout_s=5.0)
+    try:
+        results = await asyncio.gather(*(pool.request("POST", "/echo", b"[%d]" % i)
+                                         for i in range(20)))
+        assert results == [(201, b"[%d]" % i) for i in range(20)]
+    finally:
+        await pool.close()
+
+
+def test_only_plain_http_urls() -> None:
+    with pytest.raises(ValueError, match="http://"):
+        KeepAlivePool("https://billing.example/")
