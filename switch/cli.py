@@ -56,6 +56,9 @@ async def _serve_node(settings: Settings, urls: Any) -> int:
             await node.stop()
         raise
     node.components["request_stop"] = stop.set
+    from switch.loop import tune_gc
+
+    tune_gc()
     print("READY " + orjson.dumps(node.ready_line()).decode(), flush=True)
     await stop.wait()
     log.info("stopping: no new work is taken; finishing what is in flight")

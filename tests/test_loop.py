@@ -1,0 +1,28 @@
+"""The process-wide runtime settings of switch/loop.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
+    code = ("import gc; from switch.loop import tune_gc, GC_GEN0_THRESHOLD; "
+            "before = gc.get_threshold(); tune_gc(); after = gc.get_threshold(); "
+            "assert before[0] != GC_GEN0_THRESHOLD, before; "
+            "assert after == (GC_GEN0_THRESHOLD, before[1], before[2]), after; "
+            "assert gc.get_freeze_count() > 1000, gc.get_freeze_count(); "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_the_loop_is_uvloop_without_io_uring() -> None:
+    out = subprocess.run([sys.executable, "-c",
+                          "import os, asyncio; from switch import loop; "
+                          "print(os.environ['UV_USE_IO_URING'], "
+                          "type(loop.new_event_loop()).__mro__[1].__module__)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["0", "uvloop"], out.stderr
