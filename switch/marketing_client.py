@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Self, get_args
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -244,7 +244,7 @@ class MarketingClient:
         *,
         timeout: float = 1.0,
         session: aiohttp.ClientSession | None = None,
-        posting_connections: int = 16,
+        connections: int = 16,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -252,12 +252,11 @@ class MarketingClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._owns_session = session is None
-        # postings (one per payment) go through kept-alive connections of their own; the
-        # other requests are rare and keep aiohttp
-        self._postings: KeepAlivePool | None = None
+        # requests (one posting per payment, account lookups) go over kept-alive connections
+        # read by httptools (switch/keepalive.py); aiohttp for https or a session given
+        self._pool: KeepAlivePool | None = None
         if session is None and self._base_url.startswith("http://"):
-            self._postings = KeepAlivePool(self._base_url, size=posting_connections,
-                                           timeout_s=timeout)
+            self._pool = KeepAlivePool(self._base_url, size=connections, timeout_s=timeout)
 
     @property
     def base_url(self) -> str:
@@ -279,8 +278,8 @@ class MarketingClient:
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
-        if self._postings is not None:
-            await self._postings.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -296,6 +295,17 @@ class MarketingClient:
         body: object = None,
     ) -> tuple[int, bytes]:
         data = None if body is None else orjson.dumps(body)
+        if self._pool is not None:
+            if params:
+                path = f"{path}?{urlencode(params)}"
+            try:
+                status, raw = await self._pool.request(method, path, data)
+            except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
+                raise MarketingUnavailable(
+                    f"marketing system unreachable: {type(exc).__name__}") from exc
+            if status >= 500:
+                raise MarketingUnavailable(f"marketing system answered {status}")
+            return status, raw
         try:
             async with self._get_session().request(
                 method,
@@ -367,17 +377,7 @@ class MarketingClient:
 
     async def post(self, posting: Posting) -> PostingResult:
         """Credit ``posting``; safe to repeat with the same posting after MarketingUnavailable."""
-        if self._postings is not None:
-            try:
-                status, raw = await self._postings.request(
-                    "POST", "/postings", orjson.dumps(posting.to_json()))
-            except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
-                raise MarketingUnavailable(
-                    f"marketing system unreachable: {type(exc).__name__}") from exc
-            if status >= 500:
-                raise MarketingUnavailable(f"marketing system answered {status}")
-        else:
-            status, raw = await self._request("POST", "/postings", body=posting.to_json())
+        status, raw = await self._request("POST", "/postings", body=posting.to_json())
         if status not in (200, 201):
             raise self._refuse(status, raw)
         try:
