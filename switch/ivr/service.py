@@ -57,7 +57,14 @@ from switch.ivr.dialog import (
     Timeout,
     VerifyPin,
 )
-from switch.ivr.store import CallStore, LockNotAcquired, RedisLock, StoreConflict, StoredCall
+from switch.ivr.store import (
+    CallStore,
+    HeldCall,
+    LockNotAcquired,
+    RedisLock,
+    StoreConflict,
+    StoredCall,
+)
 from switch.payments.accounts import AccountsUnavailable, mask_name
 from switch.payments.ledger import Committed, PaymentRequest, load_payment
 
@@ -162,8 +169,8 @@ class IvrService:
 
     async def start_call(self, call: Call) -> TurnAnswer:
         start_hash = _sha(f"{call.ani}|{call.dnis}|{call.lang}")
-        async with self._turn_lock(call.call_id):
-            stored = await self.store.load(call.call_id)
+        async with self._held(call.call_id) as held:
+            stored = held.stored
             if stored is not None:
                 if stored.start_hash == start_hash and stored.version == 1:
                     return TurnAnswer(stored.turn, replayed=True)  # a retried start
@@ -171,13 +178,13 @@ class IvrService:
             blocked = await self._ani_blocked(call.ani)
             call, turn = dialog.start(call, ani_blocked=blocked)
             doc = turn.as_json(call.call_id)
-            await self._save(StoredCall(call=call, turn=doc, start_hash=start_hash))
+            await self._save(StoredCall(call=call, turn=doc, start_hash=start_hash), held)
             self.node.metrics.child(self.node.metrics.ivr_turns, turn.step.value).inc()
             return TurnAnswer(doc)
 
     async def send(self, call_id: str, inp: Input, idempotency_key: str | None) -> TurnAnswer:
-        async with self._turn_lock(call_id):
-            stored = await self.store.load(call_id)
+        async with self._held(call_id) as held:
+            stored = held.stored
             if stored is None:
                 raise CallNotFound(call_id)
             ihash = _input_hash(inp, stored.call.step)
@@ -198,7 +205,7 @@ class IvrService:
             new = dataclasses.replace(stored, call=call, turn=doc, input_key=idempotency_key,
                                       input_hash=ihash)
             try:
-                await self._save(new)
+                await self._save(new, held)
             except CallBusy:
                 if not (isinstance(fact, RedeemFact) and fact.outcome == "ok"):
                     raise
@@ -212,36 +219,37 @@ class IvrService:
             return TurnAnswer(doc)
 
     async def hang_up(self, call_id: str) -> TurnAnswer:
-        async with self._turn_lock(call_id):
-            stored = await self.store.load(call_id)
+        async with self._held(call_id) as held:
+            stored = held.stored
             if stored is None:
                 raise CallNotFound(call_id)
             if stored.hung_up:
                 return TurnAnswer(stored.turn, replayed=True)
             doc = hangup_turn(call_id)
             await self._save(dataclasses.replace(stored, call=dialog.hang_up(stored.call),
-                                                 turn=doc, hung_up=True))
+                                                 turn=doc, hung_up=True), held)
             self.node.metrics.ivr_turns.labels("hangup").inc()
             return TurnAnswer(doc)
 
     # -- plumbing -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _turn_lock(self, call_id: str) -> AsyncIterator[None]:
-        """Turns of one call, one at a time (`CallBusy` if another does not finish in time)."""
-        lock = self.store.lock(call_id)
+    async def _held(self, call_id: str) -> AsyncIterator[HeldCall]:
+        """The call's turn lock, and the call read under it (`CallBusy` if another turn does
+        not finish in time). Turns of one call run one at a time."""
         try:
-            token = await lock.acquire(self.turn_wait_s)
+            held = await self.store.hold(call_id, self.turn_wait_s)
         except LockNotAcquired:
             raise CallBusy(call_id) from None
         try:
-            yield
+            yield held
         finally:
-            await lock.release(token)
+            await self.store.release(held)  # nothing to do when the save gave it back
 
-    async def _save(self, stored: StoredCall) -> None:
+    async def _save(self, stored: StoredCall, held: HeldCall) -> None:
+        """Save the call and give its turn lock back, in one round trip."""
         try:
-            await self.store.save(stored)
+            await self.store.save(stored, release=held)
         except StoreConflict:
             raise CallBusy(stored.call.call_id) from None
 

@@ -27,7 +27,8 @@ import orjson
 from switch.ivr.dialog import Call
 from switch.redis_pipe import RedisPipe
 
-__all__ = ["CallStore", "LockNotAcquired", "RedisLock", "StoreConflict", "StoredCall"]
+__all__ = ["CallStore", "HeldCall", "LockNotAcquired", "RedisLock", "StoreConflict",
+           "StoredCall"]
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -36,14 +37,29 @@ end
 return 0
 """
 
+# KEYS: the call, its turn lock; ARGV: version read, new version, doc, idle s, lock token
+# ('' to keep the lock). The compare-and-set save and the lock's release in one round trip.
 _SAVE = """
+local saved = 0
 local v = redis.call('HGET', KEYS[1], 'v')
-if (v or '0') ~= ARGV[1] then
-    return 0
+if (v or '0') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'v', ARGV[2], 'doc', ARGV[3])
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+    saved = 1
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'doc', ARGV[3])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return 1
+if ARGV[5] ~= '' and redis.call('GET', KEYS[2]) == ARGV[5] then
+    redis.call('DEL', KEYS[2])
+end
+return saved
+"""
+
+# KEYS: the turn lock, the call; ARGV: token, lock ttl ms. Takes the lock and, only then,
+# reads the call: {1, version, doc} (nil fields for no call), or {0} when the lock is held.
+_HOLD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {1, redis.call('HGET', KEYS[2], 'v'), redis.call('HGET', KEYS[2], 'doc')}
+end
+return {0}
 """
 
 
@@ -102,7 +118,9 @@ class StoredCall:
     hung_up: bool = False
 
     def doc(self) -> bytes:
-        return orjson.dumps({"call": self.call.as_json(), "turn": self.turn,
+        # orjson writes the Call dataclass itself (what `Call.as_json` gives, without
+        # dataclasses.asdict's deep copy)
+        return orjson.dumps({"call": self.call, "turn": self.turn,
                              "start_hash": self.start_hash, "input_key": self.input_key,
                              "input_hash": self.input_hash, "hung_up": self.hung_up})
 
@@ -114,19 +132,61 @@ class StoredCall:
                    input_hash=d["input_hash"], hung_up=d["hung_up"])
 
 
+@dataclass(slots=True)
+class HeldCall:
+    """A call whose turn lock this node holds, with the call as it was read under the lock."""
+
+    call_id: str
+    token: str
+    stored: StoredCall | None
+    released: bool = False
+
+
 class CallStore:
     def __init__(self, redis: RedisPipe, *, idle_s: int, lock_ttl_ms: int = 15000) -> None:
         self.redis = redis
         self.idle_s = idle_s
         self.lock_ttl_ms = lock_ttl_ms
         self._save = redis.register_script(_SAVE)
+        self._hold = redis.register_script(_HOLD)
+        self._release = redis.register_script(_RELEASE)
 
     @staticmethod
     def key(call_id: str) -> str:
         return f"ivr:call:{call_id}"
 
+    @staticmethod
+    def lock_key(call_id: str) -> str:
+        return f"ivr:call-lock:{call_id}"
+
     def lock(self, call_id: str) -> RedisLock:
-        return RedisLock(self.redis, f"ivr:call-lock:{call_id}", ttl_ms=self.lock_ttl_ms)
+        return RedisLock(self.redis, self.lock_key(call_id), ttl_ms=self.lock_ttl_ms)
+
+    async def hold(self, call_id: str, wait_s: float, poll_s: float = 0.01) -> HeldCall:
+        """Take the call's turn lock within `wait_s` (else `LockNotAcquired`) and read the call,
+        in one round trip when the lock is free."""
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + wait_s
+        keys = [self.lock_key(call_id), self.key(call_id)]
+        while True:
+            r = await self._hold(keys=keys, args=[token, self.lock_ttl_ms])
+            if r[0] == 1:
+                version, doc = r[1], r[2]
+                stored = None if version is None or doc is None else \
+                    StoredCall.parse(int(version), doc)
+                return HeldCall(call_id, token, stored)
+            if time.monotonic() >= deadline:
+                raise LockNotAcquired(keys[0])
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 2, 0.1)
+
+    async def release(self, held: HeldCall) -> None:
+        """Give the turn lock back (it expires by itself if this fails)."""
+        if held.released:
+            return
+        with contextlib.suppress(Exception):
+            await self._release(keys=[self.lock_key(held.call_id)], args=[held.token])
+        held.released = True
 
     async def load(self, call_id: str) -> StoredCall | None:
         raw = await self.redis.hmget(self.key(call_id), ["v", "doc"])
@@ -135,12 +195,18 @@ class CallStore:
             return None
         return StoredCall.parse(int(version), doc.encode() if isinstance(doc, str) else doc)
 
-    async def save(self, stored: StoredCall) -> StoredCall:
+    async def save(self, stored: StoredCall, *, release: HeldCall | None = None
+                   ) -> StoredCall:
         """Write `stored` over the version it was read at (0: a new call); returns it with its
-        new version, or raises `StoreConflict`."""
+        new version, or raises `StoreConflict`. With `release`, gives that turn lock back in
+        the same round trip (saved or not)."""
         new = stored.version + 1
-        ok = await self._save(keys=[self.key(stored.call.call_id)],
-                              args=[str(stored.version), str(new), stored.doc(), self.idle_s])
+        call_id = stored.call.call_id
+        ok = await self._save(keys=[self.key(call_id), self.lock_key(call_id)],
+                              args=[str(stored.version), str(new), stored.doc(), self.idle_s,
+                                    release.token if release is not None else ""])
+        if release is not None:
+            release.released = True
         if not ok:
             raise StoreConflict(stored.call.call_id)
         return dataclasses.replace(stored, version=new)

@@ -1,0 +1,75 @@
+"""The IVR call store against the embedded Redis: the turn lock taken with the read, and the
+compare-and-set save that gives the lock back in the same round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from switch.ivr.dialog import Call
+from switch.ivr.store import CallStore, LockNotAcquired, StoreConflict, StoredCall
+from switch.redis_pipe import RedisPipe
+
+
+@pytest.fixture
+async def store(clean_redis: str) -> AsyncIterator[CallStore]:
+    pipe = RedisPipe(clean_redis)
+    try:
+        yield CallStore(pipe, idle_s=60, lock_ttl_ms=5000)
+    finally:
+        await pipe.aclose()
+
+
+def _new(call_id: str) -> StoredCall:
+    return StoredCall(call=Call(call_id=call_id, ani="13800000000", dnis="95598", lang="zh"),
+                      turn={"step": "menu"}, start_hash="h")
+
+
+async def test_hold_reads_under_the_lock_and_save_gives_it_back(store: CallStore) -> None:
+    held = await store.hold("c1", wait_s=0.5)
+    assert held.stored is None and not held.released
+    with pytest.raises(LockNotAcquired):  # a second turn of the same call waits, then gives up
+        await store.hold("c1", wait_s=0.1)
+    saved = await store.save(_new("c1"), release=held)
+    assert saved.version == 1 and held.released
+    again = await store.hold("c1", wait_s=0.1)  # free again, and reads what was saved
+    assert again.stored is not None and again.stored.version == 1
+    assert again.stored.call == saved.call and again.stored.turn == {"step": "menu"}
+    await store.release(again)
+    assert await store.redis.execute("EXISTS", store.lock_key("c1")) == 0
+
+
+async def test_a_stale_save_conflicts_and_still_releases_the_lock(store: CallStore) -> None:
+    held = await store.hold("c2", wait_s=0.5)
+    await store.save(_new("c2"), release=held)
+    held = await store.hold("c2", wait_s=0.5)
+    with pytest.raises(StoreConflict):
+        await store.save(_new("c2"), release=held)  # written over version 0, but it is at 1
+    assert held.released
+    assert (await store.hold("c2", wait_s=0.1)).stored is not None
+
+
+async def test_release_only_removes_its_own_lock(store: CallStore) -> None:
+    held = await store.hold("c3", wait_s=0.5)
+    await store.redis.execute("SET", store.lock_key("c3"), "someone-else")
+    await store.release(held)
+    assert await store.redis.execute("GET", store.lock_key("c3")) == b"someone-else"
+
+
+async def test_concurrent_turns_of_one_call_lose_no_update(store: CallStore) -> None:
+    held = await store.hold("c4", wait_s=0.5)
+    await store.save(_new("c4"), release=held)
+
+    async def one_turn() -> None:
+        h = await store.hold("c4", wait_s=10)
+        assert h.stored is not None
+        call = dataclasses.replace(h.stored.call, turns=h.stored.call.turns + 1)
+        await asyncio.sleep(0)  # let the others try meanwhile
+        await store.save(dataclasses.replace(h.stored, call=call), release=h)
+
+    await asyncio.gather(*(one_turn() for _ in range(20)))
+    final = await store.load("c4")
+    assert final is not None and final.call.turns == 20 and final.version == 21
