@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 import httptools
@@ -121,11 +122,14 @@ class KeepAlivePool:
         return f"KeepAlivePool({self.host}:{self.port}, size={self.size})"
 
     async def request(self, method: str, path: str, body: bytes | None = None, *,
-                      content_type: str = "application/json") -> tuple[int, bytes]:
+                      content_type: str = "application/json",
+                      headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """(status, body). Raises `TimeoutError` after `timeout_s`, `ConnectionError`/`OSError`
         when the server cannot be reached or drops the connection."""
         head = [f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode(), b"Host: ",
                 self._host_header, b"\r\nAccept: application/json\r\n"]
+        if headers:
+            head.append("".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode())
         if body is not None:
             head.append(f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                         .encode())

@@ -101,11 +101,8 @@ class IvrSimulator:
             headers["Content-Type"] = "application/json"
         for attempt in range(self.retries + 1):
             try:
-                async with self._session.request(method, self.base + path, data=data,
-                                                 headers=headers) as r:
-                    raw = await r.read()
-                    status = r.status
-            except (aiohttp.ClientConnectionError, TimeoutError):
+                status, raw = await self._send(method, path, data, headers)
+            except (aiohttp.ClientConnectionError, ConnectionError, TimeoutError):
                 if attempt == self.retries or (key is None and method == "POST"):
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -125,6 +122,13 @@ class IvrSimulator:
             doc: dict[str, Any] = orjson.loads(raw)
             return doc
         raise IvrSimulatorError(0, "retries_exhausted")
+
+    async def _send(self, method: str, path: str, data: bytes | None,
+                    headers: dict[str, str]) -> tuple[int, bytes]:
+        """One HTTP exchange: (status, body)."""
+        async with self._session.request(method, self.base + path, data=data,
+                                         headers=headers) as r:
+            return r.status, await r.read()
 
     def _next_key(self, call_id: str) -> str:
         n = self._seq.get(call_id, 0) + 1
