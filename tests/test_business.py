@@ -129,3 +129,31 @@ async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: s
         assert "fenced" in str(e.value)
 
 
+
+
+async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clean_redis: str,
+                                                            sims: Sims, tmp_path: Path) -> None:
+    """The relay's "sent" update is fenced: a node that lost the lease may have posted (the
+    marketing system deduplicates by posting id) but cannot record it as sent."""
+    import uuid
+
+    from switch.payments.ledger import Committed, PaymentRequest
+
+    account = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        forwarder = node.components["forwarder"]
+        await forwarder.stop()  # rounds are run by hand below
+        outcome = await node.components["ledger"].submit(PaymentRequest(
+            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+            method="cash", account_no=account, amount=1234))
+        assert isinstance(outcome, Committed)
+        posting_id = outcome.record.posting_id
+        await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
+        with pytest.raises(Exception) as e:
+            await forwarder.forward_once()
+        assert "fenced" in str(e.value)
+        assert await node.pool.fetchval(
+            "SELECT state FROM outbox WHERE posting_id = $1", posting_id) == "pending"
+        posted = [p.request.posting_id for p in
+                  sims.marketing.durable_postings_on(outcome.record.business_date)]
+        assert posted.count(posting_id) == 1  # sent once on the wire, credited once

@@ -45,11 +45,13 @@ SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id
 """
 
 # every posting of a round that the marketing system accepted, marked in one statement
+# (one round trip, its own transaction), fenced by this node's epoch
 _SENT = """
+WITH fence AS (SELECT gridpay_fence($4::bigint))
 UPDATE outbox o
    SET state = 'sent', sent_at = now(), attempts = o.attempts + 1, last_error = NULL,
        arrears_after = u.arrears, prepaid_after = u.prepaid
-  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, arrears, prepaid)
+  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, arrears, prepaid), fence
  WHERE o.id = u.id AND o.state = 'pending'
 """
 
@@ -133,11 +135,10 @@ class Forwarder:
             # One fenced transaction (one commit) for the whole round. A crash before it
             # commits only means these postings are sent again: the marketing system answers a
             # repeated posting id with the stored result, so the credit still happens once.
-            async with self.pool.acquire() as con, con.transaction():
-                await con.execute("SELECT gridpay_fence($1)", self.epoch())
-                await con.execute(_SENT, [row["id"] for row, _ in accepted],
-                                  [res.arrears_after for _, res in accepted],
-                                  [res.prepaid_balance_after for _, res in accepted])
+            await self.pool.execute(_SENT, [row["id"] for row, _ in accepted],
+                                    [res.arrears_after for _, res in accepted],
+                                    [res.prepaid_balance_after for _, res in accepted],
+                                    self.epoch())
             self.metrics.child(self.metrics.forwarded, "sent").inc(len(accepted))
         return ForwardStats(len(accepted), len(results) - len(accepted))
 
