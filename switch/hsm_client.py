@@ -354,8 +354,16 @@ class HsmClient:
         if live:
             if len(live) < self._pool_size and self._fill_task is None:
                 self._fill_task = asyncio.create_task(self._fill())
-            self._rr = (self._rr + 1) % len(live)
-            return min(live[self._rr:] + live[:self._rr], key=lambda c: c.in_flight)
+            # the connection with the fewest requests in flight, starting the search at the
+            # next one round-robin (ties spread over the pool)
+            n = len(live)
+            self._rr = (self._rr + 1) % n
+            best = live[self._rr]
+            for i in range(1, n):
+                c = live[(self._rr + i) % n]
+                if c.in_flight < best.in_flight:
+                    best = c
+            return best
         if time.monotonic() < self._down_until:
             raise HsmUnavailable(command)
         async with self._lock:
