@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from switch.web.problems import Problem, json_response, problem_middleware
+from switch.web.problems import Problem, json_response, problem_for
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -24,15 +24,20 @@ def node_of(request: web.Request) -> Node:
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request, and turns errors into problem+json answers (one
+    middleware for both: each one is a layer of calls on every request)."""
     started = time.perf_counter()
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     status = 500
     try:
-        resp = await handler(request)
+        try:
+            resp = await handler(request)
+        except Exception as e:
+            resp = problem_for(request, e)
         status = resp.status
         return resp
-    except web.HTTPException as e:
+    except web.HTTPException as e:  # a redirect or success raised, answered by aiohttp
         status = e.status
         raise
     finally:
@@ -90,7 +95,7 @@ def require_active(request: web.Request) -> Node:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, problem_middleware],
+    app = web.Application(middlewares=[metrics_middleware],
                           client_max_size=1024 * 1024 * 8)
     app[NODE] = node
     app.router.add_get("/healthz", healthz)

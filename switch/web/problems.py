@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -43,29 +42,24 @@ class Problem(Exception):
                             content_type=CONTENT_TYPE, headers=self.headers)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except Problem as p:
-        return p.response()
-    except web.HTTPException as e:
+def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
+    """The problem+json answer for an exception out of a handler (re-raises an HTTP redirect
+    or success, which aiohttp answers itself)."""
+    if isinstance(e, Problem):
+        return e.response()
+    if isinstance(e, web.HTTPException):
         if e.status < 400:
-            raise
+            raise e
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             e.status, "http_error")
         detail = {404: f"no resource at {request.path}",
                   405: f"{request.method} is not allowed on {request.path}"}.get(
             e.status, e.reason)
         return Problem(e.status, code, detail).response()
-    except Exception:
-        log.exception("unhandled error in HTTP handler", extra={"path": request.path})
-        return Problem(500, "internal_error",
-                       "the request could not be completed; nothing was changed unless a "
-                       "later GET shows otherwise").response()
+    log.exception("unhandled error in HTTP handler", extra={"path": request.path})
+    return Problem(500, "internal_error",
+                   "the request could not be completed; nothing was changed unless a "
+                   "later GET shows otherwise").response()
 
 
 async def json_body(request: web.Request, max_bytes: int = 65536) -> dict[str, object]:
