@@ -142,12 +142,16 @@ class _Metrics:
         hist.observe(seconds)
 
 
-class _Connection:
-    """One TCP connection with requests in flight, matched to answers by header."""
+class _Connection(asyncio.Protocol):
+    """One TCP connection with requests in flight, matched to answers by header.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    A protocol rather than a stream reader and a reading task: the answers are cut out of the
+    bytes as they arrive and handed to their callers directly, one hop less per request.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
         # header -> (future, deadline, command); one timer checks the deadlines, which is
         # much cheaper than a timeout context per request
         self._pending: dict[bytes, tuple[asyncio.Future[bytes], float, str]] = {}
@@ -156,12 +160,53 @@ class _Connection:
         self._flush_scheduled = False
         self._check_every = 0.05
         self._timer: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while the buffer is full
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.alive = True
-        self._task = asyncio.create_task(self._read_loop())
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        pos, n = 0, len(data)
+        pending = self._pending
+        while n - pos >= 2:
+            end = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+            if end > n:
+                break
+            message = data[pos + 2:end]
+            pos = end
+            entry = pending.get(message[:4])
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(message)
+        if pos < n:
+            self._buf += data[pos:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # -- requests -------------------------------------------------------------------------
 
     def _header(self) -> bytes:
         for _ in range(0x10000):
@@ -188,13 +233,10 @@ class _Connection:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         try:
-            if self._writer.transport.get_write_buffer_size() > 1 << 16:
-                await self._writer.drain()
+            if self._writable is not None:  # the HSM is not reading: wait with the others
+                await asyncio.shield(self._writable)
             return await future
         except HsmUnavailable:
-            raise HsmUnavailable(command, "connection lost") from None
-        except (ConnectionError, OSError):
-            self._fail()
             raise HsmUnavailable(command, "connection lost") from None
         finally:
             self._pending.pop(header, None)
@@ -218,24 +260,11 @@ class _Connection:
             return
         data = b"".join(self._out)
         self._out.clear()
-        if not self.alive:
+        if not self.alive or self.transport is None:
             return
         try:
-            self._writer.write(data)
+            self.transport.write(data)
         except (ConnectionError, OSError, RuntimeError):
-            self._fail()
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                length = int.from_bytes(await self._reader.readexactly(2), "big")
-                message = await self._reader.readexactly(length)
-                entry = self._pending.get(message[:4])
-                if entry is not None and not entry[0].done():
-                    entry[0].set_result(message)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        finally:
             self._fail()
 
     def _fail(self) -> None:
@@ -248,15 +277,17 @@ class _Connection:
         for future, _, _ in self._pending.values():
             if not future.done():
                 future.set_exception(HsmUnavailable("--", "connection lost"))
-        self._writer.close()
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_exception(HsmUnavailable("--", "connection lost"))
+            writable.exception()  # retrieved: nobody else may be waiting
+        if self.transport is not None:
+            self.transport.close()
 
     async def close(self) -> None:
         self._fail()
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            await asyncio.wait_for(asyncio.shield(self._lost), 1.0)
 
 
 class HsmClient:
@@ -326,9 +357,10 @@ class HsmClient:
     # --- pool -------------------------------------------------------------------------------
 
     async def _open(self) -> _Connection:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port), self._connect_timeout)
-        return _Connection(reader, writer)
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(_Connection, self._host, self._port), self._connect_timeout)
+        return conn
 
     async def _fill(self) -> None:
         try:
