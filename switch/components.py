@@ -87,7 +87,8 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         task = asyncio.create_task(keys.keep_trying(), name="keys")
         stack.callback(task.cancel)
 
-    marketing = MarketingClient(node.services.marketing, timeout=s.services.marketing_timeout_s)
+    marketing = MarketingClient(node.services.marketing, timeout=s.services.marketing_timeout_s,
+                                connections=s.forwarder.concurrency)
     stack.push_async_callback(marketing.close)
     comps["marketing"] = marketing
     accounts = Accounts(node.pool, marketing, timeout_s=s.services.marketing_timeout_s)
@@ -99,7 +100,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         return node.epoch
 
     forwarder = Forwarder(node.pool, marketing, s.forwarder, node.metrics, epoch,
-                          on_fenced=node.fenced)
+                          concurrency=s.forwarder.concurrency, on_fenced=node.fenced)
     comps["forwarder"] = forwarder
     ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,
                          on_committed=forwarder.wake)

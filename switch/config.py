@@ -138,6 +138,7 @@ class BusinessSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwarderSettings:
     batch: int
+    concurrency: int  # postings in flight to the marketing system (its kept-alive connections)
     backoff_initial_s: float
     backoff_max_s: float
     dead_letter_after_s: float
@@ -351,6 +352,7 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
         ),
         forwarder=ForwarderSettings(
             batch=_int(fwd, "batch", "forwarder.batch", 1, 10_000),
+            concurrency=_int(fwd, "concurrency", "forwarder.concurrency", 1, 1_000),
             backoff_initial_s=_float(fwd, "backoff_initial_s", "forwarder.backoff_initial_s",
                                      0.01, 60),
             backoff_max_s=_float(fwd, "backoff_max_s", "forwarder.backoff_max_s", 0.1, 3600),

@@ -68,3 +68,13 @@ def test_lease_renewal_must_fit_in_ttl() -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(env={"GRIDPAY_LEASE_TTL_S": "1", "GRIDPAY_LEASE_RENEW_S": "0.9"})
     assert e.value.key == "lease.renew_s"
+
+
+def test_relay_concurrency_is_read_and_bounded(tmp_path: Path) -> None:
+    s = load_settings(env={})
+    assert s.forwarder.concurrency == 32 and s.forwarder.batch == 256
+    f = tmp_path / "c.toml"
+    f.write_text("[forwarder]\nconcurrency = 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    assert e.value.key == "forwarder.concurrency" and "1 to 1000" in str(e.value)
