@@ -136,6 +136,10 @@ async def test_concurrent_same_key_without_redis_state(node: Node, api: Api, sim
         ({"amount": 5_000_001, "method": "cash"}, 422, "invalid_amount"),
         ({"amount": 100, "method": "cheque"}, 400, "invalid_method"),
         ({"amount": 100, "method": "cash", "extra": 1}, 400, "unknown_field"),
+        # a NUL cannot be stored as text: it must be refused alone, not fail a whole batch
+        ({"amount": 100, "method": "cash", "reference": "a\u0000b"}, 400, "invalid_reference"),
+        ({"amount": 100, "method": "cash", "reference": "tab\there"}, 400, "invalid_reference"),
+        ({"amount": 100, "method": "cash", "reference": ""}, 400, "invalid_reference"),
     ],
 )
 async def test_amount_and_body_validation(node: Node, api: Api, sims: Sims,

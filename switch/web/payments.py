@@ -121,8 +121,10 @@ def _validate_payment(body: dict[str, object], max_amount: int) -> tuple[str, in
     if method not in METHODS:
         raise Problem(400, "invalid_method", f"method must be one of {', '.join(METHODS)}")
     ref = body.get("reference")
-    if ref is not None and (not isinstance(ref, str) or not 1 <= len(ref) <= 64):
-        raise Problem(400, "invalid_reference", "reference must be a string of 1 to 64 characters")
+    if ref is not None and (not isinstance(ref, str) or not 1 <= len(ref) <= 64
+                            or not ref.isprintable()):
+        raise Problem(400, "invalid_reference",
+                      "reference must be a string of 1 to 64 printable characters")
     unknown = set(body) - {"account_no", "amount", "method", "reference"}
     if unknown:
         raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
