@@ -22,6 +22,7 @@ from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 
 from switch import db
 from switch.business import BusinessCalendar
@@ -152,14 +153,21 @@ class ReceiptNumbers:
 
 # One statement records a whole batch: the fence, the keys (the first writer of a key wins;
 # the others are returned as duplicates afterwards), the payments of the keys won, and their
-# outbox rows. One round trip and one implicit transaction, whatever the batch size.
+# outbox rows. One round trip and one implicit transaction, whatever the batch size. The batch
+# travels as one JSON array (orjson on our side, json_to_recordset on the server's): encoding
+# 25 typed arrays cost asyncpg about three times the CPU per payment. Binary values go as hex.
 _RECORD = """
-WITH fence AS (SELECT gridpay_fence($20::bigint)),
+WITH fence AS (SELECT gridpay_fence($2::bigint)),
+t AS MATERIALIZED (
+  SELECT * FROM json_to_recordset($1::json) AS t(
+    k text, h text, p uuid, s int, r text, receipt text, channel text, client uuid, inst text,
+    method text, acct text, amount bigint, bdate date, ref text, approval text, stan text,
+    f7 text, rrn text, term text, serial text, caller text, at timestamptz, posting_id text,
+    kind text)
+),
 k AS (
   INSERT INTO dedup_keys (key, kind, request_hash, payment_id, status_code, response)
-  SELECT t.k, 'payment', t.h, t.p, t.s, t.r
-    FROM unnest($1::text[], $2::bytea[], $3::uuid[], $4::int[], $5::bytea[]) AS t(k, h, p, s, r),
-         fence
+  SELECT t.k, 'payment', decode(t.h, 'hex'), t.p, t.s, decode(t.r, 'hex') FROM t, fence
   ON CONFLICT (key) DO NOTHING
   RETURNING key, payment_id
 ),
@@ -167,22 +175,14 @@ pay AS (
   INSERT INTO payments (id, receipt_no, dedup_key, channel, client_id, institution_id, method,
                         account_no, amount, business_date, reference, approval_code, stan,
                         transmitted, rrn, terminal_id, card_serial, caller, created_at, epoch)
-  SELECT u.id, u.receipt, u.dkey, u.channel, u.client, u.inst, u.method, u.acct, u.amount,
-         u.bdate, u.ref, u.approval, u.stan, u.f7, u.rrn, u.term, u.serial, u.caller, u.at,
-         $20::bigint
-    FROM unnest($3::uuid[], $6::text[], $1::text[], $7::text[], $8::uuid[], $9::text[],
-                $10::text[], $11::text[], $12::bigint[], $13::date[], $14::text[], $15::text[],
-                $16::text[], $17::text[], $18::text[], $19::text[], $21::text[], $22::text[],
-                $23::timestamptz[])
-         AS u(id, receipt, dkey, channel, client, inst, method, acct, amount, bdate, ref,
-              approval, stan, f7, rrn, term, serial, caller, at)
-    JOIN k ON k.key = u.dkey
-  RETURNING id, receipt_no, account_no, amount, channel, created_at
+  SELECT t.p, t.receipt, t.k, t.channel, t.client, t.inst, t.method, t.acct, t.amount, t.bdate,
+         t.ref, t.approval, t.stan, t.f7, t.rrn, t.term, t.serial, t.caller, t.at, $2::bigint
+    FROM t JOIN k ON k.key = t.k
+  RETURNING id, account_no, amount, channel, created_at
 )
 INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel, occurred_at)
-SELECT w.posting_id, w.kind, pay.id, pay.account_no, pay.amount, pay.channel, pay.created_at
-  FROM pay JOIN unnest($3::uuid[], $24::text[], $25::text[]) AS w(id, posting_id, kind)
-    ON w.id = pay.id
+SELECT t.posting_id, t.kind, pay.id, pay.account_no, pay.amount, pay.channel, pay.created_at
+  FROM pay JOIN t ON t.p = pay.id
 RETURNING payment_id
 """
 
@@ -317,21 +317,18 @@ class PostingPath:
             )
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
-        rows = await con.fetch(
-            _RECORD,
-            [q.dedup_key for q in requests], [q.request_hash for q in requests],
-            [r.id for r in records], [st for st, _ in renders], [b for _, b in renders],
-            [r.receipt_no for r in records], [q.channel for q in requests],
-            [q.client_id for q in requests], [q.institution_id for q in requests],
-            [q.method for q in requests], [q.account_no for q in requests],
-            [q.amount for q in requests], [r.business_date for r in records],
-            [q.reference for q in requests], [r.approval_code for r in records],
-            [q.stan for q in requests], [q.transmitted for q in requests],
-            [q.rrn for q in requests], [q.terminal_id for q in requests], self.epoch(),
-            [q.card_serial for q in requests], [q.caller for q in requests],
-            [r.created_at for r in records], [r.posting_id for r in records],
-            [q.kind for q in requests],
-        )
+        batch = orjson.dumps([{
+            "k": q.dedup_key, "h": q.request_hash.hex(), "p": str(r.id), "s": st,
+            "r": body.hex() if body is not None else None, "receipt": r.receipt_no,
+            "channel": q.channel, "inst": q.institution_id,
+            "client": str(q.client_id) if q.client_id is not None else None,
+            "method": q.method, "acct": q.account_no, "amount": q.amount,
+            "bdate": r.business_date, "ref": q.reference, "approval": r.approval_code,
+            "stan": q.stan, "f7": q.transmitted, "rrn": q.rrn, "term": q.terminal_id,
+            "serial": q.card_serial, "caller": q.caller, "at": r.created_at,
+            "posting_id": r.posting_id, "kind": q.kind,
+        } for q, r, (st, body) in zip(requests, records, renders, strict=True)])
+        rows = await con.fetch(_RECORD, batch.decode(), self.epoch())
         won_ids = {r["payment_id"] for r in rows}
         won = {q.dedup_key for q, r in zip(requests, records, strict=True) if r.id in won_ids}
         out: list[Outcome] = []
