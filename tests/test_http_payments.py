@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -388,3 +389,38 @@ async def test_slow_marketing_does_not_slow_payments(node: Node, api: Api, sims:
     await _drain(node)
     pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
     assert sims.marketing.ledger.posting(pid) is not None
+
+
+async def test_a_repeated_live_lookup_does_not_rewrite_the_mirror(node: Node, api: Api,
+                                                                  sims: Sims) -> None:
+    accounts = node.components["accounts"]
+    acct = await active_account(sims.marketing, start=37)
+
+    async def mirrored() -> tuple[datetime, int, int]:
+        row = await node.pool.fetchrow(
+            "SELECT refreshed_at, arrears, prepaid_balance FROM account_mirror"
+            " WHERE account_no = $1", acct)
+        assert row is not None
+        return row["refreshed_at"], row["arrears"], row["prepaid_balance"]
+
+    first = await accounts.lookup(acct)
+    assert first is not None and not first.stale
+    at, _, _ = await mirrored()
+    again = await accounts.lookup(acct)
+    assert again is not None and (again.arrears, again.prepaid_balance) == (
+        first.arrears, first.prepaid_balance)
+    assert (await mirrored())[0] == at  # the same answer: not written again
+    # a payment changes what the marketing system answers: the next lookup writes it
+    st, _, raw = await api.call("POST", "/v1/payments", idem=f"m-{uuid.uuid4().hex[:8]}",
+                                json={"account_no": acct, "amount": 100, "method": "cash"})
+    assert st == 201, raw
+    before = (first.arrears, first.prepaid_balance)
+    for _ in range(100):  # the relay posts it within moments
+        after = await accounts.lookup(acct)
+        assert after is not None
+        if (after.arrears, after.prepaid_balance) != before:
+            break
+        await asyncio.sleep(0.05)
+    assert (after.arrears, after.prepaid_balance) != before
+    refreshed, arrears, prepaid = await mirrored()
+    assert refreshed > at and (arrears, prepaid) == (after.arrears, after.prepaid_balance)

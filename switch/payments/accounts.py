@@ -70,6 +70,10 @@ ON CONFLICT (account_no) DO UPDATE
 """
 
 
+#: a live lookup that finds exactly what it wrote less than this long ago does not write again
+MIRROR_REWRITE_S = 30.0
+
+
 class Accounts:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, *,
                  timeout_s: float = 0.8, cache_ttl_s: float = 900.0) -> None:
@@ -82,6 +86,10 @@ class Accounts:
         # table it copies) and replaced whenever this node writes the mirror (every live lookup
         # and every sync pass goes through `_store`)
         self._profiles: dict[str, tuple[MirrorProfile, float]] = {}
+        # what a live lookup last wrote to the mirror, and when: the same answer again within
+        # `MIRROR_REWRITE_S` is not written again (an IVR dialog or a bank inquiry followed by
+        # its payment looks the same account up several times a minute)
+        self._written: dict[str, tuple[tuple[object, ...], float]] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
@@ -100,8 +108,15 @@ class Accounts:
             if acc is None:
                 return None
             now = datetime.now(UTC)
-            await self._store([(acc.account_no, acc.name, acc.status, acc.arrears,
-                                acc.prepaid_balance, acc.bills)], now)
+            seen = (acc.account_no, acc.name, acc.status, acc.arrears, acc.prepaid_balance,
+                    acc.bills)
+            mono = time.monotonic()
+            last = self._written.get(acc.account_no)
+            if last is None or last[0] != seen or mono - last[1] > MIRROR_REWRITE_S:
+                await self._store([seen], now)
+                if len(self._written) > 200_000:
+                    self._written.clear()
+                self._written[acc.account_no] = (seen, mono)
             return AccountView(account_no=acc.account_no, name=acc.name, status=acc.status,
                                arrears=acc.arrears, prepaid_balance=acc.prepaid_balance,
                                bills=acc.bills, as_of=now, stale=False)
