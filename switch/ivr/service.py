@@ -384,7 +384,8 @@ class IvrService:
         fact: Fact
         try:
             async with node.pool.acquire() as con, con.transaction():
-                await con.execute("SELECT gridpay_fence($1)", node.epoch)
+                # record_in's statement is fenced by this node's epoch, and it comes first:
+                # the card moves below only inside a transaction that passed the fence
                 [outcome] = await ledger.record_in(con, [request])
                 if isinstance(outcome, Committed):
                     rec = outcome.record
