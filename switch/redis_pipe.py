@@ -154,6 +154,7 @@ class RedisPipe:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
+        self._scripts: dict[str, Script] = {}
 
     def __repr__(self) -> str:  # never the password
         return f"RedisPipe({self.host}:{self.port}/{self.db})"
@@ -169,7 +170,11 @@ class RedisPipe:
         return await fut
 
     def register_script(self, source: str) -> Script:
-        return Script(self, source)
+        """The script for `source`, made once per client (its SHA1 is computed once)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = Script(self, source)
+        return script
 
     # the few commands the hot paths use, with redis-py's names
 

@@ -60,6 +60,7 @@ async def test_set_nx_px_hmget_delete(pipe: RedisPipe) -> None:
 
 async def test_script_is_loaded_again_after_the_server_forgot_it(pipe: RedisPipe) -> None:
     script = pipe.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert pipe.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])") is script
     assert await script(keys=["s"], args=[5]) == 5
     await pipe.execute("SCRIPT", "FLUSH")
     assert await script(keys=["s"], args=[2]) == 7  # NOSCRIPT, then EVAL

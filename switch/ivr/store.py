@@ -18,9 +18,9 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -29,6 +29,8 @@ from switch.redis_pipe import RedisPipe
 
 __all__ = ["CallStore", "HeldCall", "LockNotAcquired", "RedisLock", "StoreConflict",
            "StoredCall"]
+
+T = TypeVar("T")
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -71,6 +73,19 @@ class StoreConflict(Exception):
     """The call was saved by someone else since it was read (its version moved)."""
 
 
+async def _take(attempt: Callable[[], Awaitable[T | None]], key: str, wait_s: float,
+                poll_s: float) -> T:
+    """Run `attempt` until it takes the lock `key` (returns something), backing off from
+    `poll_s` to 0.1 s; `LockNotAcquired` once `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    while (got := await attempt()) is None:
+        if time.monotonic() >= deadline:
+            raise LockNotAcquired(key)
+        await asyncio.sleep(poll_s)
+        poll_s = min(poll_s * 2, 0.1)
+    return got
+
+
 class RedisLock:
     """One lock per critical section: `SET key token NX PX ttl`, released only by its owner."""
 
@@ -83,13 +98,12 @@ class RedisLock:
     async def acquire(self, wait_s: float, poll_s: float = 0.01) -> str:
         """Take the lock within `wait_s` (else `LockNotAcquired`); returns the owner's token."""
         token = secrets.token_hex(16)
-        deadline = time.monotonic() + wait_s
-        while not await self.redis.set(self.key, token, nx=True, px=self.ttl_ms):
-            if time.monotonic() >= deadline:
-                raise LockNotAcquired(self.key)
-            await asyncio.sleep(poll_s)
-            poll_s = min(poll_s * 2, 0.1)
-        return token
+
+        async def attempt() -> str | None:
+            taken = await self.redis.set(self.key, token, nx=True, px=self.ttl_ms)
+            return token if taken else None
+
+        return await _take(attempt, self.key, wait_s, poll_s)
 
     async def release(self, token: str) -> None:
         """Release the lock if this token still owns it (it expires by itself otherwise)."""
@@ -132,6 +146,10 @@ class StoredCall:
                    input_hash=d["input_hash"], hung_up=d["hung_up"])
 
 
+def _stored(version: bytes | None, doc: bytes | None) -> StoredCall | None:
+    return None if version is None or doc is None else StoredCall.parse(int(version), doc)
+
+
 @dataclass(slots=True)
 class HeldCall:
     """A call whose turn lock this node holds, with the call as it was read under the lock."""
@@ -149,7 +167,6 @@ class CallStore:
         self.lock_ttl_ms = lock_ttl_ms
         self._save = redis.register_script(_SAVE)
         self._hold = redis.register_script(_HOLD)
-        self._release = redis.register_script(_RELEASE)
 
     @staticmethod
     def key(call_id: str) -> str:
@@ -159,41 +176,29 @@ class CallStore:
     def lock_key(call_id: str) -> str:
         return f"ivr:call-lock:{call_id}"
 
-    def lock(self, call_id: str) -> RedisLock:
-        return RedisLock(self.redis, self.lock_key(call_id), ttl_ms=self.lock_ttl_ms)
-
     async def hold(self, call_id: str, wait_s: float, poll_s: float = 0.01) -> HeldCall:
         """Take the call's turn lock within `wait_s` (else `LockNotAcquired`) and read the call,
         in one round trip when the lock is free."""
         token = secrets.token_hex(16)
-        deadline = time.monotonic() + wait_s
         keys = [self.lock_key(call_id), self.key(call_id)]
-        while True:
+
+        async def attempt() -> HeldCall | None:
             r = await self._hold(keys=keys, args=[token, self.lock_ttl_ms])
-            if r[0] == 1:
-                version, doc = r[1], r[2]
-                stored = None if version is None or doc is None else \
-                    StoredCall.parse(int(version), doc)
-                return HeldCall(call_id, token, stored)
-            if time.monotonic() >= deadline:
-                raise LockNotAcquired(keys[0])
-            await asyncio.sleep(poll_s)
-            poll_s = min(poll_s * 2, 0.1)
+            return HeldCall(call_id, token, _stored(r[1], r[2])) if r[0] == 1 else None
+
+        return await _take(attempt, keys[0], wait_s, poll_s)
 
     async def release(self, held: HeldCall) -> None:
         """Give the turn lock back (it expires by itself if this fails)."""
-        if held.released:
-            return
-        with contextlib.suppress(Exception):
-            await self._release(keys=[self.lock_key(held.call_id)], args=[held.token])
-        held.released = True
+        if not held.released:
+            lock = RedisLock(self.redis, self.lock_key(held.call_id), ttl_ms=self.lock_ttl_ms)
+            await lock.release(held.token)
+            held.released = True
 
     async def load(self, call_id: str) -> StoredCall | None:
-        raw = await self.redis.hmget(self.key(call_id), ["v", "doc"])
-        version, doc = raw[0], raw[1]
-        if version is None or doc is None:
-            return None
-        return StoredCall.parse(int(version), doc.encode() if isinstance(doc, str) else doc)
+        """The call as stored, without taking its lock."""
+        version, doc = await self.redis.hmget(self.key(call_id), ["v", "doc"])
+        return _stored(version, doc)
 
     async def save(self, stored: StoredCall, *, release: HeldCall | None = None
                    ) -> StoredCall:
