@@ -295,29 +295,18 @@ class MarketingClient:
         body: object = None,
     ) -> tuple[int, bytes]:
         data = None if body is None else orjson.dumps(body)
-        if self._pool is not None:
-            if params:
-                path = f"{path}?{urlencode(params)}"
-            try:
-                status, raw = await self._pool.request(method, path, data)
-            except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
-                raise MarketingUnavailable(
-                    f"marketing system unreachable: {type(exc).__name__}") from exc
-            if status >= 500:
-                raise MarketingUnavailable(f"marketing system answered {status}")
-            return status, raw
         try:
-            async with self._get_session().request(
-                method,
-                self._base_url + path,
-                params=params,
-                data=data,
-                headers=_JSON_HEADERS,
-                timeout=self._timeout,
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if self._pool is not None:
+                query = f"?{urlencode(params)}" if params else ""
+                status, raw = await self._pool.request(method, path + query, data)
+            else:
+                async with self._get_session().request(
+                    method, self._base_url + path, params=params, data=data,
+                    headers=_JSON_HEADERS, timeout=self._timeout,
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # incl. ConnectionError
             raise MarketingUnavailable(
                 f"marketing system unreachable: {type(exc).__name__}"
             ) from exc
