@@ -70,8 +70,8 @@ class IvrSimulator:
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._codec = Format4Codec(pin_key)
         self._own_session = session is None
-        self._session = session or aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self._session = session  # made on first use when not given
+        self._timeout_s = timeout_s
         self.dnis = dnis
         self.retries = retries
         self._seq: dict[str, int] = {}
@@ -86,7 +86,7 @@ class IvrSimulator:
         await self.close()
 
     async def close(self) -> None:
-        if self._own_session:
+        if self._own_session and self._session is not None:
             await self._session.close()
 
     # -- one request ----------------------------------------------------------------------
@@ -126,6 +126,9 @@ class IvrSimulator:
     async def _send(self, method: str, path: str, data: bytes | None,
                     headers: dict[str, str]) -> tuple[int, bytes]:
         """One HTTP exchange: (status, body)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         async with self._session.request(method, self.base + path, data=data,
                                          headers=headers) as r:
             return r.status, await r.read()
