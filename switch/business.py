@@ -25,9 +25,6 @@ class BusinessCalendar:
     def today(self) -> date:
         return self.date_at(datetime.now(UTC))
 
-    def now(self) -> datetime:
-        return datetime.now(self.tz)
-
     def settlement_mmdd(self, d: date) -> str:
         return d.strftime("%m%d")
 

@@ -157,3 +157,36 @@ async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clea
         posted = [p.request.posting_id for p in
                   sims.marketing.durable_postings_on(outcome.record.business_date)]
         assert posted.count(posting_id) == 1  # sent once on the wire, credited once
+
+
+async def test_relay_records_a_failure_only_under_the_current_epoch(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    import uuid
+
+    from switch.payments.ledger import Committed, PaymentRequest
+
+    account = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        forwarder = node.components["forwarder"]
+        await forwarder.stop()
+        outcome = await node.components["ledger"].submit(PaymentRequest(
+            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+            method="cash", account_no=account, amount=1234))
+        assert isinstance(outcome, Committed)
+        await sims.marketing.set_faults(error_rate=1.0)
+        try:
+            stats = await forwarder.forward_once()  # current epoch: the failure is recorded
+            assert (stats.sent, stats.failed) == (0, 1)
+            row = await node.pool.fetchrow("SELECT state, attempts, last_error FROM outbox"
+                                           " WHERE posting_id = $1", outcome.record.posting_id)
+            assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"]
+            await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
+            await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
+            with pytest.raises(Exception) as e:
+                await forwarder.forward_once()
+            assert "fenced" in str(e.value)
+            assert await node.pool.fetchval(  # the stale node could not count it
+                "SELECT attempts FROM outbox WHERE posting_id = $1",
+                outcome.record.posting_id) == 1
+        finally:
+            await sims.marketing.clear_faults()

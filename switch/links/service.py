@@ -203,7 +203,9 @@ class LinkService:
             return codec.encode(resp)
         return codec.append_mac(data, mac)
 
-    def _response(self, req: Message, code: str) -> Message:
+    def _response(self, req: Message, code: str, day: date | None = None) -> Message:
+        """The response to `req` with `code`; field 15 is `day` (default: today's business
+        date)."""
         fields = {k: req.fields[k] for k in ECHO if k in req.fields}
         if 90 in req.fields and req.mti in ("0420", "0421"):
             fields[90] = req.fields[90]
@@ -214,7 +216,8 @@ class LinkService:
             fields[48] = Tlv.of(("01", acct))
         fields[39] = code
         if req.mti != "0800":
-            fields[15] = self.ctx.calendar.today().strftime("%m%d")
+            cal = self.ctx.calendar
+            fields[15] = cal.settlement_mmdd(day or cal.today())
         return Message(RESPONSE_MTI[req.mti], fields)
 
     # -- checks --------------------------------------------------------------------------
@@ -291,7 +294,7 @@ class LinkService:
             resp = self._response(msg, "00")
         else:
             raise Decline("12", f"unknown network management code {code}")
-        resp.fields[15] = self.ctx.calendar.today().strftime("%m%d")
+        resp.fields[15] = self.ctx.calendar.settlement_mmdd(self.ctx.calendar.today())
         return resp
 
     # -- inquiry --------------------------------------------------------------------------
@@ -363,8 +366,7 @@ class LinkService:
             return await self._replay(msg, outcome, req_hash)
         rec = outcome.record
         self.ctx.on_posted()
-        resp = self._response(msg, "00")
-        resp.fields[15] = rec.business_date.strftime("%m%d")
+        resp = self._response(msg, "00", rec.business_date)
         resp.fields[38] = rec.approval_code
         resp.fields[48] = Tlv.of(("01", acct), ("02", name), ("03", _amount12(arrears)),
                                  ("06", rec.receipt_no))
@@ -394,8 +396,7 @@ class LinkService:
             rec = await load_payment(con, prior.payment_id)
         assert rec is not None
         extra = orjson.loads(prior.response) if prior.response else {}
-        resp = self._response(msg, "00")
-        resp.fields[15] = rec.business_date.strftime("%m%d")
+        resp = self._response(msg, "00", rec.business_date)
         resp.fields[38] = rec.approval_code
         acct = _tlv_01(msg) or rec.account_no
         resp.fields[48] = Tlv.of(("01", acct), ("02", extra.get("02", "*")),

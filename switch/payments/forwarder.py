@@ -55,13 +55,17 @@ UPDATE outbox o
  WHERE o.id = u.id AND o.state = 'pending'
 """
 
+# a posting that failed: retried later with backoff, or a dead letter; fenced like _SENT
 _FAILED = """
-UPDATE outbox
-   SET attempts = attempts + 1, last_error = $2,
+WITH fence AS (SELECT gridpay_fence($6::bigint))
+UPDATE outbox o
+   SET attempts = o.attempts + 1, last_error = $2,
        next_attempt_at = now() + make_interval(secs => $3),
-       state = CASE WHEN $4 OR coalesce(retried_at, created_at) < now() - make_interval(secs => $5)
+       state = CASE WHEN $4 OR coalesce(o.retried_at, o.created_at)
+                                 < now() - make_interval(secs => $5)
                     THEN 'dead' ELSE 'pending' END
- WHERE id = $1 AND state = 'pending'
+  FROM fence
+ WHERE o.id = $1 AND o.state = 'pending'
 """
 
 
@@ -80,7 +84,6 @@ class Forwarder:
         self.settings = settings
         self.metrics = metrics
         self.epoch = epoch
-        self.concurrency = concurrency
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
@@ -99,10 +102,6 @@ class Forwarder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None
 
     async def _run(self) -> None:
         idle = 0.5
@@ -158,21 +157,19 @@ class Forwarder:
                 result = await self.client.post(posting)
             except MarketingUnavailable as e:
                 await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
-                self.metrics.forwarded.labels("retry").inc()
+                self.metrics.child(self.metrics.forwarded, "retry").inc()
                 return None
             except (MarketingConflict, MarketingRejected) as e:
                 log.error("marketing system refused a posting",
                           extra={"posting_id": row["posting_id"], "error": str(e)})
                 await self._failed(row, f"refused: {e}", permanent=True)
-                self.metrics.forwarded.labels("dead").inc()
+                self.metrics.child(self.metrics.forwarded, "dead").inc()
                 return None
         return result
 
     async def _failed(self, row: Any, error: str, *, permanent: bool) -> None:
-        async with self.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", self.epoch())
-            await con.execute(_FAILED, row["id"], error[:500], self._backoff(row["attempts"]),
-                              permanent, self.settings.dead_letter_after_s)
+        await self.pool.execute(_FAILED, row["id"], error[:500], self._backoff(row["attempts"]),
+                                permanent, self.settings.dead_letter_after_s, self.epoch())
 
 
 async def retry_dead_letters(pool: asyncpg.Pool) -> int:

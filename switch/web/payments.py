@@ -274,7 +274,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
                           headers={"Retry-After": "1"}) from None
         raise
     if done:
-        node.metrics.reversals.labels(client.channel).inc()
+        node.metrics.child(node.metrics.reversals, client.channel).inc()
         fwd = node.components.get("forwarder")
         if fwd is not None:
             fwd.wake()
