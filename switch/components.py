@@ -111,7 +111,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     from switch.web.payments import HttpPayments
     from switch.web.payments import register as register_payments
 
-    comps["http_payments"] = HttpPayments(clients=clients, accounts=accounts, ledger=ledger,
+    comps["http_payments"] = HttpPayments(accounts=accounts, ledger=ledger,
                                           idempotency=idem, max_amount=s.business.max_amount)
     routes = comps.setdefault("routes", [])
     routes.append(register_payments)
@@ -131,8 +131,6 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
                 n = await sweep_expired(node.pool)
                 if n:
                     log.info("cards expired", extra={"cards": n})
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
                 log.warning("expiry sweep failed", extra={"error": type(e).__name__})
             await asyncio.sleep(3600)

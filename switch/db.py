@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
-class FencedError(Exception):
-    """This node's lease epoch is no longer current: the write was refused by the database."""
-
-
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int

@@ -53,7 +53,6 @@ class Hooks:
 
     on_active: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_standby: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 class Node:
@@ -188,14 +187,8 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
-        grace = self.settings.node.shutdown_grace_s
         if self.role is Role.ACTIVE:
             await self._became_standby()  # closes listeners, drains in-flight, stops relays
-        for hook in self.hooks.on_stop:
-            try:
-                await asyncio.wait_for(hook(), grace)
-            except Exception:
-                log.exception("stop hook failed")
         if self._runner is not None:
             await self._runner.cleanup()
         await self.lease.stop()

@@ -179,7 +179,8 @@ async def test_relay_records_a_failure_only_under_the_current_epoch(
             assert (stats.sent, stats.failed) == (0, 1)
             row = await node.pool.fetchrow("SELECT state, attempts, last_error FROM outbox"
                                            " WHERE posting_id = $1", outcome.record.posting_id)
-            assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"]
+            assert row is not None and row["state"] == "pending"
+            assert row["attempts"] == 1 and row["last_error"]
             await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
             await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
             with pytest.raises(Exception) as e:

@@ -152,19 +152,19 @@ class BankClient:
 
     # -- builders ------------------------------------------------------------------------
 
-    def _base(self, mti: str, now: datetime | None = None) -> dict[int, object]:
+    def _base(self, now: datetime | None = None) -> dict[int, object]:
         now = now or datetime.now()
         return {7: now.strftime("%m%d%H%M%S"), 11: self.next_stan(), 32: self.institution}
 
     def network(self, code: str) -> Message:
-        f = self._base("0800")
+        f = self._base()
         f[70] = code
         return Message("0800", f)  # type: ignore[arg-type]
 
     def _financial(self, mti: str, pcode: str, account: str, amount: int | None,
                    rrn: str | None = None) -> Message:
         now = datetime.now()
-        f = self._base(mti, now)
+        f = self._base(now)
         f[3] = pcode
         if amount is not None:
             f[4] = f"{amount:012d}"
@@ -194,7 +194,7 @@ class BankClient:
 
     def reconciliation(self, settlement_mmdd: str, payments: int, reversals: int,
                        paid: int, reversed_amount: int) -> Message:
-        f = self._base("0500")
+        f = self._base()
         f.update({15: settlement_mmdd, 74: f"{payments:010d}", 75: f"{reversals:010d}",
                   86: f"{paid:016d}", 87: f"{reversed_amount:016d}"})
         return Message("0500", f)  # type: ignore[arg-type]

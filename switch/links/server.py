@@ -153,8 +153,6 @@ class LinkProtocol(asyncio.Protocol):
             out = await self.listener.service.handle(self.link, frame)
             if out is not None:
                 self._send(self.listener.codec.frame(out))
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("request failed unexpectedly", extra={"peer": self.link.peer})
             self.listener.metrics.link_errors.labels(self.listener.dialect.name,

@@ -173,10 +173,8 @@ class LinkService:
             resp = await self._dispatch(link, msg, mac_input)
         except Decline as d:
             resp = self._response(msg, d.code)
-            if d.code not in ("00",):
-                log.info("request declined", extra={"mti": msg.mti, "response_code": d.code,
-                                                    "reason": d.reason,
-                                                    "stan": msg.fields.get(11)})
+            log.info("request declined", extra={"mti": msg.mti, "response_code": d.code,
+                                                "reason": d.reason, "stan": msg.fields.get(11)})
         return await self._finish(link, msg, resp, started)
 
     async def _finish(self, link: Link, req: Message, resp: Message, started: float) -> bytes:

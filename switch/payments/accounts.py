@@ -204,8 +204,6 @@ class Accounts:
                 log.info("account mirror in step", extra={
                     "accounts": n, "seconds": round(time.monotonic() - started, 2)})
                 delay = every_s
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
                 log.warning("account mirror sync failed; will retry",
                             extra={"error": f"{type(e).__name__}: {e}"})

@@ -71,8 +71,6 @@ class DailyCutover:
             closed = self.calendar.date_at(cut) - timedelta(days=1)
             try:
                 await self.close_date(closed)
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
                 if db.is_fenced(e):
                     await self.node.fenced()

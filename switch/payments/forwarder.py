@@ -108,8 +108,6 @@ class Forwarder:
         while True:
             try:
                 stats = await self.forward_once()
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
                 if db.is_fenced(e):
                     if self._on_fenced:

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,6 @@ Outcome = Committed | Duplicate
 class _Pending:
     request: PaymentRequest
     future: asyncio.Future[Outcome]
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 def posting_id_for(kind: str, receipt_no: str) -> str:
@@ -278,17 +277,16 @@ class PostingPath:
         unique.sort(key=lambda p: p.request.dedup_key)
         async with self.pool.acquire() as con:
             results = await self.record_in(con, [p.request for p in unique])
-        for p, r in zip(unique, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(r)
-        for p in later:
-            async with self.pool.acquire() as con:
+            for p, r in zip(unique, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)
+            for p in later:
                 dup = await fetch_duplicate(con, p.request.dedup_key)
-            if not p.future.done():
-                if dup is None:
-                    p.future.set_exception(LedgerError("duplicate key vanished"))
-                else:
-                    p.future.set_result(dup)
+                if not p.future.done():
+                    if dup is None:
+                        p.future.set_exception(LedgerError("duplicate key vanished"))
+                    else:
+                        p.future.set_result(dup)
         self.metrics.group_commit_size.observe(len(batch))
         self.metrics.group_commit_latency.observe(time.perf_counter() - started)
         if self._on_committed is not None:
@@ -329,11 +327,10 @@ class PostingPath:
             "posting_id": r.posting_id, "kind": q.kind,
         } for q, r, (st, body) in zip(requests, records, renders, strict=True)])
         rows = await con.fetch(_RECORD, batch.decode(), self.epoch())
-        won_ids = {r["payment_id"] for r in rows}
-        won = {q.dedup_key for q, r in zip(requests, records, strict=True) if r.id in won_ids}
+        won = {r["payment_id"] for r in rows}
         out: list[Outcome] = []
         for q, r, (status, body) in zip(requests, records, renders, strict=True):
-            if q.dedup_key in won:
+            if r.id in won:
                 self.metrics.child(self.metrics.payments, q.channel).inc()
                 out.append(Committed(r, status, body))
             else:

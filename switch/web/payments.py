@@ -41,7 +41,6 @@ _IDEM_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class HttpPayments:
     """What the HTTP payment routes need from the node."""
 
-    clients: ClientDirectory
     accounts: Accounts
     ledger: PostingPath
     idempotency: IdempotencyCache
