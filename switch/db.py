@@ -35,7 +35,7 @@ class Migration:
 def migrations() -> list[Migration]:
     out: list[Migration] = []
     for entry in resources.files("switch").joinpath("migrations").iterdir():
-        m = _NAME.match(entry.name)
+        m = _NAME.fullmatch(entry.name)
         if m:
             out.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     out.sort(key=lambda m: m.version)

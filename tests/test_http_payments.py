@@ -141,6 +141,9 @@ async def test_concurrent_same_key_without_redis_state(node: Node, api: Api, sim
         ({"amount": 100, "method": "cash", "reference": "a\u0000b"}, 400, "invalid_reference"),
         ({"amount": 100, "method": "cash", "reference": "tab\there"}, 400, "invalid_reference"),
         ({"amount": 100, "method": "cash", "reference": ""}, 400, "invalid_reference"),
+        # `$` in a pattern also matches before a final newline: checked with fullmatch
+        ({"account_no": "1000000008\n", "amount": 100, "method": "cash"}, 400,
+         "invalid_account_no"),
     ],
 )
 async def test_amount_and_body_validation(node: Node, api: Api, sims: Sims,

@@ -506,6 +506,8 @@ async def test_malformed_requests_are_refused_and_change_nothing(
     cases: list[tuple[Any, str]] = [
         ({"digits": "12ab"}, "invalid_digits"), ({"digits": "1" * 33}, "invalid_digits"),
         ({"digits": ""}, "invalid_digits"), ({"digits": 5}, "invalid_digits"),
+        ({"digits": "12\n"}, "invalid_digits"), ({"pin_block": "00" * 16 + "\n"},
+                                                  "invalid_pin_block"),
         ({"pin_block": "00" * 15}, "invalid_pin_block"),
         ({"pin_block": "zz" * 16}, "invalid_pin_block"),
         ({"pin_block": "00" * 17}, "invalid_pin_block"),
@@ -544,6 +546,8 @@ async def test_start_validation_and_auth(node: Node, raw: Api, session: aiohttp.
     for field, value, code in [("call_id", "x" * 65, "invalid_call_id"),
                                ("call_id", "a/b", "invalid_call_id"),
                                ("ani", "+86138", "invalid_ani"), ("ani", "", "invalid_ani"),
+                               ("ani", "13800000000\n", "invalid_ani"),
+                               ("call_id", "c-1\n", "invalid_call_id"),
                                ("dnis", 95598, "invalid_dnis"), ("lang", "fr", "invalid_lang")]:
         st, _, b = await raw.call("POST", "/ivr/v1/calls", json={**ok, field: value})
         assert st == 400 and orjson.loads(b)["code"] == code, (field, value)

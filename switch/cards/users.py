@@ -98,7 +98,7 @@ def token_hash(token: str) -> bytes:
 
 
 def validate_user(username: str, role: str, hall: str | None, password: str) -> Role:
-    if not _USERNAME.match(username):
+    if not _USERNAME.fullmatch(username):
         raise InvalidInput("a username is 1 to 64 of A-Z a-z 0-9 _ . @ -",
                            code="invalid_username")
     try:
@@ -109,7 +109,7 @@ def validate_user(username: str, role: str, hall: str | None, password: str) -> 
     if (r in HALL_ROLES) != (hall is not None):
         raise InvalidInput(f"role {r} {'needs' if r in HALL_ROLES else 'takes no'} hall",
                            code="invalid_hall")
-    if hall is not None and not _HALL.match(hall):
+    if hall is not None and not _HALL.fullmatch(hall):
         raise InvalidInput("a hall code is 1 to 32 of A-Z a-z 0-9 _ . -", code="invalid_hall")
     if len(password) < MIN_PASSWORD:
         raise InvalidInput(f"a password has at least {MIN_PASSWORD} characters",

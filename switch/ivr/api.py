@@ -64,7 +64,7 @@ def _svc(node: Node) -> IvrService:
 
 def _call_id(request: web.Request) -> str:
     call_id = request.match_info["call_id"]
-    if not _CALL_ID.match(call_id):
+    if not _CALL_ID.fullmatch(call_id):
         raise Problem(400, "invalid_call_id",
                       "call_id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'")
     return call_id
@@ -75,12 +75,12 @@ def parse_start(body: dict[str, object]) -> Call:
     if unknown:
         raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
     call_id, ani, dnis, lang = (body.get(k) for k in ("call_id", "ani", "dnis", "lang"))
-    if not isinstance(call_id, str) or not _CALL_ID.match(call_id):
+    if not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id):
         raise Problem(400, "invalid_call_id",
                       "call_id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'")
-    if not isinstance(ani, str) or not _NUMBER.match(ani):
+    if not isinstance(ani, str) or not _NUMBER.fullmatch(ani):
         raise Problem(400, "invalid_ani", "ani must be the caller's number: 1 to 20 digits")
-    if not isinstance(dnis, str) or not _NUMBER.match(dnis):
+    if not isinstance(dnis, str) or not _NUMBER.fullmatch(dnis):
         raise Problem(400, "invalid_dnis", "dnis must be the number called: 1 to 20 digits")
     if lang not in ("zh", "en"):
         raise Problem(400, "invalid_lang", "lang must be 'zh' or 'en'")
@@ -98,13 +98,13 @@ def parse_input(body: dict[str, object]) -> Input:
                       "send exactly one of 'digits', 'pin_block' or 'event'")
     if "digits" in body:
         digits = body["digits"]
-        if not isinstance(digits, str) or not _DIGITS.match(digits):
+        if not isinstance(digits, str) or not _DIGITS.fullmatch(digits):
             raise Problem(400, "invalid_digits",
                           "digits must be 1 to 32 characters of 0-9, '*' and '#'")
         return Digits(digits)
     if "pin_block" in body:
         block = body["pin_block"]
-        if not isinstance(block, str) or not _PIN_BLOCK.match(block):
+        if not isinstance(block, str) or not _PIN_BLOCK.fullmatch(block):
             raise Problem(400, "invalid_pin_block",
                           "pin_block must be 32 hexadecimal characters (an AES format-4 PIN "
                           "block)")
@@ -116,7 +116,7 @@ def parse_input(body: dict[str, object]) -> Input:
 
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEM_KEY.match(key):
+    if key is not None and not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_invalid",
                       "Idempotency-Key must be 1 to 64 characters of [A-Za-z0-9_-]")
     return key

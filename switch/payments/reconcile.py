@@ -74,7 +74,7 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
             rep.matched += 1
     in_day = {pid for pid in theirs if pid in ours}
     rep.theirs = len(in_day)
-    rep.extra = sorted(pid for pid in theirs if pid not in known and OUR_IDS.match(pid)
+    rep.extra = sorted(pid for pid in theirs if pid not in known and OUR_IDS.fullmatch(pid)
                        and theirs[pid].occurred_at.date() == day)
     if requeue and rep.missing:
         status = await pool.execute(

@@ -100,7 +100,7 @@ def payment_doc(rec: PaymentRecord) -> dict[str, object]:
 
 def _idempotency_key(request: web.Request) -> str:
     key = request.headers.get("Idempotency-Key")
-    if key is None or not _IDEM_KEY.match(key):
+    if key is None or not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_missing",
                       "send an Idempotency-Key header of 1 to 64 characters of [A-Za-z0-9_-]")
     return key
@@ -108,7 +108,7 @@ def _idempotency_key(request: web.Request) -> str:
 
 def _validate_payment(body: dict[str, object], max_amount: int) -> tuple[str, int, str, str | None]:
     account = body.get("account_no")
-    if not isinstance(account, str) or not _ACCOUNT.match(account):
+    if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
         raise Problem(400, "invalid_account_no", "account_no must be a string of 10 digits")
     amount = body.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, int):
@@ -284,7 +284,7 @@ async def get_account(request: web.Request) -> web.Response:
     node = require_active(request)
     await authenticate(request, PAYMENT_CHANNELS)
     account = request.match_info["account_no"]
-    if not _ACCOUNT.match(account):
+    if not _ACCOUNT.fullmatch(account):
         raise Problem(400, "invalid_account_no", "account_no must be 10 digits")
     try:
         view = await _svc(node).accounts.lookup(account)
