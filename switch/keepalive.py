@@ -103,7 +103,8 @@ class KeepAlivePool:
                  connect_timeout_s: float | None = None) -> None:
         u = urllib.parse.urlsplit(base_url)
         if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"KeepAlivePool needs an http:// URL, not {base_url!r}")
+            # the scheme only: a URL may carry user:password@
+            raise ValueError(f"KeepAlivePool needs an http:// URL, not a {u.scheme!r} one")
         if size < 1 or timeout_s <= 0:
             raise ValueError("size and timeout_s must be positive")
         self.host = u.hostname

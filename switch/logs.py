@@ -32,12 +32,16 @@ _HEX_RUN = re.compile(r"\b(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,}\b|\b[0-9]{21,}\b")
 # file paths, whose segments are split by the slashes).
 _B64_RUN = re.compile(r"\b(?![0-9a-fA-F]{8}-[0-9a-fA-F]{4}-)[A-Za-z0-9_\-]{32,}={0,2}")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+# bytes written as Python literals (b'\x8a\x12...'): a key or PIN block formatted with %s or
+# %r, or a repr inside an exception; their escapes are not hex runs, so they go whole
+_BYTES_REPR = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
 _KV = re.compile(r"(?i)\b(pin_?block|pin|password|api_?key|token|key|mac)(\s*[=:]\s*)(\S+)")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
 def mask_text(text: str) -> str:
     """Mask anything in free text that looks like a secret."""
+    text = _BYTES_REPR.sub("<bytes>", text)
     text = _BEARER.sub(r"\1***", text)
     text = _KV.sub(r"\1\2***", text)
     text = _HEX_RUN.sub(lambda m: f"<hex:{len(m.group())}>", text)

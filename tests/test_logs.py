@@ -47,3 +47,17 @@ def test_receipts_and_accounts_stay_readable() -> None:
     assert "202611260000000004" in out and "1000001857" in out
     assert "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f" in out
     assert "/tmp/gridpay-home/postgres-pair/data" in out
+
+
+def test_bytes_written_as_python_literals_are_masked() -> None:
+    log, buf = _capture()
+    key = bytes(range(0x80, 0x90))
+    log.info("block %s", key)
+    log.info("key %r in %s", key, "curb'n'")
+    try:
+        raise ValueError(f"bad block {key!r}")
+    except ValueError:
+        log.exception("failed")
+    out = buf.getvalue()
+    assert "\\\\x8" not in out and "x80" not in out
+    assert out.count("<bytes>") >= 3 and "curb'n'" in out
