@@ -30,7 +30,7 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     assert bank["approved"] > 0 and bank["tps"] > 0
     assert set(bank["codes"]) == {"00"}
     assert bank["p50_ms"] > 0 and bank["max_ms"] >= bank["p99_ms"] >= bank["p50_ms"]
-    assert cpu["switch"] > 0 and cpu["loadgen"] >= 0
+    assert cpu["switch"] > 0 and "loadgen" in cpu
     books = await harness.books()
     assert books["ok"], books["problems"]
     assert books["ledger_payments"] == books["approved_responses"] == bank["approved"]

@@ -32,7 +32,6 @@ from switch.hsm_client import (
     VoucherRecord,
 )
 from switch.keys import (
-    DevKeys,
     KeyProvisioningError,
     KeyRing,
     dev_keys_json,
@@ -143,7 +142,8 @@ async def test_reprs_are_masked(hsm: HsmClient, ring: KeyRing) -> None:
         assert ring.vvk.text not in text
         for _, key in DEV.institution_mac:
             assert key.hex().upper() not in text.upper()
-    assert isinstance(repr(VoucherRecord("1", "AB", "CD")), str)
+    shown = repr(VoucherRecord("1", "A1B2C3D4E5", "F6A7B8C9D0"))
+    assert "A1B2C3D4E5" not in shown and "F6A7B8C9D0" not in shown
     with pytest.raises(ValueError):
         KeyBlock("not a block")
 
@@ -259,7 +259,6 @@ def test_load_dev_keys_refuses_a_non_dev_config(tmp_path: pathlib.Path) -> None:
     path.write_text("[hsm]\ndev_lmk = false\n[dev_keys]\n")
     with pytest.raises(KeyProvisioningError):
         load_dev_keys(path)
-    assert isinstance(DEV, DevKeys)
 
 
 def test_dev_key_blocks_built_by_crypto_are_importable() -> None:
