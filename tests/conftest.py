@@ -4,6 +4,7 @@ isolation: every test starts from empty tables and an empty Redis database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import tempfile
@@ -18,6 +19,8 @@ import redis.asyncio as aioredis
 from switch import db
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis
 from switch.loop import new_event_loop
+from switch.node import Node
+from tests.nodekit import Sims, running_node, simulators
 
 _FAILED: list[str] = []
 _PASSED: list[str] = []
@@ -140,3 +143,21 @@ async def clean_redis(redis_url: str) -> AsyncIterator[str]:
     finally:
         await r.aclose()
     yield redis_url
+
+
+# -- a running node and its simulators, for the modules that test through one -----------------
+
+@pytest.fixture(scope="module")
+async def sims() -> AsyncIterator[Sims]:
+    """The HSM and marketing simulators, one pair per test module."""
+    async with simulators() as s:
+        yield s
+
+
+@pytest.fixture
+async def node(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> AsyncIterator[Node]:
+    """A fresh active node on clean databases, its account mirror synced."""
+    await sims.marketing.clear_faults()
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as n:
+        await asyncio.wait_for(n.components["accounts"].synced.wait(), 20)
+        yield n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -37,12 +36,6 @@ def test_settlement_mmdd_is_read_in_the_nearest_year() -> None:
     assert cal.date_from_mmdd("0102", date(2026, 12, 31)) == date(2027, 1, 2)
     with pytest.raises(ValueError):
         cal.date_from_mmdd("0230", date(2026, 12, 31))
-
-
-@pytest.fixture(scope="module")
-async def sims() -> AsyncIterator[Sims]:
-    async with simulators() as s:
-        yield s
 
 
 async def test_a_payment_after_the_cutover_belongs_to_the_next_date(

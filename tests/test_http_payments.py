@@ -20,22 +20,7 @@ from tests.nodekit import (
     api_key,
     closed_account,
     running_node,
-    simulators,
 )
-
-
-@pytest.fixture(scope="module")
-async def sims() -> AsyncIterator[Sims]:
-    async with simulators() as s:
-        yield s
-
-
-@pytest.fixture
-async def node(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> AsyncIterator[Node]:
-    await sims.marketing.clear_faults()
-    async with running_node(clean_db, clean_redis, sims, tmp_path) as n:
-        await asyncio.wait_for(n.components["accounts"].synced.wait(), 20)
-        yield n
 
 
 @pytest.fixture

@@ -21,20 +21,6 @@ BANK, POST = "01020000", "01000000"
 KEYS = dict(load_dev_keys().institution_mac)
 
 
-@pytest.fixture(scope="module")
-async def sims() -> AsyncIterator[Sims]:
-    async with simulators() as s:
-        yield s
-
-
-@pytest.fixture
-async def node(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> AsyncIterator[Node]:
-    await sims.marketing.clear_faults()
-    async with running_node(clean_db, clean_redis, sims, tmp_path) as n:
-        await asyncio.wait_for(n.components["accounts"].synced.wait(), 20)
-        yield n
-
-
 def client(node: Node, dialect: str = "bank", **kw: Any) -> BankClient:
     inst = BANK if dialect == "bank" else POST
     port = node.ports.bank if dialect == "bank" else node.ports.post

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -26,15 +25,9 @@ from switch.standby import (
     lease_state,
     switchover,
 )
-from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
+from tests.nodekit import Api, Sims, active_account, api_key, running_node
 
 TTL_S, RENEW_S = "1.0", "0.2"  # a fast lease for these tests
-
-
-@pytest.fixture(scope="module")
-async def sims() -> AsyncIterator[Sims]:
-    async with simulators() as s:
-        yield s
 
 
 async def _wait(cond: object, within_s: float, what: str) -> None:
