@@ -927,19 +927,11 @@ class Codec:
 
     def encode(self, msg: Message) -> bytes:
         """Encode a message body (no length header); raises :class:`EncodeError`."""
-        fields = msg.fields
-        key = tuple(fields)
+        key = tuple(msg.fields)
         plan = self._eplans.get(key)
         if plan is None:
             plan = self._encode_plan(key)
-        parts = [self._mti_bytes(msg.mti), plan.bitmap]
-        number = 0
-        try:
-            for number, step in plan.steps:  # noqa: B007 - number names the failing field
-                parts.append(step(fields))
-        except _Bad as bad:
-            raise EncodeError(number if bad.field is None else bad.field, bad.reason) from None
-        return b"".join(parts)
+        return self._emit(msg, plan)
 
     def mac_field(self, msg: Message) -> int:
         """Where the MAC of ``msg`` goes: 128 when it has a secondary bitmap, else 64."""
@@ -951,11 +943,15 @@ class Codec:
         Any MAC value already in ``msg`` (64 or 128) is ignored. Finish with
         :meth:`append_mac`; the message is encoded only once.
         """
-        fields = msg.fields
-        key = tuple(fields)
+        key = tuple(msg.fields)
         plan = self._mplans.get(key)
         if plan is None:
             plan = self._mac_plan(key)
+        return self._emit(msg, plan)
+
+    def _emit(self, msg: Message, plan: _EncodePlan) -> bytes:
+        """MTI, bitmap and the fields of `plan` (from `_encode_plan` or `_mac_plan`)."""
+        fields = msg.fields
         parts = [self._mti_bytes(msg.mti), plan.bitmap]
         number = 0
         try:
