@@ -205,10 +205,10 @@ class IvrService:
             new = dataclasses.replace(stored, call=call, turn=doc, input_key=idempotency_key,
                                       input_hash=ihash)
             try:
-                await self._save(new, held)
-            except CallBusy:
+                await self.store.save(new, release=held)
+            except StoreConflict:
                 if not (isinstance(fact, RedeemFact) and fact.outcome == "ok"):
-                    raise
+                    raise CallBusy(call_id) from None
                 # The recharge is committed: the caller must hear its result even though the
                 # call's state vanished meanwhile (a Redis flush or restart). Put it back.
                 log.warning("call state lost after a committed recharge; answering anyway",
