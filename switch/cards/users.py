@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import hashlib
 import re
 import secrets
 import sys
@@ -24,6 +23,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from switch.cards.errors import Forbidden, InvalidInput, Unauthenticated
+from switch.clients import hash_key
 
 
 class Role(StrEnum):
@@ -93,8 +93,11 @@ def _hasher() -> PasswordHasher:
     return PasswordHasher()  # argon2id with the library's recommended parameters
 
 
-def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
+def _bearer(authorization: str | None) -> str | None:
+    """The token of a `Bearer <token>` header, or None."""
+    if not authorization or not authorization.startswith("Bearer "):
+        return None
+    return authorization[7:].strip()
 
 
 def validate_user(username: str, role: str, hall: str | None, password: str) -> Role:
@@ -172,7 +175,7 @@ async def login(pool: asyncpg.Pool, username: str, password: str, ttl_s: int) ->
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ttl_s)
     await pool.execute(
         "INSERT INTO card_sessions (token_hash, username, expires_at) VALUES ($1, $2, $3)",
-        token_hash(token), username, expires)
+        hash_key(token), username, expires)
     await pool.execute("DELETE FROM card_sessions WHERE expires_at < now() - interval '1 day'")
     return Session(token=token, user=User(username=row["username"], role=Role(row["role"]),
                                           hall=row["hall"]), expires_at=expires)
@@ -180,26 +183,26 @@ async def login(pool: asyncpg.Pool, username: str, password: str, ttl_s: int) ->
 
 async def authenticate(pool: asyncpg.Pool, authorization: str | None) -> User:
     """The user of a `Bearer <token>` header (401 if missing, unknown or expired)."""
-    if not authorization or not authorization.startswith("Bearer "):
+    token = _bearer(authorization)
+    if token is None:
         raise Unauthenticated("log in with POST /admin/v1/session and send "
                               "Authorization: Bearer <token>", code="session_required")
-    token = authorization[7:].strip()
     if not token or len(token) > 128:
         raise Unauthenticated("unknown or expired session", code="session_invalid")
     row = await pool.fetchrow(
         "SELECT u.username, u.role, u.hall FROM card_sessions s"
         " JOIN card_users u USING (username)"
         " WHERE s.token_hash = $1 AND s.expires_at > now() AND u.disabled_at IS NULL",
-        token_hash(token))
+        hash_key(token))
     if row is None:
         raise Unauthenticated("unknown or expired session", code="session_invalid")
     return User(username=row["username"], role=Role(row["role"]), hall=row["hall"])
 
 
 async def logout(pool: asyncpg.Pool, authorization: str | None) -> None:
-    if authorization and authorization.startswith("Bearer "):
-        await pool.execute("DELETE FROM card_sessions WHERE token_hash = $1",
-                           token_hash(authorization[7:].strip()))
+    token = _bearer(authorization)
+    if token is not None:
+        await pool.execute("DELETE FROM card_sessions WHERE token_hash = $1", hash_key(token))
 
 
 def parse_users_add(argv: Sequence[str]) -> argparse.Namespace:
