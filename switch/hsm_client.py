@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -31,6 +30,7 @@ from hsm_sim.wire import (
     key_block_field,
     response_code,
 )
+from switch.metrics import LabelCache
 
 __all__ = [
     "GeneratedKey",
@@ -127,19 +127,11 @@ class _Metrics:
                                  ["command"], registry=registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                                           0.25, 0.5, 1.0, 2.5))
-        # the labelled children, looked up once (labels() is a locked dict lookup per call)
-        self._counts: dict[tuple[str, str], Any] = {}
-        self._latencies: dict[str, Any] = {}
+        self.child = LabelCache()
 
     def count(self, command: str, result: str, seconds: float) -> None:
-        counter = self._counts.get((command, result))
-        if counter is None:
-            counter = self._counts[command, result] = self.requests.labels(command, result)
-        counter.inc()
-        hist = self._latencies.get(command)
-        if hist is None:
-            hist = self._latencies[command] = self.latency.labels(command)
-        hist.observe(seconds)
+        self.child(self.requests, command, result).inc()
+        self.child(self.latency, command).observe(seconds)
 
 
 class _Connection(asyncio.Protocol):

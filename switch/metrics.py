@@ -9,11 +9,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class LabelCache:
+    """`cache(metric, *values)` is `metric.labels(*values)`, looked up once: the hot paths
+    call it per request, and prometheus_client's `labels()` validates and takes a lock on
+    every call."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def __call__(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.child = LabelCache()
         self.role = Gauge("gridpay_node_active", "1 when this node holds the lease", registry=r)
         self.epoch = Gauge("gridpay_lease_epoch", "lease epoch held by this node", registry=r)
         self.http_requests = Counter("gridpay_http_requests_total", "HTTP requests",
@@ -51,15 +67,6 @@ class Metrics:
                                  registry=r)
         self.redemptions = Counter("gridpay_card_redemptions_total", "cards redeemed",
                                    registry=r)
-
-    def child(self, metric: Any, *values: str) -> Any:
-        """`metric.labels(*values)`, looked up once: the hot paths call this per request, and
-        prometheus_client's `labels()` validates and takes a lock on every call."""
-        key = (id(metric), values)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*values)
-        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
