@@ -296,7 +296,8 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
                     "empty (embedded) or host:port")
     db_url = _str(svc, "database_url", "services.database_url", r"|postgres(ql)?://\S+",
                   "empty (embedded) or a postgresql:// URL")
-    redis_url = _str(svc, "redis_url", "services.redis_url", r"|rediss?://\S+|unix://\S+",
+    # redis:// only: the hot paths' client (switch/redis_pipe.py) speaks plain TCP
+    redis_url = _str(svc, "redis_url", "services.redis_url", r"|redis://\S+",
                      "empty (embedded) or a redis:// URL")
     mkt = _str(svc, "marketing_url", "services.marketing_url", r"|https?://\S+",
                "empty (embedded) or an http:// URL")

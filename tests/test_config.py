@@ -37,6 +37,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GRIDPAY_TIMEZONE": "Mars/Olympus"}, "business.timezone", "IANA"),
         ({"GRIDPAY_DATABASE_URL": "mysql://x"}, "services.database_url", "postgresql://"),
         ({"GRIDPAY_HSM_ADDR": "nohostport"}, "services.hsm_addr", "host:port"),
+        ({"GRIDPAY_REDIS_URL": "rediss://cache:6380/0"}, "services.redis_url", "redis://"),
         ({"GRIDPAY_NODE_ID": "bad id!"}, "node.id", "A-Za-z0-9"),
     ],
 )
