@@ -52,6 +52,7 @@ from marketing_sim.app import start as start_marketing
 from switch import db
 from switch.clients import create_client
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis, _preexec, free_port
+from switch.keys import load_dev_keys
 from switch.replication import ReplicatedPostgres
 from switch.standby import TakeoverClock, lease_state
 
@@ -249,10 +250,6 @@ class Cluster:
         self.api_key = ""
         self.api_client_id = ""
         self.pool: asyncpg.Pool | None = None
-
-    @property
-    def owns_services(self) -> bool:
-        return self.pg is not None and self.redis is not None
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -1164,47 +1161,31 @@ FAULTS: dict[str, FaultFn] = {
 # -- the suite -----------------------------------------------------------------------------------
 
 
-LoadFactory = Callable[["Suite"], Awaitable[LoadGenerator | None]]
+LoadFactory = Callable[["Suite"], Awaitable[LoadGenerator]]
 
 
 async def _http_load(suite: Suite) -> LoadGenerator:
-    assert suite.cluster.marketing is not None
-    accounts = await active_accounts(suite.cluster.marketing.url)
-    return HttpPaymentLoad(suite.cluster, suite.rec, random.Random(suite.cfg.seed), accounts)
+    return HttpPaymentLoad(suite.cluster, suite.rec, random.Random(suite.cfg.seed),
+                           suite.accounts)
 
 
-async def _bank_load(suite: Suite) -> LoadGenerator | None:
-    try:
-        import switch.links.client  # noqa: F401
-    except ModuleNotFoundError:
-        return None  # the bank links are not installed
-    from switch.keys import load_dev_keys
-
-    assert suite.cluster.marketing is not None
-    accounts = await active_accounts(suite.cluster.marketing.url)
-    mac = load_dev_keys().mac_key(BANK_INSTITUTION)
-    return BankPaymentLoad(suite.cluster, suite.rec, random.Random(suite.cfg.seed + 1), accounts,
-                           mac)
+async def _bank_load(suite: Suite) -> LoadGenerator:
+    mac = suite.keys.mac_key(BANK_INSTITUTION)
+    return BankPaymentLoad(suite.cluster, suite.rec, random.Random(suite.cfg.seed + 1),
+                           suite.accounts, mac)
 
 
-async def _ivr_load(suite: Suite) -> LoadGenerator | None:
-    try:
-        import switch.ivr.simulator  # noqa: F401
-    except ModuleNotFoundError:
-        return None  # the IVR channel is not installed
-    from switch.keys import load_dev_keys
-
+async def _ivr_load(suite: Suite) -> LoadGenerator:
     cluster = suite.cluster
-    assert cluster.marketing is not None and cluster.pool is not None
-    accounts = await active_accounts(cluster.marketing.url)
+    assert cluster.pool is not None
     _, key = await create_client(cluster.pool, "fault-suite-ivr", "ivr")
     n = int(suite.cfg.ivr_rate * len(suite.cfg.faults) * 40) + 50
     cards = await make_cards(cluster.pool, n, suite.cfg.seed)
-    return IvrRechargeLoad(cluster, suite.rec, random.Random(suite.cfg.seed + 2), accounts,
-                           cards, key, load_dev_keys().ivr_pin_key)
+    return IvrRechargeLoad(cluster, suite.rec, random.Random(suite.cfg.seed + 2),
+                           suite.accounts, cards, key, suite.keys.ivr_pin_key)
 
 
-#: load generators by name; other channels add theirs here when installed
+#: load generators by name
 LOADS: dict[str, LoadFactory] = {"http": _http_load, "bank": _bank_load, "ivr": _ivr_load}
 
 
@@ -1215,12 +1196,13 @@ class Suite:
         self.rec = Recorder()
         self.loads: list[LoadGenerator] = []
         self.results: list[FaultResult] = []
+        self.accounts: list[str] = []  # active customer accounts, read once for every load
+        self.keys = load_dev_keys()
 
     async def prepare(self) -> None:
-        for make in LOADS.values():
-            load = await make(self)
-            if load is not None:
-                self.loads.append(load)
+        assert self.cluster.marketing is not None
+        self.accounts = await active_accounts(self.cluster.marketing.url)
+        self.loads = [await make(self) for make in LOADS.values()]
 
     async def run_fault(self, name: str) -> FaultResult:
         res = FaultResult(name)

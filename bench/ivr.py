@@ -149,21 +149,15 @@ async def ivr_worker(spec: LoadSpec, pipe: Connection) -> None:
 
 async def run_ivr(h: Harness) -> dict[str, Any]:
     from bench.baseline import pgbench
-    from bench.scenarios import _goal, baseline_server
+    from bench.scenarios import _goal, aiohttp_baseline
 
     o = h.opts
     callers = o.connections or 32
     report: dict[str, Any] = {"scenario": "ivr", "phases": {}, "baselines": {}, "goals": {},
                               "notes": []}
     if not o.skip_baseline:
-        async with baseline_server() as port:
-            figs, cpu0 = await h.load(await h.http_specs(name="aiohttp_minimal", port=port,
-                                                         channel=None, connections=callers),
-                                      count=False)
-        report["phases"]["aiohttp_minimal (baseline)"] = figs["aiohttp_minimal"]
-        report["baselines"]["aiohttp_minimal"] = {"tps": figs["aiohttp_minimal"]["tps"]}
+        await aiohttp_baseline(h, report, callers)
         report["baselines"]["pgbench_N"] = await pgbench(h.db, o.duration_s, o.pgbench_clients)
-        report["cpu_baseline"] = cpu0
     # a generous number of cards: more than the switch could recharge in the time
     n_cards = int(max(200, 400 * o.duration_s))
     workers = max(1, o.workers)

@@ -233,19 +233,24 @@ async def baseline_server() -> AsyncIterator[int]:
         await asyncio.to_thread(child.stop)
 
 
+async def aiohttp_baseline(h: Harness, report: dict[str, Any], connections: int) -> None:
+    """Load the minimal aiohttp handler with the HTTP generator; record it in `report`."""
+    async with baseline_server() as port:
+        figs, cpu = await h.load(await h.http_specs(name="aiohttp_minimal", port=port,
+                                                    channel=None, connections=connections),
+                                 count=False)
+    report["phases"]["aiohttp_minimal (baseline)"] = figs["aiohttp_minimal"]
+    report["baselines"]["aiohttp_minimal"] = {"tps": figs["aiohttp_minimal"]["tps"]}
+    report["cpu_baseline"] = cpu
+
+
 async def scenario_http(h: Harness) -> dict[str, Any]:
     o = h.opts
     conns = o.connections or 32
     report: dict[str, Any] = {"scenario": "http", "phases": {}, "baselines": {}, "goals": {},
                               "notes": []}
     if not o.skip_baseline:
-        async with baseline_server() as port:
-            figs, cpu0 = await h.load(await h.http_specs(name="aiohttp_minimal", port=port,
-                                                         channel=None, connections=conns),
-                                      count=False)
-        report["phases"]["aiohttp_minimal (baseline)"] = figs["aiohttp_minimal"]
-        report["baselines"]["aiohttp_minimal"] = {"tps": figs["aiohttp_minimal"]["tps"]}
-        report["cpu_baseline"] = cpu0
+        await aiohttp_baseline(h, report, conns)
     figs, cpu = await h.load(await h.http_specs(name="http_peak", connections=conns))
     peak = figs["http_peak"]
     report["phases"]["http_peak (closed loop)"] = peak
