@@ -53,6 +53,7 @@ from switch import db
 from switch.clients import create_client
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis, _preexec, free_port
 from switch.keys import load_dev_keys
+from switch.links import iso_dedup_key
 from switch.replication import ReplicatedPostgres
 from switch.standby import TakeoverClock, lease_state
 
@@ -620,7 +621,7 @@ class BankPaymentLoad:
             stan, sent_at = str(msg.fields[11]), str(msg.fields[7])
             op = self.rec.new("bank", f"{stan}:{sent_at}", acct, amount)
             op.extra["message"] = msg
-            op.extra["dedup_key"] = f"iso:{BANK_INSTITUTION}:{stan}:{sent_at}"
+            op.extra["dedup_key"] = iso_dedup_key(BANK_INSTITUTION, stan, sent_at)
             await self.pay(op, time.monotonic() + self.cfg.op_deadline_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, gap - (time.monotonic() - began)))

@@ -78,6 +78,7 @@ def iso_builder(spec: LoadSpec) -> tuple[Callable[[int], Item], bytes]:
     """(payment number → (dedup key, framed 0200 with its MAC), framed sign-on)."""
     from crypto.cmac import mac8
     from protocols.iso8583 import Codec, Message, Tlv, builtin_dialect
+    from switch.links import iso_dedup_key
 
     codec = Codec(builtin_dialect(spec.dialect))
     rnd = random.Random(spec.seed * 1000 + spec.worker)
@@ -99,7 +100,7 @@ def iso_builder(spec: LoadSpec) -> tuple[Callable[[int], Item], bytes]:
             48: Tlv.of(("01", acct)), 49: "156"}
         msg = Message("0200", fields)  # type: ignore[arg-type]
         body = codec.encode_with_mac(msg, lambda data: mac8(key, data))
-        return f"iso:{inst}:{stan}:{f7}", codec.frame(body)
+        return iso_dedup_key(inst, stan, f7), codec.frame(body)
 
     sign_on = Message("0800", {7: now.strftime("%m%d%H%M%S"), 11: "999999", 32: inst,
                                70: "001"})

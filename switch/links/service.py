@@ -34,6 +34,7 @@ from switch import db
 from switch.business import BusinessCalendar
 from switch.config import Institution
 from switch.hsm_client import HsmError
+from switch.links import iso_dedup_key
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.ledger import (
     Committed,
@@ -324,7 +325,7 @@ class LinkService:
         assert acct is not None
         amount = int(str(f[4]))
         stan, f7 = str(f[11]), str(f[7])
-        key = f"iso:{inst.id}:{stan}:{f7}"
+        key = iso_dedup_key(inst.id, stan, f7)
         content = orjson.dumps([f.get(3), f.get(4), acct, f.get(37)])
         req_hash = hashlib.sha256(content).digest()
         # A retransmission is answered before anything else, even if the rules changed since:
@@ -382,16 +383,14 @@ class LinkService:
         raise Decline(code, reason)
 
     async def _prior(self, key: str) -> Duplicate | None:
-        async with self.ctx.pool.acquire() as con:
-            return await fetch_duplicate(con, key)
+        return await fetch_duplicate(self.ctx.pool, key)
 
     async def _replay(self, msg: Message, prior: Duplicate, req_hash: bytes) -> Message:
         if prior.kind == "reversal_marker":
             raise Decline("94", "a reversal for this identity came first: declined")
         if prior.request_hash != req_hash or prior.payment_id is None:
             raise Decline("94", "same identity, different content")
-        async with self.ctx.pool.acquire() as con:
-            rec = await load_payment(con, prior.payment_id)
+        rec = await load_payment(self.ctx.pool, prior.payment_id)
         assert rec is not None
         extra = orjson.loads(prior.response) if prior.response else {}
         resp = self._response(msg, "00", rec.business_date)
@@ -411,7 +410,7 @@ class LinkService:
             raise Decline("30", "field 90 is not 42 digits") from None
         if orig.mti != "0200" or not orig.names_acquirer(inst.id):
             raise Decline("12", "field 90 does not name a payment of this institution")
-        key = f"iso:{inst.id}:{orig.stan}:{orig.transmission}"
+        key = iso_dedup_key(inst.id, orig.stan, orig.transmission)
         amount = int(str(f[4]))
         today = self.ctx.calendar.today()
         marker_hash = hashlib.sha256(b"reversal:" + str(f[11]).encode()

@@ -341,7 +341,7 @@ class PostingPath:
         return out
 
 
-async def fetch_duplicate(con: Conn, key: str) -> Duplicate | None:
+async def fetch_duplicate(con: Conn | asyncpg.Pool, key: str) -> Duplicate | None:
     row = await con.fetchrow(
         "SELECT kind, request_hash, payment_id, status_code, response FROM dedup_keys"
         " WHERE key = $1", key)
