@@ -91,7 +91,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
                                 connections=s.forwarder.concurrency)
     stack.push_async_callback(marketing.close)
     comps["marketing"] = marketing
-    accounts = Accounts(node.pool, marketing, timeout_s=s.services.marketing_timeout_s)
+    accounts = Accounts(node.pool, marketing)
     comps["accounts"] = accounts
     clients = ClientDirectory(node.pool)
     comps["clients"] = clients

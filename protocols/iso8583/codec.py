@@ -552,12 +552,12 @@ def _bcd_run(specs: list[FieldSpec], decoders: dict[int, _Decoder]) -> _Step:
     return bcd_run
 
 
-def _numeric_ranges(specs: list[FieldSpec], numeric: bool) -> tuple[tuple[int, int], ...]:
+def _numeric_ranges(specs: list[FieldSpec]) -> tuple[tuple[int, int], ...]:
     """Merged [a, b) character ranges of the numeric fields of an ASCII text run."""
     ranges: list[list[int]] = []
     at = 0
     for spec in specs:
-        if spec.kind == "n" and numeric:
+        if spec.kind == "n":
             if ranges and ranges[-1][1] == at:
                 ranges[-1][1] = at + spec.max_length
             else:
@@ -568,7 +568,7 @@ def _numeric_ranges(specs: list[FieldSpec], numeric: bool) -> tuple[tuple[int, i
 
 def _text_run(specs: list[FieldSpec], decoders: dict[int, _Decoder]) -> _Step:
     """Consecutive fixed fields that are ASCII on the wire (an, ans, ASCII n): one slice."""
-    ranges = _numeric_ranges(specs, True)
+    ranges = _numeric_ranges(specs)
     layout: list[tuple[int, int, int]] = []
     at = 0
     for spec in specs:
@@ -618,7 +618,7 @@ def _bcd_enc_run(specs: list[FieldSpec], encoders: dict[int, _Encoder]) -> _EncS
 def _text_enc_run(specs: list[FieldSpec], encoders: dict[int, _Encoder]) -> _EncStep:
     getter = itemgetter(*(s.number for s in specs))
     sizes = tuple(s.max_length for s in specs)
-    ranges = _numeric_ranges(specs, True)
+    ranges = _numeric_ranges(specs)
     ctrl = _CTRL.search
     slow = _enc_run_fallback(tuple((s.number, encoders[s.number]) for s in specs))
 

@@ -76,10 +76,9 @@ MIRROR_REWRITE_S = 30.0
 
 class Accounts:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, *,
-                 timeout_s: float = 0.8, cache_ttl_s: float = 900.0) -> None:
+                 cache_ttl_s: float = 900.0) -> None:
         self.pool = pool
         self.client = client
-        self.timeout_s = timeout_s
         self.cache_ttl_s = cache_ttl_s
         # mirrored profiles in memory, so that validating a payment costs no round trip: kept
         # for `cache_ttl_s` (the mirror's own refresh period: the copy is never staler than the
@@ -98,28 +97,28 @@ class Accounts:
     async def lookup(self, account_no: str) -> AccountView | None:
         """The account, live when possible, else from the mirror (stale). None: unknown."""
         try:
-            acc = await asyncio.wait_for(self.client.get_account(account_no), self.timeout_s)
+            # bounded by the marketing client's own request timeout
+            acc = await self.client.get_account(account_no)
         except (TimeoutError, MarketingError, OSError):
-            acc = None
-            live_failed = True
-        else:
-            live_failed = False
-        if not live_failed:
-            if acc is None:
-                return None
-            now = datetime.now(UTC)
-            seen = (acc.account_no, acc.name, acc.status, acc.arrears, acc.prepaid_balance,
-                    acc.bills)
-            mono = time.monotonic()
-            last = self._written.get(acc.account_no)
-            if last is None or last[0] != seen or mono - last[1] > MIRROR_REWRITE_S:
-                await self._store([seen], now)
-                if len(self._written) > 200_000:
-                    self._written.clear()
-                self._written[acc.account_no] = (seen, mono)
-            return AccountView(account_no=acc.account_no, name=acc.name, status=acc.status,
-                               arrears=acc.arrears, prepaid_balance=acc.prepaid_balance,
-                               bills=acc.bills, as_of=now, stale=False)
+            return await self._from_mirror(account_no)
+        if acc is None:
+            return None
+        now = datetime.now(UTC)
+        seen = (acc.account_no, acc.name, acc.status, acc.arrears, acc.prepaid_balance,
+                acc.bills)
+        mono = time.monotonic()
+        last = self._written.get(acc.account_no)
+        if last is None or last[0] != seen or mono - last[1] > MIRROR_REWRITE_S:
+            await self._store([seen], now)
+            if len(self._written) > 200_000:
+                self._written.clear()
+            self._written[acc.account_no] = (seen, mono)
+        return AccountView(account_no=acc.account_no, name=acc.name, status=acc.status,
+                           arrears=acc.arrears, prepaid_balance=acc.prepaid_balance,
+                           bills=acc.bills, as_of=now, stale=False)
+
+    async def _from_mirror(self, account_no: str) -> AccountView:
+        """The mirrored account, when the marketing system did not answer."""
         try:
             row = await self.pool.fetchrow(
                 "SELECT account_no, name, status, arrears, prepaid_balance, bills, refreshed_at"
