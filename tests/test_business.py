@@ -105,6 +105,15 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         await _drain(node)
         again = await reconcile(node.pool, node.components["marketing"], day)
         assert again.clean and again.matched == 4
+        # a credit in the marketing system with one of our ids that no outbox row has
+        from switch.marketing_client import Posting
+
+        await node.components["marketing"].post(Posting(
+            posting_id="P888888888888888888", account_no=acct, amount=7, kind="payment",
+            channel="internet", occurred_at=datetime.combine(day, time(12), UTC)))
+        stray = await reconcile(node.pool, node.components["marketing"], day)
+        assert stray.extra == ["P888888888888888888"] and not stray.clean
+        assert stray.matched == 4 and stray.theirs == 4
 
 
 async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: str,

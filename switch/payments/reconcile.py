@@ -61,8 +61,6 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     for d in (day - timedelta(days=1), day, day + timedelta(days=1)):
         for rec in await client.postings_for_date(d):
             theirs[rec.posting.posting_id] = rec.posting
-    known = {r["posting_id"] for r in await pool.fetch(
-        "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", list(theirs))}
     for pid, row in ours.items():
         p = theirs.get(pid)
         if p is None:
@@ -72,10 +70,13 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
             rep.different.append(pid)
         else:
             rep.matched += 1
-    in_day = {pid for pid in theirs if pid in ours}
-    rep.theirs = len(in_day)
-    rep.extra = sorted(pid for pid in theirs if pid not in known and OUR_IDS.fullmatch(pid)
-                       and theirs[pid].occurred_at.date() == day)
+    rep.theirs = len(ours.keys() & theirs.keys())
+    # looks like ours, dated that day, unknown to that day's outbox: is it in ours at all?
+    candidates = [pid for pid, p in theirs.items() if pid not in ours
+                  and OUR_IDS.fullmatch(pid) and p.occurred_at.date() == day]
+    known = {r["posting_id"] for r in await pool.fetch(
+        "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
+    rep.extra = sorted(set(candidates) - known)
     if requeue and rep.missing:
         status = await pool.execute(
             "UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now()"
