@@ -16,11 +16,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from hsm_sim.server import HsmServer, start_server
 from switch import db
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis
 from switch.loop import new_event_loop
 from switch.node import Node
-from tests.nodekit import Sims, running_node, simulators
+from tests.nodekit import HSM_SETTINGS, Sims, running_node, simulators
 
 _FAILED: list[str] = []
 _PASSED: list[str] = []
@@ -143,6 +144,13 @@ async def clean_redis(redis_url: str) -> AsyncIterator[str]:
     finally:
         await r.aclose()
     yield redis_url
+
+
+@pytest.fixture
+async def hsm_server() -> AsyncIterator[HsmServer]:
+    """An HSM simulator of its own (HSM_SETTINGS), for one test."""
+    async with await start_server(HSM_SETTINGS) as srv:
+        yield srv
 
 
 # -- a running node and its simulators, for the modules that test through one -----------------

@@ -32,6 +32,10 @@ class Sims:
         return f"127.0.0.1:{self.hsm.port}"
 
 
+#: the HSM simulator of the HSM tests: any port, authorised state (key import and export)
+HSM_SETTINGS = dataclasses.replace(load_dev_settings(), port=0, authorised=True)
+
+
 @contextlib.asynccontextmanager
 async def simulators(data_dir: Path | None = None,
                      customers: int = TEST_CUSTOMERS) -> AsyncIterator[Sims]:

@@ -22,7 +22,7 @@ from crypto.lmk import LmkComponent
 from crypto.pinblock import decipher_format4, encipher_format4
 from crypto.tr31 import KeyBlockHeader, unwrap, wrap
 from crypto.voucher import voucher_tag
-from hsm_sim.server import HsmServer, load_dev_settings, start_server
+from hsm_sim.server import HsmServer, start_server
 from switch.hsm_client import (
     HsmClient,
     HsmError,
@@ -38,21 +38,16 @@ from switch.keys import (
     load_dev_keys,
     provision_dev_keys,
 )
+from tests.nodekit import HSM_SETTINGS
 
-SETTINGS = dataclasses.replace(load_dev_settings(), port=0, authorised=True)
+SETTINGS = HSM_SETTINGS  # the conftest's hsm_server runs these
 DEV = load_dev_keys()
 SERIALS = [f"1302250{i:08d}9" for i in range(3)]
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[HsmServer]:
-    async with await start_server(SETTINGS) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def hsm(server: HsmServer) -> AsyncIterator[HsmClient]:
-    async with HsmClient("127.0.0.1", server.port, pool_size=2, timeout=2.0) as client:
+async def hsm(hsm_server: HsmServer) -> AsyncIterator[HsmClient]:
+    async with HsmClient("127.0.0.1", hsm_server.port, pool_size=2, timeout=2.0) as client:
         yield client
 
 
@@ -61,8 +56,8 @@ async def ring(hsm: HsmClient) -> KeyRing:
     return await provision_dev_keys(hsm, DEV)
 
 
-async def test_diagnostics_and_echo(hsm: HsmClient, server: HsmServer) -> None:
-    assert await hsm.diagnostics() == (server.lmk_kcv, SETTINGS.firmware)
+async def test_diagnostics_and_echo(hsm: HsmClient, hsm_server: HsmServer) -> None:
+    assert await hsm.diagnostics() == (hsm_server.lmk_kcv, SETTINGS.firmware)
     assert await hsm.echo(b"\x00\x01hello") == b"\x00\x01hello"
     assert hsm.connected >= 1
 
@@ -148,9 +143,9 @@ async def test_reprs_are_masked(hsm: HsmClient, ring: KeyRing) -> None:
         KeyBlock("not a block")
 
 
-async def test_metrics(server: HsmServer) -> None:
+async def test_metrics(hsm_server: HsmServer) -> None:
     registry = CollectorRegistry()
-    async with HsmClient("127.0.0.1", server.port, registry=registry) as client:
+    async with HsmClient("127.0.0.1", hsm_server.port, registry=registry) as client:
         await client.echo(b"x")
         with pytest.raises(HsmError):
             await client.key_check_value(KeyBlock("D0016P0AB00N0000"))
@@ -162,15 +157,15 @@ async def test_metrics(server: HsmServer) -> None:
         "gridpay_hsm_request_seconds_count", {"command": "B2"}) == 1.0
 
 
-async def test_fail_fast_when_down_and_recovery(server: HsmServer) -> None:
-    port = server.port
+async def test_fail_fast_when_down_and_recovery(hsm_server: HsmServer) -> None:
+    port = hsm_server.port
     registry = CollectorRegistry()
     client = HsmClient("127.0.0.1", port, timeout=2.0, registry=registry)
     await client.start()
     try:
         assert await client.echo(b"up") == b"up"
-        server.close()
-        await server.wait_closed()
+        hsm_server.close()
+        await hsm_server.wait_closed()
         started = time.perf_counter()
         for _ in range(50):
             with pytest.raises(HsmUnavailable):
@@ -227,7 +222,7 @@ async def test_concurrent_requests_share_pipelined_connections(hsm: HsmClient) -
     assert hsm.connected <= 2
 
 
-async def test_ceremony_refuses_an_hsm_with_another_lmk(server: HsmServer) -> None:
+async def test_ceremony_refuses_an_hsm_with_another_lmk(hsm_server: HsmServer) -> None:
     other = dataclasses.replace(DEV, lmk_components=tuple(reversed(DEV.lmk_components)))
     assert other.dev_lmk_kcv == DEV.dev_lmk_kcv  # XOR is commutative: same LMK
     fake = LmkComponent(value_hex="11" * 32, kcv_hex=kcv(bytes([0x11]) * 32).hex())
@@ -268,8 +263,8 @@ def test_dev_key_blocks_built_by_crypto_are_importable() -> None:
     assert unwrap(DEV.ceremony_kek, block)[1] == DEV.mac_key("01020000")
 
 
-async def test_bench_run_measures_mac_verifications(server: HsmServer) -> None:
-    result = await bench_run("127.0.0.1", server.port, 0.3, 8)
+async def test_bench_run_measures_mac_verifications(hsm_server: HsmServer) -> None:
+    result = await bench_run("127.0.0.1", hsm_server.port, 0.3, 8)
     assert result["verifications"] > 0 and result["errors"] == 0
     assert result["mismatches"] == 0 and result["verifications_per_s"] > 0
 

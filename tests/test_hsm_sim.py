@@ -16,10 +16,11 @@ from crypto.lmk import combine_lmk
 from crypto.pinblock import decipher_format4, encipher_format4
 from crypto.tr31 import KeyBlockHeader, unwrap, wrap
 from crypto.voucher import voucher_tag
-from hsm_sim.server import HsmServer, HsmSettings, load_dev_settings, start_server
+from hsm_sim.server import HsmServer, HsmSettings, start_server
 from hsm_sim.wire import FieldReader, data_field, key_block_field
+from tests.nodekit import HSM_SETTINGS
 
-SETTINGS = dataclasses.replace(load_dev_settings(), port=0, authorised=True)
+SETTINGS = HSM_SETTINGS  # the conftest's hsm_server runs these
 LMK = combine_lmk(SETTINGS.lmk_components)
 SERIAL = "1302250000000019"
 SERIAL2 = "1302250000000027"
@@ -61,14 +62,8 @@ class Raw:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[HsmServer]:
-    async with await start_server(SETTINGS) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def raw(server: HsmServer) -> AsyncIterator[Raw]:
-    conn = await Raw.open(server.port)
+async def raw(hsm_server: HsmServer) -> AsyncIterator[Raw]:
+    conn = await Raw.open(hsm_server.port)
     yield conn
     await conn.close()
 
@@ -97,10 +92,10 @@ KEK_E = lmk_block("K0", "A", "E", KEK)
 KEK_D = lmk_block("K0", "A", "D", KEK)
 
 
-async def test_nc_diagnostics(raw: Raw, server: HsmServer) -> None:
+async def test_nc_diagnostics(raw: Raw, hsm_server: HsmServer) -> None:
     code, r = await raw.call("NC")
     assert code == "00"
-    assert r.text(6) == kcv(LMK).hex().upper() == server.lmk_kcv
+    assert r.text(6) == kcv(LMK).hex().upper() == hsm_server.lmk_kcv
     assert r.raw(r.remaining).decode() == SETTINGS.firmware
     assert await raw.code("NC", b"X") == "80"
 
@@ -316,12 +311,12 @@ async def test_zv_voucher_verify(raw: Raw) -> None:
                           + tag) == "A6"
 
 
-async def test_invalid_length_header_closes_only_that_connection(server: HsmServer) -> None:
-    bad = await Raw.open(server.port)
+async def test_invalid_length_header_closes_only_that_connection(hsm_server: HsmServer) -> None:
+    bad = await Raw.open(hsm_server.port)
     bad.writer.write(b"\x00\x03abc")
     assert await asyncio.wait_for(bad.reader.read(10), 5) == b""
     await bad.close()
-    good = await Raw.open(server.port)
+    good = await Raw.open(hsm_server.port)
     assert await good.code("NC") == "00"
     await good.close()
 
@@ -379,9 +374,9 @@ async def test_pipelining_on_one_connection(raw: Raw) -> None:
             assert mac_reply[8:] == mac8(MAC_KEY, b"x").hex().upper().encode()
 
 
-async def test_many_connections(server: HsmServer) -> None:
+async def test_many_connections(hsm_server: HsmServer) -> None:
     async def client(i: int) -> None:
-        conn = await Raw.open(server.port)
+        conn = await Raw.open(hsm_server.port)
         try:
             for j in range(20):
                 code, r = await conn.call("B2", data_field(f"{i}/{j}".encode()))
