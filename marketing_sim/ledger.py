@@ -348,15 +348,13 @@ class Ledger:
                     "posting_id_reused", "this posting_id was used with other content"
                 )
             return earlier, False
-        if self._book.index_of(request.account_no) is None:
-            raise UnknownAccount("account_not_found", "no such account")
+        state = self._state(request.account_no)  # UnknownAccount when there is none
         if request.kind == "reversal":
             allocation = self._check_reversal(request)
             sign = -1
         else:
-            allocation = self._state(request.account_no).allocate(request.amount)
+            allocation = state.allocate(request.amount)
             sign = 1
-        state = self._state(request.account_no)
         state.apply(allocation, sign)
         posted = PostedCredit(
             seq=self._next_seq,
