@@ -253,10 +253,16 @@ class IvrService:
         except StoreConflict:
             raise CallBusy(stored.call.call_id) from None
 
-    async def _ani_blocked(self, ani: str) -> bool:
+    async def _ani_blocked(self, ani: str, *, strict: bool = False) -> bool:
+        """Whether the caller number is blocked. At the start of a call a failed check counts
+        as "not blocked" (the PIN step checks again); `strict` (the PIN step) lets it raise,
+        which refuses the PIN."""
         try:
-            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani, timeout=2.0))
-        except Exception as e:  # the PIN step checks again, and refuses when it cannot
+            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani,
+                                                      timeout=None if strict else 2.0))
+        except Exception as e:
+            if strict:
+                raise
             log.warning("caller-number block not checked", extra={"error": type(e).__name__})
             return False
 
@@ -299,7 +305,7 @@ class IvrService:
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
-        if await self._ani_blocked_strict(call.ani):
+        if await self._ani_blocked(call.ani, strict=True):
             return AniBlocked()
         card = await card_status(self.node.pool, effect.serial)
         if card is None:
@@ -320,9 +326,6 @@ class IvrService:
         if match:
             return PinFact(match=True)
         return await self._count_wrong_pin(call, effect.serial, bytes.fromhex(ihash))
-
-    async def _ani_blocked_strict(self, ani: str) -> bool:
-        return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani))
 
     async def _count_wrong_pin(self, call: Call, serial: str, attempt: bytes) -> Fact:
         node = self.node
