@@ -76,12 +76,12 @@ MIRROR_REWRITE_S = 30.0
 
 class Accounts:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, *,
-                 cache_ttl_s: float = 900.0) -> None:
+                 sync_every_s: float = 900.0) -> None:
         self.pool = pool
         self.client = client
-        self.cache_ttl_s = cache_ttl_s
+        self.sync_every_s = sync_every_s
         # mirrored profiles in memory, so that validating a payment costs no round trip: kept
-        # for `cache_ttl_s` (the mirror's own refresh period: the copy is never staler than the
+        # for `sync_every_s` (the mirror's own refresh period: the copy is never staler than the
         # table it copies) and replaced whenever this node writes the mirror (every live lookup
         # and every sync pass goes through `_store`)
         self._profiles: dict[str, tuple[MirrorProfile, float]] = {}
@@ -142,7 +142,7 @@ class Accounts:
     async def profile(self, account_no: str) -> MirrorProfile | None:
         """The mirrored name, status and last known arrears (no remote call when mirrored)."""
         hit = self._profiles.get(account_no)
-        if hit is not None and time.monotonic() - hit[1] < self.cache_ttl_s:
+        if hit is not None and time.monotonic() - hit[1] < self.sync_every_s:
             return hit[0]
         row = await self.pool.fetchrow(
             "SELECT status, name, arrears FROM account_mirror WHERE account_no = $1", account_no)
@@ -191,7 +191,7 @@ class Accounts:
         self.synced.set()
         return n
 
-    async def _sync_loop(self, every_s: float) -> None:
+    async def _sync_loop(self) -> None:
         if await self.pool.fetchval("SELECT completed_at IS NOT NULL FROM mirror_sync"):
             self.synced.set()  # a previous pass exists: usable at once
         delay = 0.0
@@ -202,15 +202,15 @@ class Accounts:
                 n = await self.sync_once()
                 log.info("account mirror in step", extra={
                     "accounts": n, "seconds": round(time.monotonic() - started, 2)})
-                delay = every_s
+                delay = self.sync_every_s
             except Exception as e:
                 log.warning("account mirror sync failed; will retry",
                             extra={"error": f"{type(e).__name__}: {e}"})
                 delay = min(max(delay * 2, 1.0), 60.0)
 
-    def start_sync(self, every_s: float = 900.0) -> None:
+    def start_sync(self) -> None:
         if self._sync_task is None:
-            self._sync_task = asyncio.create_task(self._sync_loop(every_s), name="mirror-sync")
+            self._sync_task = asyncio.create_task(self._sync_loop(), name="mirror-sync")
 
     async def stop_sync(self) -> None:
         if self._sync_task is not None:
