@@ -153,7 +153,9 @@ class _Connection(asyncio.Protocol):
         self._check_every = 0.05
         self._timer: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None  # set while the buffer is full
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+        self._loop = asyncio.get_running_loop()
+        self._lost: asyncio.Future[None] = self._loop.create_future()
         self.alive = True
 
     @property
@@ -191,7 +193,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._writable is None:
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
 
     def resume_writing(self) -> None:
         writable, self._writable = self._writable, None
@@ -212,7 +214,7 @@ class _Connection(asyncio.Protocol):
         if not self.alive:
             raise HsmUnavailable(command, "connection lost")
         header = self._header()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending[header] = (future, loop.time() + limit_s, command)
         if self._timer is None:
@@ -238,7 +240,7 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if not self.alive:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         for future, deadline, command in list(self._pending.values()):
             if deadline <= now and not future.done():

@@ -118,6 +118,15 @@ class KeepAlivePool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        # the loop of the first request, kept: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11 (a pool's connections belong to one loop anyway)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def __repr__(self) -> str:
         return f"KeepAlivePool({self.host}:{self.port}, size={self.size})"
@@ -136,7 +145,7 @@ class KeepAlivePool:
                         .encode())
         head.append(b"\r\n")
         data = b"".join(head) + (body or b"")
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         deadline = loop.time() + self.timeout_s
         for attempt in (0, 1):
             conn, reused = await self._acquire(deadline)
@@ -159,7 +168,7 @@ class KeepAlivePool:
         raise AssertionError("unreachable")
 
     async def _acquire(self, deadline: float) -> tuple[_Conn, bool]:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         while True:
             if self._closed:
                 raise PoolClosed("the HTTP connection pool was closed")

@@ -73,6 +73,9 @@ class _Protocol(asyncio.Protocol):
         self.owner = owner
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
+        # made by the loop it runs on; kept, because asyncio.get_running_loop() costs a
+        # getpid() system call on Python 3.11
+        self.loop = asyncio.get_running_loop()
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.out: list[bytes] = []
         self.flush_scheduled = False
@@ -165,7 +168,7 @@ class RedisPipe:
         proto = self._proto
         if proto is None or proto.lost:
             proto = await self._connect()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = proto.loop.create_future()
         proto.send(data, fut)
         return await fut
 

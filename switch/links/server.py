@@ -31,6 +31,9 @@ class LinkProtocol(asyncio.Protocol):
     def __init__(self, listener: LinkListener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
+        # the protocol is made by the loop it runs on; kept, because asyncio.get_running_loop()
+        # costs a getpid() system call on Python 3.11
+        self._loop = asyncio.get_running_loop()
         self.link: Link | None = None
         self.framer = Framer(listener.dialect, listener.settings.max_frame)
         self.in_flight: set[asyncio.Task[None]] = set()
@@ -90,8 +93,7 @@ class LinkProtocol(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.listener.settings.idle_timeout_s, self._idle_out)
+        self._idle = self._loop.call_later(self.listener.settings.idle_timeout_s, self._idle_out)
 
     def _idle_out(self) -> None:
         log.info("link idle: closing", extra={"peer": self.link.peer if self.link else ""})
@@ -130,7 +132,7 @@ class LinkProtocol(asyncio.Protocol):
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -140,8 +142,9 @@ class LinkProtocol(asyncio.Protocol):
 
     def _spawn(self, frame: bytes) -> None:
         assert self.link is not None
-        task = asyncio.get_running_loop().create_task(self._handle(frame))
+        task = self._loop.create_task(self._handle(frame))
         self.in_flight.add(task)
+        task.add_done_callback(self._handled)
         if len(self.in_flight) >= self.listener.settings.max_in_flight and not self.paused:
             assert self.transport is not None
             self.transport.pause_reading()
@@ -157,14 +160,13 @@ class LinkProtocol(asyncio.Protocol):
             log.exception("request failed unexpectedly", extra={"peer": self.link.peer})
             self.listener.metrics.link_errors.labels(self.listener.dialect.name,
                                                      "internal").inc()
-        finally:
-            task = asyncio.current_task()
-            if task is not None:
-                self.in_flight.discard(task)
-            if (self.paused and len(self.in_flight) < self.listener.settings.max_in_flight
-                    and self.transport is not None and not self.transport.is_closing()):
-                self.transport.resume_reading()
-                self.paused = False
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        if (self.paused and len(self.in_flight) < self.listener.settings.max_in_flight
+                and self.transport is not None and not self.transport.is_closing()):
+            self.transport.resume_reading()
+            self.paused = False
 
 
 class LinkListener:

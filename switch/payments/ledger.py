@@ -205,9 +205,12 @@ class PostingPath:
         self._on_fenced = on_fenced
         self._on_committed = on_committed
         self._receipt_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
     def start(self) -> None:
         if not self._tasks:
+            # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+            self._loop = asyncio.get_running_loop()
             self._tasks = [asyncio.create_task(self._committer(), name=f"committer-{i}")
                            for i in range(self._committers)]
 
@@ -227,9 +230,9 @@ class PostingPath:
                 p.future.set_exception(LedgerError("the switch is stopping"))
 
     async def submit(self, request: PaymentRequest) -> Outcome:
-        if not self._tasks:
+        if not self._tasks or self._loop is None:
             raise LedgerError("the posting path is not running on this node")
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Outcome] = self._loop.create_future()
         await self._queue.put(_Pending(request, fut))
         return await fut
 
