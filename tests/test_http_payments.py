@@ -393,10 +393,12 @@ async def test_a_repeated_live_lookup_does_not_rewrite_the_mirror(node: Node, ap
 
     first = await accounts.lookup(acct)
     assert first is not None and not first.stale
+    assert await accounts.flush() == 1  # written behind, in one batch
     at, _, _ = await mirrored()
     again = await accounts.lookup(acct)
     assert again is not None and (again.arrears, again.prepaid_balance) == (
         first.arrears, first.prepaid_balance)
+    assert await accounts.flush() == 0
     assert (await mirrored())[0] == at  # the same answer: not written again
     # a payment changes what the marketing system answers: the next lookup writes it
     st, _, raw = await api.call("POST", "/v1/payments", idem=f"m-{uuid.uuid4().hex[:8]}",
@@ -410,5 +412,21 @@ async def test_a_repeated_live_lookup_does_not_rewrite_the_mirror(node: Node, ap
             break
         await asyncio.sleep(0.05)
     assert (after.arrears, after.prepaid_balance) != before
+    await accounts.flush()
     refreshed, arrears, prepaid = await mirrored()
     assert refreshed > at and (arrears, prepaid) == (after.arrears, after.prepaid_balance)
+
+
+async def test_a_live_lookup_reaches_the_mirror_by_itself(node: Node, sims: Sims) -> None:
+    accounts = node.components["accounts"]
+    acct = await active_account(sims.marketing, start=41)
+    await node.pool.execute("DELETE FROM account_mirror WHERE account_no = $1", acct)
+    view = await accounts.lookup(acct)
+    assert view is not None and not view.stale
+    for _ in range(100):  # written behind, within moments, with no flush asked for
+        row = await node.pool.fetchrow(
+            "SELECT status, arrears FROM account_mirror WHERE account_no = $1", acct)
+        if row is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert row is not None and (row["status"], row["arrears"]) == (view.status, view.arrears)

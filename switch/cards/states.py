@@ -280,13 +280,20 @@ class CardView:
         return self.state is CardState.SOLD
 
 
+#: what `card_view` reads from a row of ``cards``
+CARD_COLUMNS = ("serial, batch_id, face_value, state, location, expiry, failed_pin_count, tag,"
+                " expiry < current_date AS past")
+
+
 async def card_status(pool: asyncpg.Pool | Conn, serial: str) -> CardView | None:
     """The card, or None if unknown. A card past expiry and unredeemed shows as `expired`."""
     row = await pool.fetchrow(
-        "SELECT serial, batch_id, face_value, state, location, expiry, failed_pin_count, tag,"
-        " expiry < current_date AS past FROM cards WHERE serial = $1", serial)
-    if row is None:
-        return None
+        f"SELECT {CARD_COLUMNS} FROM cards WHERE serial = $1", serial)  # noqa: S608
+    return None if row is None else card_view(row)
+
+
+def card_view(row: asyncpg.Record) -> CardView:
+    """The view of a row holding `CARD_COLUMNS`."""
     state = CardState(row["state"])
     if row["past"] and state in UNREDEEMED:
         state = CardState.EXPIRED

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from switch import db
-from switch.cards.states import CardState, card_status, record_wrong_pin, redeem_card
+from switch.cards.states import (
+    CARD_COLUMNS,
+    CardState,
+    card_status,
+    card_view,
+    record_wrong_pin,
+    redeem_card,
+)
 from switch.hsm_client import HsmError
 from switch.ivr import dialog
 from switch.ivr.dialog import (
@@ -122,6 +129,11 @@ _REDEEM_OUTCOMES = {"state:redeemed": "used", "state:locked": "locked",
                     "unknown": "unknown"}
 
 _ANI_BLOCKED = "SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $1"
+# the PIN step's reads: is the caller number blocked, and the card (all NULL when unknown)
+_PIN_STEP = (
+    "SELECT (SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $2) AS ani_blocked,"  # noqa: S608 - a constant column list
+    f" c.* FROM (VALUES (1)) AS one(x) LEFT JOIN (SELECT {CARD_COLUMNS} FROM cards"
+    " WHERE serial = $1) AS c ON true")
 _BLOCK_ANI = """
 INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)
 VALUES ($1, $2, now(), now() + interval '24 hours')
@@ -253,16 +265,12 @@ class IvrService:
         except StoreConflict:
             raise CallBusy(stored.call.call_id) from None
 
-    async def _ani_blocked(self, ani: str, *, strict: bool = False) -> bool:
-        """Whether the caller number is blocked. At the start of a call a failed check counts
-        as "not blocked" (the PIN step checks again); `strict` (the PIN step) lets it raise,
-        which refuses the PIN."""
+    async def _ani_blocked(self, ani: str) -> bool:
+        """Whether the caller number is blocked, at the start of a call. A failed check counts
+        as "not blocked" here: the PIN step checks again, and there an error refuses the PIN."""
         try:
-            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani,
-                                                      timeout=None if strict else 2.0))
+            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani, timeout=2.0))
         except Exception as e:
-            if strict:
-                raise
             log.warning("caller-number block not checked", extra={"error": type(e).__name__})
             return False
 
@@ -305,11 +313,16 @@ class IvrService:
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
-        if await self._ani_blocked(call.ani, strict=True):
+        # the strict caller-number check and the card in one round trip; an error raises,
+        # which refuses the PIN
+        row = await self.node.pool.fetchrow(_PIN_STEP, effect.serial, call.ani)
+        if row is None:  # cannot happen: the statement always returns its one row
+            return Busy()
+        if row["ani_blocked"]:
             return AniBlocked()
-        card = await card_status(self.node.pool, effect.serial)
-        if card is None:
+        if row["serial"] is None:
             return NotFound()
+        card = card_view(row)
         if card.state is not CardState.SOLD:
             return CardFact(state=card.state.value, face_value=card.face_value)
         ring = self.node.components.get("keyring")

@@ -4,6 +4,11 @@ The mirror is kept in step from the marketing system's account listing (a full p
 and periodically after), and refreshed by every live lookup. Payments are validated against it
 (no remote call on the payment path); inquiries ask the marketing system first and fall back to
 the mirror, marked stale, when it does not answer in time.
+
+A live lookup's refresh is written behind: the lookup answers at once, and the refreshes of the
+last `MIRROR_FLUSH_S` go to the table together in one transaction committed without waiting for
+its fsync. The mirror is a copy of what the marketing system holds; a crash can lose at most
+those last moments of refreshes, which the next lookup or sync pass writes again.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 import orjson
 
 from switch.marketing_client import MarketingClient, MarketingError
+
+if TYPE_CHECKING:
+    from switch.db import Conn
 
 log = logging.getLogger("gridpay.accounts")
 
@@ -72,6 +81,10 @@ ON CONFLICT (account_no) DO UPDATE
 
 #: a live lookup that finds exactly what it wrote less than this long ago does not write again
 MIRROR_REWRITE_S = 30.0
+#: how long a live lookup's refresh may wait to be written with the others
+MIRROR_FLUSH_S = 0.2
+
+_Row = tuple[str, str, str, int, int, tuple[tuple[str, int], ...]]
 
 
 class Accounts:
@@ -89,6 +102,9 @@ class Accounts:
         # `MIRROR_REWRITE_S` is not written again (an IVR dialog or a bank inquiry followed by
         # its payment looks the same account up several times a minute)
         self._written: dict[str, tuple[tuple[object, ...], float]] = {}
+        # refreshes found by live lookups, not yet written (see `flush`)
+        self._unwritten: dict[str, _Row] = {}
+        self._flush_task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
@@ -109,10 +125,15 @@ class Accounts:
         mono = time.monotonic()
         last = self._written.get(acc.account_no)
         if last is None or last[0] != seen or mono - last[1] > MIRROR_REWRITE_S:
-            await self._store([seen], now)
+            self._profiles[acc.account_no] = (MirrorProfile(acc.status, acc.name, acc.arrears),
+                                              mono)
+            self._unwritten[acc.account_no] = seen
             if len(self._written) > 200_000:
                 self._written.clear()
             self._written[acc.account_no] = (seen, mono)
+            if self._flush_task is None:
+                self._flush_task = asyncio.get_running_loop().create_task(
+                    self._flush_soon(), name="mirror-flush")
         return AccountView(account_no=acc.account_no, name=acc.name, status=acc.status,
                            arrears=acc.arrears, prepaid_balance=acc.prepaid_balance,
                            bills=acc.bills, as_of=now, stale=False)
@@ -161,11 +182,37 @@ class Accounts:
 
     # -- mirror --------------------------------------------------------------------------
 
-    async def _store(self, rows: list[tuple[str, str, str, int, int, tuple[tuple[str, int], ...]]],
-                     now: datetime) -> None:
+    async def _flush_soon(self) -> None:
+        try:
+            await asyncio.sleep(MIRROR_FLUSH_S)
+            await self.flush()
+        finally:
+            self._flush_task = None
+
+    async def flush(self) -> int:
+        """Write the live lookups' refreshes now; returns how many. A failure is logged and
+        forgets them (the mirror is a copy: the next lookup or sync pass writes them again)."""
+        n = 0
+        while self._unwritten:
+            rows, self._unwritten = list(self._unwritten.values()), {}
+            try:
+                async with self.pool.acquire() as con, con.transaction():
+                    await con.execute("SET LOCAL synchronous_commit = off")
+                    await self._store(rows, datetime.now(UTC), con)
+            except Exception as e:
+                for r in rows:
+                    self._written.pop(r[0], None)
+                log.warning("account mirror refresh not written",
+                            extra={"accounts": len(rows), "error": type(e).__name__})
+                return n
+            n += len(rows)
+        return n
+
+    async def _store(self, rows: list[_Row], now: datetime,
+                     con: Conn | None = None) -> None:
         if not rows:
             return
-        await self.pool.execute(
+        await (con or self.pool).execute(
             _UPSERT, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
             [r[3] for r in rows], [r[4] for r in rows],
             [orjson.dumps([list(b) for b in r[5]]).decode() for r in rows],
@@ -213,8 +260,14 @@ class Accounts:
             self._sync_task = asyncio.create_task(self._sync_loop(), name="mirror-sync")
 
     async def stop_sync(self) -> None:
+        """Stop the sync loop and write what live lookups have refreshed."""
         if self._sync_task is not None:
             self._sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sync_task
             self._sync_task = None
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+        await self.flush()
