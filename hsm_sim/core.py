@@ -2,6 +2,12 @@
 
 Everything that touches a clear key or PIN happens here and nothing of it leaves: responses
 carry key blocks, check values, MACs, tags and encrypted PIN blocks only.
+
+Working keys are unwrapped once: an LRU of `_WorkingKey` entries, indexed by the exact text of
+the key block under the LMK, keeps each key with its authenticated header and, made on first
+use, the cipher objects built from it (a CMAC context, a format-4 PIN codec). The header is
+still checked against the command's permitted use on every command, and a block that does not
+unwrap is never cached, so a cached key changes only how fast an answer comes, never the answer.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from crypto.cmac import constant_time_equal, kcv, mac8
+from cryptography.hazmat.primitives import cmac
+from cryptography.hazmat.primitives.ciphers import algorithms
+
+from crypto.cmac import constant_time_equal, kcv
 from crypto.errors import KeyBlockError, PinBlockError
 from crypto.pinblock import Format4Codec
 from crypto.tr31 import KeyBlockHeader, KeyBlockProtection
@@ -83,6 +92,53 @@ _KEY_BLOCK_ERRORS: MappingProxyType[str, str] = MappingProxyType({
 })
 
 
+class _WorkingKey:
+    """A key unwrapped from a block under the LMK, as the HSM holds it in its memory.
+
+    Besides the header and the key it keeps, built on first use, the objects that the commands
+    would otherwise build from the key on every call: a primed AES-CMAC context (each MAC works
+    on a copy of it, the context itself is never fed data) and a format-4 PIN block codec
+    (ECB, which carries no state from one block to the next). The repr names the usage only.
+    """
+
+    __slots__ = ("_cmac", "_codec", "_kcv", "header", "key")
+
+    def __init__(self, header: KeyBlockHeader, key: bytes) -> None:
+        self.header = header
+        self.key = key
+        self._cmac: cmac.CMAC | None = None
+        self._codec: Format4Codec | None = None
+        self._kcv: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"_WorkingKey(usage={self.header.key_usage!r}, <masked>)"
+
+    def mac8(self, data: bytes) -> bytes:
+        """AES-CMAC of `data` truncated to 8 bytes (what `crypto.cmac.mac8` computes)."""
+        primed = self._cmac
+        if primed is None:
+            # the key is an AES key: only algorithm A blocks are allowed to MAC commands, and
+            # unwrapping refuses an A block whose key is not 16, 24 or 32 bytes
+            primed = self._cmac = cmac.CMAC(algorithms.AES(self.key))
+        ctx = primed.copy()
+        ctx.update(data)
+        return ctx.finalize()[:8]
+
+    def format4(self) -> Format4Codec:
+        """The format-4 PIN block codec of this key, made once."""
+        codec = self._codec
+        if codec is None:
+            codec = self._codec = Format4Codec(self.key)
+        return codec
+
+    def kcv(self) -> bytes:
+        """The key check value, computed once."""
+        check = self._kcv
+        if check is None:
+            check = self._kcv = kcv(self.key)
+        return check
+
+
 class _Refused(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
@@ -122,7 +178,7 @@ class HsmCore:
         self._lmk_kcv = kcv(lmk).hex().upper()
         self._authorised = authorised
         self._firmware = firmware
-        self._cache: OrderedDict[str, tuple[KeyBlockHeader, bytes]] = OrderedDict()
+        self._cache: OrderedDict[str, _WorkingKey] = OrderedDict()
         self._cache_size = cache_size
 
     def __repr__(self) -> str:
@@ -144,12 +200,12 @@ class HsmCore:
         Never raises for any input of at least 6 bytes.
         """
         header, command = message[:4], message[4:6]
-        reply = response_code(command)
-        spec = _TABLE.get(command)
-        if spec is None:
+        entry = _TABLE.get(command)
+        if entry is None:
             log.info("hsm command refused", extra={"command": _printable(command),
                                                    "error": "68"})
-            return header + reply + b"68"
+            return header + response_code(command) + b"68"
+        spec, reply = entry
         try:
             code, payload = spec(self, FieldReader(message, 6))
         except FieldError as exc:
@@ -166,7 +222,8 @@ class HsmCore:
         response = header + reply + code.encode() + payload
         if len(response) > MAX_MESSAGE:
             return header + reply + b"80"
-        log.debug("hsm command", extra={"command": _printable(command), "error": code})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("hsm command", extra={"command": _printable(command), "error": code})
         return response
 
     # --- helpers ----------------------------------------------------------------------------
@@ -175,18 +232,29 @@ class HsmCore:
         if not self._authorised:
             raise _Refused("17")
 
-    def _lmk_key(self, block: str, use: _Use | None = None) -> tuple[KeyBlockHeader, bytes]:
-        cached = self._cache.get(block)
-        if cached is None:
-            cached = self._lmk.unwrap(block)
-            self._cache[block] = cached
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+    def _lmk_key(self, block: str, use: _Use | None = None) -> _WorkingKey:
+        """The working key in `block` (under the LMK), checked for `use` when one is given.
+
+        Unwrapped on first sight (any `KeyBlockError` propagates and nothing is cached), then
+        served from the LRU; the least recently used key is forgotten when it is full.
+        """
+        cache = self._cache
+        working = cache.get(block)
+        if working is None:
+            working = _WorkingKey(*self._lmk.unwrap(block))
+            cache[block] = working
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
         else:
-            self._cache.move_to_end(block)
+            cache.move_to_end(block)
         if use is not None:
-            _check_use(cached[0], use)
-        return cached
+            _check_use(working.header, use)
+        return working
+
+    @property
+    def cached_keys(self) -> int:
+        """How many working keys are held unwrapped (never which)."""
+        return len(self._cache)
 
     def _lmk_wrap(self, header: KeyBlockHeader, key: bytes) -> bytes:
         return b"S" + self._lmk.wrap(header, key, masked_length=_LMK_MASKED_LENGTH).encode()
@@ -220,18 +288,18 @@ class HsmCore:
             raise _Refused("A8")
         if exportability not in ("E", "N", "S"):
             raise _Refused("A4")
-        kek: tuple[KeyBlockHeader, bytes] | None = None
+        kek: bytes | None = None
         if kek_block is not None:
             if exportability == "N":
                 raise _Refused("29")
-            kek = self._lmk_key(kek_block, _KEK_WRAP)
+            kek = self._lmk_key(kek_block, _KEK_WRAP).key
         header = KeyBlockHeader(key_usage=usage, algorithm=profile.algorithm,
                                 mode_of_use=mode_of_use, exportability=exportability,
                                 optional_blocks=profile.blocks)
         key = secrets.token_bytes(profile.length)
         out = self._lmk_wrap(header, key)
         if kek is not None:
-            out += b"S" + KeyBlockProtection(kek[1]).wrap(header, key).encode()
+            out += b"S" + KeyBlockProtection(kek).wrap(header, key).encode()
         return "00", out + kcv(key).hex().upper().encode()
 
     def a6(self, r: FieldReader) -> tuple[str, bytes]:
@@ -240,7 +308,7 @@ class HsmCore:
         expected = r.optional_hex(6)
         r.end()
         self._require_authorised()
-        _, kek = self._lmk_key(kek_block, _KEK_UNWRAP)
+        kek = self._lmk_key(kek_block, _KEK_UNWRAP).key
         header, key = KeyBlockProtection(kek).unwrap(foreign_block)
         _check_profile(header, key)
         check = kcv(key)
@@ -253,33 +321,31 @@ class HsmCore:
         key_block = r.key_block()
         r.end()
         self._require_authorised()
-        _, kek = self._lmk_key(kek_block, _KEK_WRAP)
-        header, key = self._lmk_key(key_block)
-        if header.exportability not in ("E", "S"):
+        kek = self._lmk_key(kek_block, _KEK_WRAP).key
+        working = self._lmk_key(key_block)
+        if working.header.exportability not in ("E", "S"):
             raise _Refused("29")
-        exported = KeyBlockProtection(kek).wrap(header, key)
-        return "00", b"S" + exported.encode() + kcv(key).hex().upper().encode()
+        exported = KeyBlockProtection(kek).wrap(working.header, working.key)
+        return "00", b"S" + exported.encode() + working.kcv().hex().upper().encode()
 
     def bu(self, r: FieldReader) -> tuple[str, bytes]:
         block = r.key_block()
         r.end()
-        _, key = self._lmk_key(block)
-        return "00", kcv(key).hex().upper().encode()
+        return "00", self._lmk_key(block).kcv().hex().upper().encode()
 
     def m6(self, r: FieldReader) -> tuple[str, bytes]:
         block = r.key_block()
         data = r.data()
         r.end()
-        _, key = self._lmk_key(block, _MAC_GENERATE)
-        return "00", mac8(key, data).hex().upper().encode()
+        return "00", self._lmk_key(block, _MAC_GENERATE).mac8(data).hex().upper().encode()
 
     def m8(self, r: FieldReader) -> tuple[str, bytes]:
         block = r.key_block()
         data = r.data()
         mac = r.hex(16)
         r.end()
-        _, key = self._lmk_key(block, _MAC_VERIFY)
-        return ("00" if constant_time_equal(mac8(key, data), mac) else "01"), b""
+        expected = self._lmk_key(block, _MAC_VERIFY).mac8(data)
+        return ("00" if constant_time_equal(expected, mac) else "01"), b""
 
     def zg(self, r: FieldReader) -> tuple[str, bytes]:
         vvk_block = r.key_block()
@@ -292,9 +358,8 @@ class HsmCore:
         r.end()
         if not 4 <= pin_length <= 12:
             raise _Refused("24")
-        _, vvk = self._lmk_key(vvk_block, _VOUCHER_GENERATE)
-        _, print_key = self._lmk_key(print_block, _PIN_ENCRYPT)
-        codec = Format4Codec(print_key)
+        vvk = self._lmk_key(vvk_block, _VOUCHER_GENERATE).key
+        codec = self._lmk_key(print_block, _PIN_ENCRYPT).format4()
         out = bytearray()
         for serial in serials:
             pin = generate_pin(pin_length)
@@ -312,10 +377,10 @@ class HsmCore:
         r.end()
         if format_code != PIN_BLOCK_FORMAT_ISO4:
             raise _Refused("23")
-        _, pin_key = self._lmk_key(pin_key_block, _PIN_DECRYPT)
-        _, vvk = self._lmk_key(vvk_block, _VOUCHER_VERIFY)
+        pin_key = self._lmk_key(pin_key_block, _PIN_DECRYPT)
+        vvk = self._lmk_key(vvk_block, _VOUCHER_VERIFY).key
         try:
-            pin = Format4Codec(pin_key).decipher(pin_block, serial)
+            pin = pin_key.format4().decipher(pin_block, serial)
         except PinBlockError:
             # A block that does not decode is simply not the card's PIN: no oracle.
             return "01", b""
@@ -332,6 +397,8 @@ _HANDLERS: dict[str, Handler] = {
     "ZG": HsmCore.zg, "ZV": HsmCore.zv,
 }
 assert set(_HANDLERS) == set(COMMANDS)  # noqa: S101 - the two tables must agree
-_TABLE: MappingProxyType[bytes, Handler] = MappingProxyType(
-    {code.encode(): handler for code, handler in _HANDLERS.items()}
-)
+# command code -> (handler, response code), both as the bytes that arrive and leave
+_TABLE: MappingProxyType[bytes, tuple[Handler, bytes]] = MappingProxyType({
+    code.encode(): (handler, response_code(code.encode()))
+    for code, handler in _HANDLERS.items()
+})

@@ -1,8 +1,15 @@
 """The HSM simulator's TCP server: a thin asyncio shell around `hsm_sim.core.HsmCore`.
 
-Per connection: read a 2-byte length, read the message, let the core answer it, write the
-answer; requests may be pipelined and are answered in order, each with its own header. A
-length below 6 (no room for header and command) is the one thing that closes a connection.
+Per connection: cut 2-byte-length frames out of the bytes as they arrive, let the core answer
+each message, write the answers; requests may be pipelined and are answered in order, each with
+its own header. A length below 6 (no room for header and command) is the one thing that closes
+a connection (after the answers to the frames before it). A connection that sends nothing for
+`idle_timeout_s`, or leaves a frame unfinished for `read_timeout_s`, is closed.
+
+The connection is an `asyncio.Protocol`, not a stream reader/writer pair: the core is
+synchronous, so every complete frame in a chunk of received bytes is answered on the spot and
+all of those answers leave in one `transport.write` (one system call for a pipelined batch).
+While the peer does not read its answers (the transport's buffer is full), reading pauses.
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from crypto.lmk import LmkComponent, combine_lmk
 from hsm_sim.core import FIRMWARE, HsmCore
-from hsm_sim.wire import MIN_MESSAGE, encode_frame
+from hsm_sim.wire import MIN_MESSAGE
 
 __all__ = [
     "DEV_CONFIG",
@@ -51,6 +58,7 @@ class HsmSettings:
     firmware: str = FIRMWARE
     idle_timeout_s: float = 300.0
     read_timeout_s: float = 10.0
+    key_cache_size: int = 4096  # working keys held unwrapped (LRU)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -59,6 +67,8 @@ class HsmSettings:
             raise ValueError("the LMK needs at least two components")
         if self.idle_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.key_cache_size < 1:
+            raise ValueError("the key cache must hold at least one key")
         if not self.firmware.isascii() or not self.firmware.isprintable():
             raise ValueError("firmware must be printable ASCII")
 
@@ -88,6 +98,145 @@ def load_dev_settings(path: Path | str | None = None) -> HsmSettings:
     return load_settings(DEV_CONFIG if path is None else path)
 
 
+class _Connection(asyncio.Protocol):
+    """One client connection: frames in, answers out, in order.
+
+    Timeouts cost nothing per frame: `data_received` only notes the time, and one timer per
+    connection wakes at the earliest moment a timeout could have passed, closing the connection
+    if it has and sleeping again until the next such moment if not.
+    """
+
+    def __init__(self, server: HsmServer) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = server
+        self._handle = server._core.handle
+        self._loop = loop
+        self._idle_timeout = server.settings.idle_timeout_s
+        self._read_timeout = server.settings.read_timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._peer: object = None
+        self._buf = bytearray()  # the start of a frame that has not fully arrived
+        self._need = 2  # bytes the buffer must hold before a frame can be cut out of it
+        self._closing = False
+        self._paused = False  # the peer is not reading its answers
+        self._idle_since = loop.time()  # when the wait for the next frame began
+        self._frame_since: float | None = None  # when the unfinished frame's length arrived
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer will fire
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, but behave as one
+        self._transport = cast(asyncio.Transport, transport)
+        self._peer = transport.get_extra_info("peername")
+        self._server._connections.add(self)
+        self._arm(self._idle_since + self._idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._connections.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        log.debug("hsm connection closed", extra={"peer": str(self._peer)})
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._idle_since = self._loop.time()  # the wait for the next frame starts now
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return  # still inside the same unfinished frame
+            data = bytes(buf)
+            buf.clear()
+        handle = self._handle
+        answers: list[bytes] = []
+        pos, n = 0, len(data)
+        while n - pos >= 2:
+            length = (data[pos] << 8) | data[pos + 1]
+            if length < MIN_MESSAGE:
+                self._write(answers)
+                log.warning("hsm frame length invalid; closing", extra={"length": length})
+                self.close()
+                return
+            end = pos + 2 + length
+            if end > n:
+                break
+            answer = handle(data[pos + 2:end])
+            answers.append(len(answer).to_bytes(2, "big"))
+            answers.append(answer)
+            pos = end
+        now = self._loop.time()
+        if answers:
+            self._write(answers)
+            self._idle_since = now
+            self._frame_since = None
+        if pos < n:
+            buf += data[pos:]
+            if n - pos >= 2:  # its length is known (and valid: the loop checked it)
+                self._need = 2 + ((data[pos] << 8) | data[pos + 1])
+                if self._frame_since is None:
+                    self._frame_since = now
+                    if now + self._read_timeout < self._timer_at:
+                        self._arm(now + self._read_timeout)
+            else:
+                self._need = 2
+        else:
+            self._need = 2
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _write(self, answers: list[bytes]) -> None:
+        if answers and self._transport is not None:
+            self._transport.write(b"".join(answers))
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        if self._paused:  # waiting for the peer to read: no timeout runs (as with a drain)
+            self._arm(now + self._idle_timeout)
+            return
+        if self._frame_since is not None:
+            deadline = self._frame_since + self._read_timeout
+        else:
+            deadline = self._idle_since + self._idle_timeout
+        if now >= deadline:
+            log.debug("hsm connection timed out", extra={"peer": str(self._peer)})
+            self.close()
+        else:
+            self._arm(deadline)
+
+    def close(self) -> None:
+        """Close after the answers already written have gone out."""
+        self._closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
 class HsmServer:
     """A listening simulator. `close()` stops it; `await wait_closed()` waits until done."""
 
@@ -95,7 +244,7 @@ class HsmServer:
         self._core = core
         self._settings = settings
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
         self._closed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -117,20 +266,21 @@ class HsmServer:
         return self._settings
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._connection, self._settings.host, self._settings.port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self._settings.host, self._settings.port)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in self._connections:
-            task.cancel()
+        for conn in list(self._connections):
+            conn.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
         if self._connections:
-            await asyncio.wait(set(self._connections), timeout=5.0)
+            await asyncio.wait({c.lost for c in self._connections}, timeout=5.0)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
@@ -142,47 +292,13 @@ class HsmServer:
         self.close()
         await self.wait_closed()
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101
-        self._connections.add(task)
-        peer = writer.get_extra_info("peername")
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-            log.debug("hsm connection closed", extra={"peer": str(peer)})
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        settings = self._settings
-        while True:
-            try:
-                prefix = await asyncio.wait_for(reader.readexactly(2), settings.idle_timeout_s)
-            except asyncio.IncompleteReadError:
-                return  # clean end of stream
-            length = int.from_bytes(prefix, "big")
-            if length < MIN_MESSAGE:
-                log.warning("hsm frame length invalid; closing", extra={"length": length})
-                return
-            message = await asyncio.wait_for(reader.readexactly(length),
-                                             settings.read_timeout_s)
-            writer.write(encode_frame(self._core.handle(message)))
-            await writer.drain()
-
 
 async def start_server(settings: HsmSettings) -> HsmServer:
     """Combine the LMK (checking each component's KCV), then listen."""
     lmk = combine_lmk(settings.lmk_components)
     server = HsmServer(HsmCore(lmk, authorised=settings.authorised,
-                               firmware=settings.firmware), settings)
+                               firmware=settings.firmware,
+                               cache_size=settings.key_cache_size), settings)
     await server._start()
     log.info("hsm simulator listening",
              extra={"port": server.port, "lmk_kcv": server.lmk_kcv,
