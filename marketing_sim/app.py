@@ -1,34 +1,47 @@
-"""The marketing-system simulator's HTTP server (aiohttp), its fault injection and its CLI.
+"""The marketing-system simulator's HTTP interface, its fault injection and its CLI.
 
 Layers: :mod:`customers` (seeded customers) and :mod:`ledger` (allocation, idempotency) do no
-I/O; :mod:`journal` makes postings durable; this module serves them over HTTP and injects
-faults.  See ``docs/marketing-simulator.md``.
+I/O; :mod:`journal` makes postings durable; :mod:`server` speaks HTTP/1.1; this module routes
+requests to the books and injects faults.  See ``docs/marketing-simulator.md``.
+
+Answers that need no waiting are computed and sent in the call that read the request; a new
+posting waits for its journal group without a task (a :class:`~marketing_sim.server.Deferred`);
+only fault injection (latency, holding a connection, going down) runs coroutines.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Final
 
 import orjson
-from aiohttp import web
 
 from marketing_sim.customers import CustomerBook
 from marketing_sim.faults import NO_FAULTS, FaultError, Faults
-from marketing_sim.journal import JournalError, SqliteJournal
+from marketing_sim.journal import Group, JournalError, PostingJournal
 from marketing_sim.ledger import Ledger, LedgerError, PostedCredit, PostingRequest
+from marketing_sim.server import (
+    Connection,
+    Deferred,
+    HttpServer,
+    Outcome,
+    Reply,
+    ReplyThen,
+    Request,
+    json_reply,
+    problem,
+)
 
 log = logging.getLogger("marketing_sim")
 
@@ -36,10 +49,8 @@ DEFAULT_PORT: Final = 8090
 MAX_PAGE: Final = 1_000
 DEFAULT_PAGE: Final = 100
 _SHUTDOWN_TIMEOUT_S: Final = 2.0
-_HOLD_POLL_S: Final = 0.02
-_JSON: Final = "application/json"
-_PROBLEM: Final = "application/problem+json"
 _DATE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_ACCOUNTS_PREFIX: Final = "/accounts/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,47 +70,50 @@ class MarketingSettings:
             raise ValueError("customers must not be negative")
 
 
-def _problem(status: int, code: str, detail: str) -> web.Response:
-    body = {
-        "type": f"urn:gridpay:marketing:{code}",
-        "title": code.replace("_", " "),
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_PROBLEM)
-
-
-def _json(status: int, body: object) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
-
-
-async def _read_json(request: web.Request) -> object:
+def _read_json(body: bytes) -> object:
     try:
-        return orjson.loads(await request.read())
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         raise LedgerError("invalid_body", "the body is not JSON") from None
+
+
+def _not_allowed(allow: str) -> Reply:
+    return problem(
+        405,
+        "method_not_allowed",
+        f"this resource allows {allow}",
+        f"Allow: {allow}\r\n".encode("ascii"),
+    )
+
+
+_NOT_FOUND: Final = problem(404, "not_found", "no such resource")
+_BROKEN: Final = problem(503, "storage_failed", "the simulator cannot write its journal")
+_NOT_DURABLE: Final = problem(503, "storage_failed", "the posting could not be made durable")
+_INJECTED: Final = problem(503, "injected_error", "fault injection: error_rate")
+_GET = (b"GET", b"HEAD")
+_ALLOW_GET: Final = "GET,HEAD"
 
 
 class MarketingSim:
     """A running simulator: its books, its listener and its faults."""
 
     def __init__(
-        self, settings: MarketingSettings, ledger: Ledger, journal: SqliteJournal | None
+        self, settings: MarketingSettings, ledger: Ledger, journal: PostingJournal | None
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self._journal = journal
         self._faults = NO_FAULTS
         self._random = random.Random(settings.seed)
-        self._inflight: dict[str, asyncio.Future[None]] = {}
+        # Postings applied in memory whose journal group is not yet durable, and those groups.
+        self._inflight: dict[str, Group] = {}
+        self._last_group: Group | None = None
         self._broken = False
         self._closing = asyncio.Event()
         self._listen_lock = asyncio.Lock()
         self._up_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._http: HttpServer | None = None
         self._port = settings.port
 
     # --- public API ---------------------------------------------------------------------------
@@ -125,7 +139,7 @@ class MarketingSim:
 
     @property
     def listening(self) -> bool:
-        return self._site is not None
+        return self._http is not None and self._http.listening
 
     async def set_faults(
         self,
@@ -160,42 +174,20 @@ class MarketingSim:
             self._up_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            self._site = None
+        if self._http is not None:
+            await self._http.close(_SHUTDOWN_TIMEOUT_S)
         if self._journal is not None:
             await self._journal.close()
 
     # --- listening ----------------------------------------------------------------------------
 
     async def _start_http(self) -> None:
-        app = web.Application(middlewares=[_fault_middleware])
-        app[SIM_KEY] = self
-        app.add_routes(
-            [
-                web.get("/accounts/{account_no}", _get_account),
-                web.get("/accounts", _list_accounts),
-                web.post("/postings", _post_posting),
-                web.get("/postings", _list_postings),
-                web.get("/healthz", _healthz),
-                web.get("/_faults", _get_faults),
-                web.post("/_faults", _post_faults),
-                web.delete("/_faults", _delete_faults),
-            ]
-        )
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
-        )
-        await self._runner.setup()
+        self._http = HttpServer(self._dispatch, self.settings.host, self._port)
         await self._listen()
 
     async def _listen(self) -> None:
-        assert self._runner is not None
-        site = web.TCPSite(self._runner, self.settings.host, self._port, reuse_address=True)
-        await site.start()
-        self._site = site
-        self._port = site.port
+        assert self._http is not None
+        self._port = await self._http.listen()
 
     def update_faults(self, changes: Mapping[str, object]) -> bool:
         """Apply ``changes``; returns whether ``down`` was among them."""
@@ -209,18 +201,18 @@ class MarketingSim:
             if self._up_timer is not None:
                 self._up_timer.cancel()
                 self._up_timer = None
+            http = self._http
+            if http is None:
+                return
             down = self._faults.down
             if down is None:
-                if self._site is None and not self._closing.is_set():
+                if not http.listening and not self._closing.is_set():
                     await self._listen()
                     log.info("marketing simulator listening again on port %d", self._port)
                 return
-            if self._site is not None:
-                await self._site.stop()
-                self._site = None
-                assert self._runner is not None and self._runner.server is not None
-                for connection in list(self._runner.server.connections):
-                    connection.force_close()
+            if http.listening:
+                http.stop_listening()
+                http.close_connections()
                 log.info("marketing simulator down (port %d closed)", self._port)
             if down > 0:
                 self._up_timer = asyncio.get_running_loop().call_later(down, self._come_back)
@@ -246,44 +238,66 @@ class MarketingSim:
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._random.random() < rate
 
-    async def hold_open(self, request: web.Request) -> None:
+    async def hold_open(self, connection: Connection) -> None:
         """Do not answer: wait until the client gives up (or ``hold_ms``), then drop the line."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._faults.hold_ms / 1000
-        while loop.time() < deadline and not self._closing.is_set():
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), _HOLD_POLL_S)
-        transport = request.transport
-        if transport is not None:
-            transport.close()
+        if not self._closing.is_set():
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                await asyncio.wait(
+                    (connection.gone(), closing),
+                    timeout=self._faults.hold_ms / 1000,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                closing.cancel()
+        connection.close()
 
     # --- postings -----------------------------------------------------------------------------
 
-    async def post(self, request: PostingRequest) -> tuple[PostedCredit, bool]:
-        """Apply and make durable; a replay waits until its original is durable."""
+    def post_nowait(self, request: PostingRequest) -> tuple[PostedCredit, bool, Group | None]:
+        """Apply ``request``; also returns the journal group that makes it durable, if any.
+
+        For a replay of a posting still being written, that is its original's group.
+        """
         posted, created = self.ledger.post(request)
         posting_id = request.posting_id
-        if created:
-            if self._journal is None:
-                return posted, True
-            future = self._journal.append(posted)
-            self._inflight[posting_id] = future
-            future.add_done_callback(lambda _: self._inflight.pop(posting_id, None))
-        else:
-            pending = self._inflight.get(posting_id)
-            if pending is None:
-                return posted, False
-            future = pending
-        try:
-            await asyncio.shield(future)
-        except JournalError:
+        if not created:
+            return posted, False, self._inflight.get(posting_id)
+        if self._journal is None:
+            return posted, True, None
+        group = self._journal.append(posted)
+        if not group.done():
+            self._inflight[posting_id] = group
+        if group is not self._last_group:
+            self._last_group = group
+            # Registered before any waiter's callback: the group leaves ``_inflight`` first.
+            group.add_done_callback(self._group_written)
+        return posted, True, group
+
+    def _group_written(self, group: Group) -> None:
+        inflight = self._inflight
+        for posting_id in group.posting_ids:
+            inflight.pop(posting_id, None)
+        if group.error is not None and not self._broken:
             # Memory is now ahead of the disk: refuse everything until a restart re-reads it.
             self._broken = True
-            log.exception("marketing simulator cannot write its journal; refusing all requests")
-            raise
+            log.error("marketing simulator cannot write its journal; refusing all requests")
+
+    async def post(self, request: PostingRequest) -> tuple[PostedCredit, bool]:
+        """Apply and make durable; a replay waits until its original is durable."""
+        posted, created, group = self.post_nowait(request)
+        if group is not None:
+            if not group.done():
+                written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                def wake(_: Group) -> None:
+                    if not written.done():
+                        written.set_result(None)
+
+                group.add_done_callback(wake)
+                await written
+            if group.error is not None:
+                raise group.error
         return posted, created
 
     def durable_postings_on(self, business_date: date) -> list[PostedCredit]:
@@ -297,124 +311,156 @@ class MarketingSim:
     def broken(self) -> bool:
         return self._broken
 
+    # --- HTTP ---------------------------------------------------------------------------------
 
-SIM_KEY: Final = web.AppKey("marketing_sim", MarketingSim)
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _fault_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    sim = request.app[SIM_KEY]
-    try:
+    def _dispatch(self, request: Request, connection: Connection) -> Outcome:
+        """Faults first (except for ``/_faults``), then the route."""
         if request.path.startswith("/_faults"):
-            return await handler(request)
-        if sim.broken:
-            return _problem(503, "storage_failed", "the simulator cannot write its journal")
-        faults = sim.faults
+            return self._route(request, connection)
+        if self._broken:
+            return _BROKEN
+        faults = self._faults
         if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
-        if sim.roll(faults.error_rate):
-            return _problem(503, "injected_error", "fault injection: error_rate")
-        return await handler(request)
-    except LedgerError as exc:
-        return _problem(exc.status, exc.code, exc.detail)
-    except FaultError as exc:
-        return _problem(400, "invalid_fault", str(exc))
-    except JournalError:
-        return _problem(503, "storage_failed", "the posting could not be made durable")
+            return self._delayed(request, connection, faults.latency_ms)
+        if self.roll(faults.error_rate):
+            return _INJECTED
+        return self._route(request, connection)
 
+    async def _delayed(self, request: Request, connection: Connection, latency_ms: int) -> Outcome:
+        await asyncio.sleep(latency_ms / 1000)
+        if self.roll(self._faults.error_rate):
+            return _INJECTED
+        return self._route(request, connection)
 
-async def _get_account(request: web.Request) -> web.Response:
-    account = request.app[SIM_KEY].ledger.account(request.match_info["account_no"])
-    if account is None:
-        return _problem(404, "account_not_found", "no such account")
-    return _json(200, account.to_json())
+    def _route(self, request: Request, connection: Connection) -> Outcome:
+        try:
+            return self._handle(request, connection)
+        except LedgerError as exc:
+            return problem(exc.status, exc.code, exc.detail)
+        except FaultError as exc:
+            return problem(400, "invalid_fault", str(exc))
+        except JournalError:
+            return _NOT_DURABLE
+
+    def _handle(self, request: Request, connection: Connection) -> Outcome:
+        path = request.path
+        method = request.method
+        if path == "/postings":
+            if method == b"POST":
+                return self._post_posting(request, connection)
+            if method in _GET:
+                return self._list_postings(request)
+            return _not_allowed("GET,HEAD,POST")
+        if path.startswith(_ACCOUNTS_PREFIX):
+            account_no = path[len(_ACCOUNTS_PREFIX) :]
+            if not account_no or "/" in account_no:
+                return _NOT_FOUND
+            if method not in _GET:
+                return _not_allowed(_ALLOW_GET)
+            account = self.ledger.account(account_no)
+            if account is None:
+                return problem(404, "account_not_found", "no such account")
+            return json_reply(200, account.to_json())
+        if path == "/accounts":
+            return self._list_accounts(request) if method in _GET else _not_allowed(_ALLOW_GET)
+        if path == "/healthz":
+            if method not in _GET:
+                return _not_allowed(_ALLOW_GET)
+            return json_reply(200, {"status": "ok", "postings": len(self.ledger)})
+        if path == "/_faults":
+            if method in _GET:
+                return json_reply(200, self._faults.to_json())
+            if method == b"POST":
+                return self._post_faults(request)
+            if method == b"DELETE":
+                return self._delete_faults()
+            return _not_allowed("DELETE,GET,HEAD,POST")
+        return _NOT_FOUND
+
+    def _post_posting(self, request: Request, connection: Connection) -> Outcome:
+        posting = PostingRequest.from_json(_read_json(request.body))
+        posted, created, group = self.post_nowait(posting)
+        if group is None or group.done():
+            return self._posted(posted, created, group, connection)
+        return Deferred(group, lambda done: self._posted(posted, created, done, connection))
+
+    def _posted(
+        self, posted: PostedCredit, created: bool, group: Group | None, connection: Connection
+    ) -> Outcome:
+        """The answer to a posting once it is durable (or could not be made so)."""
+        if group is not None and group.error is not None:
+            return _NOT_DURABLE
+        if created and self.roll(self._faults.timeout_after_commit_rate):
+            return self._hold(connection)
+        return json_reply(201 if created else 200, posted.result_json())
+
+    async def _hold(self, connection: Connection) -> Outcome:
+        await self.hold_open(connection)
+        return None
+
+    def _list_accounts(self, request: Request) -> Reply:
+        after = request.query_value("after") or None
+        if after is not None and not _is_account_no(after):
+            return problem(400, "invalid_query", "after must be a 10-digit account number")
+        limit_text = request.query_value("limit", str(DEFAULT_PAGE)) or ""
+        if (
+            not limit_text.isascii()
+            or not limit_text.isdigit()
+            or not 1 <= int(limit_text) <= MAX_PAGE
+        ):
+            return problem(400, "invalid_query", f"limit must be 1 to {MAX_PAGE}")
+        accounts, next_after = self.ledger.accounts_after(after, int(limit_text))
+        return json_reply(
+            200,
+            {
+                "accounts": [account.to_json(with_address=False) for account in accounts],
+                "next_after": next_after,
+            },
+        )
+
+    def _list_postings(self, request: Request) -> Reply:
+        text = request.query_value("date", "") or ""
+        try:
+            if not _DATE.fullmatch(text):
+                raise ValueError(text)
+            business_date = date.fromisoformat(text)
+        except ValueError:
+            return problem(400, "invalid_query", "date must be YYYY-MM-DD")
+        postings = self.durable_postings_on(business_date)
+        return json_reply(
+            200,
+            {
+                "date": business_date.isoformat(),
+                "postings": [posted.record_json() for posted in postings],
+            },
+        )
+
+    def _post_faults(self, request: Request) -> Outcome:
+        changes = _read_json(request.body)
+        if not isinstance(changes, dict):
+            return problem(400, "invalid_fault", "the body must be a JSON object")
+        down_changed = self.update_faults(changes)
+        reply = json_reply(200, self._faults.to_json())
+        if down_changed:
+            # Answer first, then stop listening (which also drops this connection).
+            return ReplyThen(reply, self.apply_down(True))
+        return reply
+
+    async def _delete_faults(self) -> Outcome:
+        await self.clear_faults()
+        return json_reply(200, self._faults.to_json())
 
 
 def _is_account_no(text: str) -> bool:
     return len(text) == 10 and text.isascii() and text.isdigit()
 
 
-async def _list_accounts(request: web.Request) -> web.Response:
-    after = request.query.get("after") or None
-    if after is not None and not _is_account_no(after):
-        return _problem(400, "invalid_query", "after must be a 10-digit account number")
-    limit_text = request.query.get("limit", str(DEFAULT_PAGE))
-    if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
-        return _problem(400, "invalid_query", f"limit must be 1 to {MAX_PAGE}")
-    accounts, next_after = request.app[SIM_KEY].ledger.accounts_after(after, int(limit_text))
-    return _json(
-        200,
-        {
-            "accounts": [account.to_json(with_address=False) for account in accounts],
-            "next_after": next_after,
-        },
-    )
-
-
-async def _post_posting(request: web.Request) -> web.Response:
-    sim = request.app[SIM_KEY]
-    posting = PostingRequest.from_json(await _read_json(request))
-    posted, created = await sim.post(posting)
-    if created and sim.roll(sim.faults.timeout_after_commit_rate):
-        await sim.hold_open(request)
-    return _json(201 if created else 200, posted.result_json())
-
-
-async def _list_postings(request: web.Request) -> web.Response:
-    text = request.query.get("date", "")
-    try:
-        if not _DATE.fullmatch(text):
-            raise ValueError(text)
-        business_date = date.fromisoformat(text)
-    except ValueError:
-        return _problem(400, "invalid_query", "date must be YYYY-MM-DD")
-    postings = request.app[SIM_KEY].durable_postings_on(business_date)
-    return _json(
-        200,
-        {
-            "date": business_date.isoformat(),
-            "postings": [posted.record_json() for posted in postings],
-        },
-    )
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return _json(200, {"status": "ok", "postings": len(request.app[SIM_KEY].ledger)})
-
-
-async def _get_faults(request: web.Request) -> web.Response:
-    return _json(200, request.app[SIM_KEY].faults.to_json())
-
-
-async def _post_faults(request: web.Request) -> web.StreamResponse:
-    sim = request.app[SIM_KEY]
-    changes = await _read_json(request)
-    if not isinstance(changes, dict):
-        return _problem(400, "invalid_fault", "the body must be a JSON object")
-    down_changed = sim.update_faults(changes)
-    response = _json(200, sim.faults.to_json())
-    if down_changed:
-        # Answer first, then stop listening (which also drops this connection).
-        await response.prepare(request)
-        await response.write_eof()
-        await sim.apply_down(True)
-    return response
-
-
-async def _delete_faults(request: web.Request) -> web.Response:
-    sim = request.app[SIM_KEY]
-    await sim.clear_faults()
-    return _json(200, sim.faults.to_json())
-
-
 async def start(settings: MarketingSettings) -> MarketingSim:
     """Open the books (reading the journal back when there is a data directory) and listen."""
     ledger = Ledger(CustomerBook(count=settings.customers, seed=settings.seed))
-    journal: SqliteJournal | None = None
+    journal: PostingJournal | None = None
     if settings.data_dir is not None:
-        journal = SqliteJournal(
+        journal = PostingJournal(
             settings.data_dir,
             identity={"customers": str(settings.customers), "seed": str(settings.seed)},
         )
