@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from hsm_sim.server import HsmServer, start_server
+from marketing_sim.app import MarketingSettings, MarketingSim, start
 from switch import db
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis
 from switch.loop import new_event_loop
@@ -169,3 +170,13 @@ async def node(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> A
     async with running_node(clean_db, clean_redis, sims, tmp_path) as n:
         await asyncio.wait_for(n.components["accounts"].synced.wait(), 20)
         yield n
+
+
+@pytest.fixture
+async def sim(request: pytest.FixtureRequest) -> AsyncIterator[MarketingSim]:
+    """An in-memory marketing simulator with the test module's `CUSTOMERS` accounts."""
+    running = await start(MarketingSettings(port=0, customers=request.module.CUSTOMERS))
+    try:
+        yield running
+    finally:
+        await running.close()

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from marketing_sim.app import MarketingSettings, MarketingSim, start
+from marketing_sim.app import MarketingSim
 from marketing_sim.customers import Customer
 from switch.marketing_client import (
     Account,
@@ -25,15 +25,6 @@ from switch.marketing_client import (
 CUSTOMERS = 300
 CST = timezone(timedelta(hours=8))
 WHEN = datetime(2026, 5, 1, 9, 30, tzinfo=CST)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[MarketingSim]:
-    running = await start(MarketingSettings(port=0, customers=CUSTOMERS))
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 @pytest.fixture

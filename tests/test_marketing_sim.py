@@ -26,15 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[MarketingSim]:
-    running = await start(MarketingSettings(port=0, customers=CUSTOMERS))
-    try:
-        yield running
-    finally:
-        await running.close()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         yield session

@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,6 @@ from marketing_sim.server import MAX_BODY
 CUSTOMERS = 200
 WHEN = "2026-05-01T10:00:00+08:00"
 ACCOUNT = "1000000008"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[MarketingSim]:
-    running = await start(MarketingSettings(port=0, customers=CUSTOMERS))
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 def payment(posting_id: str, amount: int = 100) -> bytes:
