@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from hsm_sim.wire import (
     COMMANDS,
@@ -30,7 +30,7 @@ from hsm_sim.wire import (
     key_block_field,
     response_code,
 )
-from switch.metrics import LabelCache
+from switch.metrics import Counter, Histogram, LabelCache
 
 __all__ = [
     "GeneratedKey",
