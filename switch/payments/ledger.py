@@ -6,7 +6,10 @@ that makes a duplicate impossible, whatever Redis says.
 
 Concurrent payments share commits: `PostingPath.submit` queues a request, and a committer task
 takes everything queued so far into a single transaction (group commit), so that one fsync
-serves many payments under load and none waits for a timer when the switch is idle.
+serves many payments under load and none waits for a timer when the switch is idle. Four
+committers run at once, each with its own connection: while one batch waits for its fsync the
+next is already being written (PostgreSQL flushes concurrent commits together). Measured at
+the bank peak on two cores, four carried 4-5 % more than two, and six no more than four.
 """
 
 from __future__ import annotations
@@ -191,7 +194,7 @@ class PostingPath:
     """Group-committing writer of payments (active node only)."""
 
     def __init__(self, pool: asyncpg.Pool, calendar: BusinessCalendar, metrics: Metrics,
-                 epoch: Callable[[], int], *, max_batch: int = 256, committers: int = 2,
+                 epoch: Callable[[], int], *, max_batch: int = 256, committers: int = 4,
                  on_fenced: Callable[[], Awaitable[None]] | None = None,
                  on_committed: Callable[[], None] | None = None) -> None:
         self.pool = pool
