@@ -398,6 +398,42 @@ async def test_two_calls_racing_with_one_card_redeem_once(node: Node, ivr: IvrSi
         " WHERE p.card_serial = $1", serial) == 1
 
 
+async def test_card_changed_during_the_recharge_statement_records_nothing(
+        node: Node, sims: Sims) -> None:
+    """The recharge statement's snapshot sees the card sold, but another transaction locks
+    it before the statement's update: the key would be won without the card moving, so the
+    whole statement is aborted (both happen, or neither)."""
+    from switch.ivr.service import _RECHARGE
+    from switch.payments.ledger import PaymentRequest
+
+    serial, _ = await make_card(node)
+    acct = await account(sims)
+    ledger = node.components["ledger"]
+    request = PaymentRequest(
+        kind="card_recharge", dedup_key=f"card:{serial}", request_hash=b"h" * 32,
+        channel="ivr", method="card", account_no=acct, amount=10000, card_serial=serial,
+        caller="5550001")
+    async with node.pool.acquire() as locker, node.pool.acquire() as con:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("UPDATE cards SET state = 'locked' WHERE serial = $1", serial)
+        # the gate's snapshot still sees 'sold'; the update waits for the locker
+        recording = asyncio.ensure_future(
+            ledger.record_one(con, request, _RECHARGE, serial, 10000, "ivr"))
+        await asyncio.sleep(0.3)
+        assert not recording.done()
+        await tx.commit()
+        with pytest.raises(asyncpg.PostgresError, match="nothing recorded") as raised:
+            await recording
+    assert raised.value.sqlstate == "GP002"
+    assert (await card_row(node, serial))["state"] == "locked"
+    for table, column in (("dedup_keys", "key"), ("payments", "dedup_key")):
+        assert await node.pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE {column} = $1", f"card:{serial}") == 0  # noqa: S608
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM card_recharges WHERE serial = $1", serial) == 0
+
+
 async def test_hang_up_before_confirmation_changes_nothing(node: Node, ivr: IvrSimulator,
                                                            sims: Sims) -> None:
     serial, pin = await make_card(node)

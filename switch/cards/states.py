@@ -378,16 +378,55 @@ async def redeem_card(conn: Conn, serial: str, account_no: str, *,
                                channel, caller, payment_id, at)
     if face is not None:
         return Redemption(redeemed=True, face_value=int(face), reason="ok")
+    refused = await redemption_refused(conn, serial)
+    if refused.reason == "expired":
+        await expire_touched(conn, [serial], actor)
+    return refused
+
+
+async def redemption_refused(conn: Conn | asyncpg.Pool, serial: str) -> Redemption:
+    """Why `serial` could not be redeemed just now (reads only; an unredeemed card past its
+    expiry answers "expired" without being marked)."""
     row = await conn.fetchrow(
         "SELECT state, face_value, expiry < current_date AS past FROM cards WHERE serial = $1",
         serial)
     if row is None:
         return Redemption(redeemed=False, face_value=0, reason="unknown")
     if row["past"] and CardState(row["state"]) in UNREDEEMED:
-        await expire_touched(conn, [serial], actor)
         return Redemption(redeemed=False, face_value=int(row["face_value"]), reason="expired")
     if row["state"] != CardState.SOLD.value:
         return Redemption(redeemed=False, face_value=int(row["face_value"]),
                           reason=f"state:{row['state']}")
     return Redemption(redeemed=False, face_value=int(row["face_value"]),
                       reason="face_value_mismatch")
+
+
+# A card recharge recorded in one statement with its payment (`switch.payments.ledger.
+# record_statement`, whose batch row is `t` and whose keys won are `k`): the gate lets the
+# payment's key be taken only while card $3 is sold, unexpired and of face value $4 (as the
+# statement's snapshot sees it); `card` then moves it with its event (actor $5) and its line in
+# the recharge ledger. If the card changed meanwhile, the key is won but the card does not
+# move, and `gridpay_recharged` aborts the statement: both happen, or neither.
+RECHARGE_GATE = """gate AS MATERIALIZED (
+  SELECT 1 FROM fence, cards
+   WHERE serial = $3 AND state = 'sold' AND expiry >= current_date AND face_value = $4::bigint
+)"""
+RECHARGE_MOVE = """card AS (
+  UPDATE cards c SET state = 'redeemed', updated_at = now()
+    FROM k
+   WHERE c.serial = $3 AND c.state = 'sold' AND c.expiry >= current_date
+     AND c.face_value = $4::bigint
+  RETURNING c.serial, c.face_value
+), ev AS (
+  INSERT INTO card_events (serial, from_state, to_state, actor, reason, doc_type, doc_id)
+  SELECT card.serial, 'sold', 'redeemed', $5, 'recharge of account ' || t.acct, 'recharge',
+         t.receipt
+    FROM card, t
+), led AS (
+  INSERT INTO card_recharges (serial, account_no, amount, channel, caller, txn_no,
+                              payment_id, at)
+  SELECT card.serial, t.acct, card.face_value, t.channel, t.caller, t.receipt, t.p, t.at
+    FROM card, t
+)"""
+RECHARGE_RESULT = ("SELECT gridpay_recharged((SELECT count(*) FROM k), (SELECT count(*) FROM card))"
+                   " AS recorded")

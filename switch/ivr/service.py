@@ -36,11 +36,14 @@ from typing import TYPE_CHECKING, Any
 from switch import db
 from switch.cards.states import (
     CARD_COLUMNS,
+    RECHARGE_GATE,
+    RECHARGE_MOVE,
+    RECHARGE_RESULT,
     CardState,
     card_status,
     card_view,
     record_wrong_pin,
-    redeem_card,
+    redemption_refused,
 )
 from switch.hsm_client import HsmError
 from switch.ivr import dialog
@@ -73,7 +76,7 @@ from switch.ivr.store import (
     StoredCall,
 )
 from switch.payments.accounts import AccountsUnavailable, mask_name
-from switch.payments.ledger import Committed, PaymentRequest, load_payment
+from switch.payments.ledger import Committed, PaymentRequest, load_payment, record_statement
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -112,12 +115,6 @@ class NodeFenced(IvrError):
     """This node lost the lease: the write was refused; it is demoting itself."""
 
 
-class _NotRedeemed(Exception):
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-
-
 @dataclass(frozen=True, slots=True)
 class TurnAnswer:
     turn: dict[str, Any]
@@ -128,6 +125,7 @@ _REDEEM_OUTCOMES = {"state:redeemed": "used", "state:locked": "locked",
                     "state:voided": "voided", "state:expired": "expired", "expired": "expired",
                     "unknown": "unknown"}
 
+_RECHARGE = record_statement(gate=RECHARGE_GATE, ctes=RECHARGE_MOVE, result=RECHARGE_RESULT)
 _ANI_BLOCKED = "SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $1"
 # the PIN step's reads: is the caller number blocked, and the card (all NULL when unknown)
 _PIN_STEP = (
@@ -398,31 +396,25 @@ class IvrService:
             channel="ivr", method="card", account_no=effect.account_no,
             amount=effect.face_value, card_serial=effect.serial, caller=call.ani)
         fact: Fact
-        try:
-            async with node.pool.acquire() as con, con.transaction():
-                # record_in's statement is fenced by this node's epoch, and it comes first:
-                # the card moves below only inside a transaction that passed the fence
-                [outcome] = await ledger.record_in(con, [request])
-                if isinstance(outcome, Committed):
-                    rec = outcome.record
-                    done = await redeem_card(
-                        con, effect.serial, effect.account_no,
-                        amount_expected=effect.face_value, actor="ivr", payment_id=rec.id,
-                        txn_no=rec.receipt_no, caller=call.ani, channel="ivr",
-                        at=rec.created_at)
-                    if not done.redeemed:
-                        raise _NotRedeemed(_REDEEM_OUTCOMES.get(done.reason, "busy"))
-                    fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
-                elif outcome.request_hash == request_hash and outcome.payment_id is not None:
+        async with node.pool.acquire() as con:
+            # one statement, fenced by this node's epoch: the payment, its key and outbox row,
+            # and the card's move, all or nothing (one round trip instead of four)
+            outcome = await ledger.record_one(con, request, _RECHARGE, effect.serial,
+                                              effect.face_value, "ivr")
+            if outcome is None:  # the card was not redeemable: nothing written
+                refused = await redemption_refused(con, effect.serial)
+                said = _REDEEM_OUTCOMES.get(refused.reason, "busy")
+                return Busy() if said == "busy" else RedeemFact(outcome=said)
+            if not isinstance(outcome, Committed):
+                if outcome.request_hash == request_hash and outcome.payment_id is not None:
                     # this call's own redemption, committed before its answer was lost
                     original = await load_payment(con, outcome.payment_id)
                     assert original is not None
                     return RedeemFact(outcome="ok", amount=original.amount,
                                       receipt_no=original.receipt_no)
-                else:
-                    return RedeemFact(outcome="used")
-        except _NotRedeemed as e:  # rolled back: no payment, no card move
-            return Busy() if e.outcome == "busy" else RedeemFact(outcome=e.outcome)
+                return RedeemFact(outcome="used")
+        rec = outcome.record
+        fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
         node.metrics.redemptions.inc()
         node.components["forwarder"].wake()
         log.info("card redeemed", extra={"call_id": call.call_id, "receipt_no": rec.receipt_no,

@@ -159,22 +159,22 @@ class ReceiptNumbers:
 # outbox rows. One round trip and one implicit transaction, whatever the batch size. The batch
 # travels as one JSON array (orjson on our side, json_to_recordset on the server's): encoding
 # 25 typed arrays cost asyncpg about three times the CPU per payment. Binary values go as hex.
-_RECORD = """
-WITH fence AS (SELECT gridpay_fence($2::bigint)),
-t AS MATERIALIZED (
+# The statement is made of parts so that `record_statement` can add to it ($1 and $2 are ours).
+_FENCE = "fence AS (SELECT gridpay_fence($2::bigint))"
+_BATCH = """t AS MATERIALIZED (
   SELECT * FROM json_to_recordset($1::json) AS t(
     k text, h text, p uuid, s int, r text, receipt text, channel text, client uuid, inst text,
     method text, acct text, amount bigint, bdate date, ref text, approval text, stan text,
     f7 text, rrn text, term text, serial text, caller text, at timestamptz, posting_id text,
     kind text)
-),
-k AS (
+)"""
+_KEYS = """k AS (
   INSERT INTO dedup_keys (key, kind, request_hash, payment_id, status_code, response)
-  SELECT t.k, 'payment', decode(t.h, 'hex'), t.p, t.s, decode(t.r, 'hex') FROM t, fence
+  SELECT t.k, 'payment', decode(t.h, 'hex'), t.p, t.s, decode(t.r, 'hex') FROM t, {gate}
   ON CONFLICT (key) DO NOTHING
   RETURNING key, payment_id
-),
-pay AS (
+)"""
+_PAYMENTS = """pay AS (
   INSERT INTO payments (id, receipt_no, dedup_key, channel, client_id, institution_id, method,
                         account_no, amount, business_date, reference, approval_code, stan,
                         transmitted, rrn, terminal_id, card_serial, caller, created_at, epoch)
@@ -182,12 +182,34 @@ pay AS (
          t.ref, t.approval, t.stan, t.f7, t.rrn, t.term, t.serial, t.caller, t.at, $2::bigint
     FROM t JOIN k ON k.key = t.k
   RETURNING id, account_no, amount, channel, created_at
-)
-INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel, occurred_at)
+)"""
+_OUTBOX = """INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel,
+                    occurred_at)
 SELECT t.posting_id, t.kind, pay.id, pay.account_no, pay.amount, pay.channel, pay.created_at
   FROM pay JOIN t ON t.p = pay.id
-RETURNING payment_id
-"""
+RETURNING payment_id"""
+_RECORD = f"WITH {_FENCE},\n{_BATCH},\n{_KEYS.format(gate='fence')},\n{_PAYMENTS}\n{_OUTBOX}"
+
+
+def record_statement(*, gate: str, ctes: str, result: str) -> str:
+    """A statement that records one prepared batch (see `PostingPath.record_one`) together with
+    more writes: `gate` is a CTE named ``gate`` (it may read ``fence``), and the keys are only
+    taken for a batch row when it yields a row; `ctes` (which may read ``t`` and ``k``, the keys
+    won) run in the same statement; `result` is the final SELECT, one row whose ``recorded``
+    column says whether the payment was recorded. $1 and $2 are the ledger's; the caller's
+    parameters start at $3."""
+    return (f"WITH {_FENCE},\n{_BATCH},\n{gate},\n{_KEYS.format(gate='gate')},\n{ctes},\n"
+            f"{_PAYMENTS},\nob AS (\n{_OUTBOX}\n)\n{result}")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Payments numbered and rendered, ready for one statement (`batch` is $1)."""
+
+    requests: Sequence[PaymentRequest]
+    records: list[PaymentRecord]
+    renders: list[tuple[int | None, bytes | None]]
+    batch: str
 
 
 class PostingPath:
@@ -305,6 +327,38 @@ class PostingPath:
         inside the caller's transaction when there is one."""
         if not requests:
             return []
+        prep = await self.prepare(con, requests)
+        rows = await con.fetch(_RECORD, prep.batch, self.epoch())
+        won = {r["payment_id"] for r in rows}
+        out: list[Outcome] = []
+        for i, (q, r) in enumerate(zip(requests, prep.records, strict=True)):
+            if r.id in won:
+                out.append(self._committed(prep, i))
+            else:
+                dup = await fetch_duplicate(con, q.dedup_key)
+                if dup is None:  # cannot happen: ON CONFLICT saw a row
+                    raise LedgerError("duplicate key vanished")
+                out.append(dup)
+        return out
+
+    async def record_one(self, con: Conn, request: PaymentRequest, statement: str,
+                         *args: object) -> Outcome | None:
+        """Record `request` with `statement` (from `record_statement`) and its parameters
+        `args` ($3...): Committed when recorded, else the key's earlier holder (Duplicate), or
+        None when the key is free and the gate let nothing through."""
+        prep = await self.prepare(con, [request])
+        recorded = await con.fetchval(statement, prep.batch, self.epoch(), *args)
+        if recorded:
+            return self._committed(prep, 0)
+        return await fetch_duplicate(con, request.dedup_key)
+
+    def _committed(self, prep: Prepared, i: int) -> Committed:
+        status, body = prep.renders[i]
+        self.metrics.child(self.metrics.payments, prep.requests[i].channel).inc()
+        return Committed(prep.records[i], status, body)
+
+    async def prepare(self, con: Conn, requests: Sequence[PaymentRequest]) -> Prepared:
+        """Number, date and render `requests`, and encode them as one statement parameter."""
         now = datetime.now(UTC)
         bdate = self.calendar.date_at(now)
         async with self._receipt_lock:
@@ -337,19 +391,7 @@ class PostingPath:
             "serial": q.card_serial, "caller": q.caller, "at": r.created_at,
             "posting_id": r.posting_id, "kind": q.kind,
         } for q, r, (st, body) in zip(requests, records, renders, strict=True)])
-        rows = await con.fetch(_RECORD, batch.decode(), self.epoch())
-        won = {r["payment_id"] for r in rows}
-        out: list[Outcome] = []
-        for q, r, (status, body) in zip(requests, records, renders, strict=True):
-            if r.id in won:
-                self.metrics.child(self.metrics.payments, q.channel).inc()
-                out.append(Committed(r, status, body))
-            else:
-                dup = await fetch_duplicate(con, q.dedup_key)
-                if dup is None:  # cannot happen: ON CONFLICT saw a row
-                    raise LedgerError("duplicate key vanished")
-                out.append(dup)
-        return out
+        return Prepared(requests, records, renders, batch.decode())
 
 
 async def fetch_duplicate(con: Conn | asyncpg.Pool, key: str) -> Duplicate | None:
