@@ -80,3 +80,14 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+async def watch_lag(observe: Callable[[float], None], every_s: float = 0.05) -> None:
+    """Measure how late the loop runs a timer due every `every_s`, and hand each delay to
+    `observe` (in seconds). A busy or starved loop delays every request it holds by as much:
+    this is the figure that says whether latency is spent in the process or outside it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        observe(max(0.0, loop.time() - due))

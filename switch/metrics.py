@@ -200,6 +200,10 @@ class Metrics:
                                  registry=r)
         self.redemptions = Counter("gridpay_card_redemptions_total", "cards redeemed",
                                    registry=r)
+        self.loop_lag = Histogram(
+            "gridpay_event_loop_lag_seconds", "how late the event loop ran a 50 ms timer",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

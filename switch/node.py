@@ -23,6 +23,7 @@ from aiohttp import web
 from switch import db
 from switch.config import Settings
 from switch.lease import Lease, Role, session_dsn
+from switch.loop import watch_lag
 from switch.metrics import Metrics
 from switch.redis_pipe import RedisPipe
 
@@ -170,6 +171,8 @@ class Node:
 
         warm = asyncio.create_task(keep_warm(self), name="keep-warm")
         st.callback(warm.cancel)
+        lag = asyncio.create_task(watch_lag(self.metrics.loop_lag.observe), name="loop-lag")
+        st.callback(lag.cancel)
 
     def ready_line(self) -> dict[str, Any]:
         return {

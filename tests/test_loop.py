@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -26,3 +27,20 @@ def test_the_loop_is_uvloop_without_io_uring() -> None:
                           "type(loop.new_event_loop()).__mro__[1].__module__)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["0", "uvloop"], out.stderr
+
+
+async def test_watch_lag_sees_a_blocked_loop() -> None:
+    import time
+
+    from switch.loop import watch_lag
+
+    seen: list[float] = []
+    watcher = asyncio.create_task(watch_lag(seen.append, every_s=0.01))
+    try:
+        await asyncio.sleep(0.05)
+        assert seen  # it measures all the time
+        time.sleep(0.2)  # noqa: ASYNC251 - the point: the loop is blocked
+        await asyncio.sleep(0.05)
+        assert max(seen) >= 0.15
+    finally:
+        watcher.cancel()
