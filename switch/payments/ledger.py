@@ -368,8 +368,9 @@ class PostingPath:
         # the batch's payment ids from one read of the OS's random source (uuid4() makes a
         # getrandom() system call per id)
         rand = os.urandom(16 * len(requests))
+        day = f"{bdate.year:04d}{bdate.month:02d}{bdate.day:02d}"  # strftime costs 2 µs a call
         for i, (req, n) in enumerate(zip(requests, numbers, strict=True)):
-            receipt = f"{bdate:%Y%m%d}{n:010d}"[-20:]
+            receipt = f"{day}{n:010d}"[-20:]
             rec = PaymentRecord(
                 id=uuid.UUID(bytes=rand[16 * i:16 * i + 16], version=4), receipt_no=receipt,
                 approval_code=f"{n % 1_000_000:06d}",
