@@ -151,7 +151,10 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._idle_since = self._loop.time()  # the wait for the next frame starts now
+        # the waits start again now: a pause is the peer's doing, not a slow frame
+        self._idle_since = self._loop.time()
+        if self._frame_since is not None:
+            self._frame_since = self._idle_since
         if self._transport is not None and not self._closing:
             self._transport.resume_reading()
 
