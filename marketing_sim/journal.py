@@ -366,20 +366,25 @@ class PostingJournal:
             failed = Group()
             failed.finish(self._failed or JournalError("the journal is closed"))
             return failed
+        full = None
         group = self._group
         if group is None or len(group.lines) >= _MAX_BATCH:
-            if group is not None:
-                self._flush()
+            full = group
+            # The new group is current (and its flush scheduled) before the full one is
+            # written: finishing that one answers requests, which may append (nested) again.
             group = self._group = Group()
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush, group)
         group.lines.append(_encode(posted))
         group.posting_ids.append(posted.request.posting_id)
+        if full is not None:
+            self._flush(full)
         return group
 
-    def _flush(self) -> None:
-        """Write and sync the current group, then finish it."""
-        group, self._group = self._group, None
-        if group is None:
+    def _flush(self, group: Group) -> None:
+        """Write and sync ``group`` (unless done already), then finish it."""
+        if self._group is group:
+            self._group = None
+        if group.done():
             return
         error = self._failed
         if error is None:
@@ -394,5 +399,6 @@ class PostingJournal:
     async def close(self) -> None:
         """Write what is queued, then close."""
         self._closing = True
-        self._flush()
+        if self._group is not None:
+            self._flush(self._group)
         self._close_sync()

@@ -43,10 +43,13 @@ log = logging.getLogger("marketing_sim")
 MAX_BODY: Final = 1024 * 1024
 #: Largest request target (path and query).
 MAX_TARGET: Final = 8 * 1024
-#: Largest header block (request line and headers), counted roughly by whole reads.
+#: Largest header block (request line and headers), and largest trailer block of a chunked body.
 MAX_HEAD: Final = 64 * 1024
 #: Requests parsed ahead of the one being answered before the connection stops reading.
 MAX_QUEUED: Final = 64
+#: Reads are parsed this much at a time, so that parsing can stop once ``MAX_QUEUED`` is reached
+#: (the rest of the read is kept until the queue drains).
+_SLICE: Final = 8 * 1024
 #: A kept-alive connection with nothing to do is closed after this long.
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 _SWEEP_EVERY_S: Final = 10.0
@@ -214,13 +217,23 @@ class Connection(asyncio.Protocol):
         # The message being parsed.
         self._target: list[bytes] = []
         self._target_size = 0
-        self._body: list[bytes] = []
+        self._body: bytes | bytearray = b""
         self._body_size = 0
+        # Size limits while httptools buffers unfinished header lines (the head, or the trailer
+        # of a chunked body): ``_head_size`` counts the fields reported so far, ``_raw_size`` the
+        # slices parsed wholly inside the current head or trailer (``_phase`` changes whenever
+        # a phase ends, so a slice in which one ended is never counted).  Both only ever
+        # undercount, so no message within the limits is refused.
         self._in_head = False
+        self._in_trailer = False
+        self._phase = 0
         self._head_size = 0
+        self._raw_size = 0
         self._expect_continue = False
+        self._continue_owed = False  # a 100 to send once the earlier answers are out
         # Requests read and not yet answered, and the state of the one being answered.
         self._queue: deque[Request] = deque()
+        self._rest: bytes | None = None  # read, not yet parsed (the queue was full)
         self._busy = False
         self._stopped = False  # nothing more will be read (EOF, a broken request, an upgrade)
         self._reading = True
@@ -239,6 +252,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._queue.clear()
+        self._rest = None
         self._server.connections.discard(self)
         self._mark_gone()
 
@@ -246,7 +260,7 @@ class Connection(asyncio.Protocol):
         # The client will send nothing more; answer what it already sent, then close.
         self._stopped = True
         self._mark_gone()
-        if self._busy or self._queue:
+        if self.busy:
             return True  # keep the write side open
         return None  # nothing to answer: let the transport close
 
@@ -256,39 +270,68 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
         self.last_active = self._server.loop.time()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol switch is offered: answer what came before, read nothing more.
-            self._stop(None)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._stop(cause.reply if isinstance(cause, _TooLarge) else _BAD_REQUEST)
-        except httptools.HttpParserError:
-            self._stop(_BAD_REQUEST)
+        if self._rest is not None:
+            # Not expected (reading stops while a rest is kept), but never lose bytes.
+            self._rest += data
         else:
-            if self._in_head:
-                self._head_size += len(data)
-                if self._head_size > MAX_HEAD:
-                    self._stop(_HEAD_TOO_LARGE)
+            self._feed(data)
         self._pump()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; keep what is left once the queue is full."""
+        size = len(data)
+        view = memoryview(data) if size > _SLICE else data
+        parser = self._parser
+        start = 0
+        while start < size:
+            end = start + _SLICE
+            piece = view[start:end] if size > _SLICE else data
+            phase = self._phase
+            limited = self._in_head or self._in_trailer
+            try:
+                parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # No protocol switch is offered: answer what came before, read nothing more.
+                self._stop(None)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                self._stop(cause.reply if isinstance(cause, _TooLarge) else _BAD_REQUEST)
+                return
+            except httptools.HttpParserError:
+                self._stop(_BAD_REQUEST)
+                return
+            if limited and phase == self._phase:
+                # The whole slice lies in the head (or trailer) still being read.
+                self._raw_size += len(piece)
+                if self._raw_size > MAX_HEAD:
+                    self._stop(_HEAD_TOO_LARGE)
+                    return
+            start = end
+            if start < size and len(self._queue) >= MAX_QUEUED:
+                self._rest = bytes(view[start:])
+                return
 
     # --- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._target = []
         self._target_size = 0
-        self._body = []
+        self._body = b""
         self._body_size = 0
         self._in_head = True
+        self._in_trailer = False
+        self._phase += 1
         self._head_size = 0
+        self._raw_size = 0
         self._expect_continue = False
+        self._continue_owed = False
 
     def on_url(self, url: bytes) -> None:
         self._target_size += len(url)
@@ -305,24 +348,42 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._expect_continue and not self._busy and not self._queue and not self._closed:
-            # The client waits for this before sending the body; only sent when no earlier
-            # answer is still owed on this connection, so that answers never interleave.
-            assert self.transport is not None
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._phase += 1
+        if self._expect_continue and self._parser.get_http_version() != "1.0":
+            # The client waits for this before sending the body.  Answers never interleave:
+            # while an earlier answer is still owed, it is sent after that answer.
+            if not self._busy and not self._queue and not self._closed:
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._continue_owed = True
+
+    def on_chunk_header(self) -> None:
+        # Until body bytes follow, this may be the last chunk: what comes next is its trailer.
+        self._in_trailer = True
+        self._phase += 1
+        self._raw_size = 0
 
     def on_body(self, body: bytes) -> None:
+        if self._in_trailer:
+            self._in_trailer = False
+            self._phase += 1
         self._body_size += len(body)
         if self._body_size > MAX_BODY:
             raise _TooLarge(_TOO_LARGE)
-        self._body.append(body)
+        if not self._body:
+            self._body = body
+        elif type(self._body) is bytes:
+            # A body in several pieces (chunked, or over several reads): one growing buffer.
+            self._body = bytearray(self._body)
+            self._body += body
+        else:
+            self._body += body
 
     def on_message_complete(self) -> None:
         parser = self._parser
         target = self._target[0] if len(self._target) == 1 else b"".join(self._target)
-        body = b"" if not self._body else self._body[0] if len(self._body) == 1 else b"".join(
-            self._body
-        )
+        body = self._body if type(self._body) is bytes else bytes(self._body)
         version = parser.get_http_version()
         keep_alive = bool(parser.should_keep_alive())
         try:
@@ -332,18 +393,26 @@ class Connection(asyncio.Protocol):
         else:
             request = Request(parser.get_method(), path, query, body, keep_alive, version)
         self._queue.append(request)
-        self._body = []
+        self._body = b""
+        self._in_trailer = False
+        self._phase += 1
+        self._continue_owed = False
 
     # --- answering ----------------------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
         """Whether an answer is owed on this connection."""
-        return self._busy or bool(self._queue)
+        return self._busy or bool(self._queue) or self._rest is not None
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def stalled(self) -> bool:
+        """Whether answers wait for the client to read what was already sent."""
+        return self._write_paused
 
     def gone(self) -> asyncio.Future[None]:
         """A future done once the client has closed (or half-closed) the connection."""
@@ -364,17 +433,35 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         self._closed = True
         self._queue.clear()
+        self._rest = None
+
+    def drop(self) -> None:
+        """Close the connection now: what the client has not read yet is discarded.
+
+        A graceful close waits for the client to read what is buffered, forever if it never
+        reads; so a connection with unsent data is aborted instead.
+        """
+        transport = self.transport
+        self.close()
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            transport.abort()
 
     def _stop(self, reply: Reply | None) -> None:
         """Read nothing more; answer what was read, then ``reply`` (if any), then close."""
         self._stopped = True
+        self._rest = None
         if reply is not None:
             self._queue.append(Request(b"", "", "", b"", False, "1.1", reply))
 
     def _update_reading(self) -> None:
         if self._closed or self.transport is None:
             return
-        want = not self._stopped and not self._write_paused and len(self._queue) < MAX_QUEUED
+        want = (
+            not self._stopped
+            and not self._write_paused
+            and self._rest is None
+            and len(self._queue) < MAX_QUEUED
+        )
         if want != self._reading:
             self._reading = want
             if want:
@@ -383,23 +470,35 @@ class Connection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _pump(self) -> None:
-        """Answer queued requests in order until one has to wait."""
-        while not self._busy and self._queue and not self._closed:
-            request = self._queue.popleft()
-            if request.error is not None:
-                self._write(request, request.error)
-                continue
-            try:
-                outcome = self._handler(request, self)
-            except Exception:
-                log.exception("marketing simulator failed to answer %s", request.path)
-                outcome = _INTERNAL
-            self._settle(request, outcome)
+        """Answer queued requests in order until one has to wait (or the client stops reading)."""
+        while True:
+            while not self._busy and self._queue and not self._closed and not self._write_paused:
+                request = self._queue.popleft()
+                if request.error is not None:
+                    self._write(request, request.error)
+                    continue
+                try:
+                    outcome = self._handler(request, self)
+                except Exception:
+                    log.exception("marketing simulator failed to answer %s", request.path)
+                    outcome = _INTERNAL
+                self._settle(request, outcome)
+            rest = self._rest
+            if rest is None or self._closed or self._write_paused or len(self._queue) >= MAX_QUEUED:
+                break
+            self._rest = None
+            self._feed(rest)
         if self._closed:
             return
-        if self._stopped and not self._busy and not self._queue:
-            self.close()
-            return
+        if not self._busy and not self._queue:
+            if self._stopped and self._rest is None:
+                self.close()
+                return
+            if self._continue_owed:
+                # Every earlier answer is out: the client may now send the body.
+                self._continue_owed = False
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._update_reading()
 
     def _settle(self, request: Request, outcome: Outcome) -> None:
@@ -535,14 +634,18 @@ class HttpServer:
             self._server = None
 
     def close_connections(self) -> None:
+        """Close every connection; one whose client does not read what was sent is aborted."""
         for connection in list(self.connections):
-            connection.close()
+            connection.drop()
 
     def _sweep(self) -> None:
+        # Idle ones, and those whose client has read nothing of what was sent for as long.
         deadline = self.loop.time() - KEEPALIVE_TIMEOUT_S
         for connection in list(self.connections):
-            if not connection.busy and connection.last_active < deadline:
-                connection.close()
+            if connection.last_active < deadline and (
+                not connection.busy or connection.stalled or connection.closed
+            ):
+                connection.drop()
         self._sweeper = self.loop.call_later(_SWEEP_EVERY_S, self._sweep)
 
     async def close(self, grace_s: float) -> None:
