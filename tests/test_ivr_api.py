@@ -368,6 +368,33 @@ async def test_caller_number_blocked_after_ten_failures(node: Node, ivr: IvrSimu
     assert t["step"] == "menu"
 
 
+async def test_a_block_set_elsewhere_reaches_call_starts_and_the_pin_step(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """A block written by the other node: the PIN step sees it at once (it asks the
+    database), the start of a call once its copy of the blocks is read again."""
+    svc = node.components["ivr"]
+    caller = ani()
+    acct = await account(sims)
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)  # reads the blocks now
+    await node.pool.execute(
+        "INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)"
+        " VALUES ($1, 10, now(), now() + interval '24 hours')", caller)
+    assert ids(await ivr.send_pin(call_id, serial, pin))[0] == "ani_blocked"
+    old = svc.blocks_refresh_s
+    svc.blocks_refresh_s = 0.2
+    try:
+        await asyncio.sleep(0.3)
+        t = await ivr.start(caller)
+        assert ids(t) == ["ani_blocked", "goodbye"] and t["hangup"]
+        await node.pool.execute("DELETE FROM ivr_ani_blocks WHERE ani = $1", caller)
+        await asyncio.sleep(0.3)
+        assert (await ivr.start(caller))["step"] == "menu"  # lifted: served again
+    finally:
+        svc.blocks_refresh_s = old
+    assert (await card_row(node, serial))["state"] == "sold"
+
+
 async def test_three_bad_inputs_in_a_row_end_the_call(node: Node, ivr: IvrSimulator) -> None:
     t = await ivr.start(ani())
     call_id = t["call_id"]

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,10 @@ _REDEEM_OUTCOMES = {"state:redeemed": "used", "state:locked": "locked",
                     "unknown": "unknown"}
 
 _RECHARGE = record_statement(gate=RECHARGE_GATE, ctes=RECHARGE_MOVE, result=RECHARGE_RESULT)
-_ANI_BLOCKED = "SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $1"
+#: how old the copy of the blocked caller numbers may be at the start of a call
+BLOCKS_REFRESH_S = 2.0
+_BLOCKS_IN_FORCE = ("SELECT ani, extract(epoch FROM blocked_until) AS until FROM ivr_ani_blocks"
+                    " WHERE blocked_until > now()")
 # the PIN step's reads: is the caller number blocked, and the card (all NULL when unknown)
 _PIN_STEP = (
     "SELECT (SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $2) AS ani_blocked,"  # noqa: S608 - a constant column list
@@ -174,6 +178,11 @@ class IvrService:
         self.store = CallStore(node.redis_pipe, idle_s=s.call_idle_s)
         self.effect_timeout_s = effect_timeout_s
         self.turn_wait_s = turn_wait_s
+        # the blocked caller numbers, as a copy for the start of a call (see `_ani_blocked`)
+        self.blocks_refresh_s = BLOCKS_REFRESH_S
+        self._blocks: dict[str, float] = {}  # number -> blocked until (time.time())
+        self._blocks_read_at = -1e9  # time.monotonic() of the last read
+        self._blocks_reading: asyncio.Future[None] | None = None
 
     # -- the three requests ---------------------------------------------------------------
 
@@ -264,13 +273,38 @@ class IvrService:
             raise CallBusy(stored.call.call_id) from None
 
     async def _ani_blocked(self, ani: str) -> bool:
-        """Whether the caller number is blocked, at the start of a call. A failed check counts
-        as "not blocked" here: the PIN step checks again, and there an error refuses the PIN."""
+        """Whether the caller number is blocked, at the start of a call: from a copy of the
+        blocks read at most `blocks_refresh_s` ago (one query for every call in that time, not
+        one per call). A block this node sets is in the copy at once; one set by the other node
+        reaches it within `blocks_refresh_s`, and until then the PIN step, which always asks the
+        database, refuses the number. A failed read counts as "not blocked" for the same
+        reason."""
+        if time.monotonic() - self._blocks_read_at >= self.blocks_refresh_s:
+            try:
+                await self._read_blocks()
+            except Exception as e:
+                log.warning("caller-number blocks not read", extra={"error": type(e).__name__})
+        until = self._blocks.get(ani)
+        return until is not None and until > time.time()
+
+    async def _read_blocks(self) -> None:
+        """Read the blocks in force; concurrent callers share one read."""
+        reading = self._blocks_reading
+        if reading is not None:
+            await asyncio.shield(reading)
+            return
+        reading = self._blocks_reading = asyncio.get_running_loop().create_future()
         try:
-            return bool(await self.node.pool.fetchval(_ANI_BLOCKED, ani, timeout=2.0))
-        except Exception as e:
-            log.warning("caller-number block not checked", extra={"error": type(e).__name__})
-            return False
+            rows = await self.node.pool.fetch(_BLOCKS_IN_FORCE, timeout=2.0)
+            self._blocks = {r["ani"]: float(r["until"]) for r in rows}
+            self._blocks_read_at = time.monotonic()
+            reading.set_result(None)
+        except BaseException as e:
+            reading.set_exception(e)
+            reading.exception()  # retrieved: the callers that share it see it raised
+            raise
+        finally:
+            self._blocks_reading = None
 
     async def _perform(self, effect: dialog.Effect, call: Call, ihash: str) -> Fact:
         try:
@@ -375,6 +409,8 @@ class IvrService:
                             extra={"call_id": call.call_id, "failures": failures})
             if locked:
                 log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
+        if blocked:  # committed: the copy read at call starts has it at once
+            self._blocks[call.ani] = time.time() + 24 * 3600
         return PinFact(match=False, card_failures=count, card_locked=locked,
                        ani_blocked=blocked)
 
