@@ -300,8 +300,10 @@ class IvrService:
             self._blocks_read_at = time.monotonic()
             reading.set_result(None)
         except BaseException as e:
-            reading.set_exception(e)
-            reading.exception()  # retrieved: the callers that share it see it raised
+            # the callers that share the read see it fail (not cancelled: only this one was)
+            reading.set_exception(e if isinstance(e, Exception)
+                                  else RuntimeError("the read of the blocks was interrupted"))
+            reading.exception()  # retrieved here; each sharer gets it raised as well
             raise
         finally:
             self._blocks_reading = None
