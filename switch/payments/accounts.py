@@ -194,7 +194,9 @@ class Accounts:
         forgets them (the mirror is a copy: the next lookup or sync pass writes them again)."""
         n = 0
         while self._unwritten:
-            rows, self._unwritten = list(self._unwritten.values()), {}
+            # in account order, as the sync pass writes: two writers never wait on each other
+            # in opposite orders (a deadlock)
+            rows, self._unwritten = sorted(self._unwritten.values()), {}
             try:
                 async with self.pool.acquire() as con, con.transaction():
                     await con.execute("SET LOCAL synchronous_commit = off")
