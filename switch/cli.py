@@ -184,11 +184,22 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return _with_db(settings, run)
 
 
-def cmd_clients_add(args: argparse.Namespace) -> int:
-    from switch.clients import create_client
+def cmd_clients(args: argparse.Namespace) -> int:
+    from switch.clients import CACHE_TTL_S, create_client, revoke_client
 
     settings = _settings(args)
     logs.configure("WARNING")
+
+    async def revoke(pool: Any) -> int:
+        n = await revoke_client(pool, args.name)
+        if n == 0:
+            print(f"no client named {args.name!r} with a key in force", file=sys.stderr)
+            return 1
+        print(f"{n} key(s) revoked; every node refuses them within {CACHE_TTL_S:.0f} s")
+        return 0
+
+    if args.sub == "revoke":
+        return _with_db(settings, revoke)
 
     async def run(pool: Any) -> int:
         client_id, key = await create_client(pool, args.name, args.channel)
@@ -379,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca = clients.add_parser("add", help="create an API client; the key is the last line")
     ca.add_argument("name")
     ca.add_argument("--channel", required=True, choices=["internet", "counter", "ivr", "partner"])
+    cr = clients.add_parser("revoke", help="revoke a client's key (by name or id)")
+    cr.add_argument("name")
 
     users = sub.add_parser("users", help="card-centre users").add_subparsers(dest="sub",
                                                                           required=True)
@@ -443,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(manufacture(rest[2:]))
     args = build_parser().parse_args(argv)
     if args.command == "clients":
-        return cmd_clients_add(args)
+        return cmd_clients(args)
     if args.command == "users":
         return cmd_users(args, argv)
     if args.command == "cards":

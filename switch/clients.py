@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -38,26 +39,48 @@ async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uu
     return client_id, key
 
 
-class ClientDirectory:
-    """Key → client, cached in memory (keys are looked up on every request)."""
+async def revoke_client(pool: asyncpg.Pool, name_or_id: str) -> int:
+    """Revoke the keys of the clients named (or with the id) `name_or_id`; how many. Every
+    node stops accepting them within `CACHE_TTL_S`."""
+    try:
+        by_id: uuid.UUID | None = uuid.UUID(name_or_id)
+    except ValueError:
+        by_id = None
+    status = await pool.execute(
+        "UPDATE api_clients SET revoked_at = now()"
+        " WHERE (name = $1 OR id = $2) AND revoked_at IS NULL", name_or_id, by_id)
+    return int(status.split()[-1])
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+
+#: how long a node trusts its cached answer for a key: a key revoked (on either node, or
+#: directly in the database) stops working within this time
+CACHE_TTL_S = 30.0
+
+
+class ClientDirectory:
+    """Key → client, cached in memory for `ttl_s` (keys are looked up on every request)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, ttl_s: float = CACHE_TTL_S) -> None:
         self.pool = pool
-        self._cache: dict[bytes, ApiClient | None] = {}
+        self.ttl_s = ttl_s
+        self._cache: dict[bytes, tuple[ApiClient, float]] = {}
 
     async def authenticate(self, key: str) -> ApiClient | None:
         if not key or len(key) > 200:
             return None
         h = hash_key(key)
-        if h in self._cache:
-            return self._cache[h]
+        hit = self._cache.get(h)
+        if hit is not None and time.monotonic() - hit[1] < self.ttl_s:
+            return hit[0]
         row = await self.pool.fetchrow(
             "SELECT id, name, channel FROM api_clients WHERE key_hash = $1 AND revoked_at IS NULL",
             h,
         )
         client = ApiClient(row["id"], row["name"], row["channel"]) if row else None
-        if client is not None:  # unknown keys are not cached: a new client works at once
+        if client is None:  # unknown or revoked: not cached, so a new client works at once
+            self._cache.pop(h, None)
+        else:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[h] = client
+            self._cache[h] = (client, time.monotonic())
         return client

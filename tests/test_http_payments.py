@@ -430,3 +430,23 @@ async def test_a_live_lookup_reaches_the_mirror_by_itself(node: Node, sims: Sims
             break
         await asyncio.sleep(0.02)
     assert row is not None and (row["status"], row["arrears"]) == (view.status, view.arrears)
+
+
+async def test_a_revoked_key_stops_working_on_every_node_within_the_cache_lifetime(
+        node: Node, sims: Sims) -> None:
+    from switch.clients import create_client, revoke_client
+
+    directory = node.components["clients"]
+    client_id, key = await create_client(node.pool, "to-revoke", "internet")
+    assert (await directory.authenticate(key)).id == client_id  # now cached
+    assert await revoke_client(node.pool, str(client_id)) == 1  # as the other node would
+    assert await directory.authenticate(key) is not None  # the cached answer still stands
+    old = directory.ttl_s
+    directory.ttl_s = 0.05
+    try:
+        await asyncio.sleep(0.1)
+        assert await directory.authenticate(key) is None  # read again: revoked
+        assert await directory.authenticate(key) is None  # and not cached as valid
+    finally:
+        directory.ttl_s = old
+    assert await revoke_client(node.pool, "to-revoke") == 0

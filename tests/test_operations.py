@@ -117,6 +117,10 @@ def test_up_ready_health_and_graceful_stop(home: Path) -> None:
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("gp_") and len(key) > 30
+    out = _gridpay("clients", "revoke", "portal", home=home)
+    assert out.returncode == 0 and "1 key(s) revoked" in out.stdout, out.stderr
+    out = _gridpay("clients", "revoke", "portal", home=home)  # nothing left to revoke
+    assert out.returncode == 1 and "no client named" in out.stderr
     out = _gridpay("dev", "keys", "--json", home=home)
     assert out.returncode == 0 and "01020000" in out.stdout
     day = time.strftime("%Y-%m-%d")
