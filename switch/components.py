@@ -117,10 +117,14 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     routes.append(register_payments)
 
     from switch.cards.api import register as register_cards
-    from switch.cards.jobs import fail_interrupted
+    from switch.cards.jobs import JobRunner, fail_interrupted
     from switch.cards.openapi import ADMIN_OPENAPI_PATHS
     from switch.cards.states import sweep_expired
 
+    # the card centre's background jobs run only while this node is active: a node that loses
+    # the lease stops its jobs (they are marked failed) instead of writing on beside the new one
+    card_jobs = JobRunner(node.pool)
+    comps["card_jobs"] = card_jobs
     routes.append(register_cards)
     comps.setdefault("openapi_paths", []).append({"paths": ADMIN_OPENAPI_PATHS})
     sweeper: list[asyncio.Task[None]] = []
@@ -149,6 +153,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         daily.start()
 
     async def standby() -> None:
+        await card_jobs.close()
         await daily.stop()
         await ledger.stop()
         await forwarder.stop()

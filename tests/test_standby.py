@@ -281,3 +281,26 @@ def test_replicated_postgres_loses_no_commit(tmp_path: Path) -> None:
         assert port == rp.primary.port
     finally:
         rp.stop()
+
+
+async def test_a_demoted_node_stops_its_card_jobs(node: Node) -> None:
+    """A node that loses the active role must not keep writing through a card-centre job
+    beside the node that took over: its jobs are stopped and marked failed."""
+    from switch.cards import jobs
+
+    runner = node.components["card_jobs"]
+    started = asyncio.Event()
+
+    async def endless(progress: jobs.Progress) -> dict[str, object]:
+        started.set()
+        while True:
+            progress.done += 1
+            await asyncio.sleep(0.01)
+
+    job_id = await jobs.create_job(node.pool, "test.endless", total=10**9, actor="test")
+    runner.start(job_id, 10**9, endless)
+    await asyncio.wait_for(started.wait(), 5)
+    await node.lease.demote("test: the lease was lost")
+    job = await jobs.get_job(node.pool, job_id)
+    assert job["state"] == "failed", job
+    assert "lost the active role" in str(job["error"])

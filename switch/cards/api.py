@@ -508,7 +508,8 @@ def register(app: web.Application) -> None:
         with contextlib.suppress(Exception):
             await runner.close()
 
-    app[CARD_JOBS] = jobs.JobRunner(node.pool)
+    runner = node.components.get("card_jobs")
+    app[CARD_JOBS] = runner if isinstance(runner, jobs.JobRunner) else jobs.JobRunner(node.pool)
     app.cleanup_ctx.append(runner_ctx)
     p = PREFIX
     r = app.router

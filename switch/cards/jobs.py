@@ -123,7 +123,8 @@ class JobRunner:
         try:
             result = await body(progress)
         except asyncio.CancelledError:
-            await self._finish(job_id, progress, "failed", error="interrupted (node stopping)")
+            await self._finish(job_id, progress, "failed",
+                               error="interrupted (the node stopped or lost the active role)")
             raise
         except CardError as e:
             await self._finish(job_id, progress, "failed", error=e.detail,
