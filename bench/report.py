@@ -42,6 +42,8 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "unanswered": sum(len(r["unanswered"]) for r in rs),
             "loadgen_cpu_s": round(sum(float(r["cpu_s"]) for r in rs), 2),
             "loadgen_build_cpu_s": round(sum(float(r["build_cpu_s"]) for r in rs), 2),
+            # answers read after the clock stopped (the ISO generator decodes them then)
+            "loadgen_settle_cpu_s": round(sum(float(r.get("settle_cpu_s", 0.0)) for r in rs), 2),
             "built_late": sum(int(r["built_late"]) for r in rs),
         }
         dialogs: dict[str, int] = defaultdict(int)
