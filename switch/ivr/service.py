@@ -141,6 +141,7 @@ INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)
 VALUES ($1, $2, now(), now() + interval '24 hours')
 ON CONFLICT (ani) DO UPDATE
    SET failures = EXCLUDED.failures, blocked_at = now(), blocked_until = EXCLUDED.blocked_until
+RETURNING extract(epoch FROM blocked_until)
 """
 
 
@@ -376,6 +377,7 @@ class IvrService:
 
     async def _count_wrong_pin(self, call: Call, serial: str, attempt: bytes) -> Fact:
         node = self.node
+        blocked_until: float | None = None  # set when this attempt blocks the number
         async with node.pool.acquire() as con, con.transaction():
             await con.execute("SELECT gridpay_fence($1)", node.epoch)
             # one caller number at a time: count-and-block is atomic across parallel calls
@@ -406,13 +408,13 @@ class IvrService:
                 " WHERE ani = $1 AND at > now() - interval '24 hours'", call.ani))
             blocked = failures >= self.ani_limit
             if blocked and fresh:
-                await con.execute(_BLOCK_ANI, call.ani, failures)
+                blocked_until = float(await con.fetchval(_BLOCK_ANI, call.ani, failures))
                 log.warning("caller number blocked for 24 hours after wrong PINs",
                             extra={"call_id": call.call_id, "failures": failures})
             if locked:
                 log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
-        if blocked:  # committed: the copy read at call starts has it at once
-            self._blocks[call.ani] = time.time() + 24 * 3600
+        if blocked_until is not None:  # committed: the copy read at call starts has it at once
+            self._blocks[call.ani] = blocked_until
         return PinFact(match=False, card_failures=count, card_locked=locked,
                        ani_blocked=blocked)
 
