@@ -283,23 +283,6 @@ class MarketingSim:
             self._broken = True
             log.error("marketing simulator cannot write its journal; refusing all requests")
 
-    async def post(self, request: PostingRequest) -> tuple[PostedCredit, bool]:
-        """Apply and make durable; a replay waits until its original is durable."""
-        posted, created, group = self.post_nowait(request)
-        if group is not None:
-            if not group.done():
-                written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-                def wake(_: Group) -> None:
-                    if not written.done():
-                        written.set_result(None)
-
-                group.add_done_callback(wake)
-                await written
-            if group.error is not None:
-                raise group.error
-        return posted, created
-
     def durable_postings_on(self, business_date: date) -> list[PostedCredit]:
         return [
             posted
