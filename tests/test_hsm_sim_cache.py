@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from crypto.cmac import kcv, mac8
-from crypto.lmk import combine_lmk
 from crypto.pinblock import encipher_format4
 from crypto.tr31 import KeyBlockHeader, unwrap, wrap
 from crypto.voucher import voucher_tag
@@ -23,27 +22,22 @@ from hsm_sim.server import HsmServer, start_server
 from hsm_sim.wire import data_field
 from hsm_sim.wire import key_block_field as KB
 from tests.nodekit import HSM_SETTINGS
-from tests.test_hsm_sim import Raw
+from tests.test_hsm_sim import (
+    LMK,
+    MAC_C,
+    MAC_KEY,
+    MAC_V,
+    PIN_B,
+    PIN_KEY,
+    VVK,
+    VVK_C,
+    Raw,
+    lmk_block,
+)
 
-LMK = combine_lmk(HSM_SETTINGS.lmk_components)
 CACHE = 8  # small, so that the tests below go well past it
 SERIAL = "1302250000000019"
 DATA = b"0200" + bytes(range(120))
-
-
-def lmk_block(usage: str, algorithm: str, mode: str, key: bytes,
-              blocks: tuple[tuple[str, str], ...] = ()) -> str:
-    return wrap(LMK, KeyBlockHeader(key_usage=usage, algorithm=algorithm, mode_of_use=mode,
-                                    optional_blocks=blocks), key)
-
-
-MAC_KEY = bytes(range(16))
-MAC_C = lmk_block("M6", "A", "C", MAC_KEY)
-MAC_V = lmk_block("M6", "A", "V", MAC_KEY)
-PIN_KEY = bytes(range(16, 32))
-PIN_B = lmk_block("P0", "A", "B", PIN_KEY)
-VVK = bytes(range(48, 80))
-VVK_C = lmk_block("V0", "H", "C", VVK, (("HM", "21"),))
 
 
 @pytest.fixture

@@ -14,21 +14,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from crypto.cmac import mac8
-from crypto.lmk import combine_lmk
-from crypto.tr31 import KeyBlockHeader, wrap
 from hsm_sim.server import HsmServer, start_server
 from hsm_sim.wire import data_field
+from hsm_sim.wire import encode_frame as frame
 from hsm_sim.wire import key_block_field as KB
 from tests.nodekit import HSM_SETTINGS
-from tests.test_hsm_sim import Raw
-
-LMK = combine_lmk(HSM_SETTINGS.lmk_components)
-MAC_KEY = bytes(range(16))
-MAC_C = wrap(LMK, KeyBlockHeader(key_usage="M6", algorithm="A", mode_of_use="C"), MAC_KEY)
-
-
-def frame(message: bytes) -> bytes:
-    return len(message).to_bytes(2, "big") + message
+from tests.test_hsm_sim import MAC_C, MAC_KEY, Raw
 
 
 def mixed_requests(n: int) -> list[tuple[bytes, bytes]]:
