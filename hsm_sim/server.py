@@ -239,6 +239,15 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
+    def drop(self) -> None:
+        """Close now: as `close`, but a peer that is not reading its answers is cut off (a
+        graceful close would wait for it for ever)."""
+        if self._transport is not None and self._transport.get_write_buffer_size() > 0:
+            self._closing = True
+            self._transport.abort()
+        else:
+            self.close()
+
 
 class HsmServer:
     """A listening simulator. `close()` stops it; `await wait_closed()` waits until done."""
@@ -277,7 +286,7 @@ class HsmServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections):
-            conn.close()
+            conn.drop()
         self._closed.set()
 
     async def wait_closed(self) -> None:

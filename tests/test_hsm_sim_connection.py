@@ -167,3 +167,18 @@ async def test_closing_the_server_closes_its_connections() -> None:
         conn.writer.close()
     with pytest.raises(OSError):
         await Raw.open(srv.port)
+
+
+async def test_closing_the_server_drops_a_peer_that_does_not_read() -> None:
+    srv = await start_server(HSM_SETTINGS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    payload = b"e" * 4000
+    for i in range(3000):  # ~12 MB of echoes that are never read
+        writer.write(frame(f"{i % 10000:04d}".encode() + b"B2" + data_field(payload)))
+    await asyncio.sleep(0.3)
+    srv.close()
+    started = time.perf_counter()
+    await asyncio.wait_for(srv.wait_closed(), 10)
+    assert time.perf_counter() - started < 3  # not the 5 s give-up of a graceful close
+    assert srv._connections == set()
+    writer.close()
