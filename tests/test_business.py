@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from switch import db
 from switch.business import BusinessCalendar, next_cutover
 from switch.node import Node
 from switch.payments.reconcile import reconcile
@@ -128,7 +129,7 @@ async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: s
         await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
         with pytest.raises(Exception) as e:
             await daily.close_date(yesterday - timedelta(days=1))
-        assert "fenced" in str(e.value)
+        assert db.is_fenced(e.value), e.value  # GP001 from gridpay_fence
 
 
 
@@ -153,7 +154,7 @@ async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clea
         await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
         with pytest.raises(Exception) as e:
             await forwarder.forward_once()
-        assert "fenced" in str(e.value)
+        assert db.is_fenced(e.value), e.value  # GP001 from gridpay_fence
         assert await node.pool.fetchval(
             "SELECT state FROM outbox WHERE posting_id = $1", posting_id) == "pending"
         posted = [p.request.posting_id for p in
@@ -187,7 +188,7 @@ async def test_relay_records_a_failure_only_under_the_current_epoch(
             await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
             with pytest.raises(Exception) as e:
                 await forwarder.forward_once()
-            assert "fenced" in str(e.value)
+            assert db.is_fenced(e.value), e.value  # GP001 from gridpay_fence
             assert await node.pool.fetchval(  # the stale node could not count it
                 "SELECT attempts FROM outbox WHERE posting_id = $1",
                 outcome.record.posting_id) == 1
