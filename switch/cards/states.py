@@ -6,7 +6,11 @@ cards of one batch in one state): a single conditional UPDATE whose WHERE clause
 `card_events` row per card in the same statement. If any card named cannot move, the savepoint
 is rolled back and `IllegalTransition` names each refused serial with its state: all or nothing.
 
-The IVR uses `card_status`, `record_wrong_pin` and `redeem_card` inside its own transactions.
+The IVR uses `card_status`, `card_view` and `record_wrong_pin`, and records a recharge in one
+statement with its payment (`RECHARGE_GATE`, `RECHARGE_MOVE`, `RECHARGE_RESULT`), asking
+`redemption_refused` why when it cannot. `redeem_card` is the same move for a caller that
+already holds a transaction (it also marks a card found past expiry as expired); its SQL and
+`RECHARGE_MOVE` must change together.
 """
 
 from __future__ import annotations
@@ -347,6 +351,7 @@ class Redemption:
     reason: str  # "ok", "unknown", "state:<state>", "expired", "face_value_mismatch"
 
 
+# the same move as RECHARGE_MOVE below, with its values as parameters: change both together
 _REDEEM = """
 WITH r AS (
     UPDATE cards SET state = 'redeemed', updated_at = now()
