@@ -33,6 +33,12 @@ from switch.metrics import Metrics
 
 log = logging.getLogger("gridpay.forwarder")
 
+# Due postings in the order they fell due. The order matches the partial index
+# outbox_pending (next_attempt_at, id) WHERE state = 'pending', so a round reads its `LIMIT`
+# rows off the index and stops: ordered by id alone, every round had to read and sort every
+# pending row, and a backlog (the marketing system slow or down, or intake outrunning the
+# relay) made each round cost more the longer the queue, the wrong way round. A new posting is
+# due at its insert, so this is arrival order; a retried one goes by when it is due again.
 _DUE = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
        o.occurred_at, o.attempts, o.created_at
@@ -40,7 +46,7 @@ SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (o.kind <> 'reversal' OR EXISTS (
         SELECT 1 FROM outbox x WHERE x.posting_id = o.original_posting_id AND x.state = 'sent'))
- ORDER BY o.id
+ ORDER BY o.next_attempt_at, o.id
  LIMIT $1
 """
 
