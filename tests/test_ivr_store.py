@@ -73,3 +73,11 @@ async def test_concurrent_turns_of_one_call_lose_no_update(store: CallStore) -> 
     await asyncio.gather(*(one_turn() for _ in range(20)))
     final = await store.load("c4")
     assert final is not None and final.call.turns == 20 and final.version == 21
+
+
+def test_lock_tokens_are_random_128_bit_and_never_repeat() -> None:
+    from switch.ivr.store import _token
+
+    tokens = [_token() for _ in range(1000)]  # several refills of the batch
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+    assert len(set(tokens)) == len(tokens)
