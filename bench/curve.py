@@ -32,7 +32,9 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
             points.append({"offered": round(rate, 1), "fraction": frac, "tps": f["tps"],
                            "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"],
                            "p999_ms": f["p999_ms"], "max_ms": f["max_ms"],
-                           "error_rate": f["error_rate"]})
+                           "error_rate": f["error_rate"],
+                           "checkpoint_running": f.get("db", {}).get("checkpoint_running"),
+                           "wal_bytes_per_tx": f.get("db", {}).get("wal_bytes_per_tx")})
         report["curve"] = points
         report["books"] = await h.books()
     report["machine"] = machine()
@@ -56,6 +58,10 @@ def plot(points: list[dict[str, Any]], peak: float, png: Path) -> None:
     xs = [p["tps"] for p in points]
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
         ax.plot(xs, [p[key] for p in points], marker="o", label=label)
+    ck = [p for p in points if p.get("checkpoint_running")]
+    if ck:  # phases during which PostgreSQL was writing a checkpoint
+        ax.scatter([p["tps"] for p in ck], [p["p99_ms"] for p in ck], s=160, facecolors="none",
+                   edgecolors="red", label="a checkpoint was writing")
     ax.axhline(20.0, color="grey", linestyle="--", linewidth=1, label="p99 goal (20 ms)")
     ax.axvline(peak, color="black", linestyle=":", linewidth=1, label="closed-loop peak")
     ax.set_yscale("log")

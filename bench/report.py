@@ -78,6 +78,16 @@ def format_table(report: dict[str, Any]) -> str:
             codes = fig.get("codes")
             if codes and set(codes) - {"00", "200", "201"}:
                 lines.append(f"{'':<28}codes {codes}")
+            db = fig.get("db")
+            if db:
+                ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
+                        else "no checkpoint")
+                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB "
+                             f"({db['wal_bytes_per_tx']} B per transaction), {ckpt}")
+    for pt in report.get("curve", []):
+        ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
+        lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "
+                     f"{_fmt(pt['p50_ms'])} ms, p99 {_fmt(pt['p99_ms'])} ms{ckpt}")
     for name, b in report.get("baselines", {}).items():
         shown = {k: v for k, v in b.items() if k in ("tps", "latency_avg_ms", "clients",
                                                     "ratio_base", "per_s")}

@@ -147,22 +147,45 @@ class Harness:
 
     async def load(self, specs: Sequence[LoadSpec], *, count: bool = True
                    ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-        """Run the workers together; (figures per stream, CPU split)."""
+        """Run the workers together; (figures per stream, CPU split). Each stream's figures
+        also say what PostgreSQL did meanwhile (`db`: WAL written, checkpoints)."""
         pool = WorkerPool(specs)
         try:
             await pool.ready()
+            db_before = await self.db_stats()
             before = CpuSnapshot.take(pool.pids)
             pool.go()
             longest = max(s.duration_s + s.timeout_s for s in specs)
             results = await pool.results(longest + 60)
             after = CpuSnapshot.take(pool.pids)
+            db_after = await self.db_stats()
         finally:
             pool.close()
         if count:
             for r in results:
                 self.approved.extend(r["approved"])
                 self.unanswered.extend(r["unanswered"])
-        return summarise(results), cpu_split(before, after, pool.pids)
+        figs = summarise(results)
+        activity = db_activity(db_before, db_after, sum(f["completed"] for f in figs.values()))
+        for f in figs.values():
+            f["db"] = activity
+        return figs, cpu_split(before, after, pool.pids)
+
+    async def db_stats(self) -> dict[str, int] | None:
+        """PostgreSQL's WAL position and checkpointer counters (None if it cannot say)."""
+        try:
+            con = await asyncpg.connect(self.db, timeout=5)
+            try:
+                row = await con.fetchrow(_DB_STATS)
+            finally:
+                await con.close()
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return None
+        assert row is not None
+        hi, _, lo = str(row["lsn"]).partition("/")
+        return {"wal": (int(hi, 16) << 32) | int(lo, 16), "started": int(row["started"]),
+                "written": int(row["written"])}
+
 
     async def books(self) -> dict[str, Any]:
         b = await check_books(self.db, self.stack.urls["marketing"], self.approved,
@@ -171,6 +194,28 @@ class Harness:
 
 
 # -- scenarios --------------------------------------------------------------------------------
+
+
+# PostgreSQL 17 and later: checkpoints started (timed or requested) and the buffers checkpoints
+# have written so far, which grows while a spread checkpoint runs
+_DB_STATS = """SELECT pg_current_wal_lsn()::text AS lsn, num_timed + num_requested AS started,
+       buffers_written AS written FROM pg_stat_checkpointer"""
+
+
+def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
+                completed: int) -> dict[str, Any]:
+    """What PostgreSQL did during a phase: WAL written (in all, per completed transaction)
+    and whether a checkpoint was writing, which costs every writer full-page images and
+    disk time, so that a phase with one is not compared blindly with a phase without."""
+    if before is None or after is None:
+        return {}
+    wal = after["wal"] - before["wal"]
+    written = after["written"] - before["written"]
+    return {"wal_mb": round(wal / 1e6, 1),
+            "wal_bytes_per_tx": round(wal / completed) if completed else None,
+            "checkpoints_started": after["started"] - before["started"],
+            "checkpoint_buffers_written": written,
+            "checkpoint_running": written > 0 or after["started"] > before["started"]}
 
 
 async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:

@@ -31,6 +31,8 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     assert set(bank["codes"]) == {"00"}
     assert bank["p50_ms"] > 0 and bank["max_ms"] >= bank["p99_ms"] >= bank["p50_ms"]
     assert cpu["switch"] > 0 and "loadgen" in cpu
+    # what PostgreSQL wrote meanwhile: the ledger's rows cost WAL, a few hundred bytes at least
+    assert bank["db"]["wal_mb"] > 0 and bank["db"]["wal_bytes_per_tx"] > 300
     books = await harness.books()
     assert books["ok"], books["problems"]
     assert books["ledger_payments"] == books["approved_responses"] == bank["approved"]
@@ -87,3 +89,35 @@ async def test_open_loop_against_the_baseline_handler() -> None:
     assert fig["open_loop"] and fig["codes"] == {"201": fig["completed"]}
     assert 60 <= fig["completed"] <= 110  # 200/s for half a second, on schedule
     assert "idle" in cpu_split(before, after, pool.pids)
+
+
+async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None:
+    import asyncio
+
+    async def checkpoint_soon() -> None:
+        await asyncio.sleep(0.4)  # inside the 1 s window
+        con = await asyncpg.connect(harness.db)
+        try:
+            await con.execute("CHECKPOINT")
+        finally:
+            await con.close()
+
+    task = asyncio.create_task(checkpoint_soon())
+    figs, _ = await harness.load(harness.iso_specs("bank", name="ckpt", connections=2))
+    await task
+    db = figs["ckpt"]["db"]
+    assert db["checkpoints_started"] >= 1 and db["checkpoint_running"] is True
+    assert "a checkpoint was writing" in format_table(
+        {"scenario": "bank", "phases": {"ckpt": figs["ckpt"]}})
+
+
+def test_phase_db_activity_from_two_readings() -> None:
+    from bench.scenarios import db_activity
+
+    before = {"wal": 1_000_000, "started": 3, "written": 500}
+    quiet = db_activity(before, {"wal": 3_000_000, "started": 3, "written": 500}, 1000)
+    assert quiet == {"wal_mb": 2.0, "wal_bytes_per_tx": 2000, "checkpoints_started": 0,
+                     "checkpoint_buffers_written": 0, "checkpoint_running": False}
+    spread = db_activity(before, {"wal": 3_000_000, "started": 3, "written": 900}, 1000)
+    assert spread["checkpoint_running"] is True  # one begun earlier, still writing
+    assert db_activity(None, before, 10) == {}
