@@ -46,3 +46,15 @@ async def test_fence_refuses_a_stale_epoch(pool: asyncpg.Pool) -> None:
         assert db.is_fenced(e)
     else:
         raise AssertionError("a stale epoch was accepted")
+
+
+async def test_the_embedded_server_is_set_for_a_durable_busy_ledger(pool: asyncpg.Pool) -> None:
+    settings = {r["name"]: r["setting"] for r in await pool.fetch(
+        "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])",
+        ["fsync", "synchronous_commit", "full_page_writes", "data_checksums", "max_wal_size",
+         "checkpoint_timeout"])}
+    assert settings["fsync"] == settings["synchronous_commit"] == "on"
+    assert settings["full_page_writes"] == settings["data_checksums"] == "on"
+    # checkpoints far apart: each one costs every page's next write a full-page image
+    assert int(settings["max_wal_size"]) >= 4096  # MB
+    assert int(settings["checkpoint_timeout"]) >= 900  # s
