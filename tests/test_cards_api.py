@@ -348,3 +348,49 @@ def test_openapi_fragment_validates() -> None:
            "paths": ADMIN_OPENAPI_PATHS}
     validate(doc)
     assert "/admin/v1/batches/{id}/card-back-file" in ADMIN_OPENAPI_PATHS
+
+
+async def test_an_action_and_its_log_entry_commit_together(admin_api: Api,
+                                                           tmp_path: Path) -> None:
+    a = admin_api
+    await _stocked_batch(a, tmp_path, 4)
+    serial = await a.pool.fetchval("SELECT min(serial) FROM cards WHERE state = 'in_stock'")
+    # the operation log refuses the entry of a successful void: the void must not happen
+    await a.pool.execute("""
+        CREATE FUNCTION test_refuse_void_entry() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.action = 'void.create' AND (NEW.result->>'ok')::boolean THEN
+                RAISE EXCEPTION 'the log refuses this entry (test)';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER test_refuse_void_entry BEFORE INSERT ON card_oplog
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_void_entry();""")
+    try:
+        resp = await a.client.post(f"{A}/voids", headers=await a.h("admin"),
+                                   json={"reason": "damaged", "serials": [serial]})
+        assert resp.status == 500
+        assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1",
+                                     serial) == "in_stock"
+        assert await a.pool.fetchval("SELECT count(*) FROM card_voids") == 0
+    finally:
+        await a.pool.execute("DROP TRIGGER test_refuse_void_entry ON card_oplog;"
+                             " DROP FUNCTION test_refuse_void_entry()")
+    # with the log writable again, the void and its one entry commit together
+    void = await a.call("POST", "/voids", "admin",
+                        json={"reason": "damaged", "serials": [serial]}, expect=200)
+    assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1",
+                                 serial) == "voided"
+    log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
+    entries = [e for e in log["entries"] if e["action"] == "void.create"]
+    assert len(entries) == 1
+    assert entries[0]["result"] == {"ok": True, "status": 200, "void_id": void["void_id"],
+                                    "state": "done"}
+    assert entries[0]["objects"]["count"] == 1
+    # a refused action is still logged, as a refusal, and changes nothing
+    again = await a.call("POST", "/voids", "admin",
+                         json={"reason": "damaged", "serials": [serial]}, expect=409)
+    log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
+    last = [e for e in log["entries"] if e["action"] == "void.create"][-1]
+    assert last["result"]["ok"] is False and last["result"]["code"] == again["code"]
+    assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True

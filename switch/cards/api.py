@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
+from switch.cards.states import Conn
 from switch.cards.users import User, authenticate, login, logout
 from switch.web.app import NODE, node_of, require_active
 from switch.web.problems import Problem, json_body, json_response
@@ -45,12 +46,30 @@ class Ctx:
     request: web.Request
     node: Node
     user: User
+    action: str = ""
     objects: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+    #: (seq, hash) of the success entry written inside the action's own transaction
+    audited: tuple[int, bytes] | None = None
 
     @property
     def pool(self) -> Any:
         return self.node.pool
+
+    def audit(self, status: int | Callable[[dict[str, Any]], int],
+              result: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+              ) -> workflow.Audit:
+        """The hook a workflow action calls as the last step of its own transaction: it fills
+        the entry's result from what the action returns (`result`) and appends the success
+        entry there, so that the action and its entry commit together or not at all."""
+        async def hook(conn: Conn, out: dict[str, Any]) -> None:
+            if result is not None:
+                self.result.update(result(out))
+            st = status(out) if callable(status) else status
+            self.audited = await oplog.append_entry(
+                conn, actor=self.user.username, action=self.action, objects=self.objects,
+                result={"ok": True, "status": st, **self.result})
+        return hook
 
 
 Body = Callable[[Ctx], Awaitable[web.StreamResponse]]
@@ -80,29 +99,37 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                 user = await authenticate(node.pool, request.headers.get("Authorization"))
             except CardError as e:
                 raise _problem(e) from None
-            ctx = Ctx(request=request, node=node, user=user,
+            ctx = Ctx(request=request, node=node, user=user, action=action,
                       objects=dict(request.match_info))
             try:
                 user.require(action)
                 resp = await fn(ctx)
             except CardError as e:
-                if log_it:
+                if log_it and not await _done(ctx):
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": e.status, "code": e.code,
                                 "detail": e.detail})
                 raise _problem(e) from None
             except Problem as p:
-                if log_it:
+                if log_it and not await _done(ctx):
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": p.status, "code": p.code})
                 raise
-            if log_it:
+            if log_it and ctx.audited is None:  # actions that do not log in their transaction
                 await _log(node, user.username, action, ctx.objects,
                            {"ok": True, "status": resp.status, **ctx.result})
             return resp
         handle.__name__ = fn.__name__
         return handle
     return deco
+
+
+async def _done(ctx: Ctx) -> bool:
+    """Whether the action committed with its success entry before the error was raised (the
+    error came after: the log already says what happened)."""
+    if ctx.audited is None:
+        return False
+    return await oplog.committed(ctx.pool, *ctx.audited)
 
 
 def _int_id(ctx: Ctx, name: str = "id") -> int:
@@ -335,16 +362,20 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
     serials = workflow.cards_of(doc)
     ctx.objects.update(reason=reason, count=len(serials),
                        ranges=[r for r in workflow._ranges(serials)][:100])
-    out = await workflow.void_cards(ctx.pool, ctx.user, serials, reason, note=note,
-                                    stocktake_id=st)
-    ctx.result.update(void_id=out["void_id"], state=out["state"])
-    return json_response(out, status=202 if out["state"] == "pending_approval" else 200)
+    def status(out: dict[str, Any]) -> int:
+        return 202 if out["state"] == "pending_approval" else 200
+
+    out = await workflow.void_cards(
+        ctx.pool, ctx.user, serials, reason, note=note, stocktake_id=st,
+        audit=ctx.audit(status, lambda o: {"void_id": o["void_id"], "state": o["state"]}))
+    return json_response(out, status=status(out))
 
 
 async def _decide_void(ctx: Ctx, approve: bool) -> web.StreamResponse:
     void_id = _int_id(ctx)
-    out = await workflow.approve_void(ctx.pool, ctx.user, void_id, approve=approve)
-    ctx.result.update(state=out["state"], count=out["count"])
+    out = await workflow.approve_void(
+        ctx.pool, ctx.user, void_id, approve=approve,
+        audit=ctx.audit(200, lambda o: {"state": o["state"], "count": o["count"]}))
     return json_response(out)
 
 
@@ -369,9 +400,11 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
     else:
         counted = workflow.cards_of(doc)
     ctx.objects.update(location=location, counted=len(counted))
-    out = await workflow.stocktake(ctx.pool, ctx.user, location, counted)
-    ctx.result.update(stocktake_id=out["stocktake_id"], missing=out["missing_count"],
-                      unexpected=out["unexpected_count"])
+    out = await workflow.stocktake(
+        ctx.pool, ctx.user, location, counted,
+        audit=ctx.audit(201, lambda o: {"stocktake_id": o["stocktake_id"],
+                                        "missing": o["missing_count"],
+                                        "unexpected": o["unexpected_count"]}))
     return json_response(out, status=201)
 
 
@@ -382,9 +415,10 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
     ctx.objects.update(face_value=doc.get("face_value"), quantity=doc.get("quantity"),
                        hall=ctx.user.hall)
-    out = await workflow.create_request(ctx.pool, ctx.user, doc.get("face_value"),
-                                        doc.get("quantity"), ctx.node.settings.cards.face_values)
-    ctx.result["request_id"] = out["id"]
+    out = await workflow.create_request(
+        ctx.pool, ctx.user, doc.get("face_value"), doc.get("quantity"),
+        ctx.node.settings.cards.face_values,
+        audit=ctx.audit(201, lambda o: {"request_id": o["id"]}))
     return json_response(out, status=201,
                          headers={"Location": f"{PREFIX}/requests/{out['id']}"})
 
@@ -401,8 +435,8 @@ async def _decide(ctx: Ctx, approve: bool) -> web.StreamResponse:
         raw = doc.get("note")
         note = raw if isinstance(raw, str) else None
     out = await workflow.decide_request(ctx.pool, ctx.user, _int_id(ctx), approve=approve,
-                                        note=note)
-    ctx.result["state"] = out["state"]
+                                        note=note,
+                                        audit=ctx.audit(200, lambda o: {"state": o["state"]}))
     return json_response(out)
 
 
@@ -418,9 +452,10 @@ async def reject_request(ctx: Ctx) -> web.StreamResponse:
 
 @_handler("request.issue", changes=True)
 async def issue_request(ctx: Ctx) -> web.StreamResponse:
-    out = await workflow.issue_request(ctx.pool, ctx.user, _int_id(ctx))
-    ctx.result.update(issue_id=out["issue_id"], quantity=out["quantity"],
-                      ranges=out["ranges"][:100])
+    out = await workflow.issue_request(
+        ctx.pool, ctx.user, _int_id(ctx),
+        audit=ctx.audit(201, lambda o: {"issue_id": o["issue_id"], "quantity": o["quantity"],
+                                        "ranges": o["ranges"][:100]}))
     return json_response(out, status=201)
 
 
@@ -430,15 +465,18 @@ async def create_sale(ctx: Ctx) -> web.StreamResponse:
     serials = workflow.cards_of(doc, limit=100_000)
     ctx.objects.update(count=len(serials), ranges=workflow._ranges(serials)[:100],
                        hall=ctx.user.hall)
-    out = await workflow.sell(ctx.pool, ctx.user, serials)
-    ctx.result.update(sale_id=out["sale_id"], total_face_value=out["total_face_value"])
+    out = await workflow.sell(
+        ctx.pool, ctx.user, serials,
+        audit=ctx.audit(201, lambda o: {"sale_id": o["sale_id"],
+                                        "total_face_value": o["total_face_value"]}))
     return json_response(out, status=201)
 
 
 @_handler("card.unlock", changes=True)
 async def unlock_card(ctx: Ctx) -> web.StreamResponse:
     return json_response(await workflow.unlock(ctx.pool, ctx.user,
-                                               ctx.request.match_info["serial"]))
+                                               ctx.request.match_info["serial"],
+                                               audit=ctx.audit(200)))
 
 
 # --- reads ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ unlocks; and the reports (a card's history, inventory, the recharge ledger)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -14,6 +14,19 @@ from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, valid_serial
 from switch.cards.states import CardState, Document
 from switch.cards.users import HALL_ROLES, Role, User
+
+#: Called with the connection and the action's result as the last step of the action's own
+#: transaction, so that what it writes (the operation log's entry) commits with the action or
+#: not at all.
+Audit = Callable[[states.Conn, dict[str, Any]], Awaitable[None]]
+
+
+async def _audited(audit: Audit | None, conn: states.Conn, out: dict[str, Any]
+                   ) -> dict[str, Any]:
+    if audit is not None:
+        await audit(conn, out)
+    return out
+
 
 VOID_REASONS = ("damaged", "lost", "defective", "stolen", "inspection", "other")
 #: Voids for these reasons wait for an approver (maker-checker).
@@ -49,8 +62,8 @@ def _ranges(serials: Sequence[str]) -> list[dict[str, object]]:
 # --- voids ------------------------------------------------------------------------------------
 
 async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], reason: str, *,
-                     note: str | None = None, stocktake_id: int | None = None
-                     ) -> dict[str, Any]:
+                     note: str | None = None, stocktake_id: int | None = None,
+                     audit: Audit | None = None) -> dict[str, Any]:
     """Void now, or (reason `lost`) record a void waiting for an approver."""
     if reason not in VOID_REASONS:
         raise InvalidInput(f"reason must be one of {', '.join(VOID_REASONS)}",
@@ -83,12 +96,13 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
                 await states.transition(conn, serials, CardState.VOIDED, actor=user.username,
                                         reason=reason if not note else f"{reason}: {note}",
                                         doc=doc)
-    return {"void_id": void_id, "state": "pending_approval" if pending else "done",
-            "reason": reason, "count": len(serials), "ranges": _ranges(serials)}
+            return await _audited(audit, conn, {
+                "void_id": void_id, "state": "pending_approval" if pending else "done",
+                "reason": reason, "count": len(serials), "ranges": _ranges(serials)})
 
 
-async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True
-                       ) -> dict[str, Any]:
+async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
+                       audit: Audit | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
         if row is None:
@@ -105,14 +119,15 @@ async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve:
         await conn.execute(
             "UPDATE card_voids SET state = $2, approved_by = $3, done_at = now() WHERE id = $1",
             void_id, "done" if approve else "rejected", user.username)
-    return {"void_id": void_id, "state": "done" if approve else "rejected",
-            "count": len(row["serials"])}
+        return await _audited(audit, conn, {"void_id": void_id,
+                                            "state": "done" if approve else "rejected",
+                                            "count": len(row["serials"])})
 
 
 # --- stocktakes -------------------------------------------------------------------------------
 
-async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str]
-                    ) -> dict[str, Any]:
+async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
+                    audit: Audit | None = None) -> dict[str, Any]:
     """Compare the serials counted at `location` with the cards that should be there."""
     if not location or len(location) > 32:
         raise InvalidInput("location is the warehouse or a hall code", code="invalid_location")
@@ -133,12 +148,13 @@ async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequ
             "INSERT INTO card_stocktakes (location, counted, expected, missing, unexpected,"
             " counted_by) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
             location, len(seen), len(expected), missing, unexpected, user.username)
-    return {"stocktake_id": st_id, "location": location, "counted": len(seen),
+        return await _audited(audit, conn, {
+            "stocktake_id": st_id, "location": location, "counted": len(seen),
             "expected": len(expected), "missing_count": len(missing),
             "unexpected_count": len(unexpected), "missing": missing,
             "missing_ranges": _ranges(missing),
             "unexpected": [{"serial": s, "known_as": where.get(s, "unknown")}
-                           for s in unexpected]}
+                           for s in unexpected]})
 
 
 # --- requests and issues ----------------------------------------------------------------------
@@ -151,7 +167,8 @@ def _request_doc(r: asyncpg.Record) -> dict[str, Any]:
 
 
 async def create_request(pool: asyncpg.Pool, user: User, face_value: object, quantity: object,
-                         face_values: Sequence[int]) -> dict[str, Any]:
+                         face_values: Sequence[int], *, audit: Audit | None = None
+                         ) -> dict[str, Any]:
     if type(face_value) is not int or face_value not in face_values:
         raise InvalidInput(f"face_value must be one of {list(face_values)}",
                            code="invalid_face_value")
@@ -159,11 +176,13 @@ async def create_request(pool: asyncpg.Pool, user: User, face_value: object, qua
         raise InvalidInput("quantity must be an integer from 1 to 1000000",
                            code="invalid_quantity")
     assert user.hall is not None  # noqa: S101 - hall roles always have one
-    row = await pool.fetchrow(
-        "INSERT INTO card_requests (hall, face_value, quantity, requested_by)"
-        " VALUES ($1, $2, $3, $4) RETURNING *", user.hall, face_value, quantity, user.username)
-    assert row is not None  # noqa: S101
-    return _request_doc(row)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "INSERT INTO card_requests (hall, face_value, quantity, requested_by)"
+            " VALUES ($1, $2, $3, $4) RETURNING *", user.hall, face_value, quantity,
+            user.username)
+        assert row is not None  # noqa: S101
+        return await _audited(audit, conn, _request_doc(row))
 
 
 async def get_request(pool: asyncpg.Pool, user: User, request_id: int) -> dict[str, Any]:
@@ -180,7 +199,8 @@ async def get_request(pool: asyncpg.Pool, user: User, request_id: int) -> dict[s
 
 
 async def decide_request(pool: asyncpg.Pool, user: User, request_id: int, *, approve: bool,
-                         note: str | None = None) -> dict[str, Any]:
+                         note: str | None = None, audit: Audit | None = None
+                         ) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow("SELECT * FROM card_requests WHERE id = $1 FOR UPDATE",
                                   request_id)
@@ -196,11 +216,12 @@ async def decide_request(pool: asyncpg.Pool, user: User, request_id: int, *, app
             "UPDATE card_requests SET state = $2, decided_by = $3, decided_at = now(),"
             " note = $4 WHERE id = $1 RETURNING *", request_id,
             "approved" if approve else "rejected", user.username, note)
-    assert new is not None  # noqa: S101
-    return _request_doc(new)
+        assert new is not None  # noqa: S101
+        return await _audited(audit, conn, _request_doc(new))
 
 
-async def issue_request(pool: asyncpg.Pool, user: User, request_id: int) -> dict[str, Any]:
+async def issue_request(pool: asyncpg.Pool, user: User, request_id: int, *,
+                        audit: Audit | None = None) -> dict[str, Any]:
     """Issue an approved request from the warehouse: oldest batch first, in serial order (so
     whole contiguous ranges where the stock allows)."""
     async with pool.acquire() as conn, conn.transaction():
@@ -230,13 +251,15 @@ async def issue_request(pool: asyncpg.Pool, user: User, request_id: int) -> dict
             row["face_value"], len(picked), ranges, user.username)
         await conn.execute("UPDATE card_requests SET state = 'issued' WHERE id = $1",
                            request_id)
-    return {"issue_id": issue_id, "request_id": request_id, "hall": row["hall"],
-            "face_value": row["face_value"], "quantity": len(picked), "ranges": ranges}
+        return await _audited(audit, conn, {
+            "issue_id": issue_id, "request_id": request_id, "hall": row["hall"],
+            "face_value": row["face_value"], "quantity": len(picked), "ranges": ranges})
 
 
 # --- sales and unlocks ------------------------------------------------------------------------
 
-async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str]) -> dict[str, Any]:
+async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
+               audit: Audit | None = None) -> dict[str, Any]:
     if user.role is not Role.CASHIER or user.hall is None:
         raise Forbidden("only a cashier sells, at their hall", code="forbidden_role")
     async with pool.acquire() as conn:
@@ -257,11 +280,13 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str]) -> dict[s
             ranges = _ranges(serials)
             await conn.execute("UPDATE card_sales SET total_face = $2, ranges = $3 WHERE id = $1",
                                sale_id, total, ranges)
-    return {"sale_id": sale_id, "hall": user.hall, "quantity": len(serials),
-            "total_face_value": int(total), "ranges": ranges}
+            return await _audited(audit, conn, {
+                "sale_id": sale_id, "hall": user.hall, "quantity": len(serials),
+                "total_face_value": int(total), "ranges": ranges})
 
 
-async def unlock(pool: asyncpg.Pool, user: User, serial: str) -> dict[str, Any]:
+async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
+                 audit: Audit | None = None) -> dict[str, Any]:
     if not valid_serial(serial):
         raise InvalidInput(f"{serial!r} is not a valid card serial", code="invalid_serial")
     async with pool.acquire() as conn:
@@ -271,7 +296,8 @@ async def unlock(pool: asyncpg.Pool, user: User, serial: str) -> dict[str, Any]:
             await states.transition(conn, [serial], CardState.SOLD, actor=user.username,
                                     reason="unlocked", doc=Document(type="unlock", id=serial),
                                     reset_pin_count=True)
-    return {"serial": serial, "state": CardState.SOLD.value}
+            return await _audited(audit, conn, {"serial": serial,
+                                                "state": CardState.SOLD.value})
 
 
 # --- reports ----------------------------------------------------------------------------------
