@@ -47,6 +47,10 @@ class StandInNode:
     components: dict[str, Any] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     is_active: bool = True
+    epoch: int = 0  # the lease row's epoch in a clean database
+
+    async def fenced(self) -> None:
+        self.is_active = False
 
 
 @pytest.fixture(scope="session")
@@ -394,3 +398,24 @@ async def test_an_action_and_its_log_entry_commit_together(admin_api: Api,
     last = [e for e in log["entries"] if e["action"] == "void.create"][-1]
     assert last["result"]["ok"] is False and last["result"]["code"] == again["code"]
     assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
+
+
+async def test_a_node_that_lost_the_lease_changes_no_card(admin_api: Api,
+                                                         tmp_path: Path) -> None:
+    a = admin_api
+    await _stocked_batch(a, tmp_path, 2)
+    serial = await a.pool.fetchval("SELECT min(serial) FROM cards WHERE state = 'in_stock'")
+    await a.h("admin")
+    await a.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    refused = await a.call("POST", "/voids", "admin",
+                           json={"reason": "damaged", "serials": [serial]}, expect=503)
+    assert refused["code"] == "standby"
+    assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1",
+                                 serial) == "in_stock"
+    assert await a.pool.fetchval("SELECT count(*) FROM card_voids") == 0
+    assert await a.pool.fetchval(
+        "SELECT count(*) FROM card_oplog WHERE action = 'void.create'") == 0
+    # and it knows it is no longer active
+    again = await a.call("POST", "/voids", "admin",
+                         json={"reason": "damaged", "serials": [serial]}, expect=503)
+    assert again["code"] == "standby"

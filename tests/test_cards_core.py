@@ -293,3 +293,25 @@ async def test_users_add_and_cli(pool: asyncpg.Pool) -> None:
     assert row["role"] == "auditor" and row["hall"] is None
     assert row["password_hash"].startswith("$argon2id$")
     assert "another-pass" not in row["password_hash"]
+
+
+async def test_job_writes_are_fenced_by_the_lease_epoch(pool: asyncpg.Pool) -> None:
+    from switch import db
+    from switch.cards import batches
+
+    bid = await _batch(pool)
+    serials = [make_serial("130225", q) for q in (1, 2, 3)]
+    await pool.execute("UPDATE card_batches SET status = 'reconciled', quantity = 3"
+                       " WHERE id = $1", bid)
+    await pool.executemany(
+        "INSERT INTO cards (serial, batch_id, face_value, state, location, expiry, tag)"
+        " VALUES ($1, $2, 10000, 'produced', 'manufacturer', $3, $4)",
+        [(s, bid, dt.date.today() + dt.timedelta(days=365), bytes(32)) for s in serials])
+    epoch = int(await pool.fetchval("SELECT epoch FROM node_lease"))
+    await pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    with pytest.raises(Exception) as e:
+        await batches.stock_in(pool, bid, actor="t", epoch=epoch)
+    assert db.is_fenced(e.value), e.value
+    assert [await _state(pool, s) for s in serials] == ["produced"] * 3
+    out = await batches.stock_in(pool, bid, actor="t", epoch=epoch + 1)
+    assert out["stocked_in"] == 3

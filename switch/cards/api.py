@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from switch import db
 from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
@@ -63,6 +64,7 @@ class Ctx:
         the entry's result from what the action returns (`result`) and appends the success
         entry there, so that the action and its entry commit together or not at all."""
         async def hook(conn: Conn, out: dict[str, Any]) -> None:
+            await batches.fence(conn, self.node.epoch)  # a demoted node writes nothing
             if result is not None:
                 self.result.update(result(out))
             st = status(out) if callable(status) else status
@@ -115,6 +117,13 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": p.status, "code": p.code})
                 raise
+            except Exception as e:
+                if not db.is_fenced(e):
+                    raise
+                # the lease moved on: nothing was written, and a stale node logs nothing
+                await node.fenced()
+                raise Problem(503, "standby", "this node is no longer active; retry on the "
+                              "active node", headers={"Retry-After": "1"}) from None
             if log_it and ctx.audited is None:  # actions that do not log in their transaction
                 await _log(node, user.username, action, ctx.objects,
                            {"ok": True, "status": resp.status, **ctx.result})
@@ -230,9 +239,10 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     ctx.objects["batch_id"] = batch_id
     ctx.result["job_id"] = str(job_id)
     runner = ctx.request.app[CARD_JOBS]
+    epoch = ctx.node.epoch
 
     async def body(p: jobs.Progress) -> dict[str, Any]:
-        return await batches.generate(pool, hsm, keyring, batch_id, p)
+        return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
 
     runner.start(job_id, order.quantity, body)
     if order.quantity >= SYNC_LIMIT:
@@ -299,11 +309,12 @@ async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
     if cbf.batch_id != batch_id:
         raise InvalidInput(f"the card-back file is for batch {cbf.batch_id}, not {batch_id}",
                            code="wrong_batch")
-    pool, user = ctx.pool, ctx.user.username
+    pool, user, epoch = ctx.pool, ctx.user.username, ctx.node.epoch
 
     async def body(p: jobs.Progress) -> dict[str, Any]:
         rec = await batches.reconcile_batch(pool, batch_id, cbf.records, actor=user,
-                                            file_batch_id=cbf.batch_id, progress=p)
+                                            file_batch_id=cbf.batch_id, progress=p,
+                                            epoch=epoch)
         return rec.as_dict()
 
     sync = row["quantity"] < SYNC_LIMIT
@@ -328,10 +339,10 @@ async def stock_in(ctx: Ctx) -> web.StreamResponse:
     if row["status"] != "reconciled":
         raise Conflict(f"batch {batch_id} is {row['status']}; stock-in follows reconciliation",
                        code="batch_state")
-    pool, user = ctx.pool, ctx.user.username
+    pool, user, epoch = ctx.pool, ctx.user.username, ctx.node.epoch
 
     async def body(p: jobs.Progress) -> dict[str, Any]:
-        return await batches.stock_in(pool, batch_id, actor=user, progress=p)
+        return await batches.stock_in(pool, batch_id, actor=user, progress=p, epoch=epoch)
 
     sync = row["quantity"] < SYNC_LIMIT
     job_id, job = await _run_job(ctx, "batch.stock_in", row["quantity"], str(batch_id), body,

@@ -139,9 +139,19 @@ def _summary(rec: Any) -> Any:
 
 # --- generation -------------------------------------------------------------------------------
 
+async def fence(conn: states.Conn, epoch: int | None) -> None:
+    """Refuse (SQLSTATE GP001) the transaction unless `epoch` is the lease's current epoch:
+    a job's writes stop at the first transaction after its node lost the lease, not when the
+    node notices. None: not fenced (tools and tests outside a node)."""
+    if epoch is not None:
+        await conn.execute("SELECT gridpay_fence($1)", epoch)
+
+
 async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_id: int,
-                   progress: Progress, *, in_flight: int = IN_FLIGHT) -> dict[str, Any]:
-    """PINs in the HSM for every card of the batch; cards `ordered`; the new-card file."""
+                   progress: Progress, *, in_flight: int = IN_FLIGHT,
+                   epoch: int | None = None) -> dict[str, Any]:
+    """PINs in the HSM for every card of the batch; cards `ordered`; the new-card file.
+    Every write is fenced by `epoch` (see `fence`)."""
     row = await batch_row(pool, batch_id)
     if row["status"] not in ("generating", "failed"):
         raise Conflict(f"batch {batch_id} is {row['status']}, not being generated",
@@ -186,6 +196,7 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
             body = "".join(new_card_record(r.serial, face, r.encrypted_pin)
                            for r in records).encode("ascii")
             async with pool.acquire() as conn, conn.transaction():
+                await fence(conn, epoch)
                 await conn.copy_records_to_table(
                     "cards", records=cards,
                     columns=["serial", "batch_id", "face_value", "state", "location", "expiry",
@@ -213,9 +224,11 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
     except BaseException:
         await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1", batch_id)
         raise
-    await pool.execute(
-        "UPDATE card_batches SET status = 'ordered', file_sha256 = $2, print_key_kcv = $3"
-        " WHERE id = $1", batch_id, digest, kcv)
+    async with pool.acquire() as conn, conn.transaction():
+        await fence(conn, epoch)
+        await conn.execute(
+            "UPDATE card_batches SET status = 'ordered', file_sha256 = $2, print_key_kcv = $3"
+            " WHERE id = $1", batch_id, digest, kcv)
     return {"batch_id": batch_id, "cards": qty, "new_card_file_sha256": digest}
 
 
@@ -262,7 +275,8 @@ async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[byte
 
 async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[CardBackRecord],
                           *, actor: str, file_batch_id: int | None = None,
-                          progress: Progress | None = None) -> Reconciliation:
+                          progress: Progress | None = None,
+                          epoch: int | None = None) -> Reconciliation:
     """Match the card-back file: matched cards → produced, the batch's cards in discrepancy →
     voided with the reconciliation as the reason. Once per batch."""
     row = await batch_row(pool, batch_id)
@@ -279,6 +293,7 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
     for serial, kind in to_void.items():
         by_kind.setdefault(kind, []).append(serial)
     async with pool.acquire() as conn, conn.transaction():
+        await fence(conn, epoch)
         locked = await conn.fetchval(
             "UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
             " WHERE id = $1 AND status = 'ordered' RETURNING id", batch_id, rec.as_dict())
@@ -300,7 +315,8 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
 
 
 async def stock_in(pool: asyncpg.Pool, batch_id: int, *, actor: str,
-                   progress: Progress | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, epoch: int | None = None
+                   ) -> dict[str, Any]:
     """produced → in_stock at the warehouse, in slices; then erase the new-card file."""
     row = await batch_row(pool, batch_id)
     if row["status"] != "reconciled":
@@ -311,6 +327,7 @@ async def stock_in(pool: asyncpg.Pool, batch_id: int, *, actor: str,
     for lo in range(first, first + qty, STOCK_SLICE):
         hi = min(lo + STOCK_SLICE, first + qty) - 1
         async with pool.acquire() as conn, conn.transaction():
+            await fence(conn, epoch)
             total += await states.transition_batch(
                 conn, batch_id, CardState.PRODUCED, CardState.IN_STOCK, actor=actor,
                 reason="stocked in", location=WAREHOUSE, first=make_serial(prefix, lo),
@@ -318,6 +335,7 @@ async def stock_in(pool: asyncpg.Pool, batch_id: int, *, actor: str,
         if progress is not None:
             progress.add(hi - lo + 1)
     async with pool.acquire() as conn, conn.transaction():
+        await fence(conn, epoch)
         await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
         await conn.execute(
             "UPDATE card_batches SET status = 'stocked', file_purged_at = now() WHERE id = $1",
