@@ -59,3 +59,4 @@ async def test_due_postings_come_in_the_order_they_fell_due(pool: asyncpg.Pool) 
     rows = await pool.fetch(_DUE, 10)
     assert [r["posting_id"] for r in rows] == ["P6", "P2", "P3", "P4", "P5"]
     assert [r["posting_id"] for r in await pool.fetch(_DUE, 2)] == ["P6", "P2"]
+

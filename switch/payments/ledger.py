@@ -129,6 +129,23 @@ class _Pending:
     future: asyncio.Future[Outcome]
 
 
+def time_ordered_ids(n: int) -> list[uuid.UUID]:
+    """`n` payment ids as UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random
+    bits, all from one read of the OS's random source (`uuid4()` makes a system call per id).
+    Later ids sort after earlier ones, so the payments' primary key grows at its right edge
+    instead of at a random leaf: fewer pages touched per insert, and far fewer full-page images
+    after a checkpoint. The id reveals the millisecond it was made, as `created_at` does."""
+    head = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    rand = os.urandom(10 * n)
+    out: list[uuid.UUID] = []
+    for i in range(0, 10 * n, 10):
+        r = rand[i:i + 10]
+        # version 7 in the high nibble of byte 6, variant 0b10 in the top bits of byte 8
+        out.append(uuid.UUID(bytes=head + bytes((0x70 | (r[0] & 0x0F), r[1],
+                                                  0x80 | (r[2] & 0x3F))) + r[3:]))
+    return out
+
+
 def posting_id_for(kind: str, receipt_no: str) -> str:
     return {"payment": "P", "card_recharge": "C", "reversal": "R"}[kind] + receipt_no
 
@@ -365,14 +382,12 @@ class PostingPath:
             numbers = await self.receipts.take(con, len(requests))
         records: list[PaymentRecord] = []
         renders: list[tuple[int | None, bytes | None]] = []
-        # the batch's payment ids from one read of the OS's random source (uuid4() makes a
-        # getrandom() system call per id)
-        rand = os.urandom(16 * len(requests))
+        ids = time_ordered_ids(len(requests))
         day = f"{bdate.year:04d}{bdate.month:02d}{bdate.day:02d}"  # strftime costs 2 µs a call
         for i, (req, n) in enumerate(zip(requests, numbers, strict=True)):
             receipt = f"{day}{n:010d}"[-20:]
             rec = PaymentRecord(
-                id=uuid.UUID(bytes=rand[16 * i:16 * i + 16], version=4), receipt_no=receipt,
+                id=ids[i], receipt_no=receipt,
                 approval_code=f"{n % 1_000_000:06d}",
                 posting_id=posting_id_for(req.kind, receipt), channel=req.channel,
                 method=req.method, account_no=req.account_no, amount=req.amount,
