@@ -34,6 +34,7 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
                            "p999_ms": f["p999_ms"], "max_ms": f["max_ms"],
                            "error_rate": f["error_rate"],
                            "checkpoint_running": f.get("db", {}).get("checkpoint_running"),
+                           "autovacuum_running": f.get("db", {}).get("autovacuum_running"),
                            "wal_bytes_per_tx": f.get("db", {}).get("wal_bytes_per_tx")})
         report["curve"] = points
         report["books"] = await h.books()

@@ -82,10 +82,12 @@ def format_table(report: dict[str, Any]) -> str:
             if db:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
+                vac = ", autovacuum ran" if db.get("autovacuum_running") else ""
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB "
-                             f"({db['wal_bytes_per_tx']} B per transaction), {ckpt}")
+                             f"({db['wal_bytes_per_tx']} B per transaction), {ckpt}{vac}")
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
+        ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""
         lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "
                      f"{_fmt(pt['p50_ms'])} ms, p99 {_fmt(pt['p99_ms'])} ms{ckpt}")
     for name, b in report.get("baselines", {}).items():

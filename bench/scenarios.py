@@ -184,7 +184,8 @@ class Harness:
         assert row is not None
         hi, _, lo = str(row["lsn"]).partition("/")
         return {"wal": (int(hi, 16) << 32) | int(lo, 16), "started": int(row["started"]),
-                "written": int(row["written"])}
+                "written": int(row["written"]), "vacuums": int(row["vacuums"]),
+                "vacuuming": int(row["vacuuming"])}
 
 
     async def books(self) -> dict[str, Any]:
@@ -199,7 +200,11 @@ class Harness:
 # PostgreSQL 17 and later: checkpoints started (timed or requested) and the buffers checkpoints
 # have written so far, which grows while a spread checkpoint runs
 _DB_STATS = """SELECT pg_current_wal_lsn()::text AS lsn, num_timed + num_requested AS started,
-       buffers_written AS written FROM pg_stat_checkpointer"""
+       buffers_written AS written,
+       (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)
+          FROM pg_stat_user_tables) AS vacuums,
+       (SELECT count(*) FROM pg_stat_progress_vacuum) AS vacuuming
+  FROM pg_stat_checkpointer"""
 
 
 def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
@@ -215,7 +220,11 @@ def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
             "wal_bytes_per_tx": round(wal / completed) if completed else None,
             "checkpoints_started": after["started"] - before["started"],
             "checkpoint_buffers_written": written,
-            "checkpoint_running": written > 0 or after["started"] > before["started"]}
+            "checkpoint_running": written > 0 or after["started"] > before["started"],
+            # autovacuum and autoanalyze runs that ended in the phase, or were running at
+            # either end of it (their reads and writes compete with the load as well)
+            "autovacuum_running": (after.get("vacuums", 0) > before.get("vacuums", 0)
+                                   or bool(before.get("vacuuming") or after.get("vacuuming")))}
 
 
 async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:
