@@ -397,7 +397,9 @@ class PostingPath:
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
         batch = orjson.dumps([{
-            "k": q.dedup_key, "h": q.request_hash.hex(), "p": str(r.id), "s": st,
+            # orjson writes our uuid.UUID itself, faster than str() (asyncpg's UUIDs, as in
+            # client ids read from the database, it does not know: those go as str)
+            "k": q.dedup_key, "h": q.request_hash.hex(), "p": r.id, "s": st,
             "r": body.hex() if body is not None else None, "receipt": r.receipt_no,
             "channel": q.channel, "inst": q.institution_id,
             "client": str(q.client_id) if q.client_id is not None else None,

@@ -6,6 +6,7 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import orjson
@@ -71,10 +72,7 @@ async def authenticate(request: web.Request, channels: frozenset[str]) -> ApiCli
     return client
 
 
-def _fmt_time(rec_time: object) -> str:
-    from datetime import datetime
-
-    assert isinstance(rec_time, datetime)
+def _fmt_time(rec_time: datetime) -> str:
     return rec_time.isoformat(timespec="milliseconds")
 
 
