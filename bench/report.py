@@ -83,8 +83,9 @@ def format_table(report: dict[str, Any]) -> str:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
                 vac = ", autovacuum ran" if db.get("autovacuum_running") else ""
-                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB "
-                             f"({db['wal_bytes_per_tx']} B per transaction), {ckpt}{vac}")
+                per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
+                          if db.get("wal_bytes_per_tx") is not None else "")
+                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
         ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""

@@ -400,22 +400,73 @@ async def test_an_action_and_its_log_entry_commit_together(admin_api: Api,
     assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
 
 
-async def test_a_node_that_lost_the_lease_changes_no_card(admin_api: Api,
-                                                         tmp_path: Path) -> None:
+async def test_a_stale_node_neither_expires_refuses_nor_logs(admin_api: Api,
+                                                             tmp_path: Path) -> None:
     a = admin_api
     await _stocked_batch(a, tmp_path, 2)
     serial = await a.pool.fetchval("SELECT min(serial) FROM cards WHERE state = 'in_stock'")
+    await a.pool.execute("UPDATE cards SET expiry = current_date - 1 WHERE serial = $1", serial)
     await a.h("admin")
+    logged = await a.pool.fetchval("SELECT count(*) FROM card_oplog")
     await a.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    # the void would expire the card first (and then be refused): neither happens
     refused = await a.call("POST", "/voids", "admin",
                            json={"reason": "damaged", "serials": [serial]}, expect=503)
     assert refused["code"] == "standby"
     assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1",
                                  serial) == "in_stock"
     assert await a.pool.fetchval("SELECT count(*) FROM card_voids") == 0
-    assert await a.pool.fetchval(
-        "SELECT count(*) FROM card_oplog WHERE action = 'void.create'") == 0
+    assert await a.pool.fetchval("SELECT count(*) FROM card_oplog") == logged
     # and it knows it is no longer active
     again = await a.call("POST", "/voids", "admin",
                          json={"reason": "damaged", "serials": [serial]}, expect=503)
     assert again["code"] == "standby"
+
+
+async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch = await _order(a, 6)
+    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    (tmp_path / "b.ncf").write_bytes(ncf)
+    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=5)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                 data=(tmp_path / "b.cbf").read_bytes(), expect=200)
+    logged = await a.pool.fetchval("SELECT count(*) FROM card_oplog")
+    jobs_before = await a.pool.fetchval("SELECT count(*) FROM card_jobs")
+    await a.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    refused = await a.call("POST", f"/batches/{batch['id']}/stock-in", "admin", expect=503)
+    assert refused["code"] == "standby"
+    assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'in_stock'") == 0
+    assert await a.pool.fetchval("SELECT count(*) FROM card_jobs") == jobs_before
+    assert await a.pool.fetchval("SELECT count(*) FROM card_oplog") == logged
+    # the job itself is fenced too: as if the lease moved while it ran
+    from switch.cards import batches, jobs
+
+    runner = jobs.JobRunner(a.pool)
+    job_id = await jobs.create_job(a.pool, "batch.stock_in", total=6, actor="admin")
+    stale = int(await a.pool.fetchval("SELECT epoch FROM node_lease")) - 1
+
+    async def body(p: jobs.Progress) -> dict[str, Any]:
+        return await batches.stock_in(a.pool, batch["id"], actor="admin", progress=p,
+                                      epoch=stale)
+
+    runner.start(job_id, 6, body)
+    await runner.wait(job_id, 30)
+    job = await jobs.get_job(a.pool, job_id)
+    assert job["state"] == "failed" and job["result"] == {"code": "standby", "status": 503}
+    assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'in_stock'") == 0
+    await runner.close()
+
+
+async def test_a_stale_node_orders_no_batch(admin_api: Api) -> None:
+    a = admin_api
+    await a.h("admin")
+    await a.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    refused = await a.call("POST", "/batches", "admin", json={
+        "face_value": 10000, "quantity": 5, "manufacturer": "acme"}, expect=503)
+    assert refused["code"] == "standby"
+    assert await a.pool.fetchval("SELECT count(*) FROM card_batches") == 0
+    assert await a.pool.fetchval("SELECT count(*) FROM card_jobs") == 0
+    assert await a.pool.fetchval(
+        "SELECT count(*) FROM card_oplog WHERE action = 'batch.order'") == 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from switch import db
-from switch.cards import batches, jobs, oplog, workflow
+from switch.cards import batches, jobs, oplog, states, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
@@ -64,7 +64,6 @@ class Ctx:
         the entry's result from what the action returns (`result`) and appends the success
         entry there, so that the action and its entry commit together or not at all."""
         async def hook(conn: Conn, out: dict[str, Any]) -> None:
-            await batches.fence(conn, self.node.epoch)  # a demoted node writes nothing
             if result is not None:
                 self.result.update(result(out))
             st = status(out) if callable(status) else status
@@ -84,9 +83,21 @@ def _problem(e: CardError) -> Problem:
 
 
 async def _log(node: Node, actor: str, action: str, objects: dict[str, Any],
-               result: dict[str, Any]) -> None:
+               result: dict[str, Any], *, fenced: bool = False) -> None:
+    """Append an entry in a transaction of its own. `fenced` (the actions only the active node
+    may take): under the lease epoch, and a node that lost the lease logs nothing and steps
+    down."""
     async with node.pool.acquire() as conn:
-        await oplog.append(conn, actor=actor, action=action, objects=objects, result=result)
+        try:
+            async with conn.transaction():
+                if fenced:
+                    await states.fence(conn, node.epoch)
+                await oplog.append(conn, actor=actor, action=action, objects=objects,
+                                   result=result)
+        except Exception as e:
+            if not (fenced and db.is_fenced(e)):
+                raise
+            await node.fenced()
 
 
 def _handler(action: str, *, changes: bool, logged: bool | None = None
@@ -110,12 +121,16 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                 if log_it and not await _done(ctx):
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": e.status, "code": e.code,
-                                "detail": e.detail})
+                                "detail": e.detail}, fenced=changes)
                 raise _problem(e) from None
             except Problem as p:
+                if p.status == 503 and p.code == "standby":  # a job refused by the fence
+                    await node.fenced()
+                    raise
                 if log_it and not await _done(ctx):
                     await _log(node, user.username, action, ctx.objects,
-                               {"ok": False, "status": p.status, "code": p.code})
+                               {"ok": False, "status": p.status, "code": p.code},
+                               fenced=changes)
                 raise
             except Exception as e:
                 if not db.is_fenced(e):
@@ -126,7 +141,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                               "active node", headers={"Retry-After": "1"}) from None
             if log_it and ctx.audited is None:  # actions that do not log in their transaction
                 await _log(node, user.username, action, ctx.objects,
-                           {"ok": True, "status": resp.status, **ctx.result})
+                           {"ok": True, "status": resp.status, **ctx.result}, fenced=changes)
             return resp
         handle.__name__ = fn.__name__
         return handle
@@ -160,7 +175,7 @@ async def _run_job(ctx: Ctx, kind: str, total: int, object_id: str,
                    body: jobs.JobBody, *, sync: bool) -> tuple[uuid.UUID, dict[str, Any]]:
     runner = ctx.request.app[CARD_JOBS]
     job_id = await jobs.create_job(ctx.pool, kind, total=total, actor=ctx.user.username,
-                                   object_id=object_id)
+                                   object_id=object_id, epoch=ctx.node.epoch)
     runner.start(job_id, total, body)
     if sync:
         await runner.wait(job_id, SYNC_WAIT_S)
@@ -230,16 +245,16 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
         raise InvalidInput(f"no print key for manufacturer {order.manufacturer}",
                            code="unknown_manufacturer") from None
     pool = ctx.pool
+    epoch = ctx.node.epoch
     job_id = await jobs.create_job(pool, "batch.generate", total=order.quantity,
-                                   actor=ctx.user.username)
+                                   actor=ctx.user.username, epoch=epoch)
     batch_id = await batches.create_batch(pool, order, issuer=cards.issuer,
-                                          actor=ctx.user.username, job_id=job_id)
+                                          actor=ctx.user.username, job_id=job_id, epoch=epoch)
     await pool.execute("UPDATE card_jobs SET object_id = $2 WHERE id = $1", job_id,
                        str(batch_id))
     ctx.objects["batch_id"] = batch_id
     ctx.result["job_id"] = str(job_id)
     runner = ctx.request.app[CARD_JOBS]
-    epoch = ctx.node.epoch
 
     async def body(p: jobs.Progress) -> dict[str, Any]:
         return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
@@ -377,7 +392,7 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
         return 202 if out["state"] == "pending_approval" else 200
 
     out = await workflow.void_cards(
-        ctx.pool, ctx.user, serials, reason, note=note, stocktake_id=st,
+        ctx.pool, ctx.user, serials, reason, note=note, stocktake_id=st, epoch=ctx.node.epoch,
         audit=ctx.audit(status, lambda o: {"void_id": o["void_id"], "state": o["state"]}))
     return json_response(out, status=status(out))
 
@@ -385,7 +400,7 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
 async def _decide_void(ctx: Ctx, approve: bool) -> web.StreamResponse:
     void_id = _int_id(ctx)
     out = await workflow.approve_void(
-        ctx.pool, ctx.user, void_id, approve=approve,
+        ctx.pool, ctx.user, void_id, approve=approve, epoch=ctx.node.epoch,
         audit=ctx.audit(200, lambda o: {"state": o["state"], "count": o["count"]}))
     return json_response(out)
 
@@ -412,7 +427,7 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
         counted = workflow.cards_of(doc)
     ctx.objects.update(location=location, counted=len(counted))
     out = await workflow.stocktake(
-        ctx.pool, ctx.user, location, counted,
+        ctx.pool, ctx.user, location, counted, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"stocktake_id": o["stocktake_id"],
                                         "missing": o["missing_count"],
                                         "unexpected": o["unexpected_count"]}))
@@ -428,7 +443,7 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
                        hall=ctx.user.hall)
     out = await workflow.create_request(
         ctx.pool, ctx.user, doc.get("face_value"), doc.get("quantity"),
-        ctx.node.settings.cards.face_values,
+        ctx.node.settings.cards.face_values, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"request_id": o["id"]}))
     return json_response(out, status=201,
                          headers={"Location": f"{PREFIX}/requests/{out['id']}"})
@@ -446,7 +461,7 @@ async def _decide(ctx: Ctx, approve: bool) -> web.StreamResponse:
         raw = doc.get("note")
         note = raw if isinstance(raw, str) else None
     out = await workflow.decide_request(ctx.pool, ctx.user, _int_id(ctx), approve=approve,
-                                        note=note,
+                                        note=note, epoch=ctx.node.epoch,
                                         audit=ctx.audit(200, lambda o: {"state": o["state"]}))
     return json_response(out)
 
@@ -464,7 +479,7 @@ async def reject_request(ctx: Ctx) -> web.StreamResponse:
 @_handler("request.issue", changes=True)
 async def issue_request(ctx: Ctx) -> web.StreamResponse:
     out = await workflow.issue_request(
-        ctx.pool, ctx.user, _int_id(ctx),
+        ctx.pool, ctx.user, _int_id(ctx), epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"issue_id": o["issue_id"], "quantity": o["quantity"],
                                         "ranges": o["ranges"][:100]}))
     return json_response(out, status=201)
@@ -477,7 +492,7 @@ async def create_sale(ctx: Ctx) -> web.StreamResponse:
     ctx.objects.update(count=len(serials), ranges=workflow._ranges(serials)[:100],
                        hall=ctx.user.hall)
     out = await workflow.sell(
-        ctx.pool, ctx.user, serials,
+        ctx.pool, ctx.user, serials, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"sale_id": o["sale_id"],
                                         "total_face_value": o["total_face_value"]}))
     return json_response(out, status=201)
@@ -487,7 +502,7 @@ async def create_sale(ctx: Ctx) -> web.StreamResponse:
 async def unlock_card(ctx: Ctx) -> web.StreamResponse:
     return json_response(await workflow.unlock(ctx.pool, ctx.user,
                                                ctx.request.match_info["serial"],
-                                               audit=ctx.audit(200)))
+                                               epoch=ctx.node.epoch, audit=ctx.audit(200)))
 
 
 # --- reads ------------------------------------------------------------------------------------

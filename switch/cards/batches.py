@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from switch import db
 from switch.cards import states
 from switch.cards.errors import Conflict, Gone, HsmUnavailable, InvalidInput, NotFound
 from switch.cards.files import (
@@ -30,7 +31,7 @@ from switch.cards.files import (
 )
 from switch.cards.jobs import Progress
 from switch.cards.serials import MAX_SEQ, make_serial
-from switch.cards.states import CardState
+from switch.cards.states import CardState, fence
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing
 
@@ -85,11 +86,13 @@ class BatchOrder:
 
 
 async def create_batch(pool: asyncpg.Pool, order: BatchOrder, *, issuer: str, actor: str,
-                       job_id: Any, today: dt.date | None = None) -> int:
+                       job_id: Any, today: dt.date | None = None, epoch: int | None = None
+                       ) -> int:
     """Reserve a serial range and record the batch (`generating`); returns its id."""
     today = today or dt.date.today()
     prefix = f"{issuer}{today.year % 100:02d}"
     async with pool.acquire() as conn, conn.transaction():
+        await fence(conn, epoch)
         nxt = await conn.fetchval(
             "INSERT INTO card_serial_counters (prefix, next_seq) VALUES ($1, 1 + $2::bigint)"
             " ON CONFLICT (prefix) DO UPDATE"
@@ -138,14 +141,6 @@ def _summary(rec: Any) -> Any:
 
 
 # --- generation -------------------------------------------------------------------------------
-
-async def fence(conn: states.Conn, epoch: int | None) -> None:
-    """Refuse (SQLSTATE GP001) the transaction unless `epoch` is the lease's current epoch:
-    a job's writes stop at the first transaction after its node lost the lease, not when the
-    node notices. None: not fenced (tools and tests outside a node)."""
-    if epoch is not None:
-        await conn.execute("SELECT gridpay_fence($1)", epoch)
-
 
 async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_id: int,
                    progress: Progress, *, in_flight: int = IN_FLIGHT,
@@ -221,8 +216,10 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
             raise
         kcv = await hsm.key_check_value(print_key)
         digest = await _file_digest(pool, batch_id)
-    except BaseException:
-        await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1", batch_id)
+    except BaseException as e:
+        if not (isinstance(e, Exception) and db.is_fenced(e)):  # a stale node writes nothing
+            await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1",
+                               batch_id)
         raise
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)

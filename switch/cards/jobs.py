@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from switch import db
 from switch.cards.errors import CardError, NotFound
 
 log = logging.getLogger("gridpay.cards.jobs")
@@ -38,11 +39,15 @@ JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 
 
 async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
-                     actor: str, object_id: str | None = None) -> uuid.UUID:
+                     actor: str, object_id: str | None = None, epoch: int | None = None
+                     ) -> uuid.UUID:
+    """Record a job; with `epoch`, fenced like the job's own writes (see `states.fence`)."""
     job_id = uuid.uuid4()
     await pool.execute(
-        "INSERT INTO card_jobs (id, kind, object_id, total, created_by) VALUES ($1,$2,$3,$4,$5)",
-        job_id, kind, object_id, total, actor)
+        "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
+        " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
+        " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
+        job_id, kind, object_id, total, actor, epoch)
     return job_id
 
 
@@ -130,8 +135,15 @@ class JobRunner:
             await self._finish(job_id, progress, "failed", error=e.detail,
                                result={"code": e.code, "status": e.status, **e.extra})
         except Exception as e:
-            log.exception("card job failed", extra={"job": str(job_id)})
-            await self._finish(job_id, progress, "failed", error=type(e).__name__)
+            if db.is_fenced(e):  # another node took the lease: the caller hears 503 standby
+                log.warning("card job stopped: this node is no longer active",
+                            extra={"job": str(job_id)})
+                await self._finish(job_id, progress, "failed",
+                                   error="this node is no longer active",
+                                   result={"code": "standby", "status": 503})
+            else:
+                log.exception("card job failed", extra={"job": str(job_id)})
+                await self._finish(job_id, progress, "failed", error=type(e).__name__)
         else:
             doc = dict(result)
             doc.setdefault("seconds", round(time.perf_counter() - started, 3))

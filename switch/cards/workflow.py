@@ -17,7 +17,8 @@ from switch.cards.users import HALL_ROLES, Role, User
 
 #: Called with the connection and the action's result as the last step of the action's own
 #: transaction, so that what it writes (the operation log's entry) commits with the action or
-#: not at all.
+#: not at all. Each action's transactions start with `states.fence(conn, epoch)` when given
+#: the node's lease epoch (and so does the lazy expiry some of them run first).
 Audit = Callable[[states.Conn, dict[str, Any]], Awaitable[None]]
 
 
@@ -63,7 +64,7 @@ def _ranges(serials: Sequence[str]) -> list[dict[str, object]]:
 
 async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], reason: str, *,
                      note: str | None = None, stocktake_id: int | None = None,
-                     audit: Audit | None = None) -> dict[str, Any]:
+                     audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     """Void now, or (reason `lost`) record a void waiting for an approver."""
     if reason not in VOID_REASONS:
         raise InvalidInput(f"reason must be one of {', '.join(VOID_REASONS)}",
@@ -71,8 +72,10 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
     pending = reason in VOID_NEEDS_APPROVAL
     async with pool.acquire() as conn:
         async with conn.transaction():
+            await states.fence(conn, epoch)
             await states.expire_touched(conn, serials, user.username)
         async with conn.transaction():
+            await states.fence(conn, epoch)
             if stocktake_id is not None and await conn.fetchval(
                     "SELECT 1 FROM card_stocktakes WHERE id = $1", stocktake_id) is None:
                 raise NotFound(f"no stocktake {stocktake_id}", code="stocktake_not_found")
@@ -102,8 +105,9 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
 
 
 async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
-                       audit: Audit | None = None) -> dict[str, Any]:
+                       audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
+        await states.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
         if row is None:
             raise NotFound(f"no void {void_id}", code="void_not_found")
@@ -127,7 +131,7 @@ async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve:
 # --- stocktakes -------------------------------------------------------------------------------
 
 async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
-                    audit: Audit | None = None) -> dict[str, Any]:
+                    audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     """Compare the serials counted at `location` with the cards that should be there."""
     if not location or len(location) > 32:
         raise InvalidInput("location is the warehouse or a hall code", code="invalid_location")
@@ -135,6 +139,7 @@ async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequ
     if user.role is Role.STOREKEEPER and location != WAREHOUSE:
         raise Forbidden("a storekeeper counts the warehouse", code="forbidden_hall")
     async with pool.acquire() as conn, conn.transaction():
+        await states.fence(conn, epoch)
         expected = {r["serial"] for r in await conn.fetch(
             "SELECT serial FROM cards WHERE location = $1 AND state IN ('in_stock', 'issued')",
             location)}
@@ -167,8 +172,8 @@ def _request_doc(r: asyncpg.Record) -> dict[str, Any]:
 
 
 async def create_request(pool: asyncpg.Pool, user: User, face_value: object, quantity: object,
-                         face_values: Sequence[int], *, audit: Audit | None = None
-                         ) -> dict[str, Any]:
+                         face_values: Sequence[int], *, audit: Audit | None = None,
+                         epoch: int | None = None) -> dict[str, Any]:
     if type(face_value) is not int or face_value not in face_values:
         raise InvalidInput(f"face_value must be one of {list(face_values)}",
                            code="invalid_face_value")
@@ -177,6 +182,7 @@ async def create_request(pool: asyncpg.Pool, user: User, face_value: object, qua
                            code="invalid_quantity")
     assert user.hall is not None  # noqa: S101 - hall roles always have one
     async with pool.acquire() as conn, conn.transaction():
+        await states.fence(conn, epoch)
         row = await conn.fetchrow(
             "INSERT INTO card_requests (hall, face_value, quantity, requested_by)"
             " VALUES ($1, $2, $3, $4) RETURNING *", user.hall, face_value, quantity,
@@ -199,9 +205,10 @@ async def get_request(pool: asyncpg.Pool, user: User, request_id: int) -> dict[s
 
 
 async def decide_request(pool: asyncpg.Pool, user: User, request_id: int, *, approve: bool,
-                         note: str | None = None, audit: Audit | None = None
-                         ) -> dict[str, Any]:
+                         note: str | None = None, audit: Audit | None = None,
+                         epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
+        await states.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_requests WHERE id = $1 FOR UPDATE",
                                   request_id)
         if row is None:
@@ -221,10 +228,12 @@ async def decide_request(pool: asyncpg.Pool, user: User, request_id: int, *, app
 
 
 async def issue_request(pool: asyncpg.Pool, user: User, request_id: int, *,
-                        audit: Audit | None = None) -> dict[str, Any]:
+                        audit: Audit | None = None, epoch: int | None = None
+                        ) -> dict[str, Any]:
     """Issue an approved request from the warehouse: oldest batch first, in serial order (so
     whole contiguous ranges where the stock allows)."""
     async with pool.acquire() as conn, conn.transaction():
+        await states.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_requests WHERE id = $1 FOR UPDATE",
                                   request_id)
         if row is None:
@@ -259,13 +268,15 @@ async def issue_request(pool: asyncpg.Pool, user: User, request_id: int, *,
 # --- sales and unlocks ------------------------------------------------------------------------
 
 async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
-               audit: Audit | None = None) -> dict[str, Any]:
+               audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     if user.role is not Role.CASHIER or user.hall is None:
         raise Forbidden("only a cashier sells, at their hall", code="forbidden_role")
     async with pool.acquire() as conn:
         async with conn.transaction():
+            await states.fence(conn, epoch)
             await states.expire_touched(conn, serials, user.username)
         async with conn.transaction():
+            await states.fence(conn, epoch)
             sale_id: int = await conn.fetchval(
                 "INSERT INTO card_sales (hall, cashier, quantity, total_face, ranges)"
                 " VALUES ($1, $2, $3, 0, '[]') RETURNING id", user.hall, user.username,
@@ -286,13 +297,15 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
 
 
 async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
-                 audit: Audit | None = None) -> dict[str, Any]:
+                 audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     if not valid_serial(serial):
         raise InvalidInput(f"{serial!r} is not a valid card serial", code="invalid_serial")
     async with pool.acquire() as conn:
         async with conn.transaction():
+            await states.fence(conn, epoch)
             await states.expire_touched(conn, [serial], user.username)
         async with conn.transaction():
+            await states.fence(conn, epoch)
             await states.transition(conn, [serial], CardState.SOLD, actor=user.username,
                                     reason="unlocked", doc=Document(type="unlock", id=serial),
                                     reset_pin_count=True)

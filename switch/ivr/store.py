@@ -33,6 +33,7 @@ __all__ = ["CallStore", "HeldCall", "LockNotAcquired", "RedisLock", "StoreConfli
 T = TypeVar("T")
 
 _TOKENS: list[str] = []
+os.register_at_fork(after_in_child=_TOKENS.clear)  # a child never repeats its parent's tokens
 
 
 def _token() -> str:

@@ -132,9 +132,11 @@ class _Pending:
 def time_ordered_ids(n: int) -> list[uuid.UUID]:
     """`n` payment ids as UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random
     bits, all from one read of the OS's random source (`uuid4()` makes a system call per id).
-    Later ids sort after earlier ones, so the payments' primary key grows at its right edge
-    instead of at a random leaf: fewer pages touched per insert, and far fewer full-page images
-    after a checkpoint. The id reveals the millisecond it was made, as `created_at` does."""
+    Ids of a later millisecond sort after those of an earlier one (within one millisecond the
+    order is random; a clock stepped back breaks the order, never uniqueness), so the payments'
+    primary key grows at its right edge instead of at a random leaf: fewer pages touched per
+    insert, and far fewer full-page images after a checkpoint. The id reveals the millisecond
+    it was made, as `created_at` does."""
     head = (time.time_ns() // 1_000_000).to_bytes(6, "big")
     rand = os.urandom(10 * n)
     out: list[uuid.UUID] = []
