@@ -166,9 +166,11 @@ class Harness:
                 self.approved.extend(r["approved"])
                 self.unanswered.extend(r["unanswered"])
         figs = summarise(results)
-        activity = db_activity(db_before, db_after, sum(f["completed"] for f in figs.values()))
-        for f in figs.values():
-            f["db"] = activity
+        if count:  # a phase of the system under test (not the baseline handler's)
+            activity = db_activity(db_before, db_after,
+                                   sum(f["completed"] for f in figs.values()))
+            for f in figs.values():
+                f["db"] = activity
         return figs, cpu_split(before, after, pool.pids)
 
     async def db_stats(self) -> dict[str, int] | None:

@@ -39,6 +39,8 @@ log = logging.getLogger("gridpay.forwarder")
 # pending row, and a backlog (the marketing system slow or down, or intake outrunning the
 # relay) made each round cost more the longer the queue, the wrong way round. A new posting is
 # due at its insert, so this is arrival order; a retried one goes by when it is due again.
+# A reversal whose original is not sent yet is passed over (not taken) and walked again by the
+# next round: those, not the backlog, are what a round reads beyond its batch.
 _DUE = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
        o.occurred_at, o.attempts, o.created_at
