@@ -66,7 +66,9 @@ class ClientDirectory:
         self._cache: dict[bytes, tuple[ApiClient, float]] = {}
 
     async def authenticate(self, key: str) -> ApiClient | None:
-        if not key or len(key) > 200:
+        # keys are URL-safe ASCII; anything else (a header that is not UTF-8 arrives here with
+        # surrogates, which cannot even be encoded) is simply not a key
+        if not key or len(key) > 200 or not key.isascii():
             return None
         h = hash_key(key)
         hit = self._cache.get(h)

@@ -450,3 +450,81 @@ async def test_a_revoked_key_stops_working_on_every_node_within_the_cache_lifeti
     finally:
         directory.ttl_s = old
     assert await revoke_client(node.pool, "to-revoke") == 0
+
+
+async def test_a_wrong_body_after_redis_forgot_the_key_leaves_no_claim_behind(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    first = {"account_no": acct, "amount": 100, "method": "cash"}
+    other = {"account_no": acct, "amount": 101, "method": "cash"}
+    st, _, paid = await api.call("POST", "/v1/payments", idem="kk", json=first)
+    assert st == 201
+    await node.redis.flushdb()  # or the key's lifetime in Redis ran out
+    st, _, raw = await api.call("POST", "/v1/payments", idem="kk", json=other)
+    assert st == 422 and orjson.loads(raw)["code"] == "idempotency_key_reused"
+    # the right body is still answered with its payment, the wrong one still 422 (not 409)
+    st, h, again = await api.call("POST", "/v1/payments", idem="kk", json=first)
+    assert st == 201 and again == paid and h.get("Idempotent-Replayed") == "true"
+    st, _, raw = await api.call("POST", "/v1/payments", idem="kk", json=other)
+    assert st == 422 and orjson.loads(raw)["code"] == "idempotency_key_reused"
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def test_a_late_retry_gets_its_payment_whatever_changed_since(
+        node: Node, api: Api, sims: Sims) -> None:
+    closing = await active_account(sims.marketing, start=3)
+    unmirrored = await active_account(sims.marketing, start=5)
+    big = {"account_no": await active_account(sims.marketing, start=7), "amount": 90_000,
+           "method": "cash"}
+    paid = {}
+    for idem, req in (("late-closed", {"account_no": closing, "amount": 100, "method": "cash"}),
+                      ("late-unknown", {"account_no": unmirrored, "amount": 100,
+                                        "method": "cash"}),
+                      ("late-limit", big)):
+        st, _, paid[idem] = await api.call("POST", "/v1/payments", idem=idem, json=req)
+        assert st == 201
+    # since then: one account closed, one gone from the mirror while the marketing system is
+    # down, the amount limit lowered; and Redis forgot every key
+    await node.pool.execute("UPDATE account_mirror SET status = 'closed' WHERE account_no = $1",
+                            closing)
+    await node.pool.execute("DELETE FROM account_mirror WHERE account_no = $1", unmirrored)
+    node.components["accounts"]._profiles.clear()
+    svc = node.components["http_payments"]
+    node.components["http_payments"] = type(svc)(accounts=svc.accounts, ledger=svc.ledger,
+                                                  idempotency=svc.idempotency, max_amount=50_000)
+    await node.redis.flushdb()
+    await sims.marketing.set_faults(error_rate=1.0)
+    try:
+        for idem, req in (("late-closed", {"account_no": closing, "amount": 100,
+                                           "method": "cash"}),
+                          ("late-unknown", {"account_no": unmirrored, "amount": 100,
+                                            "method": "cash"}),
+                          ("late-limit", big)):
+            st, h, again = await api.call("POST", "/v1/payments", idem=idem, json=req)
+            assert (st, again) == (201, paid[idem]), (idem, st, again)
+            assert h.get("Idempotent-Replayed") == "true"
+        # a new payment is still refused for each reason
+        st, _, raw = await api.call("POST", "/v1/payments", idem="new-closed",
+                                    json={"account_no": closing, "amount": 100,
+                                          "method": "cash"})
+        assert st == 422 and orjson.loads(raw)["code"] == "account_closed"
+        st, _, raw = await api.call("POST", "/v1/payments", idem="new-big", json=big)
+        assert st == 422 and orjson.loads(raw)["code"] == "invalid_amount"
+    finally:
+        await sims.marketing.clear_faults()
+        node.components["http_payments"] = svc
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 3
+
+
+async def test_a_key_that_is_not_utf8_is_a_401(node: Node, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    body = orjson.dumps({"account_no": acct, "amount": 100, "method": "cash"})
+    r, w = await asyncio.open_connection("127.0.0.1", node.ports.http)
+    w.write(b"POST /v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer gp_\xff\xfeabc\r\nIdempotency-Key: u1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+    data = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    assert data.startswith(b"HTTP/1.1 401"), data[:200]
+    assert b"application/problem+json" in data

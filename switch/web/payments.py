@@ -17,12 +17,15 @@ from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.idempotency import ClaimState, IdempotencyCache
 from switch.payments.ledger import (
     Committed,
+    Duplicate,
     Fenced,
     LedgerError,
     NotReversible,
+    Outcome,
     PaymentRecord,
     PaymentRequest,
     PostingPath,
+    fetch_duplicate,
     load_payment,
     reverse_in,
 )
@@ -104,7 +107,10 @@ def _idempotency_key(request: web.Request) -> str:
     return key
 
 
-def _validate_payment(body: dict[str, object], max_amount: int) -> tuple[str, int, str, str | None]:
+def _validate_payment(body: dict[str, object]) -> tuple[str, int, str, str | None]:
+    """The request's own form (the same body is always judged the same). The amount limit and
+    the account's status can change between a payment and its retry: `_refusal` judges them,
+    after the stored answer of a retry has had its chance."""
     account = body.get("account_no")
     if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
         raise Problem(400, "invalid_account_no", "account_no must be a string of 10 digits")
@@ -125,11 +131,28 @@ def _validate_payment(body: dict[str, object], max_amount: int) -> tuple[str, in
     unknown = set(body) - {"account_no", "amount", "method", "reference"}
     if unknown:
         raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
-    if amount == 0 or amount > max_amount:
-        raise Problem(422, "invalid_amount",
-                      f"amount must be from 1 to {max_amount} fen", max_amount=max_amount)
+    if amount == 0:
+        raise Problem(422, "invalid_amount", "amount must be at least 1 fen")
     assert isinstance(method, str)
     return account, amount, method, ref
+
+
+async def _refusal(svc: HttpPayments, account: str, amount: int) -> Problem | None:
+    """Why a new payment cannot be taken now (amount limit, account status), or None."""
+    if amount > svc.max_amount:
+        return Problem(422, "invalid_amount", f"amount must be from 1 to {svc.max_amount} fen",
+                       max_amount=svc.max_amount)
+    try:
+        status = await svc.accounts.status(account)
+    except AccountsUnavailable:
+        return Problem(503, "account_unverifiable",
+                       "the account cannot be checked right now; retry shortly",
+                       headers={"Retry-After": "2"})
+    if status is None:
+        return Problem(404, "account_not_found", f"no customer account {account}")
+    if status != "active":
+        return Problem(422, "account_closed", f"account {account} is closed")
+    return None
 
 
 def _replay(status: int, body: bytes) -> web.Response:
@@ -144,7 +167,7 @@ async def create_payment(request: web.Request) -> web.Response:
     client = await authenticate(request, PAYMENT_CHANNELS)
     key = _idempotency_key(request)
     body = await json_body(request)
-    account, amount, method, ref = _validate_payment(body, svc.max_amount)
+    account, amount, method, ref = _validate_payment(body)
     canonical = orjson.dumps({"account_no": account, "amount": amount, "method": method,
                               "reference": ref}, option=orjson.OPT_SORT_KEYS)
     req_hash = hashlib.sha256(canonical).hexdigest()
@@ -167,34 +190,22 @@ async def create_payment(request: web.Request) -> web.Response:
                           "retry in a moment", headers={"Retry-After": "1"})
     claimed = claim is not None
 
+    outcome: Outcome
     try:
-        try:
-            status = await svc.accounts.status(account)
-        except AccountsUnavailable:
-            raise Problem(503, "account_unverifiable",
-                          "the account cannot be checked right now; retry shortly",
-                          headers={"Retry-After": "2"}) from None
-        if status is None:
-            raise Problem(404, "account_not_found", f"no customer account {account}")
-        if status != "active":
-            raise Problem(422, "account_closed", f"account {account} is closed")
-
-        def render(rec: PaymentRecord) -> tuple[int, bytes]:
-            return 201, orjson.dumps(payment_doc(rec))
-
-        preq = PaymentRequest(
-            dedup_key=scope, request_hash=bytes.fromhex(req_hash), channel=client.channel,
-            method=method, account_no=account, amount=amount, client_id=client.id,
-            reference=ref, render=render)
-        try:
-            outcome = await svc.ledger.submit(preq)
-        except Fenced:
-            raise Problem(503, "standby", "this node is no longer active; retry on the active "
-                          "node", headers={"Retry-After": "1"}) from None
-        except LedgerError:
-            raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
-                          "charged; retry with the same Idempotency-Key",
-                          headers={"Retry-After": "1"}) from None
+        refusal = await _refusal(svc, account, amount)
+        if refusal is not None:
+            # Redis may have forgotten a payment made with this key (a flush, a restart, its
+            # lifetime) while the account was closed or the limit lowered since: a late retry
+            # gets its stored answer, never a refusal of a payment that was made
+            try:
+                earlier = await fetch_duplicate(node.pool, scope)
+            except Exception:
+                earlier = None
+            if earlier is None:
+                raise refusal
+            outcome = earlier
+        else:
+            outcome = await _record(svc, client, scope, req_hash, account, amount, method, ref)
     except BaseException:
         if claimed:
             try:
@@ -203,24 +214,60 @@ async def create_payment(request: web.Request) -> web.Response:
                 pass
         raise
 
-    if isinstance(outcome, Committed):
-        assert outcome.status_code is not None and outcome.response is not None
-        st, resp = outcome.status_code, outcome.response
-        replayed = False
-    else:
-        if outcome.request_hash.hex() != req_hash:
-            raise _reused()
-        if outcome.status_code is None or outcome.response is None:
-            raise _reused()
-        st, resp = outcome.status_code, outcome.response
-        replayed = True
+    if not isinstance(outcome, Committed):
+        return await _answer_stored(svc, scope, outcome, req_hash)
+    assert outcome.status_code is not None and outcome.response is not None
     try:
-        await svc.idempotency.complete(scope, req_hash, st, resp)
+        await svc.idempotency.complete(scope, req_hash, outcome.status_code, outcome.response)
     except Exception:  # noqa: S110 - PostgreSQL already holds the answer
         pass
-    if replayed:
-        return _replay(st, resp)
-    return web.Response(status=st, body=resp, content_type="application/json")
+    return web.Response(status=outcome.status_code, body=outcome.response,
+                        content_type="application/json")
+
+
+async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: str,
+                  account: str, amount: int, method: str, ref: str | None) -> Outcome:
+    """Record the payment (or find the key's earlier holder) through the posting path."""
+
+    def render(rec: PaymentRecord) -> tuple[int, bytes]:
+        return 201, orjson.dumps(payment_doc(rec))
+
+    preq = PaymentRequest(
+        dedup_key=scope, request_hash=bytes.fromhex(req_hash), channel=client.channel,
+        method=method, account_no=account, amount=amount, client_id=client.id,
+        reference=ref, render=render)
+    try:
+        return await svc.ledger.submit(preq)
+    except Fenced:
+        raise Problem(503, "standby", "this node is no longer active; retry on the active "
+                      "node", headers={"Retry-After": "1"}) from None
+    except LedgerError:
+        raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
+                      "charged; retry with the same Idempotency-Key",
+                      headers={"Retry-After": "1"}) from None
+
+
+async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
+                         req_hash: str) -> web.Response:
+    """The answer for a key PostgreSQL already holds: its stored answer again (same body), or
+    422 (another body). Redis is told the stored answer under the first body's hash, replacing
+    this request's claim: the next retry is answered there, and a claim made under another
+    body's hash never outlives this request (it would answer the right body 422 and the wrong
+    one 409 until it expired)."""
+    stored = earlier.status_code is not None and earlier.response is not None
+    try:
+        if stored:
+            assert earlier.status_code is not None and earlier.response is not None
+            await svc.idempotency.complete(scope, earlier.request_hash.hex(),
+                                           earlier.status_code, earlier.response)
+        else:
+            await svc.idempotency.release(scope)
+    except Exception:  # noqa: S110 - Redis is the fast path; PostgreSQL answers without it
+        pass
+    if not stored or earlier.request_hash.hex() != req_hash:
+        raise _reused()
+    assert earlier.status_code is not None and earlier.response is not None
+    return _replay(earlier.status_code, earlier.response)
 
 
 def _reused() -> Problem:
