@@ -182,18 +182,21 @@ def required_fields(mti: str, processing_code: str | None = None) -> MessageRule
     return RULES[kind]
 
 
-def validate_required(msg: Message, direction: Direction = "request") -> MessageRule:
+def validate_required(msg: Message, direction: Direction = "request", *, mac: bool = True
+                      ) -> MessageRule:
     """Check presence and content rules of the contract; return the rule that applied.
 
     Requests: every mandatory field and tag, nothing outside the column, 49 = ``156``, field
     48 tag formats, and the MAC field when the column needs one (only presence: verifying it is
     the caller's job). Responses with 39 = ``00`` are held to the full column; any other
-    response needs only 39 and, unless 39 = ``63``, the MAC.
+    response needs only 39 and, unless 39 = ``63``, the MAC. `mac=False`: the institution is
+    configured without MAC, and none is required.
     """
     code = msg.fields.get(3)
     rule = required_fields(msg.mti, code if isinstance(code, str) else None)
     present = set(msg.fields)
-    mac_field = 128 if any(n > 64 and n != 128 for n in present) else 64
+    # any field above 64 (128 itself included) means a secondary bitmap: the MAC goes in 128
+    mac_field = 128 if any(n > 64 for n in present) else 64
     present.discard(mac_field)
     full = direction == "request" or msg.fields.get(39) == "00"
     extra = present - rule.allowed
@@ -207,7 +210,8 @@ def validate_required(msg: Message, direction: Direction = "request") -> Message
             raise ValidationError(number, f"mandatory field {number} missing in a {rule.kind}")
     elif 39 not in present:
         raise ValidationError(39, f"field 39 missing in a {rule.kind}")
-    wants_mac = rule.mac and not (direction == "response" and msg.fields.get(39) == "63")
+    wants_mac = mac and rule.mac and not (direction == "response"
+                                          and msg.fields.get(39) == "63")
     if wants_mac and mac_field not in msg.fields:
         raise ValidationError(mac_field, f"MAC (field {mac_field}) missing in a {rule.kind}")
     if 49 in msg.fields and msg.fields[49] != "156":

@@ -9,6 +9,7 @@ content rules (30 / 12) → transaction type enabled (58) → the transaction it
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import logging
@@ -61,6 +62,17 @@ ECHO = (3, 4, 7, 11, 12, 13, 32, 37, 41, 49)
 RESPONSE_MTI = {"0800": "0810", "0200": "0210", "0420": "0430", "0421": "0430",
                 "0500": "0510"}
 MAC_MTIS = frozenset({"0210", "0430", "0510"})
+#: signing the answer of a recorded payment or reversal: tries, and the pause before the next
+MAC_ATTEMPTS = 3
+MAC_RETRY_S = 0.2
+
+
+def _speakable(text: str, encoding: str) -> str:
+    """`text` with what the link's text encoding cannot carry replaced by `?` (a customer name
+    with a character outside GBK, say): the answer is still sent."""
+    return text.encode(encoding, "replace").decode(encoding)
+
+
 TX_TYPE = {("0200", "310000"): "inquiry", ("0200", "500000"): "payment",
            ("0420", None): "reversal", ("0421", None): "reversal",
            ("0500", None): "reconciliation"}
@@ -176,9 +188,16 @@ class LinkService:
             resp = self._response(msg, d.code)
             log.info("request declined", extra={"mti": msg.mti, "response_code": d.code,
                                                 "reason": d.reason, "stan": msg.fields.get(11)})
+        except Exception as e:
+            # anything unforeseen (a database error, ...) is a system malfunction, answered as
+            # one: what failed before its commit recorded nothing
+            log.error("request failed", extra={"mti": msg.mti, "stan": msg.fields.get(11),
+                                               "error": type(e).__name__})
+            resp = self._response(msg, "96")
         return await self._finish(link, msg, resp, started)
 
-    async def _finish(self, link: Link, req: Message, resp: Message, started: float) -> bytes:
+    async def _finish(self, link: Link, req: Message, resp: Message, started: float
+                      ) -> bytes | None:
         inst = link.institution.id if link.institution else "unknown"
         code = str(resp.fields.get(39, "00"))
         m = self.ctx.metrics
@@ -192,15 +211,31 @@ class LinkService:
         assert link.institution is not None
         ring = self.ctx.keyring()
         data = codec.mac_input(resp)
-        try:
-            if ring is None:
-                raise HsmError("68", "M6")
-            mac = await self.ctx.hsm_mac(ring.mac_key(link.institution.id), data)
-        except (HsmError, OSError, KeyError):
-            # cannot sign: the bank will reject an unsigned 0210 anyway, so say why
-            resp.fields[39] = "96"
-            return codec.encode(resp)
-        return codec.append_mac(data, mac)
+        proc = req.fields.get(3) if req.mti == "0200" else None
+        kind = TX_TYPE.get((req.mti, proc if isinstance(proc, str) else None))
+        recorded = code == "00" and kind in ("payment", "reversal")
+        for attempt in range(MAC_ATTEMPTS if recorded else 1):
+            try:
+                if ring is None:
+                    raise HsmError("68", "M6")
+                mac = await self.ctx.hsm_mac(ring.mac_key(link.institution.id), data)
+                return codec.append_mac(data, mac)
+            except (HsmError, OSError, KeyError, TimeoutError):
+                if attempt + 1 < (MAC_ATTEMPTS if recorded else 1):
+                    await asyncio.sleep(MAC_RETRY_S * (attempt + 1))
+        if recorded:
+            # The payment or reversal is recorded: answering 96 would tell the bank it failed
+            # while the credit goes on, and a bank that tries again under a new STAN would pay
+            # twice. Say nothing: the bank retransmits (answered from the ledger, signed if the
+            # HSM is back) or reverses on its timeout, and either way the books agree.
+            log.error("recorded transaction's answer could not be signed; not answered",
+                      extra={"mti": req.mti, "stan": req.fields.get(11),
+                             "institution": link.institution.id})
+            self.ctx.metrics.link_errors.labels(link.dialect, "unsigned_answer").inc()
+            return None
+        # nothing was recorded: the bank will reject an unsigned answer anyway, so say why
+        resp.fields[39] = "96"
+        return codec.encode(resp)
 
     def _response(self, req: Message, code: str, day: date | None = None) -> Message:
         """The response to `req` with `code`; field 15 is `day` (default: today's business
@@ -230,18 +265,20 @@ class LinkService:
         if inst.mac:
             await self._verify_mac(inst, msg, mac_input)
         try:
-            validate_required(msg, "request")
+            validate_required(msg, "request", mac=inst.mac)
         except ValidationError as e:
             raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
         kind = TX_TYPE.get((msg.mti, msg.fields.get(3) if msg.mti == "0200" else None))  # type: ignore[arg-type]
         if kind is None:
             raise Decline("12", "unknown transaction")
+        if kind == "reversal" and msg.fields.get(3) != "500000":
+            raise Decline("12", "a reversal is of a bill payment (processing code 500000)")
         if kind not in inst.transactions:
             raise Decline("58", f"{kind} is not enabled for institution {inst.id}")
         if kind == "inquiry":
-            return await self._inquiry(msg)
+            return await self._inquiry(msg, link.codec.dialect.text_encoding)
         if kind == "payment":
-            return await self._payment(inst, msg)
+            return await self._payment(inst, msg, link.codec.dialect.text_encoding)
         if kind == "reversal":
             return await self._reversal(inst, msg)
         return await self._reconciliation(inst, msg)
@@ -265,8 +302,10 @@ class LinkService:
             if ring is None:
                 raise HsmError("68", "M8")
             ok = await self.ctx.hsm_verify(ring.mac_key(inst.id), mac_input, mac)
-        except (HsmError, OSError):
+        except (HsmError, OSError, TimeoutError):
             raise Decline("96", "HSM unavailable: MAC cannot be verified") from None
+        except KeyError:
+            raise Decline("96", "no MAC key for this institution") from None
         if not ok:
             self.ctx.metrics.link_errors.labels(inst.dialect, "bad_mac").inc()
             raise Decline("63", "MAC does not verify")
@@ -298,7 +337,7 @@ class LinkService:
 
     # -- inquiry --------------------------------------------------------------------------
 
-    async def _inquiry(self, msg: Message) -> Message:
+    async def _inquiry(self, msg: Message, encoding: str) -> Message:
         acct = _tlv_01(msg)
         assert acct is not None
         try:
@@ -311,7 +350,7 @@ class LinkService:
             raise Decline("57", "account closed")
         resp = self._response(msg, "00")
         resp.fields[4] = _amount12(view.arrears)
-        resp.fields[48] = Tlv.of(("01", acct), ("02", mask_name(view.name)),
+        resp.fields[48] = Tlv.of(("01", acct), ("02", _speakable(mask_name(view.name), encoding)),
                                  ("03", _amount12(view.arrears)),
                                  ("04", _amount12(view.prepaid_balance)),
                                  ("05", f"{min(len(view.bills), 99):02d}"))
@@ -319,7 +358,7 @@ class LinkService:
 
     # -- payment --------------------------------------------------------------------------
 
-    async def _payment(self, inst: Institution, msg: Message) -> Message:
+    async def _payment(self, inst: Institution, msg: Message, encoding: str) -> Message:
         f = msg.fields
         acct = _tlv_01(msg)
         assert acct is not None
@@ -344,7 +383,7 @@ class LinkService:
             return await self._decline(key, msg, req_hash, "14", "no such account")
         if prof.status != "active":
             return await self._decline(key, msg, req_hash, "57", "account closed")
-        name, arrears = mask_name(prof.name), prof.arrears
+        name, arrears = _speakable(mask_name(prof.name), encoding), prof.arrears
 
         def render(rec: object) -> tuple[int, bytes]:
             return 0, orjson.dumps({"02": name, "03": _amount12(arrears)})
