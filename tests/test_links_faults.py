@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from crypto.cmac import mac8
-from protocols.iso8583 import Message
+from protocols.iso8583 import Message, Tlv
 from switch.hsm_client import HsmError
 from switch.node import Node
 from tests.nodekit import Sims, active_account, running_node
@@ -72,7 +72,8 @@ async def test_a_name_the_link_cannot_encode_is_sent_with_a_placeholder(
         await c.sign_on()
         answer = await c.request(c.payment(acct, 500))
         assert answer.fields[39] == "00"
-        assert answer.fields[48]["02"].startswith("?")
+        tlv = answer.fields[48]
+        assert isinstance(tlv, Tlv) and str(tlv["02"]).startswith("?")
     assert await _count(node, "payments") == 1
 
 
