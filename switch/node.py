@@ -153,10 +153,10 @@ class Node:
         self.lease = Lease(lease_pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
                            on_active=self._became_active, on_standby=self._became_standby)
 
-        from switch.web.app import build_app
+        from switch.web.app import ProblemRunner, build_app
 
         app = build_app(self)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+        self._runner = ProblemRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=s.node.shutdown_grace_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.listen.host, s.listen.http_port, reuse_address=True)

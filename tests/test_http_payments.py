@@ -528,3 +528,19 @@ async def test_a_key_that_is_not_utf8_is_a_401(node: Node, sims: Sims) -> None:
     w.close()
     assert data.startswith(b"HTTP/1.1 401"), data[:200]
     assert b"application/problem+json" in data
+
+
+async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_nothing(
+        node: Node) -> None:
+    key = await api_key(node.pool, "internet")
+    for tail in (b"\x01", b" " + b"x" * 9000):  # a forbidden byte; a header line over the limit
+        r, w = await asyncio.open_connection("127.0.0.1", node.ports.http)
+        w.write(b"GET /v1/payments/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + key.encode() + tail + b"\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].split(b" ")[1]  # HTTP/1.0 when the version is unread
+        assert status.startswith(b"4") and b"application/problem+json" in head, head
+        assert key.encode() not in data and key[:12].encode() not in data
+        assert orjson.loads(body)["code"] == "bad_request"

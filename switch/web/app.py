@@ -6,7 +6,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
 
 from switch.web.problems import Problem, json_response, problem_for
 
@@ -104,3 +105,39 @@ def build_app(node: Node) -> web.Application:
     for register in node.components.get("routes", []):
         register(app)
     return app
+
+
+# --- requests that cannot be parsed ----------------------------------------------------------
+
+class _ProblemHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse (a bad header byte, a header
+    line over the limit, a broken chunk) is answered with a fixed problem+json. aiohttp's own
+    answer is text/plain with the parser's message, which quotes the offending bytes: an
+    `Authorization` header, key and all."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, None)  # logs, and refuses a half-sent answer
+        problem = (Problem(500, "internal_error", "the request could not be completed")
+                   if status >= 500 else
+                   Problem(status, "bad_request", "the request is not well-formed HTTP/1.1 (a "
+                           "header line with a forbidden byte or over 8190 bytes, a bad "
+                           "chunk, ...); nothing was done"))
+        resp = problem.response()
+        resp.force_close()
+        return resp
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _ProblemHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer unparseable requests with problem+json."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer  # the same server, our connection handler
+        return server
