@@ -133,3 +133,62 @@ async def test_an_institution_without_a_mac_key_is_answered_96(
             assert (await c.request(c.payment(acct, 100))).fields[39] == "96"
             assert (await c.echo()).fields[39] == "00"
         assert await _count(n, "payments") == 0
+
+
+async def test_a_sign_on_without_its_mandatory_fields_is_a_format_error(node: Node) -> None:
+    async with client(node) as c:
+        m = c.network("001")
+        del m.fields[11]
+        assert (await c.request(m)).fields[39] == "30"
+
+
+async def test_a_malformed_request_of_an_unknown_type_is_answered_12(node: Node) -> None:
+    async with client(node, "post", timeout=5) as c:
+        await c.sign_on()
+        m = Message("0100", {4: "000000000100", 7: "1126120000", 11: "000999",
+                             32: c.institution})
+        frame = c.codec.encode_frame(m).replace(b"000000000100", b"00000000010X")
+        answer = await c.request(m, frame=frame)
+        assert answer.mti == "0110" and answer.fields[39] == "12"
+
+
+async def test_the_connection_limit_holds_when_one_address_serves_several_institutions(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    insts = [{"id": i, "dialect": "bank", "allowed": ["127.0.0.0/8"], "mac": True,
+              "max_connections": 1} for i in (BANK, "01030000")]
+    async with running_node(clean_db, clean_redis, sims, tmp_path,
+                            overrides={"institutions": insts}) as n:
+        listener = n.components["links"]["bank"]
+        links = [client(n, "bank") for _ in range(3)]
+        for c in links:
+            await c.connect()
+        try:
+            codes = [(await c.sign_on()).fields[39] for c in links]
+            assert codes == ["00", "58", "58"]  # one connection for BANK, as configured
+            assert listener.count[BANK] == 1
+        finally:
+            for c in links:
+                await c.close()
+        for _ in range(50):
+            if not listener.protocols:
+                break
+            await asyncio.sleep(0.05)
+        assert listener.count[BANK] == 0 and min(listener.count.values(), default=0) >= 0
+
+
+async def test_bytes_that_never_make_a_frame_do_not_keep_a_link_open(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path,
+                            overrides={"links": {"idle_timeout_s": 0.5}}) as n:
+        listener = n.components["links"]["bank"]
+        _, trickle = await asyncio.open_connection("127.0.0.1", n.ports.bank)
+        _, keeper = await asyncio.open_connection("127.0.0.1", n.ports.bank)
+        trickle.write(b"\x00\x30")  # announces 48 bytes, then one byte every 0.2 s
+        for _ in range(10):
+            await asyncio.sleep(0.2)
+            for w, data in ((trickle, b"0"), (keeper, b"\x00\x00")):  # keeper: keep-alives
+                if not w.is_closing():
+                    w.write(data)
+        assert len(listener.protocols) == 1  # the trickle was cut off, the keep-alives kept
+        trickle.close()
+        keeper.close()

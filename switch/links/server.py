@@ -40,6 +40,7 @@ class LinkProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self._idle: asyncio.TimerHandle | None = None
+        self._counted: str | None = None  # the institution this connection counts against
         self._out: list[bytes] = []
         self._flush_scheduled = False
 
@@ -60,31 +61,44 @@ class LinkProtocol(asyncio.Protocol):
             lst.metrics.link_errors.labels(lst.dialect.name, "refused").inc()
             self.transport.abort()
             return
-        link = Link(dialect=lst.dialect.name, codec=lst.codec, peer=host, candidates=candidates)
+        link = Link(dialect=lst.dialect.name, codec=lst.codec, peer=host, candidates=candidates,
+                    bind=self._bind)
         if len(candidates) == 1:
             inst = candidates[0]
-            if lst.count[inst.id] >= inst.max_connections:
-                log.warning("connection refused: institution at its connection limit",
-                            extra={"institution": inst.id, "limit": inst.max_connections})
-                lst.metrics.link_errors.labels(lst.dialect.name, "over_limit").inc()
+            if not self._bind(inst):
                 self.transport.abort()
                 return
             link.institution = inst
-            lst.count[inst.id] += 1
-            lst.metrics.link_connections.labels(inst.id).inc()
         self.link = link
         lst.protocols.add(self)
         self._arm_idle()
         log.info("link connected", extra={"dialect": lst.dialect.name, "peer": host})
 
+    def _bind(self, inst: Institution) -> bool:
+        """Count this connection for `inst`, within its limit (at connect when the peer's
+        address names one institution, else at sign-on); False: at the limit."""
+        lst = self.listener
+        if self._counted is not None:
+            return self._counted == inst.id
+        if lst.count[inst.id] >= inst.max_connections:
+            log.warning("connection refused: institution at its connection limit",
+                        extra={"institution": inst.id, "limit": inst.max_connections})
+            lst.metrics.link_errors.labels(lst.dialect.name, "over_limit").inc()
+            return False
+        lst.count[inst.id] += 1
+        lst.metrics.link_connections.labels(inst.id).inc()
+        self._counted = inst.id
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         lst = self.listener
         if self._idle is not None:
             self._idle.cancel()
+        if self._counted is not None:  # only what was counted is given back
+            lst.count[self._counted] -= 1
+            lst.metrics.link_connections.labels(self._counted).dec()
+            self._counted = None
         if self.link is not None:
-            if self.link.institution is not None and self in lst.protocols:
-                lst.count[self.link.institution.id] -= 1
-                lst.metrics.link_connections.labels(self.link.institution.id).dec()
             self.link.state = LinkState.CLOSED
         lst.protocols.discard(self)
         for t in self.in_flight:
@@ -111,14 +125,17 @@ class LinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.link is None or self.closing:
             return
-        self._arm_idle()
         try:
             self.framer.receive_data(data)
+            keepalives = self.framer.keepalives
             while True:
                 frame = self.framer.next_frame()
                 if frame is NEED_DATA:
                     break
+                self._arm_idle()  # a whole frame: stray bytes do not keep a link open
                 self._spawn(frame)
+            if self.framer.keepalives != keepalives:  # a keep-alive is a (zero-length) frame
+                self._arm_idle()
         except FramingError as e:
             log.warning("framing error: closing the connection",
                         extra={"peer": self.link.peer, "reason": str(e)})

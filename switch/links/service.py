@@ -107,6 +107,9 @@ class Link:
     institution: Institution | None = None
     state: LinkState = LinkState.CONNECTED
     opened_at: float = field(default_factory=time.monotonic)
+    #: set by the server: binds the link to an institution chosen at sign-on, within that
+    #: institution's connection limit (False: at the limit, not bound)
+    bind: Callable[[Institution], bool] | None = None
 
     def network(self, code: str) -> bool:
         nxt = SIGN_TRANSITIONS.get((self.state, code))
@@ -170,18 +173,17 @@ class LinkService:
             log.info("malformed frame", extra={"dialect": link.dialect, "field": e.field,
                                                 "reason": e.reason, "raw": e.masked_raw})
             self.ctx.metrics.link_errors.labels(link.dialect, "malformed").inc()
-            if partial is None or partial.mti not in RESPONSE_MTI or 11 not in partial.fields:
+            if partial is None or 11 not in partial.fields:
                 return None
+            if partial.mti not in RESPONSE_MTI:  # an unknown request, and malformed too
+                return self._unknown(codec, partial)
             resp = self._response(partial, "30")
             return await self._finish(link, partial, resp, started)
         if msg.mti not in RESPONSE_MTI:
             self.ctx.metrics.link_errors.labels(link.dialect, "unexpected_mti").inc()
-            if msg.mti[2] in "02" and 11 in msg.fields:  # an unknown request: invalid
-                resp = Message(msg.mti[:2] + str(int(msg.mti[2]) + 1) + msg.mti[3],
-                               {k: v for k, v in msg.fields.items() if k in (7, 11, 32)})
-                resp.fields[39] = "12"
-                return codec.encode(resp)
-            return None  # a response or advice we never asked for: drop it
+            if 11 in msg.fields:
+                return self._unknown(codec, msg)
+            return None
         try:
             resp = await self._dispatch(link, msg, mac_input)
         except Decline as d:
@@ -195,6 +197,20 @@ class LinkService:
                                                "error": type(e).__name__})
             resp = self._response(msg, "96")
         return await self._finish(link, msg, resp, started)
+
+    @staticmethod
+    def _unknown(codec: Codec, msg: Message) -> bytes | None:
+        """A request of a message type outside the contract: 12 (invalid transaction). A
+        response or advice we never asked for is dropped."""
+        if len(msg.mti) != 4 or not msg.mti.isdigit() or msg.mti[2] not in "02":
+            return None
+        resp = Message(msg.mti[:2] + str(int(msg.mti[2]) + 1) + msg.mti[3],
+                       {k: v for k, v in msg.fields.items() if k in (7, 11, 32)})
+        resp.fields[39] = "12"
+        try:
+            return codec.encode(resp)
+        except Exception:  # echo fields that cannot be encoded back: nothing to answer with
+            return None
 
     async def _finish(self, link: Link, req: Message, resp: Message, started: float
                       ) -> bytes | None:
@@ -313,6 +329,10 @@ class LinkService:
     # -- network management ---------------------------------------------------------------
 
     def _network(self, link: Link, msg: Message) -> Message:
+        try:
+            validate_required(msg, "request")
+        except ValidationError as e:
+            raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
         code = msg.fields.get(70)
         f32 = msg.fields.get(32)
         if not isinstance(code, str) or not isinstance(f32, str) or 7 not in msg.fields:
@@ -321,6 +341,8 @@ class LinkService:
             match = [i for i in link.candidates if i.id.zfill(11) == f32.zfill(11)]
             if not match:
                 raise Decline("58", "field 32 names no institution allowed on this link")
+            if link.bind is not None and not link.bind(match[0]):
+                raise Decline("58", "the institution is at its connection limit")
             link.institution = match[0]
         elif link.institution.id.zfill(11) != f32.zfill(11):
             raise Decline("58", "field 32 does not match this link's institution")
