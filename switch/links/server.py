@@ -128,13 +128,16 @@ class LinkProtocol(asyncio.Protocol):
         try:
             self.framer.receive_data(data)
             keepalives = self.framer.keepalives
+            frames = 0
             while True:
                 frame = self.framer.next_frame()
                 if frame is NEED_DATA:
                     break
-                self._arm_idle()  # a whole frame: stray bytes do not keep a link open
+                frames += 1
                 self._spawn(frame)
-            if self.framer.keepalives != keepalives:  # a keep-alive is a (zero-length) frame
+            # whole frames (a keep-alive is a zero-length one) keep the link open; bytes that
+            # never complete a frame do not
+            if frames or self.framer.keepalives != keepalives:
                 self._arm_idle()
         except FramingError as e:
             log.warning("framing error: closing the connection",
