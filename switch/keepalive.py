@@ -46,6 +46,8 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.closed = False
         self.reusable = False
+        self.headers_done = False  # of the answer being read
+        self.framed = False  # it has a Content-Length or is chunked (else: ends at close)
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -62,14 +64,37 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        waiter = self.waiter
+        if (exc is None and waiter is not None and not waiter.done() and self.headers_done
+                and not self.framed):
+            # an answer with neither a length nor chunks ends where the connection does
+            # (httptools cannot be told of the end, so it is completed here)
+            self.waiter = None
+            waiter.set_result((int(self.parser.get_status_code()), b"".join(self.body)))
+            self.body = []
+            return
         self._fail(ConnectionResetError("the server closed the connection"))
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        status = int(self.parser.get_status_code())
+        if 100 <= status < 200 and status != 101:
+            # an interim answer (100 Continue, 103 Early Hints): the real one follows on this
+            # connection; completing the request here would hand it to the next request
+            self.body = []
+            self.headers_done = self.framed = False
+            return
         waiter, self.waiter = self.waiter, None
         self.reusable = bool(self.parser.should_keep_alive()) and not self.closed
         if waiter is not None and not waiter.done():
@@ -83,6 +108,7 @@ class _Conn(asyncio.Protocol):
         self.waiter = waiter
         self.got_bytes = False
         self.reusable = False
+        self.headers_done = self.framed = False
         self.transport.write(data)
 
     def _fail(self, error: Exception) -> None:

@@ -318,6 +318,8 @@ class MarketingClient:
     def _refuse(status: int, raw: bytes) -> MarketingError:
         if status == 409:
             return MarketingConflict(_decode(raw))
+        if status in (408, 425, 429):  # timeout, too early, too many: temporary, try again
+            return MarketingUnavailable(f"marketing system answered {status}")
         if 400 <= status < 500:
             return MarketingRejected(status, _decode(raw))
         return MarketingUnavailable(f"marketing system answered an unexpected {status}")
@@ -339,9 +341,12 @@ class MarketingClient:
         if status != 200:
             raise self._refuse(status, raw)
         try:
-            return _account(self._parse(raw))
+            account = _account(self._parse(raw))
         except (KeyError, TypeError, ValueError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed account") from exc
+        if account.account_no != account_no:  # never another customer's account
+            raise MarketingUnavailable("marketing system answered for another account")
+        return account
 
     async def list_accounts(
         self, after: str | None = None, limit: int = 1000

@@ -168,3 +168,41 @@ async def test_waiters_beyond_the_size_are_served_in_turn(echo: Echo) -> None:
 def test_only_plain_http_urls() -> None:
     with pytest.raises(ValueError, match="http://"):
         KeepAlivePool("https://billing.example/")
+
+
+async def test_an_interim_answer_is_skipped_and_never_handed_to_the_next_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")  # GET requests: no body
+            path = head.split(b" ")[1]
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            await writer.drain()
+
+    server, port = await _raw_server(handler)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
+    try:
+        for path in ("/accounts/1", "/accounts/2", "/accounts/3"):  # one connection, in turn
+            assert await pool.request("GET", path) == (200, path.encode())
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n\r\n{\"ok\": true}")
+        await writer.drain()
+        writer.close()
+
+    server, port = await _raw_server(handler)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
+    try:
+        assert await pool.request("GET", "/x") == (200, b'{"ok": true}')
+    finally:
+        await pool.close()
+        await _stop(server)

@@ -253,3 +253,31 @@ async def test_a_misbehaving_server(sim: MarketingSim) -> None:
             assert not session.closed  # a session passed in belongs to the caller
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [408, 425, 429])
+async def test_a_temporary_refusal_is_retried_not_a_dead_letter(status: int) -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({}, status=status, headers={"Retry-After": "1"})
+
+    async def other_account(request: web.Request) -> web.Response:
+        return web.json_response({"account_no": "1000000001", "name": "某某", "address": "x",
+                                  "status": "active", "arrears": 0, "prepaid_balance": 0,
+                                  "bills": []})
+
+    app = web.Application()
+    app.add_routes([web.post("/postings", busy),
+                    web.get("/accounts/{account_no}", other_account)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = MarketingClient(f"http://127.0.0.1:{site.port}/")
+    try:
+        with pytest.raises(MarketingUnavailable):  # the relay retries it later
+            await client.post(payment("x", "1000000008", 1))
+        with pytest.raises(MarketingUnavailable):  # an answer about another customer is no answer
+            await client.get_account("2000000002")
+    finally:
+        await client.close()
+        await runner.cleanup()
