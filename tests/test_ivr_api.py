@@ -764,3 +764,34 @@ async def test_zz_fenced_node_refuses_the_redemption(node: Node, ivr: IvrSimulat
     stored = await node.redis.hget(f"ivr:call:{call_id}", "doc")
     assert stored is not None and orjson.loads(stored)["call"]["step"] == "confirm_recharge"
     assert not node.is_active
+
+
+async def test_the_tenth_wrong_pin_blocks_the_number_even_if_the_card_moved_meanwhile(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    caller = ani()
+    acct = await account(sims)
+    for _ in range(3):  # nine wrong PINs, three calls on three cards
+        serial, _ = await make_card(node)
+        call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)
+        for _ in range(3):
+            await ivr.send_pin(call_id, serial, new_pin())
+    # the tenth, while another call locks the card under it
+    serial, _ = await make_card(node)
+    call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)
+    async with node.pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM cards WHERE serial = $1 FOR UPDATE", serial)
+        wrong = asyncio.create_task(ivr.send_pin(call_id, serial, new_pin()))
+        await asyncio.sleep(0.5)
+        await other.execute("UPDATE cards SET state = 'locked', failed_pin_count = 5"
+                            " WHERE serial = $1", serial)
+        await tx.commit()
+    await asyncio.wait_for(wrong, 10)
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM ivr_pin_failures WHERE ani = $1", caller) == 10
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM ivr_ani_blocks WHERE ani = $1", caller) == 1
+    # no eleventh guess: the number's next call is refused at once
+    turn = await ivr.start(caller)
+    assert "ani_blocked" in ids(turn) and turn["hangup"], turn

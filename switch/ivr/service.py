@@ -378,6 +378,7 @@ class IvrService:
     async def _count_wrong_pin(self, call: Call, serial: str, attempt: bytes) -> Fact:
         node = self.node
         blocked_until: float | None = None  # set when this attempt blocks the number
+        fact: Fact
         async with node.pool.acquire() as con, con.transaction():
             await con.execute("SELECT gridpay_fence($1)", node.epoch)
             # one caller number at a time: count-and-block is atomic across parallel calls
@@ -387,22 +388,8 @@ class IvrService:
                 "INSERT INTO ivr_pin_failures (call_id, attempt, ani, serial)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
                 call.call_id, attempt, call.ani, serial)
-            card = await con.fetchrow(
-                "SELECT state, face_value, failed_pin_count FROM cards WHERE serial = $1"
-                " FOR UPDATE", serial)
-            if card is None:
-                return NotFound()
-            if card["state"] != CardState.SOLD.value:
-                # locked (or redeemed) by another call meanwhile: not counted on the card
-                if card["state"] == CardState.LOCKED.value and not fresh:
-                    return PinFact(match=False, card_failures=int(card["failed_pin_count"]),
-                                   card_locked=True)  # a retry of the attempt that locked it
-                return CardFact(state=card["state"], face_value=int(card["face_value"]))
-            count, locked = int(card["failed_pin_count"]), False
-            if fresh:
-                count, locked = await record_wrong_pin(
-                    con, serial, self.limits.pin_tries_per_card, actor="ivr",
-                    call_id=call.call_id)
+            # the caller number's count, whatever became of the card meanwhile: every wrong PIN
+            # from the number counts towards its block
             failures = int(await con.fetchval(
                 "SELECT count(*) FROM ivr_pin_failures"
                 " WHERE ani = $1 AND at > now() - interval '24 hours'", call.ani))
@@ -411,12 +398,33 @@ class IvrService:
                 blocked_until = float(await con.fetchval(_BLOCK_ANI, call.ani, failures))
                 log.warning("caller number blocked for 24 hours after wrong PINs",
                             extra={"call_id": call.call_id, "failures": failures})
-            if locked:
-                log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
+            card = await con.fetchrow(
+                "SELECT state, face_value, failed_pin_count FROM cards WHERE serial = $1"
+                " FOR UPDATE", serial)
+            if card is None:
+                fact = NotFound()
+            elif card["state"] != CardState.SOLD.value:
+                # locked (or redeemed) by another call meanwhile: not counted on the card
+                if card["state"] == CardState.LOCKED.value and not fresh:
+                    fact = PinFact(match=False, card_failures=int(card["failed_pin_count"]),
+                                   card_locked=True, ani_blocked=blocked)  # a retry
+                elif blocked:
+                    fact = AniBlocked()
+                else:
+                    fact = CardFact(state=card["state"], face_value=int(card["face_value"]))
+            else:
+                count, locked = int(card["failed_pin_count"]), False
+                if fresh:
+                    count, locked = await record_wrong_pin(
+                        con, serial, self.limits.pin_tries_per_card, actor="ivr",
+                        call_id=call.call_id)
+                if locked:
+                    log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
+                fact = PinFact(match=False, card_failures=count, card_locked=locked,
+                               ani_blocked=blocked)
         if blocked_until is not None:  # committed: the copy read at call starts has it at once
             self._blocks[call.ani] = blocked_until
-        return PinFact(match=False, card_failures=count, card_locked=locked,
-                       ani_blocked=blocked)
+        return fact
 
     async def _redeem(self, call: Call, effect: Redeem) -> Fact:
         lock = RedisLock(self.node.redis_pipe, f"ivr:card-lock:{effect.serial}", ttl_ms=10000)
