@@ -795,3 +795,25 @@ async def test_the_tenth_wrong_pin_blocks_the_number_even_if_the_card_moved_mean
     # no eleventh guess: the number's next call is refused at once
     turn = await ivr.start(caller)
     assert "ani_blocked" in ids(turn) and turn["hangup"], turn
+
+
+async def test_a_recharge_that_committed_is_told_done_even_if_what_follows_times_out(
+        node: Node, ivr: IvrSimulator, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    from switch.ivr import store as ivr_store
+
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
+    monkeypatch.setattr(node.components["ivr"], "effect_timeout_s", 1.0)
+    real = ivr_store.RedisLock.release
+
+    async def slow_release(self: ivr_store.RedisLock, token: str) -> None:
+        if self.key.startswith("ivr:card-lock:"):  # Redis slow after the commit
+            await asyncio.sleep(1.5)
+        await real(self, token)
+
+    monkeypatch.setattr(ivr_store.RedisLock, "release", slow_release)
+    turn = await ivr.send_digits(call_id, "1")
+    assert turn["step"] == "result", turn  # not "service busy": it is done
+    assert (await card_row(node, serial))["state"] == "redeemed"
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 1

@@ -77,7 +77,13 @@ from switch.ivr.store import (
     StoredCall,
 )
 from switch.payments.accounts import AccountsUnavailable, mask_name
-from switch.payments.ledger import Committed, PaymentRequest, load_payment, record_statement
+from switch.payments.ledger import (
+    Committed,
+    PaymentRequest,
+    fetch_duplicate,
+    load_payment,
+    record_statement,
+)
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -143,6 +149,11 @@ ON CONFLICT (ani) DO UPDATE
    SET failures = EXCLUDED.failures, blocked_at = now(), blocked_until = EXCLUDED.blocked_until
 RETURNING extract(epoch FROM blocked_until)
 """
+
+
+def _recharge_hash(call: Call, effect: Redeem) -> bytes:
+    """What identifies a call's recharge of a card (the request hash of its payment)."""
+    return hashlib.sha256(f"{call.call_id}|{effect.serial}|{effect.account_no}".encode()).digest()
 
 
 def _sha(text: str) -> str:
@@ -325,10 +336,31 @@ class IvrService:
             if db.is_fenced(e):
                 await self.node.fenced()
                 raise NodeFenced(call.call_id) from None
+            if isinstance(effect, Redeem):
+                # the failure may have come after the recharge committed (a timeout while the
+                # card lock was given back, say): the caller must hear that it is done
+                done = await self._own_recharge(call, effect)
+                if done is not None:
+                    return done
             log.warning("IVR effect failed; the caller is told the service is busy",
                         extra={"call_id": call.call_id, "effect": type(effect).__name__,
                                "error": type(e).__name__})
             return Busy()
+
+    async def _own_recharge(self, call: Call, effect: Redeem) -> RedeemFact | None:
+        """This call's recharge of the card, if it was committed; None if not (or unknown)."""
+        try:
+            async with asyncio.timeout(self.effect_timeout_s):
+                earlier = await fetch_duplicate(self.node.pool, f"card:{effect.serial}")
+                if (earlier is None or earlier.payment_id is None
+                        or earlier.request_hash != _recharge_hash(call, effect)):
+                    return None
+                rec = await load_payment(self.node.pool, earlier.payment_id)
+        except Exception:
+            return None
+        if rec is None:
+            return None
+        return RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
 
     async def _lookup_account(self, account_no: str) -> Fact:
         try:
@@ -437,8 +469,7 @@ class IvrService:
     async def _redeem_locked(self, call: Call, effect: Redeem) -> Fact:
         node = self.node
         ledger = node.components["ledger"]
-        request_hash = hashlib.sha256(
-            f"{call.call_id}|{effect.serial}|{effect.account_no}".encode()).digest()
+        request_hash = _recharge_hash(call, effect)
         request = PaymentRequest(
             kind="card_recharge", dedup_key=f"card:{effect.serial}", request_hash=request_hash,
             channel="ivr", method="card", account_no=effect.account_no,
