@@ -750,22 +750,6 @@ async def test_retried_wrong_pin_is_counted_once(node: Node, raw: Api, ivr: IvrS
         "SELECT count(*) FROM ivr_pin_failures WHERE serial = $1", serial) == 1
 
 
-async def test_zz_fenced_node_refuses_the_redemption(node: Node, ivr: IvrSimulator,
-                                                     raw: Api, sims: Sims) -> None:
-    """Last in the module: the node loses its lease in the middle of a call."""
-    serial, pin = await make_card(node)
-    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
-    await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
-    st, _, b = await raw.call("POST", f"/ivr/v1/calls/{call_id}/input", json={"digits": "1"})
-    assert st == 503 and orjson.loads(b)["code"] == "standby"
-    assert (await card_row(node, serial))["state"] == "sold"
-    assert await node.pool.fetchval(
-        "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 0
-    stored = await node.redis.hget(f"ivr:call:{call_id}", "doc")
-    assert stored is not None and orjson.loads(stored)["call"]["step"] == "confirm_recharge"
-    assert not node.is_active
-
-
 async def test_the_tenth_wrong_pin_blocks_the_number_even_if_the_card_moved_meanwhile(
         node: Node, ivr: IvrSimulator, sims: Sims) -> None:
     caller = ani()
@@ -817,3 +801,19 @@ async def test_a_recharge_that_committed_is_told_done_even_if_what_follows_times
     assert (await card_row(node, serial))["state"] == "redeemed"
     assert await node.pool.fetchval(
         "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 1
+
+
+async def test_zz_fenced_node_refuses_the_redemption(node: Node, ivr: IvrSimulator,
+                                                     raw: Api, sims: Sims) -> None:
+    """Last in the module: the node loses its lease in the middle of a call."""
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
+    await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    st, _, b = await raw.call("POST", f"/ivr/v1/calls/{call_id}/input", json={"digits": "1"})
+    assert st == 503 and orjson.loads(b)["code"] == "standby"
+    assert (await card_row(node, serial))["state"] == "sold"
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 0
+    stored = await node.redis.hget(f"ivr:call:{call_id}", "doc")
+    assert stored is not None and orjson.loads(stored)["call"]["step"] == "confirm_recharge"
+    assert not node.is_active
