@@ -288,6 +288,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
             sys.stdout.write(out[0])
         return rc
 
+    from switch.business import BusinessCalendar
     from switch.marketing_client import MarketingClient
     from switch.payments.reconcile import reconcile
 
@@ -299,7 +300,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     async def run_m(pool: Any) -> int:
         async with MarketingClient(url, timeout=10) as client:
-            rep = await reconcile(pool, client, day, requeue=not args.dry_run)
+            cal = BusinessCalendar(settings.business.timezone, settings.business.cutover)
+            rep = await reconcile(pool, client, day, requeue=not args.dry_run, calendar=cal)
         print(orjson.dumps(rep.as_dict(), option=orjson.OPT_INDENT_2).decode())
         return 0 if rep.clean else 1
 

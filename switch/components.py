@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridpay.components")
 
 KEYS_LOCK = 0x6B657973  # "keys"
+#: the daily close's requests to the marketing system (a day's postings, several MB)
+RECON_TIMEOUT_S = 60.0
 
 
 class KeyStore:
@@ -141,7 +143,11 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
 
     from switch.payments.daily import DailyCutover
 
-    daily = DailyCutover(node, cal, marketing)
+    # the daily close reads whole days of postings: its own client, with a timeout for that
+    # (the relay's is for one posting)
+    recon_client = MarketingClient(node.services.marketing, timeout=RECON_TIMEOUT_S)
+    stack.push_async_callback(recon_client.close)
+    daily = DailyCutover(node, cal, recon_client)
     comps["daily"] = daily
 
     async def active() -> None:

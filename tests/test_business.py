@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -13,6 +14,7 @@ import pytest
 
 from switch import db
 from switch.business import BusinessCalendar, next_cutover
+from switch.marketing_client import MarketingClient
 from switch.node import Node
 from switch.payments.reconcile import reconcile
 from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
@@ -115,6 +117,44 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         stray = await reconcile(node.pool, node.components["marketing"], day)
         assert stray.extra == ["P888888888888888888"] and not stray.clean
         assert stray.matched == 4 and stray.theirs == 4
+        # strays of this business date dated in the hours where the calendar date differs
+        # (Shanghai 23:30 and 04:00, i.e. the UTC date before) are reported too
+        night = {"P777777777777777771": datetime.combine(day - timedelta(days=1),
+                                                         time(15, 30), UTC),
+                 "P777777777777777772": datetime.combine(day - timedelta(days=1),
+                                                         time(20, 0), UTC)}
+        for posting_id, at in night.items():
+            await node.components["marketing"].post(Posting(
+                posting_id=posting_id, account_no=acct, amount=7, kind="payment",
+                channel="internet", occurred_at=at))
+        late = await reconcile(node.pool, node.components["marketing"], day, requeue=False,
+                               calendar=node.components["calendar"])
+        assert set(night) <= set(late.extra)
+        # a node that lost the lease re-queues nothing: the re-queue is fenced
+        await node.components["forwarder"].stop()
+        stale = int(await node.pool.fetchval("SELECT epoch FROM node_lease"))
+        await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # a takeover
+        await node.pool.execute("UPDATE outbox SET state = 'dead' WHERE posting_id = $1",
+                                "P999999999999999999")
+        hiding = cast(MarketingClient, _Missing(node.components["marketing"],
+                                                "P999999999999999999"))
+        with pytest.raises(Exception) as fenced:
+            await reconcile(node.pool, hiding, day, epoch=stale)
+        assert db.is_fenced(fenced.value), fenced.value
+        assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id = $1",
+                                        "P999999999999999999") == "dead"
+
+
+class _Missing:
+    """The marketing client, but one posting is missing from what it lists."""
+
+    def __init__(self, client: object, posting_id: str) -> None:
+        self.client = client
+        self.posting_id = posting_id
+
+    async def postings_for_date(self, day: date) -> list[object]:
+        got = await self.client.postings_for_date(day)  # type: ignore[attr-defined]
+        return [r for r in got if r.posting.posting_id != self.posting_id]
 
 
 async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: str,

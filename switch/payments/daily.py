@@ -52,7 +52,8 @@ class DailyCutover:
                 " ON CONFLICT (business_date) DO NOTHING",
                 closed, self.node.settings.node.id, self.node.epoch)
         try:
-            rep = await reconcile(self.node.pool, self.marketing, closed)
+            rep = await reconcile(self.node.pool, self.marketing, closed,
+                                  epoch=self.node.epoch, calendar=self.calendar)
         except MarketingError as e:
             log.warning("reconciliation with the marketing system postponed",
                         extra={"business_date": closed.isoformat(), "error": str(e)})

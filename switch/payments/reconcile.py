@@ -15,6 +15,7 @@ from datetime import date, timedelta
 
 import asyncpg
 
+from switch.business import BusinessCalendar
 from switch.marketing_client import MarketingClient
 
 
@@ -53,7 +54,12 @@ SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state
 
 
 async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
-                    requeue: bool = True) -> ReconReport:
+                    requeue: bool = True, epoch: int | None = None,
+                    calendar: BusinessCalendar | None = None) -> ReconReport:
+    """Compare `day`; re-queue what is missing there (fenced by `epoch` when given: only the
+    active node forwards). A stray posting (our id's shape, no outbox row) is reported on the
+    business date its time falls in by `calendar`; without one, on each of the three calendar
+    dates read."""
     rep = ReconReport(day)
     ours = {r["posting_id"]: r for r in await pool.fetch(_OURS, day)}
     rep.ours = len(ours)
@@ -71,15 +77,19 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
         else:
             rep.matched += 1
     rep.theirs = len(ours.keys() & theirs.keys())
-    # looks like ours, dated that day, unknown to that day's outbox: is it in ours at all?
-    candidates = [pid for pid, p in theirs.items() if pid not in ours
-                  and OUR_IDS.fullmatch(pid) and p.occurred_at.date() == day]
+    # looks like ours, not of this date's outbox: is it in the outbox at all? A stray is
+    # judged on the business date of its time (by the calendar date of the time, one posted in
+    # the hours where the two differ would be looked at by no date's run)
+    candidates = [pid for pid, p in theirs.items() if pid not in ours and OUR_IDS.fullmatch(pid)
+                  and (calendar is None or calendar.date_at(p.occurred_at) == day)]
     known = {r["posting_id"] for r in await pool.fetch(
         "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
     rep.extra = sorted(set(candidates) - known)
     if requeue and rep.missing:
         status = await pool.execute(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now()"
-            " WHERE posting_id = ANY($1::text[]) AND state <> 'pending'", rep.missing)
+            "WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)"
+            " UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now()"
+            "  FROM (SELECT count(*) FROM fence) AS f"
+            " WHERE posting_id = ANY($1::text[]) AND state <> 'pending'", rep.missing, epoch)
         rep.requeued = int(status.split()[-1])
     return rep
