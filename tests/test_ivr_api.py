@@ -803,6 +803,29 @@ async def test_a_recharge_that_committed_is_told_done_even_if_what_follows_times
         "SELECT count(*) FROM payments WHERE card_serial = $1", serial) == 1
 
 
+async def test_a_retried_input_is_replayed_though_the_call_moved_to_or_from_the_pin_step(
+        node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
+    serial, _ = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "enter_card_serial")
+    path = f"/ivr/v1/calls/{call_id}/input"
+    st1, _, first = await raw.call("POST", path, json={"digits": serial + "#"}, idem="k-serial")
+    assert st1 == 200 and orjson.loads(first)["step"] == "enter_pin"
+    # the answer was lost: the IVR sends the same input with the same key (now at the PIN step)
+    st2, h2, again = await raw.call("POST", path, json={"digits": serial + "#"}, idem="k-serial")
+    assert (st2, again) == (200, first) and h2.get("Idempotent-Replayed") == "true"
+    # another input under that key is still refused
+    st3, _, raw3 = await raw.call("POST", path, json={"digits": "99#"}, idem="k-serial")
+    assert st3 == 422 and orjson.loads(raw3)["code"] == "idempotency_key_reused"
+    # digits at the PIN step that end the call, retried after the call left that step
+    for i in range(2):
+        st, _, _ = await raw.call("POST", path, json={"digits": "12#"}, idem=f"d{i}")
+        assert st == 200
+    st1, _, last = await raw.call("POST", path, json={"digits": "12#"}, idem="d2")
+    assert st1 == 200 and orjson.loads(last)["hangup"] is True
+    st2, _, again = await raw.call("POST", path, json={"digits": "12#"}, idem="d2")
+    assert (st2, again) == (200, last)
+
+
 async def test_zz_fenced_node_refuses_the_redemption(node: Node, ivr: IvrSimulator,
                                                      raw: Api, sims: Sims) -> None:
     """Last in the module: the node loses its lease in the middle of a call."""

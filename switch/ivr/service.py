@@ -220,7 +220,10 @@ class IvrService:
                 raise CallNotFound(call_id)
             ihash = _input_hash(inp, stored.call.step)
             if idempotency_key is not None and stored.input_key == idempotency_key:
-                if stored.input_hash != ihash:
+                # the same input is judged as it was when first answered (the call has moved
+                # on since, and digits hash differently at the PIN step)
+                at = Step(stored.input_step) if stored.input_step else stored.call.step
+                if stored.input_hash != _input_hash(inp, at):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(stored.turn, replayed=True)
             if isinstance(inp, PinBlock) and stored.input_hash == ihash:
@@ -234,7 +237,7 @@ class IvrService:
             call, turn = dialog.advance(call, inp, fact, self.limits)
             doc = turn.as_json(call_id)
             new = dataclasses.replace(stored, call=call, turn=doc, input_key=idempotency_key,
-                                      input_hash=ihash)
+                                      input_hash=ihash, input_step=stored.call.step.value)
             try:
                 await self.store.save(new, release=held)
             except StoreConflict:

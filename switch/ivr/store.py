@@ -142,6 +142,7 @@ class StoredCall:
     start_hash: str = ""
     input_key: str | None = None
     input_hash: str | None = None
+    input_step: str | None = None  # the step the last input was answered at (for its replay)
     hung_up: bool = False
 
     def doc(self) -> bytes:
@@ -149,14 +150,16 @@ class StoredCall:
         # dataclasses.asdict's deep copy)
         return orjson.dumps({"call": self.call, "turn": self.turn,
                              "start_hash": self.start_hash, "input_key": self.input_key,
-                             "input_hash": self.input_hash, "hung_up": self.hung_up})
+                             "input_hash": self.input_hash, "input_step": self.input_step,
+                             "hung_up": self.hung_up})
 
     @classmethod
     def parse(cls, version: int, raw: bytes) -> StoredCall:
         d = orjson.loads(raw)
         return cls(call=Call.from_json(d["call"]), turn=d["turn"], version=version,
                    start_hash=d["start_hash"], input_key=d["input_key"],
-                   input_hash=d["input_hash"], hung_up=d["hung_up"])
+                   input_hash=d["input_hash"], input_step=d.get("input_step"),
+                   hung_up=d["hung_up"])
 
 
 def _stored(version: bytes | None, doc: bytes | None) -> StoredCall | None:
