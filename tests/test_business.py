@@ -234,3 +234,26 @@ async def test_relay_records_a_failure_only_under_the_current_epoch(
                 outcome.record.posting_id) == 1
         finally:
             await sims.marketing.clear_faults()
+
+
+async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        daily = node.components["daily"]
+        today = node.components["calendar"].today()
+        # the marketing system is down at the cut-over: the date is closed, not reconciled
+        await sims.marketing.set_faults(error_rate=1.0)
+        try:
+            assert await daily.close_date(today - timedelta(days=4)) is None
+        finally:
+            await sims.marketing.clear_faults()
+        # and no node saw the next three cut-overs
+        assert await daily.pending_dates() == [today - timedelta(days=n) for n in (4, 3, 2, 1)]
+        assert await daily._catch_up()
+        rows = await node.pool.fetch("SELECT business_date, reconciled_at, reconciliation"
+                                     " FROM cutovers ORDER BY business_date")
+        assert [r["business_date"] for r in rows] == [today - timedelta(days=n)
+                                                      for n in (4, 3, 2, 1)]
+        assert all(r["reconciled_at"] is not None and r["reconciliation"]["clean"]
+                   for r in rows)
+        assert await daily.pending_dates() == []

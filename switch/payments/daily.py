@@ -3,6 +3,9 @@
 The business date itself needs no write (every node computes it from the clock), but closing a
 date is recorded once, by the active node, fenced by its epoch; then the closed date is
 reconciled with the marketing system and anything missing there is re-queued for forwarding.
+A reconciliation that fails (the marketing system down or slow) is tried again every
+`RETRY_S` until it succeeds, and a date whose cut-over no node saw (every node down, or a
+takeover across it) is closed when the active node next looks, back to the last closed date.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ if TYPE_CHECKING:
     from switch.node import Node
 
 log = logging.getLogger("gridpay.daily")
+
+#: how often the active node retries unreconciled dates and looks for dates it missed
+RETRY_S = 600.0
+#: how far back it looks (older dates are an operator's: `gridpay recon marketing`)
+LOOK_BACK_DAYS = 7
 
 
 class DailyCutover:
@@ -58,17 +66,56 @@ class DailyCutover:
             log.warning("reconciliation with the marketing system postponed",
                         extra={"business_date": closed.isoformat(), "error": str(e)})
             return None
+        async with self.node.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT gridpay_fence($1)", self.node.epoch)
+            await con.execute(
+                "UPDATE cutovers SET reconciled_at = now(), reconciliation = $2::jsonb"
+                " WHERE business_date = $1", closed, rep.as_dict())
         level = logging.INFO if rep.clean else logging.WARNING
         log.log(level, "business date reconciled", extra=rep.as_dict())
         if rep.requeued:
             self.node.components["forwarder"].wake()
         return rep
 
+    async def pending_dates(self) -> list[date]:
+        """Closed dates not yet reconciled, and dates after the last closed one that no node
+        closed, up to yesterday (within `LOOK_BACK_DAYS`)."""
+        today = self.calendar.today()
+        since = today - timedelta(days=LOOK_BACK_DAYS)
+        rows = await self.node.pool.fetch(
+            "SELECT business_date, reconciled_at FROM cutovers WHERE business_date >= $1",
+            since)
+        out = {r["business_date"] for r in rows if r["reconciled_at"] is None}
+        if rows:
+            last = max(r["business_date"] for r in rows)
+            out.update(last + timedelta(days=i) for i in range(1, (today - last).days))
+        return sorted(d for d in out if d < today)
+
+    async def _catch_up(self) -> bool:
+        """Close and reconcile what is pending; False when this node was fenced."""
+        for day in await self.pending_dates():
+            try:
+                await self.close_date(day)
+            except Exception as e:
+                if db.is_fenced(e):
+                    await self.node.fenced()
+                    return False
+                log.exception("cut-over failed", extra={"business_date": day.isoformat()})
+        return True
+
     async def _run(self) -> None:
         while True:
+            try:
+                if not await self._catch_up():
+                    return
+            except Exception:  # the database unreachable, say: look again later
+                log.exception("looking for dates to close failed")
             now = datetime.now(UTC)
             cut = next_cutover(self.calendar, now)
-            await asyncio.sleep(max(0.0, (cut - now).total_seconds()) + 1.0)
+            to_cut = max(0.0, (cut - now).total_seconds()) + 1.0
+            await asyncio.sleep(min(to_cut, RETRY_S))
+            if datetime.now(UTC) < cut:
+                continue  # a retry round, not a cut-over
             closed = self.calendar.date_at(cut) - timedelta(days=1)
             try:
                 await self.close_date(closed)
