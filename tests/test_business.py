@@ -257,3 +257,23 @@ async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
         assert all(r["reconciled_at"] is not None and r["reconciliation"]["clean"]
                    for r in rows)
         assert await daily.pending_dates() == []
+
+
+async def test_a_posting_is_sent_in_the_business_time_zone(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+        key = await api_key(node.pool, "counter")
+        acct = await active_account(sims.marketing)
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            st, _, _ = await api.call("POST", "/v1/payments", idem="tz",
+                                      json={"account_no": acct, "amount": 100, "method": "cash"})
+            assert st == 201
+        await _drain(node)
+        pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
+        posted = sims.marketing.ledger.posting(pid)
+        assert posted is not None
+        sent = posted.request.occurred_at
+        assert sent.utcoffset() == timedelta(hours=8)  # Asia/Shanghai, the configured zone
+        assert posted.request.business_date == sent.date()  # dated by the local day there

@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any
 
 import asyncpg
@@ -86,7 +87,8 @@ class ForwardStats:
 class Forwarder:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, settings: ForwarderSettings,
                  metrics: Metrics, epoch: Callable[[], int], *, concurrency: int = 16,
-                 on_fenced: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_fenced: Callable[[], Awaitable[None]] | None = None,
+                 timezone: tzinfo | None = None) -> None:
         self.pool = pool
         self.client = client
         self.settings = settings
@@ -96,6 +98,9 @@ class Forwarder:
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
         self._sem = asyncio.Semaphore(concurrency)
+        # occurred_at is sent in the business time zone: the marketing system dates a posting
+        # by the date of its time as sent, which is then the local day, not the UTC one
+        self.timezone = timezone
 
     def wake(self) -> None:
         self._wake.set()
@@ -155,7 +160,9 @@ class Forwarder:
         """Send one posting; its result when accepted (the caller marks it sent), else None."""
         posting = Posting(
             posting_id=row["posting_id"], account_no=row["account_no"], amount=row["amount"],
-            kind=row["kind"], channel=row["channel"], occurred_at=row["occurred_at"],
+            kind=row["kind"], channel=row["channel"],
+            occurred_at=(row["occurred_at"].astimezone(self.timezone) if self.timezone
+                         else row["occurred_at"]),
             original_posting_id=row["original_posting_id"],
         )
         async with self._sem:
