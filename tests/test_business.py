@@ -41,19 +41,24 @@ def test_settlement_mmdd_is_read_in_the_nearest_year() -> None:
         cal.date_from_mmdd("0230", date(2026, 12, 31))
 
 
+async def _pay_at_counter(node: Node, sims: Sims, idem: str) -> tuple[int, bytes]:
+    """One counter payment of 100 fen, once the node's account mirror is ready."""
+    await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+    key = await api_key(node.pool, "counter")
+    acct = await active_account(sims.marketing)
+    async with aiohttp.ClientSession() as s:
+        api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+        st, _, raw = await api.call("POST", "/v1/payments", idem=idem,
+                                    json={"account_no": acct, "amount": 100, "method": "cash"})
+    return st, raw
+
+
 async def test_a_payment_after_the_cutover_belongs_to_the_next_date(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     # a cut-over at 00:00 local time has always just passed: every payment is "after" it
     async with running_node(clean_db, clean_redis, sims, tmp_path,
                             GRIDPAY_CUTOVER="00:00") as node:
-        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
-        key = await api_key(node.pool, "counter")
-        acct = await active_account(sims.marketing)
-        async with aiohttp.ClientSession() as s:
-            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
-            st, _, raw = await api.call("POST", "/v1/payments", idem="cut",
-                                        json={"account_no": acct, "amount": 100,
-                                              "method": "cash"})
+        st, raw = await _pay_at_counter(node, sims, "cut")
         assert st == 201
         local_today = datetime.now(SH).date()
         assert orjson.loads(raw)["business_date"] == (local_today + timedelta(1)).isoformat()
@@ -262,14 +267,8 @@ async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
 async def test_a_posting_is_sent_in_the_business_time_zone(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
-        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
-        key = await api_key(node.pool, "counter")
-        acct = await active_account(sims.marketing)
-        async with aiohttp.ClientSession() as s:
-            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
-            st, _, _ = await api.call("POST", "/v1/payments", idem="tz",
-                                      json={"account_no": acct, "amount": 100, "method": "cash"})
-            assert st == 201
+        st, _ = await _pay_at_counter(node, sims, "tz")
+        assert st == 201
         await _drain(node)
         pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
         posted = sims.marketing.ledger.posting(pid)
