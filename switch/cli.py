@@ -289,19 +289,25 @@ def cmd_recon(args: argparse.Namespace) -> int:
         return rc
 
     from switch.business import BusinessCalendar
-    from switch.marketing_client import MarketingClient
+    from switch.marketing_client import MarketingClient, MarketingError
     from switch.payments.reconcile import reconcile
 
-    url = settings.services.marketing_url or args.marketing_url
+    url = args.marketing_url or settings.services.marketing_url  # the command line wins
     if not url:
         print("gridpay recon marketing: set GRIDPAY_MARKETING_URL or --marketing-url",
               file=sys.stderr)
         return 2
 
     async def run_m(pool: Any) -> int:
-        async with MarketingClient(url, timeout=10) as client:
+        async with MarketingClient(url, timeout=60) as client:
             cal = BusinessCalendar(settings.business.timezone, settings.business.cutover)
-            rep = await reconcile(pool, client, day, requeue=not args.dry_run, calendar=cal)
+            try:
+                rep = await reconcile(pool, client, day, requeue=not args.dry_run,
+                                      calendar=cal)
+            except MarketingError as e:  # not a difference: the comparison could not be made
+                print(f"gridpay recon marketing: the marketing system cannot be read now: {e}",
+                      file=sys.stderr)
+                return 2
         print(orjson.dumps(rep.as_dict(), option=orjson.OPT_INDENT_2).decode())
         return 0 if rep.clean else 1
 

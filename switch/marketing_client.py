@@ -398,5 +398,5 @@ class MarketingClient:
         try:
             body = self._parse(raw)
             return [_record(item) for item in body["postings"]]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed posting list") from exc

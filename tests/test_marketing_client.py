@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -278,6 +279,39 @@ async def test_a_temporary_refusal_is_retried_not_a_dead_letter(status: int) -> 
             await client.post(payment("x", "1000000008", 1))
         with pytest.raises(MarketingUnavailable):  # an answer about another customer is no answer
             await client.get_account("2000000002")
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_one_record_the_database_cannot_hold_does_not_stop_the_mirror(
+        pool: asyncpg.Pool) -> None:
+    from switch.payments.accounts import Accounts
+
+    accounts = [{"account_no": f"{1000000000 + i}", "name": "张三", "status": "active",
+                 "arrears": 0, "prepaid_balance": 0, "bills": []} for i in range(30)]
+    accounts[5]["name"] = "李\x00四"
+
+    async def listing(request: web.Request) -> web.Response:
+        after = request.query.get("after")
+        limit = int(request.query["limit"])
+        rest = [a for a in accounts if after is None or str(a["account_no"]) > after]
+        page = rest[:limit]
+        nxt = page[-1]["account_no"] if len(rest) > limit else None
+        return web.json_response({"accounts": page, "next_after": nxt})
+
+    app = web.Application()
+    app.router.add_get("/accounts", listing)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = MarketingClient(f"http://127.0.0.1:{site.port}")
+    try:
+        mirror = Accounts(pool, client)
+        assert await mirror.sync_once(page=10) == 30
+        assert mirror.synced.is_set()
+        assert await pool.fetchval("SELECT count(*) FROM account_mirror") == 29
     finally:
         await client.close()
         await runner.cleanup()
