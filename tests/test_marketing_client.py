@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
@@ -266,21 +267,27 @@ async def test_a_temporary_refusal_is_retried_not_a_dead_letter(status: int) -> 
                                   "status": "active", "arrears": 0, "prepaid_balance": 0,
                                   "bills": []})
 
+    async with _serving([web.post("/postings", busy),
+                         web.get("/accounts/{account_no}", other_account)]) as url:
+        async with MarketingClient(url) as client:
+            with pytest.raises(MarketingUnavailable):  # the relay retries it later
+                await client.post(payment("x", "1000000008", 1))
+            with pytest.raises(MarketingUnavailable):  # another customer's is no answer
+                await client.get_account("2000000002")
+
+
+@contextlib.asynccontextmanager
+async def _serving(routes: list[web.RouteDef]) -> AsyncIterator[str]:
+    """A stand-in marketing system with these routes; its base URL."""
     app = web.Application()
-    app.add_routes([web.post("/postings", busy),
-                    web.get("/accounts/{account_no}", other_account)])
+    app.add_routes(routes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    client = MarketingClient(f"http://127.0.0.1:{site.port}/")
     try:
-        with pytest.raises(MarketingUnavailable):  # the relay retries it later
-            await client.post(payment("x", "1000000008", 1))
-        with pytest.raises(MarketingUnavailable):  # an answer about another customer is no answer
-            await client.get_account("2000000002")
+        yield f"http://127.0.0.1:{site.port}/"
     finally:
-        await client.close()
         await runner.cleanup()
 
 
@@ -300,18 +307,8 @@ async def test_one_record_the_database_cannot_hold_does_not_stop_the_mirror(
         nxt = page[-1]["account_no"] if len(rest) > limit else None
         return web.json_response({"accounts": page, "next_after": nxt})
 
-    app = web.Application()
-    app.router.add_get("/accounts", listing)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    client = MarketingClient(f"http://127.0.0.1:{site.port}")
-    try:
+    async with _serving([web.get("/accounts", listing)]) as url, MarketingClient(url) as client:
         mirror = Accounts(pool, client)
         assert await mirror.sync_once(page=10) == 30
         assert mirror.synced.is_set()
         assert await pool.fetchval("SELECT count(*) FROM account_mirror") == 29
-    finally:
-        await client.close()
-        await runner.cleanup()
