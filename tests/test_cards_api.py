@@ -470,3 +470,29 @@ async def test_a_stale_node_orders_no_batch(admin_api: Api) -> None:
     assert await a.pool.fetchval("SELECT count(*) FROM card_jobs") == 0
     assert await a.pool.fetchval(
         "SELECT count(*) FROM card_oplog WHERE action = 'batch.order'") == 0
+
+
+async def test_a_card_voided_before_its_card_back_file_does_not_block_the_batch(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch = await _order(a, 5)
+    await a.call("POST", "/voids", "admin",
+                 json={"serials": [batch["first_serial"]], "reason": "damaged"}, expect=200)
+    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    (tmp_path / "b.ncf").write_bytes(ncf)
+    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=1)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                 data=(tmp_path / "b.cbf").read_bytes(), expect=200)
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["status"] == "reconciled"
+    assert view["counts"]["produced"] == 4 and view["counts"]["voided"] == 1
+
+
+async def test_a_card_back_file_with_an_absurd_number_is_a_422(admin_api: Api) -> None:
+    a = admin_api
+    batch = await _order(a, 3)
+    body = (f"H|GRIDPAY-CARDBACK|1|{batch['id']}|1|acme|x\n").encode() + \
+        b"D|" + batch["first_serial"].encode() + b"|" + b"9" * 5000 + b"|1|OK|10000\n"
+    refused = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                           data=body, expect=422)
+    assert refused["code"] == "malformed_card_back_file" and "line 2" in refused["detail"]

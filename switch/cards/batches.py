@@ -296,14 +296,20 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
             " WHERE id = $1 AND status = 'ordered' RETURNING id", batch_id, rec.as_dict())
         if locked is None:
             raise Conflict(f"batch {batch_id} was reconciled meanwhile", code="batch_state")
+        # cards voided before the file came (a void of an ordered card is allowed) stay voided:
+        # neither voided again nor counted among the cards the file matches
+        already = {r["serial"] for r in await conn.fetch(
+            "SELECT serial FROM cards WHERE batch_id = $1 AND state = 'voided'", batch_id)}
         for kind, serials in sorted(by_kind.items()):
-            await states.transition(conn, serials, CardState.VOIDED, actor=actor,
-                                    reason=f"reconciliation: {kind}",
-                                    doc=states.Document(type="batch", id=str(batch_id)))
+            todo = [s for s in serials if s not in already]
+            if todo:
+                await states.transition(conn, todo, CardState.VOIDED, actor=actor,
+                                        reason=f"reconciliation: {kind}",
+                                        doc=states.Document(type="batch", id=str(batch_id)))
         moved = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
             reason="reconciled with the card-back file", exclude=list(to_void))
-        if moved != rec.matched:
+        if moved != rec.matched - len(already - to_void.keys()):
             raise Conflict(f"batch {batch_id}: {moved} cards matched in the database, "
                            f"{rec.matched} in the file", code="reconciliation_mismatch")
     if progress is not None:

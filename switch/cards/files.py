@@ -33,6 +33,11 @@ def _bad(line_no: int, what: str, code: str = "malformed_card_back_file") -> Inv
     return InvalidInput(f"line {line_no}: {what}", code=code)
 
 
+def _num(text: str) -> bool:
+    """A number field of a card file: ASCII digits, at most 18 (int() refuses over 4300)."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
 # --- new-card file ----------------------------------------------------------------------------
 
 def new_card_header(*, batch_id: int, face_value: int, count: int, manufacturer: str,
@@ -158,12 +163,12 @@ class CardBackParser:
         parts = text.rstrip("\r\n").split("|")
         if self._header is None:
             if len(parts) != 7 or parts[:3] != ["H", CARD_BACK_MAGIC, FORMAT_VERSION] \
-                    or not parts[3].isdigit() or not parts[4].isdigit():
+                    or not _num(parts[3]) or not _num(parts[4]):
                 raise _bad(self._line, "not a card-back file header")
             self._header = parts
             return
         if parts[0] == "T":
-            if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+            if len(parts) != 4 or not _num(parts[1]) or not _num(parts[2]):
                 raise _bad(self._line, "malformed trailer")
             n = len(self._records)
             if int(parts[1]) != n or int(self._header[4]) != n:
@@ -180,8 +185,8 @@ class CardBackParser:
         if len(parts) != 6 or parts[0] != "D":
             raise _bad(self._line, "malformed record")
         serial, box, pack, status, face = parts[1:]
-        if len(serial) != 16 or not serial.isdigit() or not box.isdigit() \
-                or not pack.isdigit() or not face.isdigit() \
+        if len(serial) != 16 or not serial.isdigit() or not _num(box) \
+                or not _num(pack) or not _num(face) \
                 or status not in (PRINT_OK, PRINT_DAMAGED):
             raise _bad(self._line, "malformed record")
         if len(self._records) >= self._max:
