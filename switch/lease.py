@@ -77,7 +77,9 @@ def session_dsn(url: str, node_id: str) -> str:
 
 
 # Take the lease: handed to me, handed to anyone but its holder, expired (unless handed to a
-# named node less than a ttl ago), or expired for more than a whole ttl whatever was planned.
+# named node less than a ttl ago; and not by the holder that was asked to hand it over, which
+# may still be draining: it gets it back only like anyone, a whole ttl after expiry), or
+# expired for more than a whole ttl whatever was planned.
 _ACQUIRE = """
 UPDATE node_lease
    SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2),
@@ -86,7 +88,8 @@ UPDATE node_lease
    AND (handover_to = $1
         OR (handover_to = '*' AND holder IS DISTINCT FROM $1)
         OR ((holder IS NULL OR expires_at < now())
-            AND (handover_to IS NULL OR handover_to LIKE '?%'))
+            AND (handover_to IS NULL
+                 OR (handover_to LIKE '?%' AND holder IS DISTINCT FROM $1)))
         OR expires_at < now() - make_interval(secs => $2))
 RETURNING epoch
 """

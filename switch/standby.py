@@ -275,6 +275,9 @@ async def switchover(database_url: str, to_node: str | None = None,
                 await con.execute(_WITHDRAW, st.epoch, ask, timeout=5)
             raise
         assert new.holder is not None
+        if new.holder == st.holder:  # nobody else took it: the old holder has it again
+            raise SwitchoverRefused(f"no other node took the lease; {st.holder} holds it again "
+                                    f"(epoch {new.epoch})")
         return SwitchoverResult(st.holder, st.epoch, new.holder, new.epoch,
                                 time.monotonic() - started)
     finally:

@@ -304,3 +304,40 @@ async def test_a_demoted_node_stops_its_card_jobs(node: Node) -> None:
     job = await jobs.get_job(node.pool, job_id)
     assert job["state"] == "failed", job
     assert "lost the active role" in str(job["error"])
+
+
+async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_node(
+        clean_db: str) -> None:
+    from switch import db as gdb
+    from switch.lease import Lease, session_dsn
+    from switch.standby import switchover
+
+    seen: dict[str, bool] = {}
+
+    async def nothing() -> None:
+        pass
+
+    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
+             for n in ("node-a", "node-b")]
+    b = Lease(pools[1], "node-b", ttl_s=1.0, renew_s=0.2, on_active=nothing,
+              on_standby=nothing)
+
+    async def slow_drain() -> None:  # in-flight work finishing for longer than the ttl
+        for _ in range(80):
+            await asyncio.sleep(0.02)
+            seen["a_active_again"] = seen.get("a_active_again", False) or a.is_active
+
+    a = Lease(pools[0], "node-a", ttl_s=1.0, renew_s=0.2, on_active=nothing,
+              on_standby=slow_drain)
+    await a.start()
+    await b.start()
+    try:
+        result = await switchover(clean_db, None, timeout_s=5)
+        assert (result.from_node, result.to_node) == ("node-a", "node-b")
+        await asyncio.sleep(1.0)
+        assert b.is_active and not a.is_active and not seen["a_active_again"]
+    finally:
+        for lease in (a, b):
+            await lease.stop()
+        for p in pools:
+            await p.close()
