@@ -135,6 +135,7 @@ class Lease:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._handing_over: asyncio.Task[bool] | None = None
+        self._hold_off_until = 0.0  # monotonic: before it, do not try to take the lease
 
     @property
     def is_active(self) -> bool:
@@ -187,7 +188,7 @@ class Lease:
                 log.info("switchover requested", extra={"to_node": target})
                 self._handing_over = asyncio.create_task(self._handover_then_clear(target))
             return
-        if self.role is Role.STOPPED:
+        if self.role is Role.STOPPED or time.monotonic() < self._hold_off_until:
             return
         epoch = await self._acquire()
         if epoch is not None:
@@ -227,6 +228,20 @@ class Lease:
         self._valid_until = 0.0
         self._move(Role.STANDBY)
         await self._on_standby()
+
+    async def step_aside(self, reason: str, hold_off_s: float | None = None) -> None:
+        """Demote, and give the lease up in the database at once (the other node need not
+        wait for it to expire); then do not try to take it again for `hold_off_s` (default
+        two ttls), so that a node that cannot work does not win it back first."""
+        epoch = self.epoch
+        was_active = self.role is Role.ACTIVE
+        self._hold_off_until = time.monotonic() + (2 * self.ttl_s if hold_off_s is None
+                                                   else hold_off_s)
+        await self.demote(reason)
+        if was_active:
+            with contextlib.suppress(Exception):
+                async with self.pool.acquire(timeout=self.ttl_s) as con:
+                    await con.execute(_RELEASE, self.node_id, epoch, timeout=self.ttl_s)
 
     async def _handover_then_clear(self, to_node: str) -> bool:
         try:

@@ -95,7 +95,8 @@ class Node:
                 await hook()
             except Exception:
                 log.exception("activation hook failed")
-                await self.lease.demote("activation failed")
+                # a node that cannot work gives the lease up for the other one at once
+                await self.lease.step_aside("activation failed")
                 return
 
     async def _became_standby(self) -> None:

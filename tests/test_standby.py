@@ -341,3 +341,41 @@ async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_nod
             await lease.stop()
         for p in pools:
             await p.close()
+
+
+async def test_a_node_that_cannot_activate_gives_the_lease_to_the_other_at_once(
+        clean_db: str) -> None:
+    from switch import db as gdb
+    from switch.lease import Lease
+
+    async def nothing() -> None:
+        pass
+
+    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
+             for n in ("node-a", "node-b")]
+    failed: list[float] = []
+
+    async def cannot_work() -> None:  # as Node does when an activation hook fails
+        failed.append(time.monotonic())
+        await a.step_aside("activation failed")
+
+    a = Lease(pools[0], "node-a", ttl_s=2.0, renew_s=0.2, on_active=cannot_work,
+              on_standby=nothing)
+    b = Lease(pools[1], "node-b", ttl_s=2.0, renew_s=0.2, on_active=nothing,
+              on_standby=nothing)
+    await a.start()
+    await b.start()
+    try:
+        for _ in range(100):
+            if b.is_active:
+                break
+            await asyncio.sleep(0.02)
+        assert b.is_active and failed
+        assert time.monotonic() - failed[0] < 1.0  # not a whole ttl with nobody active
+        await asyncio.sleep(1.0)
+        assert b.is_active and len(failed) == 1  # and the broken node did not take it back
+    finally:
+        for lease in (a, b):
+            await lease.stop()
+        for p in pools:
+            await p.close()
