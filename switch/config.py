@@ -248,7 +248,8 @@ def _institution(i: int, raw: Any) -> Institution:
         except ValueError:
             raise ConfigError(f"{k}.allowed", a, "a CIDR network such as 127.0.0.0/8") from None
     tx = raw.get("transactions", list(TRANSACTION_TYPES))
-    if not isinstance(tx, list) or not set(tx) <= set(TRANSACTION_TYPES):
+    if not isinstance(tx, list) or not all(isinstance(t, str) for t in tx) \
+            or not set(tx) <= set(TRANSACTION_TYPES):
         raise ConfigError(f"{k}.transactions", tx, f"a list drawn from {TRANSACTION_TYPES}")
     mac = raw.get("mac", True)
     if not isinstance(mac, bool):
@@ -294,6 +295,8 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
                "a local time HH:MM")
     hsm_addr = _str(svc, "hsm_addr", "services.hsm_addr", r"|[^:\s]+:[0-9]{1,5}",
                     "empty (embedded) or host:port")
+    if hsm_addr and not 1 <= int(hsm_addr.rpartition(":")[2]) <= 65535:
+        raise ConfigError("services.hsm_addr", hsm_addr, "host:port with a port from 1 to 65535")
     db_url = _str(svc, "database_url", "services.database_url", r"|postgres(ql)?://\S+",
                   "empty (embedded) or a postgresql:// URL")
     # redis:// only: the hot paths' client (switch/redis_pipe.py) speaks plain TCP
@@ -318,6 +321,11 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
     if len(ids) != len(set(ids)):
         raise ConfigError("institutions", ids, "unique institution ids")
 
+    pool_min = _int(svc, "db_pool_min", "services.db_pool_min", 1, 100)
+    pool_max = _int(svc, "db_pool_max", "services.db_pool_max", 1, 500)
+    if pool_min > pool_max:
+        raise ConfigError("services.db_pool_min", pool_min,
+                          f"at most services.db_pool_max ({pool_max})")
     return Settings(
         node=NodeSettings(
             id=_str(node, "id", "node.id", _NODE_ID.pattern, "1-32 of [A-Za-z0-9_.-]"),
@@ -336,8 +344,8 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
             redis_url=redis_url,
             hsm_addr=hsm_addr,
             marketing_url=mkt.rstrip("/"),
-            db_pool_min=_int(svc, "db_pool_min", "services.db_pool_min", 1, 100),
-            db_pool_max=_int(svc, "db_pool_max", "services.db_pool_max", 1, 500),
+            db_pool_min=pool_min,
+            db_pool_max=pool_max,
             marketing_customers=_int(svc, "marketing_customers", "services.marketing_customers",
                                      1, 10_000_000),
             marketing_seed=_int(svc, "marketing_seed", "services.marketing_seed", 0, 2**31),

@@ -35,7 +35,10 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 # bytes written as Python literals (b'\x8a\x12...'): a key or PIN block formatted with %s or
 # %r, or a repr inside an exception; their escapes are not hex runs, so they go whole
 _BYTES_REPR = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
-_KV = re.compile(r"(?i)\b(pin_?block|pin|password|api_?key|token|key|mac)(\s*[=:]\s*)(\S+)")
+_KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|key|mac|cvv)"
+                 r"(\s*[=:]\s*)(\S+)")
+# the password of a URL: scheme://user:PASSWORD@host
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -44,6 +47,7 @@ def mask_text(text: str) -> str:
     text = _BYTES_REPR.sub("<bytes>", text)
     text = _BEARER.sub(r"\1***", text)
     text = _KV.sub(r"\1\2***", text)
+    text = _URL_PASSWORD.sub(r"\1***@", text)
     text = _HEX_RUN.sub(lambda m: f"<hex:{len(m.group())}>", text)
     return _B64_RUN.sub(lambda m: f"<masked:{len(m.group())}>", text)
 

@@ -308,16 +308,25 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         print(f"gridpay switchover: no database: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
+    timeout = float(getattr(args, "timeout", 10.0))
+    if not timeout > 0:
+        print("gridpay switchover: --timeout must be a positive number of seconds",
+              file=sys.stderr)
+        return 2
+
     async def run() -> int:
         try:
-            result = await switchover(url, getattr(args, "to", None),
-                                      float(getattr(args, "timeout", 10.0)))
+            result = await switchover(url, getattr(args, "to", None), timeout)
         except SwitchoverRefused as e:
             print(f"gridpay switchover: refused: {e}", file=sys.stderr)
             return 3
         except SwitchoverTimeout as e:
             print(f"gridpay switchover: {e}", file=sys.stderr)
             return 4
+        except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+            print(f"gridpay switchover: the database cannot be reached: {type(e).__name__}",
+                  file=sys.stderr)
+            return 2
         print(result.describe())
         return 0
 
@@ -328,7 +337,11 @@ def cmd_lease(args: argparse.Namespace) -> int:
     """`gridpay lease`: who holds the lease (one JSON line)."""
     import orjson
 
-    url = _database_url(args)
+    try:
+        url = _database_url(args)
+    except StandbyError as e:
+        print(f"gridpay lease: {e}", file=sys.stderr)
+        return 2
 
     async def run() -> dict[str, Any]:
         con = await asyncpg.connect(url, timeout=10)
@@ -340,7 +353,13 @@ def cmd_lease(args: argparse.Namespace) -> int:
                 "expires_in_s": round(st.expires_in_s, 3), "handover_to": st.handover_to,
                 "at": datetime.now().astimezone().isoformat(timespec="seconds")}
 
-    print(orjson.dumps(asyncio.run(run())).decode())
+    try:
+        state = asyncio.run(run())
+    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+        print(f"gridpay lease: the database cannot be reached: {type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    print(orjson.dumps(state).decode())
     return 0
 
 

@@ -37,6 +37,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GRIDPAY_TIMEZONE": "Mars/Olympus"}, "business.timezone", "IANA"),
         ({"GRIDPAY_DATABASE_URL": "mysql://x"}, "services.database_url", "postgresql://"),
         ({"GRIDPAY_HSM_ADDR": "nohostport"}, "services.hsm_addr", "host:port"),
+        ({"GRIDPAY_HSM_ADDR": "127.0.0.1:99999"}, "services.hsm_addr", "1 to 65535"),
         ({"GRIDPAY_REDIS_URL": "rediss://cache:6380/0"}, "services.redis_url", "redis://"),
         ({"GRIDPAY_NODE_ID": "bad id!"}, "node.id", "A-Za-z0-9"),
     ],
@@ -79,3 +80,16 @@ def test_relay_concurrency_is_read_and_bounded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(f, env={})
     assert e.value.key == "forwarder.concurrency" and "1 to 1000" in str(e.value)
+
+
+def test_contradictory_or_ill_typed_settings_are_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[services]\ndb_pool_min = 50\ndb_pool_max = 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    assert e.value.key == "services.db_pool_min" and "db_pool_max" in str(e.value)
+    f.write_text('[[institutions]]\nid = "01020000"\ndialect = "bank"\n'
+                 'allowed = ["127.0.0.0/8"]\ntransactions = [["payment"]]\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    assert e.value.key == "institutions[0].transactions"

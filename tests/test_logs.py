@@ -61,3 +61,13 @@ def test_bytes_written_as_python_literals_are_masked() -> None:
     out = buf.getvalue()
     assert "\\\\x8" not in out and "x80" not in out
     assert out.count("<bytes>") >= 3 and "curb'n'" in out
+
+
+def test_url_passwords_and_more_secret_words_are_masked() -> None:
+    from switch.logs import mask_text
+
+    text = ("connect postgresql://gridpay:Hunter2pw@db:5432/gridpay failed; "
+            "secret=Hunter2pw passwd: Hunter2pw cvv=123")
+    masked = mask_text(text)
+    assert "Hunter2pw" not in masked and "123" not in masked
+    assert "postgresql://gridpay:***@db:5432/gridpay" in masked

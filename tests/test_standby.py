@@ -379,3 +379,18 @@ async def test_a_node_that_cannot_activate_gives_the_lease_to_the_other_at_once(
             await lease.stop()
         for p in pools:
             await p.close()
+
+
+def test_operator_commands_answer_in_one_line_when_the_database_is_unreachable() -> None:
+    import subprocess
+    import sys
+
+    def gridpay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "switch.cli", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    nowhere = "postgresql://postgres@127.0.0.1:9/gridpay"
+    for out in (gridpay("switchover", "--database-url", nowhere, "--timeout", "2"),
+                gridpay("switchover", "--database-url", nowhere, "--timeout", "-1")):
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("gridpay switchover:")
