@@ -76,10 +76,11 @@ def session_dsn(url: str, node_id: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-# Take the lease: handed to me, handed to anyone but its holder, expired (unless handed to a
-# named node less than a ttl ago; and not by the holder that was asked to hand it over, which
-# may still be draining: it gets it back only like anyone, a whole ttl after expiry), or
-# expired for more than a whole ttl whatever was planned.
+# Take the lease: handed to me, handed to anyone but its holder, expired (not by the holder
+# that was asked to hand it over, which may still be draining), handed to a named node that
+# has not taken it within a quarter of a ttl (it is down, or no such node: anyone, so that the
+# pair is not left without an active node for a whole ttl), or expired for more than a whole
+# ttl whatever was planned.
 _ACQUIRE = """
 UPDATE node_lease
    SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2),
@@ -90,6 +91,8 @@ UPDATE node_lease
         OR ((holder IS NULL OR expires_at < now())
             AND (handover_to IS NULL
                  OR (handover_to LIKE '?%' AND holder IS DISTINCT FROM $1)))
+        OR (handover_to NOT LIKE '?%' AND handover_to <> '*'
+            AND expires_at < now() - make_interval(secs => $2 / 4))
         OR expires_at < now() - make_interval(secs => $2))
 RETURNING epoch
 """

@@ -394,3 +394,30 @@ def test_operator_commands_answer_in_one_line_when_the_database_is_unreachable()
                 gridpay("switchover", "--database-url", nowhere, "--timeout", "-1")):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("gridpay switchover:")
+
+
+async def test_a_switchover_to_a_node_that_never_comes_leaves_no_gap_of_a_ttl(
+        clean_db: str) -> None:
+    from switch import db as gdb
+    from switch.lease import Lease
+    from switch.standby import SwitchoverTimeout, switchover
+
+    async def nothing() -> None:
+        pass
+
+    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
+             for n in ("node-a", "node-b")]
+    a, b = (Lease(p, n, ttl_s=2.0, renew_s=0.2, on_active=nothing, on_standby=nothing)
+            for p, n in zip(pools, ("node-a", "node-b"), strict=True))
+    await a.start()
+    await b.start()
+    try:
+        with pytest.raises(SwitchoverTimeout):
+            await switchover(clean_db, "node-ghost", timeout_s=1.5)
+        # the lease was handed to nobody that exists: a node took it back well within a ttl
+        assert a.is_active or b.is_active
+    finally:
+        for lease in (a, b):
+            await lease.stop()
+        for p in pools:
+            await p.close()
