@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,11 +16,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from switch.lease import Role, application_name, session_dsn
+from switch.lease import Lease, Role, application_name, session_dsn
 from switch.node import Node
 from switch.replication import ReplicatedPostgres
 from switch.standby import (
     SwitchoverRefused,
+    SwitchoverTimeout,
     TakeoverClock,
     drop_abandoned_claims,
     lease_state,
@@ -306,29 +308,42 @@ async def test_a_demoted_node_stops_its_card_jobs(node: Node) -> None:
     assert "lost the active role" in str(job["error"])
 
 
+async def _nothing() -> None:
+    pass
+
+
+async def _lease_pair(url: str, *, ttl_s: float, a_active: Callable[[], Awaitable[None]] = _nothing,
+                      a_standby: Callable[[], Awaitable[None]] = _nothing
+                      ) -> tuple[Lease, Lease, list[asyncpg.Pool]]:
+    """node-a and node-b's leases (not started: a test's hooks may name them first)."""
+    from switch import db as gdb
+
+    pools = [await gdb.create_pool(session_dsn(url, n), min_size=1, max_size=2)
+             for n in ("node-a", "node-b")]
+    a = Lease(pools[0], "node-a", ttl_s=ttl_s, renew_s=0.2, on_active=a_active,
+              on_standby=a_standby)
+    b = Lease(pools[1], "node-b", ttl_s=ttl_s, renew_s=0.2, on_active=_nothing,
+              on_standby=_nothing)
+    return a, b, pools
+
+
+async def _stop_pair(a: Lease, b: Lease, pools: list[asyncpg.Pool]) -> None:
+    for lease in (a, b):
+        await lease.stop()
+    for p in pools:
+        await p.close()
+
+
 async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_node(
         clean_db: str) -> None:
-    from switch import db as gdb
-    from switch.lease import Lease, session_dsn
-    from switch.standby import switchover
-
     seen: dict[str, bool] = {}
-
-    async def nothing() -> None:
-        pass
-
-    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
-             for n in ("node-a", "node-b")]
-    b = Lease(pools[1], "node-b", ttl_s=1.0, renew_s=0.2, on_active=nothing,
-              on_standby=nothing)
 
     async def slow_drain() -> None:  # in-flight work finishing for longer than the ttl
         for _ in range(80):
             await asyncio.sleep(0.02)
             seen["a_active_again"] = seen.get("a_active_again", False) or a.is_active
 
-    a = Lease(pools[0], "node-a", ttl_s=1.0, renew_s=0.2, on_active=nothing,
-              on_standby=slow_drain)
+    a, b, pools = await _lease_pair(clean_db, ttl_s=1.0, a_standby=slow_drain)
     await a.start()
     await b.start()
     try:
@@ -337,32 +352,18 @@ async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_nod
         await asyncio.sleep(1.0)
         assert b.is_active and not a.is_active and not seen["a_active_again"]
     finally:
-        for lease in (a, b):
-            await lease.stop()
-        for p in pools:
-            await p.close()
+        await _stop_pair(a, b, pools)
 
 
 async def test_a_node_that_cannot_activate_gives_the_lease_to_the_other_at_once(
         clean_db: str) -> None:
-    from switch import db as gdb
-    from switch.lease import Lease
-
-    async def nothing() -> None:
-        pass
-
-    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
-             for n in ("node-a", "node-b")]
     failed: list[float] = []
 
     async def cannot_work() -> None:  # as Node does when an activation hook fails
         failed.append(time.monotonic())
         await a.step_aside("activation failed")
 
-    a = Lease(pools[0], "node-a", ttl_s=2.0, renew_s=0.2, on_active=cannot_work,
-              on_standby=nothing)
-    b = Lease(pools[1], "node-b", ttl_s=2.0, renew_s=0.2, on_active=nothing,
-              on_standby=nothing)
+    a, b, pools = await _lease_pair(clean_db, ttl_s=2.0, a_active=cannot_work)
     await a.start()
     await b.start()
     try:
@@ -375,10 +376,21 @@ async def test_a_node_that_cannot_activate_gives_the_lease_to_the_other_at_once(
         await asyncio.sleep(1.0)
         assert b.is_active and len(failed) == 1  # and the broken node did not take it back
     finally:
-        for lease in (a, b):
-            await lease.stop()
-        for p in pools:
-            await p.close()
+        await _stop_pair(a, b, pools)
+
+
+async def test_a_switchover_to_a_node_that_never_comes_leaves_no_gap_of_a_ttl(
+        clean_db: str) -> None:
+    a, b, pools = await _lease_pair(clean_db, ttl_s=2.0)
+    await a.start()
+    await b.start()
+    try:
+        with pytest.raises(SwitchoverTimeout):
+            await switchover(clean_db, "node-ghost", timeout_s=1.5)
+        # the lease was handed to nobody that exists: a node took it back well within a ttl
+        assert a.is_active or b.is_active
+    finally:
+        await _stop_pair(a, b, pools)
 
 
 def test_operator_commands_answer_in_one_line_when_the_database_is_unreachable() -> None:
@@ -394,30 +406,3 @@ def test_operator_commands_answer_in_one_line_when_the_database_is_unreachable()
                 gridpay("switchover", "--database-url", nowhere, "--timeout", "-1")):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("gridpay switchover:")
-
-
-async def test_a_switchover_to_a_node_that_never_comes_leaves_no_gap_of_a_ttl(
-        clean_db: str) -> None:
-    from switch import db as gdb
-    from switch.lease import Lease
-    from switch.standby import SwitchoverTimeout, switchover
-
-    async def nothing() -> None:
-        pass
-
-    pools = [await gdb.create_pool(session_dsn(clean_db, n), min_size=1, max_size=2)
-             for n in ("node-a", "node-b")]
-    a, b = (Lease(p, n, ttl_s=2.0, renew_s=0.2, on_active=nothing, on_standby=nothing)
-            for p, n in zip(pools, ("node-a", "node-b"), strict=True))
-    await a.start()
-    await b.start()
-    try:
-        with pytest.raises(SwitchoverTimeout):
-            await switchover(clean_db, "node-ghost", timeout_s=1.5)
-        # the lease was handed to nobody that exists: a node took it back well within a ttl
-        assert a.is_active or b.is_active
-    finally:
-        for lease in (a, b):
-            await lease.stop()
-        for p in pools:
-            await p.close()
