@@ -29,13 +29,14 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
             rate = max(10.0, frac * peak)
             figs, _ = await h.load(h.iso_specs("bank", name="curve", connections=8, rate=rate))
             f = figs["curve"]
+            db = f.get("db", {})
             points.append({"offered": round(rate, 1), "fraction": frac, "tps": f["tps"],
                            "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"],
                            "p999_ms": f["p999_ms"], "max_ms": f["max_ms"],
                            "error_rate": f["error_rate"],
-                           "checkpoint_running": f.get("db", {}).get("checkpoint_running"),
-                           "autovacuum_running": f.get("db", {}).get("autovacuum_running"),
-                           "wal_bytes_per_tx": f.get("db", {}).get("wal_bytes_per_tx")})
+                           "checkpoint_running": db.get("checkpoint_running"),
+                           "autovacuum_running": db.get("autovacuum_running"),
+                           "wal_bytes_per_tx": db.get("wal_bytes_per_tx")})
         report["curve"] = points
         report["books"] = await h.books()
     report["machine"] = machine()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import gc
 import secrets
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import asyncpg
 
-from bench.loadgen import LoadSpec, new_histogram
+from bench.loadgen import LoadSpec, gc_paused, new_histogram
 from switch.keepalive import KeepAlivePool
 
 if TYPE_CHECKING:
@@ -114,32 +113,28 @@ async def ivr_worker(spec: LoadSpec, pipe: Connection) -> None:
     start = float(msg["start"])
     window["end"] = start + spec.duration_s
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    # as in bench.loadgen: no cyclic collection pausing the callers while the clock runs
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    cpu1 = time.process_time()
-    next_card = {"i": 0}
+    with gc_paused():  # no cyclic collection pausing the callers while the clock runs
+        cpu1 = time.process_time()
+        next_card = {"i": 0}
 
-    async def caller(n: int) -> None:
-        while time.monotonic() < window["end"] and next_card["i"] < len(cards):
-            serial, pin = cards[next_card["i"]]
-            next_card["i"] += 1
-            ani = f"139{spec.worker:02d}{next_card['i']:06d}"
-            acct = spec.accounts[next_card["i"] % len(spec.accounts)]
-            try:
-                result = await sim.recharge(ani, acct, serial, pin)
-            except (IvrSimulatorError, aiohttp.ClientError, OSError, TimeoutError) as e:
-                dialogs[type(e).__name__] += 1
-                unanswered.append(f"card:{serial}")  # the outcome is not known
-                continue
-            dialogs[result.outcome] += 1
-            if result.ok:
-                approved.append(f"card:{serial}")
+        async def caller(n: int) -> None:
+            while time.monotonic() < window["end"] and next_card["i"] < len(cards):
+                serial, pin = cards[next_card["i"]]
+                next_card["i"] += 1
+                ani = f"139{spec.worker:02d}{next_card['i']:06d}"
+                acct = spec.accounts[next_card["i"] % len(spec.accounts)]
+                try:
+                    result = await sim.recharge(ani, acct, serial, pin)
+                except (IvrSimulatorError, aiohttp.ClientError, OSError, TimeoutError) as e:
+                    dialogs[type(e).__name__] += 1
+                    unanswered.append(f"card:{serial}")  # the outcome is not known
+                    continue
+                dialogs[result.outcome] += 1
+                if result.ok:
+                    approved.append(f"card:{serial}")
 
-    await asyncio.gather(*(caller(i) for i in range(spec.connections)))
-    cpu2 = time.process_time()
-    gc.enable()
+        await asyncio.gather(*(caller(i) for i in range(spec.connections)))
+        cpu2 = time.process_time()
     await sim.close()
     await pool.close()
     pipe.send({

@@ -21,7 +21,7 @@ import multiprocessing as mp
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from multiprocessing.connection import Connection
@@ -33,6 +33,21 @@ from hdrh.histogram import HdrHistogram
 __all__ = ["LoadSpec", "WorkerPool", "new_histogram"]
 
 HIST_MAX_US = 120_000_000
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the clock runs: a generator keeps every request and
+    answer of the run until it reads them afterwards, and a full collection walking them would
+    pause it for milliseconds, which would show as the switch's latency. Reference counting
+    still frees everything; nothing here makes cycles."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def new_histogram() -> HdrHistogram:
@@ -380,52 +395,45 @@ async def _worker(spec: LoadSpec, pipe: Connection) -> None:
     start = float(msg["start"])
     engine.start, engine.end = start, start + spec.duration_s
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    # No cyclic garbage collection while the clock runs: the generator keeps every request and
-    # answer of the run until it reads them afterwards, and a full collection walking them
-    # would pause it for milliseconds, which would show as the switch's latency. Reference
-    # counting still frees everything; nothing here makes cycles.
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    cpu1 = time.process_time()
-    if not engine.open_loop:
-        for _ in range(spec.depth if iso_conns else 1):
-            for c in iso_conns:
-                c.send(start)
-            for h in http_conns:
-                h.submit(start)
-        for c in iso_conns:
-            c.flush()
-        await asyncio.sleep(max(0.0, engine.end - time.monotonic()))
-    else:
-        n = 0
-        rr = 0
-        while (now := time.monotonic()) < engine.end:
-            due = int((now - start) * spec.rate)
-            while n < due:
-                intended = start + n / spec.rate
-                if iso_conns:
-                    iso_conns[rr % len(iso_conns)].send(intended)
-                else:
-                    min(http_conns, key=lambda h: len(h.queue)
-                        + (h.current is not None)).submit(intended)
-                rr += 1
-                n += 1
+    with gc_paused():
+        cpu1 = time.process_time()
+        if not engine.open_loop:
+            for _ in range(spec.depth if iso_conns else 1):
+                for c in iso_conns:
+                    c.send(start)
+                for h in http_conns:
+                    h.submit(start)
             for c in iso_conns:
                 c.flush()
-            # wake at the next due instant, but no more often than every 2 ms (a shorter
-            # uvloop timer spins); a late send still counts from its due instant
-            await asyncio.sleep(max(0.002, start + n / spec.rate - time.monotonic()))
-    engine.stopping = True
-    for h in http_conns:  # requests never sent are not outstanding
-        engine.outstanding -= len(h.queue)
-        h.queue.clear()
-    if engine.outstanding > 0:
-        engine.idle.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(engine.idle.wait(), spec.timeout_s)
-    cpu2 = time.process_time()
-    gc.enable()
+            await asyncio.sleep(max(0.0, engine.end - time.monotonic()))
+        else:
+            n = 0
+            rr = 0
+            while (now := time.monotonic()) < engine.end:
+                due = int((now - start) * spec.rate)
+                while n < due:
+                    intended = start + n / spec.rate
+                    if iso_conns:
+                        iso_conns[rr % len(iso_conns)].send(intended)
+                    else:
+                        min(http_conns, key=lambda h: len(h.queue)
+                            + (h.current is not None)).submit(intended)
+                    rr += 1
+                    n += 1
+                for c in iso_conns:
+                    c.flush()
+                # wake at the next due instant, but no more often than every 2 ms (a shorter
+                # uvloop timer spins); a late send still counts from its due instant
+                await asyncio.sleep(max(0.002, start + n / spec.rate - time.monotonic()))
+        engine.stopping = True
+        for h in http_conns:  # requests never sent are not outstanding
+            engine.outstanding -= len(h.queue)
+            h.queue.clear()
+        if engine.outstanding > 0:
+            engine.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(engine.idle.wait(), spec.timeout_s)
+        cpu2 = time.process_time()
     for c in iso_conns:
         c.settle()
     settle_cpu = time.process_time() - cpu2

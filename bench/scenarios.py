@@ -184,8 +184,7 @@ class Harness:
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return None
         assert row is not None
-        hi, _, lo = str(row["lsn"]).partition("/")
-        return {"wal": (int(hi, 16) << 32) | int(lo, 16), "started": int(row["started"]),
+        return {"wal": int(row["wal"]), "started": int(row["started"]),
                 "written": int(row["written"]), "vacuums": int(row["vacuums"]),
                 "vacuuming": int(row["vacuuming"])}
 
@@ -201,7 +200,8 @@ class Harness:
 
 # PostgreSQL 17 and later: checkpoints started (timed or requested) and the buffers checkpoints
 # have written so far, which grows while a spread checkpoint runs
-_DB_STATS = """SELECT pg_current_wal_lsn()::text AS lsn, num_timed + num_requested AS started,
+_DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal,
+       num_timed + num_requested AS started,
        buffers_written AS written,
        (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)
           FROM pg_stat_user_tables) AS vacuums,
@@ -225,8 +225,8 @@ def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
             "checkpoint_running": written > 0 or after["started"] > before["started"],
             # autovacuum and autoanalyze runs that ended in the phase, or were running at
             # either end of it (their reads and writes compete with the load as well)
-            "autovacuum_running": (after.get("vacuums", 0) > before.get("vacuums", 0)
-                                   or bool(before.get("vacuuming") or after.get("vacuuming")))}
+            "autovacuum_running": (after["vacuums"] > before["vacuums"]
+                                   or bool(before["vacuuming"] or after["vacuuming"]))}
 
 
 async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:

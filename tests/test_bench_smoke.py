@@ -4,6 +4,7 @@ are broken."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -92,8 +93,6 @@ async def test_open_loop_against_the_baseline_handler() -> None:
 
 
 async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None:
-    import asyncio
-
     async def checkpoint_soon() -> None:
         await asyncio.sleep(0.4)  # inside the 1 s window
         con = await asyncpg.connect(harness.db)
