@@ -67,6 +67,12 @@ MAC_ATTEMPTS = 3
 MAC_RETRY_S = 0.2
 
 
+def _tx_kind(msg: Message) -> str | None:
+    """The transaction a request is (`TX_TYPE`); field 3 tells the 0200s apart."""
+    proc = msg.fields.get(3) if msg.mti == "0200" else None
+    return TX_TYPE.get((msg.mti, proc if isinstance(proc, str) else None))
+
+
 def _speakable(text: str, encoding: str) -> str:
     """`text` with what the link's text encoding cannot carry replaced by `?` (a customer name
     with a character outside GBK, say): the answer is still sent."""
@@ -227,18 +233,17 @@ class LinkService:
         assert link.institution is not None
         ring = self.ctx.keyring()
         data = codec.mac_input(resp)
-        proc = req.fields.get(3) if req.mti == "0200" else None
-        kind = TX_TYPE.get((req.mti, proc if isinstance(proc, str) else None))
-        recorded = code == "00" and kind in ("payment", "reversal")
-        for attempt in range(MAC_ATTEMPTS if recorded else 1):
+        recorded = code == "00" and _tx_kind(req) in ("payment", "reversal")
+        tries = MAC_ATTEMPTS if recorded else 1
+        for attempt in range(1, tries + 1):
             try:
                 if ring is None:
                     raise HsmError("68", "M6")
                 mac = await self.ctx.hsm_mac(ring.mac_key(link.institution.id), data)
                 return codec.append_mac(data, mac)
             except (HsmError, OSError, KeyError, TimeoutError):
-                if attempt + 1 < (MAC_ATTEMPTS if recorded else 1):
-                    await asyncio.sleep(MAC_RETRY_S * (attempt + 1))
+                if attempt < tries:
+                    await asyncio.sleep(MAC_RETRY_S * attempt)
         if recorded:
             # The payment or reversal is recorded: answering 96 would tell the bank it failed
             # while the credit goes on, and a bank that tries again under a new STAN would pay
@@ -284,7 +289,7 @@ class LinkService:
             validate_required(msg, "request", mac=inst.mac)
         except ValidationError as e:
             raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
-        kind = TX_TYPE.get((msg.mti, msg.fields.get(3) if msg.mti == "0200" else None))  # type: ignore[arg-type]
+        kind = _tx_kind(msg)
         if kind is None:
             raise Decline("12", "unknown transaction")
         if kind == "reversal" and msg.fields.get(3) != "500000":

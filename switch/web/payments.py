@@ -254,20 +254,17 @@ async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
     this request's claim: the next retry is answered there, and a claim made under another
     body's hash never outlives this request (it would answer the right body 422 and the wrong
     one 409 until it expired)."""
-    stored = earlier.status_code is not None and earlier.response is not None
+    status, body = earlier.status_code, earlier.response
     try:
-        if stored:
-            assert earlier.status_code is not None and earlier.response is not None
-            await svc.idempotency.complete(scope, earlier.request_hash.hex(),
-                                           earlier.status_code, earlier.response)
+        if status is not None and body is not None:
+            await svc.idempotency.complete(scope, earlier.request_hash.hex(), status, body)
         else:
             await svc.idempotency.release(scope)
     except Exception:  # noqa: S110 - Redis is the fast path; PostgreSQL answers without it
         pass
-    if not stored or earlier.request_hash.hex() != req_hash:
+    if status is None or body is None or earlier.request_hash.hex() != req_hash:
         raise _reused()
-    assert earlier.status_code is not None and earlier.response is not None
-    return _replay(earlier.status_code, earlier.response)
+    return _replay(status, body)
 
 
 def _reused() -> Problem:
