@@ -50,8 +50,8 @@ class Ctx:
     action: str = ""
     objects: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
-    #: (seq, hash) of the success entry written inside the action's own transaction
-    audited: tuple[int, bytes] | None = None
+    #: the success entry was written inside the action's own transaction
+    audited: bool = False
 
     @property
     def pool(self) -> Any:
@@ -67,9 +67,10 @@ class Ctx:
             if result is not None:
                 self.result.update(result(out))
             st = status(out) if callable(status) else status
-            self.audited = await oplog.append_entry(
-                conn, actor=self.user.username, action=self.action, objects=self.objects,
-                result={"ok": True, "status": st, **self.result})
+            await oplog.append(conn, actor=self.user.username, action=self.action,
+                               objects=self.objects,
+                               result={"ok": True, "status": st, **self.result})
+            self.audited = True
         return hook
 
 
@@ -118,7 +119,8 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                 user.require(action)
                 resp = await fn(ctx)
             except CardError as e:
-                if log_it and not await _done(ctx):
+                # (a refusal comes before the hook: the hook is its transaction's last step)
+                if log_it:
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": e.status, "code": e.code,
                                 "detail": e.detail}, fenced=changes)
@@ -127,7 +129,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                 if p.status == 503 and p.code == "standby":  # a job refused by the fence
                     await node.fenced()
                     raise
-                if log_it and not await _done(ctx):
+                if log_it:
                     await _log(node, user.username, action, ctx.objects,
                                {"ok": False, "status": p.status, "code": p.code},
                                fenced=changes)
@@ -139,21 +141,13 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                 await node.fenced()
                 raise Problem(503, "standby", "this node is no longer active; retry on the "
                               "active node", headers={"Retry-After": "1"}) from None
-            if log_it and ctx.audited is None:  # actions that do not log in their transaction
+            if log_it and not ctx.audited:  # actions that do not log in their transaction
                 await _log(node, user.username, action, ctx.objects,
                            {"ok": True, "status": resp.status, **ctx.result}, fenced=changes)
             return resp
         handle.__name__ = fn.__name__
         return handle
     return deco
-
-
-async def _done(ctx: Ctx) -> bool:
-    """Whether the action committed with its success entry before the error was raised (the
-    error came after: the log already says what happened)."""
-    if ctx.audited is None:
-        return False
-    return await oplog.committed(ctx.pool, *ctx.audited)
 
 
 def _int_id(ctx: Ctx, name: str = "id") -> int:

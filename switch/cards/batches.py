@@ -217,7 +217,7 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
         kcv = await hsm.key_check_value(print_key)
         digest = await _file_digest(pool, batch_id)
     except BaseException as e:
-        if not (isinstance(e, Exception) and db.is_fenced(e)):  # a stale node writes nothing
+        if not db.is_fenced(e):  # a stale node writes nothing
             await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1",
                                batch_id)
         raise

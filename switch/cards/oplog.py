@@ -42,14 +42,6 @@ async def append(conn: Conn, *, actor: str, action: str,
 
     `conn` must come from `switch.db.create_pool` (its jsonb codec encodes the objects).
     """
-    seq, _ = await append_entry(conn, actor=actor, action=action, objects=objects,
-                                result=result)
-    return seq
-
-
-async def append_entry(conn: Conn, *, actor: str, action: str, objects: Mapping[str, Any],
-                       result: Mapping[str, Any]) -> tuple[int, bytes]:
-    """`append`, returning the entry's seq and hash (which name it even after a rollback)."""
     obj = orjson.loads(orjson.dumps(objects))  # what jsonb will give back on verify
     res = orjson.loads(orjson.dumps(result))
     async with conn.transaction():
@@ -67,13 +59,7 @@ async def append_entry(conn: Conn, *, actor: str, action: str, objects: Mapping[
             "INSERT INTO card_oplog_head (id, seq, hash) VALUES (1, $1, $2)"
             " ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash",
             seq, h)
-    return seq, h
-
-
-async def committed(conn: Conn | asyncpg.Pool, seq: int, entry: bytes) -> bool:
-    """Whether the entry appended as (seq, hash) is in the log (its transaction committed)."""
-    return bool(await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM card_oplog WHERE seq = $1 AND hash = $2)", seq, entry))
+    return seq
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
