@@ -232,19 +232,22 @@ class Lease:
         self._move(Role.STANDBY)
         await self._on_standby()
 
-    async def step_aside(self, reason: str, hold_off_s: float | None = None) -> None:
+    async def step_aside(self, reason: str) -> None:
         """Demote, and give the lease up in the database at once (the other node need not
-        wait for it to expire); then do not try to take it again for `hold_off_s` (default
-        two ttls), so that a node that cannot work does not win it back first."""
+        wait for it to expire); then do not try to take it again for two ttls, so that a node
+        that cannot work does not win it back first."""
         epoch = self.epoch
         was_active = self.role is Role.ACTIVE
-        self._hold_off_until = time.monotonic() + (2 * self.ttl_s if hold_off_s is None
-                                                   else hold_off_s)
+        self._hold_off_until = time.monotonic() + 2 * self.ttl_s
         await self.demote(reason)
         if was_active:
-            with contextlib.suppress(Exception):
-                async with self.pool.acquire(timeout=self.ttl_s) as con:
-                    await con.execute(_RELEASE, self.node_id, epoch, timeout=self.ttl_s)
+            await self._release(epoch, self.ttl_s)
+
+    async def _release(self, epoch: int, wait_s: float) -> None:
+        """Give the lease of `epoch` up (best effort: it expires by itself otherwise)."""
+        with contextlib.suppress(Exception):
+            async with self.pool.acquire(timeout=wait_s) as con:
+                await con.execute(_RELEASE, self.node_id, epoch, timeout=wait_s)
 
     async def _handover_then_clear(self, to_node: str) -> bool:
         try:
@@ -278,8 +281,6 @@ class Lease:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._handing_over), self.ttl_s)
         if self.role is Role.ACTIVE:
-            with contextlib.suppress(Exception):
-                async with self.pool.acquire(timeout=2) as con:
-                    await con.execute(_RELEASE, self.node_id, self.epoch, timeout=2)
+            await self._release(self.epoch, 2)
         if self.role is not Role.STOPPED:
             self._move(Role.STOPPED)
