@@ -89,7 +89,8 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
                 assert st == 201
         await _drain(node)
         day = node.components["calendar"].today()
-        clean = await reconcile(node.pool, node.components["marketing"], day)
+        clean = await reconcile(node.pool, node.components["marketing"], day,
+                              calendar=node.components["calendar"])
         assert clean.clean and clean.matched == 3 and clean.ours == 3
         # a posting the switch believes sent, but the marketing system never got
         await node.components["forwarder"].stop()
@@ -107,11 +108,13 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
             "INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel,"
             " occurred_at, state) VALUES ('P999999999999999999', 'payment', $1, $2, 55,"
             " 'internet', now(), 'sent')", ghost, acct)
-        rep = await reconcile(node.pool, node.components["marketing"], day)
+        rep = await reconcile(node.pool, node.components["marketing"], day,
+                              calendar=node.components["calendar"])
         assert rep.missing == ["P999999999999999999"] and rep.requeued == 1
         node.components["forwarder"].start()
         await _drain(node)
-        again = await reconcile(node.pool, node.components["marketing"], day)
+        again = await reconcile(node.pool, node.components["marketing"], day,
+                              calendar=node.components["calendar"])
         assert again.clean and again.matched == 4
         # a credit in the marketing system with one of our ids that no outbox row has
         from switch.marketing_client import Posting
@@ -119,7 +122,8 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         await node.components["marketing"].post(Posting(
             posting_id="P888888888888888888", account_no=acct, amount=7, kind="payment",
             channel="internet", occurred_at=datetime.combine(day, time(12), UTC)))
-        stray = await reconcile(node.pool, node.components["marketing"], day)
+        stray = await reconcile(node.pool, node.components["marketing"], day,
+                              calendar=node.components["calendar"])
         assert stray.extra == ["P888888888888888888"] and not stray.clean
         assert stray.matched == 4 and stray.theirs == 4
         # strays of this business date dated in the hours where the calendar date differs
@@ -132,8 +136,8 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
             await node.components["marketing"].post(Posting(
                 posting_id=posting_id, account_no=acct, amount=7, kind="payment",
                 channel="internet", occurred_at=at))
-        late = await reconcile(node.pool, node.components["marketing"], day, requeue=False,
-                               calendar=node.components["calendar"])
+        late = await reconcile(node.pool, node.components["marketing"], day,
+                               calendar=node.components["calendar"], requeue=False)
         assert set(night) <= set(late.extra)
         # a node that lost the lease re-queues nothing: the re-queue is fenced
         await node.components["forwarder"].stop()
@@ -144,7 +148,8 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         hiding = cast(MarketingClient, _Missing(node.components["marketing"],
                                                 "P999999999999999999"))
         with pytest.raises(Exception) as fenced:
-            await reconcile(node.pool, hiding, day, epoch=stale)
+            await reconcile(node.pool, hiding, day, calendar=node.components["calendar"],
+                            epoch=stale)
         assert db.is_fenced(fenced.value), fenced.value
         assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id = $1",
                                         "P999999999999999999") == "dead"

@@ -94,13 +94,19 @@ class DailyCutover:
     async def _catch_up(self) -> bool:
         """Close and reconcile what is pending; False when this node was fenced."""
         for day in await self.pending_dates():
-            try:
-                await self.close_date(day)
-            except Exception as e:
-                if db.is_fenced(e):
-                    await self.node.fenced()
-                    return False
-                log.exception("cut-over failed", extra={"business_date": day.isoformat()})
+            if not await self._close(day):
+                return False
+        return True
+
+    async def _close(self, day: date) -> bool:
+        """`close_date`, its failure logged; False when this node was fenced (it steps down)."""
+        try:
+            await self.close_date(day)
+        except Exception as e:
+            if db.is_fenced(e):
+                await self.node.fenced()
+                return False
+            log.exception("cut-over failed", extra={"business_date": day.isoformat()})
         return True
 
     async def _run(self) -> None:
@@ -116,11 +122,5 @@ class DailyCutover:
             await asyncio.sleep(min(to_cut, RETRY_S))
             if datetime.now(UTC) < cut:
                 continue  # a retry round, not a cut-over
-            closed = self.calendar.date_at(cut) - timedelta(days=1)
-            try:
-                await self.close_date(closed)
-            except Exception as e:
-                if db.is_fenced(e):
-                    await self.node.fenced()
-                    return
-                log.exception("cut-over failed", extra={"business_date": closed.isoformat()})
+            if not await self._close(self.calendar.date_at(cut) - timedelta(days=1)):
+                return

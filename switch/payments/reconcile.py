@@ -54,12 +54,11 @@ SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state
 
 
 async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
-                    requeue: bool = True, epoch: int | None = None,
-                    calendar: BusinessCalendar | None = None) -> ReconReport:
+                    calendar: BusinessCalendar, requeue: bool = True,
+                    epoch: int | None = None) -> ReconReport:
     """Compare `day`; re-queue what is missing there (fenced by `epoch` when given: only the
     active node forwards). A stray posting (our id's shape, no outbox row) is reported on the
-    business date its time falls in by `calendar`; without one, on each of the three calendar
-    dates read."""
+    business date its time falls in by `calendar`."""
     rep = ReconReport(day)
     ours = {r["posting_id"]: r for r in await pool.fetch(_OURS, day)}
     rep.ours = len(ours)
@@ -81,7 +80,7 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     # judged on the business date of its time (by the calendar date of the time, one posted in
     # the hours where the two differ would be looked at by no date's run)
     candidates = [pid for pid, p in theirs.items() if pid not in ours and OUR_IDS.fullmatch(pid)
-                  and (calendar is None or calendar.date_at(p.occurred_at) == day)]
+                  and calendar.date_at(p.occurred_at) == day]
     known = {r["posting_id"] for r in await pool.fetch(
         "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
     rep.extra = sorted(set(candidates) - known)
