@@ -78,8 +78,6 @@ class LinkProtocol(asyncio.Protocol):
         """Count this connection for `inst`, within its limit (at connect when the peer's
         address names one institution, else at sign-on); False: at the limit."""
         lst = self.listener
-        if self._counted is not None:
-            return self._counted == inst.id
         if lst.count[inst.id] >= inst.max_connections:
             log.warning("connection refused: institution at its connection limit",
                         extra={"institution": inst.id, "limit": inst.max_connections})

@@ -67,6 +67,14 @@ MAC_ATTEMPTS = 3
 MAC_RETRY_S = 0.2
 
 
+def _validate(msg: Message, *, mac: bool = True) -> None:
+    """The contract's content rules for a request (`validate_required`), as a `Decline`."""
+    try:
+        validate_required(msg, "request", mac=mac)
+    except ValidationError as e:
+        raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
+
+
 def _tx_kind(msg: Message) -> str | None:
     """The transaction a request is (`TX_TYPE`); field 3 tells the 0200s apart."""
     proc = msg.fields.get(3) if msg.mti == "0200" else None
@@ -285,10 +293,7 @@ class LinkService:
         inst = self._institution(link, msg)
         if inst.mac:
             await self._verify_mac(inst, msg, mac_input)
-        try:
-            validate_required(msg, "request", mac=inst.mac)
-        except ValidationError as e:
-            raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
+        _validate(msg, mac=inst.mac)
         kind = _tx_kind(msg)
         if kind is None:
             raise Decline("12", "unknown transaction")
@@ -334,10 +339,7 @@ class LinkService:
     # -- network management ---------------------------------------------------------------
 
     def _network(self, link: Link, msg: Message) -> Message:
-        try:
-            validate_required(msg, "request")
-        except ValidationError as e:
-            raise Decline(e.response_code, f"field {e.field}: {e.reason}") from None
+        _validate(msg)
         code = msg.fields.get(70)
         f32 = msg.fields.get(32)
         if not isinstance(code, str) or not isinstance(f32, str) or 7 not in msg.fields:
