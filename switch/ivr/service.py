@@ -79,6 +79,7 @@ from switch.ivr.store import (
 from switch.payments.accounts import AccountsUnavailable, mask_name
 from switch.payments.ledger import (
     Committed,
+    Duplicate,
     PaymentRequest,
     fetch_duplicate,
     load_payment,
@@ -154,6 +155,18 @@ RETURNING extract(epoch FROM blocked_until)
 def _recharge_hash(call: Call, effect: Redeem) -> bytes:
     """What identifies a call's recharge of a card (the request hash of its payment)."""
     return hashlib.sha256(f"{call.call_id}|{effect.serial}|{effect.account_no}".encode()).digest()
+
+
+async def _earlier_recharge(con: Any, earlier: Duplicate, request_hash: bytes
+                            ) -> RedeemFact | None:
+    """The card's recharge held by its key, when it is the one `request_hash` names (this
+    call's own, committed earlier); None for another call's."""
+    if earlier.request_hash != request_hash or earlier.payment_id is None:
+        return None
+    rec = await load_payment(con, earlier.payment_id)
+    if rec is None:
+        return None
+    return RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
 
 
 def _sha(text: str) -> str:
@@ -355,15 +368,12 @@ class IvrService:
         try:
             async with asyncio.timeout(self.effect_timeout_s):
                 earlier = await fetch_duplicate(self.node.pool, f"card:{effect.serial}")
-                if (earlier is None or earlier.payment_id is None
-                        or earlier.request_hash != _recharge_hash(call, effect)):
+                if earlier is None:
                     return None
-                rec = await load_payment(self.node.pool, earlier.payment_id)
+                return await _earlier_recharge(self.node.pool, earlier,
+                                               _recharge_hash(call, effect))
         except Exception:
             return None
-        if rec is None:
-            return None
-        return RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
 
     async def _lookup_account(self, account_no: str) -> Fact:
         try:
@@ -488,13 +498,9 @@ class IvrService:
                 said = _REDEEM_OUTCOMES.get(refused.reason, "busy")
                 return Busy() if said == "busy" else RedeemFact(outcome=said)
             if not isinstance(outcome, Committed):
-                if outcome.request_hash == request_hash and outcome.payment_id is not None:
-                    # this call's own redemption, committed before its answer was lost
-                    original = await load_payment(con, outcome.payment_id)
-                    assert original is not None
-                    return RedeemFact(outcome="ok", amount=original.amount,
-                                      receipt_no=original.receipt_no)
-                return RedeemFact(outcome="used")
+                # this call's own redemption, committed before its answer was lost; or used
+                own = await _earlier_recharge(con, outcome, request_hash)
+                return own if own is not None else RedeemFact(outcome="used")
         rec = outcome.record
         fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
         node.metrics.redemptions.inc()
