@@ -145,8 +145,6 @@ async def test_closed_client_refuses_and_repr_hides_the_password() -> None:
 
 
 def test_commands_are_encoded_in_resp_and_a_bool_is_refused() -> None:
-    import pytest
-
     from switch.redis_pipe import _encode
 
     assert _encode(("SET", "k", b"\x00v", 7, 0.5)) == (
