@@ -86,6 +86,11 @@ def format_table(report: dict[str, Any]) -> str:
                 per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
                           if db.get("wal_bytes_per_tx") is not None else "")
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
+            inside = fig.get("switch")
+            if inside:
+                lines.append(f"{'':<28}inside the switch, mean: " + ", ".join(
+                    f"{k} {v:g}" + ("" if k == "commit size" else " ms")
+                    for k, v in inside.items()))
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
         ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""

@@ -153,12 +153,14 @@ class Harness:
         try:
             await pool.ready()
             db_before = await self.db_stats()
+            inside_before = await self.switch_stats() if count else None
             before = CpuSnapshot.take(pool.pids)
             pool.go()
             longest = max(s.duration_s + s.timeout_s for s in specs)
             results = await pool.results(longest + 60)
             after = CpuSnapshot.take(pool.pids)
             db_after = await self.db_stats()
+            inside_after = await self.switch_stats() if count else None
         finally:
             pool.close()
         if count:
@@ -169,9 +171,26 @@ class Harness:
         if count:  # a phase of the system under test (not the baseline handler's)
             activity = db_activity(db_before, db_after,
                                    sum(f["completed"] for f in figs.values()))
+            inside = switch_activity(inside_before, inside_after)
             for f in figs.values():
                 f["db"] = activity
+                if inside:
+                    f["switch"] = inside
         return figs, cpu_split(before, after, pool.pids)
+
+    async def switch_stats(self) -> dict[str, tuple[float, float]] | None:
+        """The switch's own latency histograms (sum and count of each), from its /metrics."""
+        port = self.stack.ports.get("http")
+        if not port:
+            return None
+        try:
+            async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{port}/metrics",
+                    timeout=aiohttp.ClientTimeout(total=5)) as r:
+                text = await r.text()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        return parse_histograms(text)
 
     async def db_stats(self) -> dict[str, int] | None:
         """PostgreSQL's WAL position and checkpointer counters (None if it cannot say)."""
@@ -207,6 +226,47 @@ _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wa
           FROM pg_stat_user_tables) AS vacuums,
        (SELECT count(*) FROM pg_stat_progress_vacuum) AS vacuuming
   FROM pg_stat_checkpointer"""
+
+
+# what the switch's own histograms say of a phase: name shown → (metric, label filter)
+_INSIDE = {
+    "link request": ("gridpay_link_request_seconds", ""),
+    "http request": ("gridpay_http_request_seconds", 'route="/v1/'),
+    "ivr turn": ("gridpay_http_request_seconds", 'route="/ivr/v1/'),
+    "group commit": ("gridpay_group_commit_seconds", ""),
+    "commit size": ("gridpay_group_commit_size", ""),
+    "HSM verify": ("gridpay_hsm_request_seconds", 'command="M8"'),
+    "HSM MAC": ("gridpay_hsm_request_seconds", 'command="M6"'),
+    "loop lag": ("gridpay_event_loop_lag_seconds", ""),
+}
+
+
+def parse_histograms(text: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) per histogram of `_INSIDE`, over the label sets it selects."""
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        for shown, (metric, labels) in _INSIDE.items():
+            for suffix, i in (("_sum", 0), ("_count", 1)):
+                if line.startswith(metric + suffix) and labels in line:
+                    with contextlib.suppress(ValueError, IndexError):
+                        out.setdefault(shown, [0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def switch_activity(before: dict[str, tuple[float, float]] | None,
+                    after: dict[str, tuple[float, float]] | None) -> dict[str, float]:
+    """Mean of each histogram over a phase: milliseconds (a size for `commit size`)."""
+    if not before or not after:
+        return {}
+    out: dict[str, float] = {}
+    for k, (s1, c1) in after.items():
+        s0, c0 = before.get(k, (0.0, 0.0))
+        if c1 > c0:
+            mean = (s1 - s0) / (c1 - c0)
+            out[k] = round(mean if k == "commit size" else mean * 1000, 2)
+    return out
 
 
 def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,

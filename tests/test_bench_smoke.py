@@ -106,8 +106,37 @@ async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None
     await task
     db = figs["ckpt"]["db"]
     assert db["checkpoints_started"] >= 1 and db["checkpoint_running"] is True
+    # and what the switch's own histograms say of the phase
+    inside = figs["ckpt"]["switch"]
+    assert inside["link request"] > 0 and inside["group commit"] > 0
+    assert inside["commit size"] >= 1 and "http request" not in inside
     assert "a checkpoint was writing" in format_table(
         {"scenario": "bank", "phases": {"ckpt": figs["ckpt"]}})
+
+
+def test_switch_activity_from_two_scrapes() -> None:
+    from bench.scenarios import parse_histograms, switch_activity
+
+    def scrape(n: int, seconds: float) -> str:
+        return (
+            "# HELP gridpay_group_commit_seconds time of one group commit\n"
+            f"gridpay_group_commit_seconds_sum {seconds}\n"
+            f"gridpay_group_commit_seconds_count {n}\n"
+            f'gridpay_hsm_request_seconds_sum{{command="M8"}} {seconds / 2}\n'
+            f'gridpay_hsm_request_seconds_count{{command="M8"}} {n}\n'
+            f'gridpay_hsm_request_seconds_sum{{command="M6"}} 99\n'
+            f'gridpay_hsm_request_seconds_count{{command="M6"}} 5\n'
+            f'gridpay_http_request_seconds_sum{{route="/metrics"}} {seconds}\n'
+            f'gridpay_http_request_seconds_count{{route="/metrics"}} {n}\n'
+            f"gridpay_group_commit_size_sum {n * 10}\n"
+            f"gridpay_group_commit_size_count {n}\n")
+
+    before, after = parse_histograms(scrape(10, 0.05)), parse_histograms(scrape(30, 0.25))
+    # 20 commits took 0.2 s: 10 ms each; the verifications half that; no MAC in the phase,
+    # and the scrapes themselves (/metrics) are not an HTTP request of the load
+    assert switch_activity(before, after) == {"group commit": 10.0, "HSM verify": 5.0,
+                                              "commit size": 10.0}
+    assert switch_activity(None, after) == {}
 
 
 def test_phase_db_activity_from_two_readings() -> None:
