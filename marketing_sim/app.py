@@ -77,6 +77,12 @@ def _read_json(body: bytes) -> object:
         raise LedgerError("invalid_body", "the body is not JSON") from None
 
 
+def _is_posting(request: Request) -> bool:
+    """Pipelined postings are handled while earlier ones on their connection wait for their
+    journal group: each is applied in order at once, and their answers leave together."""
+    return request.method == b"POST" and request.path == "/postings"
+
+
 def _not_allowed(allow: str) -> Reply:
     return problem(
         405,
@@ -182,7 +188,9 @@ class MarketingSim:
     # --- listening ----------------------------------------------------------------------------
 
     async def _start_http(self) -> None:
-        self._http = HttpServer(self._dispatch, self.settings.host, self._port)
+        self._http = HttpServer(
+            self._dispatch, self.settings.host, self._port, ahead=_is_posting
+        )
         await self._listen()
 
     async def _listen(self) -> None:

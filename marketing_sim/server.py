@@ -7,7 +7,10 @@ only what the simulator's handful of routes need:
 
 * HTTP/1.0 and 1.1, keep-alive, requests with ``Content-Length`` or chunked bodies (httptools,
   the C llhttp parser, does the parsing);
-* pipelined requests, answered one at a time and in the order they came;
+* pipelined requests, answered in the order they came; requests the application marks as
+  able to run ahead (the simulator's postings) are handled while earlier answers still wait
+  for their journal group, so that a pipelined batch shares one ``fdatasync`` and its answers
+  leave in one write; any other request waits until every earlier answer is out;
 * limits on the request target, the header block and the body, and a ``400``/``413``/``431``
   followed by closing the connection when they are broken;
 * ``Expect: 100-continue``;
@@ -47,6 +50,8 @@ MAX_TARGET: Final = 8 * 1024
 MAX_HEAD: Final = 64 * 1024
 #: Requests parsed ahead of the one being answered before the connection stops reading.
 MAX_QUEUED: Final = 64
+#: Requests handled ahead (see ``ahead``) whose answers are still owed, at most.
+MAX_OWED: Final = 256
 #: Reads are parsed this much at a time, so that parsing can stop once ``MAX_QUEUED`` is reached
 #: (the rest of the read is kept until the queue drains).
 _SLICE: Final = 8 * 1024
@@ -205,12 +210,24 @@ class _TooLarge(Exception):
 Handler: TypeAlias = Callable[[Request, "Connection"], Outcome]
 
 
+class _Owed:
+    """A request handled ahead of its turn, and its outcome once known."""
+
+    __slots__ = ("request", "outcome", "pending")
+
+    def __init__(self, request: Request, outcome: Outcome, pending: bool) -> None:
+        self.request = request
+        self.outcome = outcome
+        self.pending = pending
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parses requests and answers them in order."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._handler = server.handler
+        self._ahead = server.ahead
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.last_active = 0.0
@@ -235,6 +252,11 @@ class Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._rest: bytes | None = None  # read, not yet parsed (the queue was full)
         self._busy = False
+        # Handled, answers owed in order (only while requests run ahead; see ``_owe``).
+        self._owed: deque[_Owed] = deque()
+        self._barrier = False  # an owed outcome that is not a plain answer: handle no more
+        self._answering = False  # an ``_answer_owed`` call is scheduled
+        self._out: list[bytes] | None = None  # answers being gathered into one write
         self._stopped = False  # nothing more will be read (EOF, a broken request, an upgrade)
         self._reading = True
         self._write_paused = False
@@ -252,6 +274,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._queue.clear()
+        self._drop_owed()
         self._rest = None
         self._server.connections.discard(self)
         self._mark_gone()
@@ -352,7 +375,7 @@ class Connection(asyncio.Protocol):
         if self._expect_continue and self._parser.get_http_version() != "1.0":
             # The client waits for this before sending the body.  Answers never interleave:
             # while an earlier answer is still owed, it is sent after that answer.
-            if not self._busy and not self._queue and not self._closed:
+            if not self._busy and not self._queue and not self._owed and not self._closed:
                 assert self.transport is not None
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             else:
@@ -403,7 +426,7 @@ class Connection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """Whether an answer is owed on this connection."""
-        return self._busy or bool(self._queue) or self._rest is not None
+        return self._busy or bool(self._queue) or bool(self._owed) or self._rest is not None
 
     @property
     def closed(self) -> bool:
@@ -433,7 +456,20 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         self._closed = True
         self._queue.clear()
+        self._drop_owed()
         self._rest = None
+
+    def _drop_owed(self) -> None:
+        """Forget the owed answers (the connection is closing); work that was to follow an
+        answer is not started."""
+        owed, self._owed = self._owed, deque()
+        self._barrier = False
+        for item in owed:
+            outcome = item.outcome
+            if isinstance(outcome, ReplyThen):
+                outcome.after.close()
+            elif asyncio.iscoroutine(outcome):
+                outcome.close()
 
     def drop(self) -> None:
         """Close the connection now: what the client has not read yet is discarded.
@@ -471,8 +507,12 @@ class Connection(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Answer queued requests in order until one has to wait (or the client stops reading)."""
+        if self._owed:
+            self._send_owed()
         while True:
             while not self._busy and self._queue and not self._closed and not self._write_paused:
+                if self._owed and not self._may_run_ahead(self._queue[0]):
+                    break  # it waits until every earlier answer is out
                 request = self._queue.popleft()
                 if request.error is not None:
                     self._write(request, request.error)
@@ -482,7 +522,14 @@ class Connection(asyncio.Protocol):
                 except Exception:
                     log.exception("marketing simulator failed to answer %s", request.path)
                     outcome = _INTERNAL
-                self._settle(request, outcome)
+                if self._owed or (
+                    isinstance(outcome, Deferred)
+                    and not outcome.future.done()
+                    and self._may_run_ahead(request)
+                ):
+                    self._owe(request, outcome)
+                else:
+                    self._settle(request, outcome)
             rest = self._rest
             if rest is None or self._closed or self._write_paused or len(self._queue) >= MAX_QUEUED:
                 break
@@ -490,7 +537,7 @@ class Connection(asyncio.Protocol):
             self._feed(rest)
         if self._closed:
             return
-        if not self._busy and not self._queue:
+        if not self._busy and not self._queue and not self._owed:
             if self._stopped and self._rest is None:
                 self.close()
                 return
@@ -500,6 +547,63 @@ class Connection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._update_reading()
+
+    def _may_run_ahead(self, request: Request) -> bool:
+        return (
+            self._ahead is not None
+            and not self._barrier
+            and len(self._owed) < MAX_OWED
+            and request.error is None
+            and self._ahead(request)
+        )
+
+    def _owe(self, request: Request, outcome: Outcome) -> None:
+        """Keep ``outcome`` until the answers before it are out (or until it is known)."""
+        if isinstance(outcome, Deferred) and not outcome.future.done():
+            owed = _Owed(request, None, True)
+            deferred = outcome
+            outcome.future.add_done_callback(lambda done: self._owed_done(owed, deferred, done))
+        else:
+            owed = _Owed(request, outcome, False)
+            if type(outcome) is not tuple and not isinstance(outcome, Deferred):
+                self._barrier = True  # a task, a hold or a close: nothing more until it is done
+        self._owed.append(owed)
+
+    def _owed_done(self, owed: _Owed, deferred: Deferred, future: Waitable) -> None:
+        if self._closed:
+            return
+        owed.outcome = self._then(deferred, future)
+        owed.pending = False
+        if not self._answering:
+            # every answer a journal group completes on this connection, in one write
+            self._answering = True
+            self._server.loop.call_soon(self._answer_owed)
+
+    def _answer_owed(self) -> None:
+        self._answering = False
+        self._pump()
+
+    def _send_owed(self) -> None:
+        """Send the owed answers that are known, in order, in one write."""
+        self._out = []
+        try:
+            while self._owed and not self._busy and not self._closed and not self._write_paused:
+                owed = self._owed[0]
+                if owed.pending:
+                    break
+                self._owed.popleft()
+                if not self._owed:
+                    self._barrier = False
+                self._settle(owed.request, owed.outcome)
+        finally:
+            self._flush_out()
+            self._out = None
+
+    def _flush_out(self) -> None:
+        if self._out and self.transport is not None and not self._closed:
+            self.transport.write(b"".join(self._out))
+        if self._out is not None:
+            self._out = []
 
     def _settle(self, request: Request, outcome: Outcome) -> None:
         """Send ``outcome`` now, or arrange for it to be sent when it is known."""
@@ -586,10 +690,13 @@ class Connection(asyncio.Protocol):
             _date_header(),
             headers,
         )
-        if request.method == b"HEAD":
-            self.transport.write(head)
+        data = head if request.method == b"HEAD" else head + body
+        if self._out is not None:
+            self._out.append(data)
+            if not request.keep_alive:
+                self._flush_out()
         else:
-            self.transport.write(head + body)
+            self.transport.write(data)
         self.last_active = self._server.loop.time()
         if not request.keep_alive:
             self.close()
@@ -598,8 +705,19 @@ class Connection(asyncio.Protocol):
 class HttpServer:
     """Listens on ``host``:``port`` and serves ``handler``; can stop and start listening."""
 
-    def __init__(self, handler: Handler, host: str, port: int) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str,
+        port: int,
+        *,
+        ahead: Callable[[Request], bool] | None = None,
+    ) -> None:
         self.handler = handler
+        #: Which requests may be handled while earlier answers on their connection still
+        #: wait (``Deferred``): their effects must be applied in order and be safe to run
+        #: before the earlier answers are out.  ``None``: one request at a time.
+        self.ahead = ahead
         self.host = host
         self.port = port
         self.loop = asyncio.get_running_loop()

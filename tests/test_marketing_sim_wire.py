@@ -281,6 +281,60 @@ def settings(data_dir: Path) -> MarketingSettings:
     return MarketingSettings(port=0, data_dir=data_dir, customers=CUSTOMERS, seed=3)
 
 
+async def test_pipelined_postings_share_one_journal_group_and_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = await start(settings(tmp_path))
+    try:
+        journal = sim._journal
+        assert journal is not None
+        groups: list[int] = []
+        write = journal._write_sync
+
+        def counted(data: bytes) -> None:  # the real write and fdatasync, counted
+            groups.append(data.count(b"\n"))
+            write(data)
+
+        monkeypatch.setattr(journal, "_write_sync", counted)
+        reader, writer = await connect(sim)
+        count = 20
+        writer.write(b"".join(post_request(payment(f"grp-{i}", 1)) for i in range(count)))
+        # every answer of the batch is in the first read: they left together
+        first = await asyncio.wait_for(reader.read(1 << 20), 5)
+        assert first.count(b"HTTP/1.1 201 Created") == count
+        assert groups == [count]  # one write and one fdatasync for the whole pipeline
+        # in order, each with its own posting
+        ids = [orjson.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["posting_id"]
+               for part in first.split(b"HTTP/1.1 201 Created")[1:]]
+        assert ids == [f"grp-{i}" for i in range(count)]
+        # a read pipelined behind postings waits until they are durable, and sees them
+        writer.write(post_request(payment("grp-last", 1))
+                     + b"GET /healthz HTTP/1.1\r\nHost: sim\r\n\r\n")
+        assert (await read_answer(reader)).status == 201
+        health = await read_answer(reader)
+        assert health.status == 200 and health.json()["postings"] == count + 1
+        writer.close()
+    finally:
+        await sim.close()
+
+
+async def test_a_held_posting_in_a_pipeline_answers_none_of_it(tmp_path: Path) -> None:
+    sim = await start(settings(tmp_path))
+    try:
+        await sim.set_faults(timeout_after_commit_rate=1.0, hold_ms=100)
+        reader, writer = await connect(sim)
+        writer.write(b"".join(post_request(payment(f"held-{i}")) for i in range(3)))
+        assert await closed_by_server(reader)  # not a byte of any answer
+        writer.close()
+        # each was credited (the fault is "credits, then does not answer"): sent again, they
+        # are answered as the postings they already are
+        await sim.clear_faults()
+        answers = await post_all(sim, [payment(f"held-{i}") for i in range(3)])
+        assert [a.status for a in answers] == [200, 200, 200]
+    finally:
+        await sim.close()
+
+
 async def test_torn_last_record_is_cut_off(tmp_path: Path) -> None:
     first = await start(settings(tmp_path))
     try:
