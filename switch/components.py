@@ -90,7 +90,8 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         stack.callback(task.cancel)
 
     marketing = MarketingClient(node.services.marketing, timeout=s.services.marketing_timeout_s,
-                                connections=s.forwarder.concurrency)
+                                connections=s.forwarder.concurrency,
+                                pipeline=s.forwarder.pipeline)
     stack.push_async_callback(marketing.close)
     comps["marketing"] = marketing
     accounts = Accounts(node.pool, marketing)

@@ -245,6 +245,7 @@ class MarketingClient:
         timeout: float = 1.0,
         session: aiohttp.ClientSession | None = None,
         connections: int = 16,
+        pipeline: int = 1,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -254,9 +255,18 @@ class MarketingClient:
         self._owns_session = session is None
         # requests (one posting per payment, account lookups) go over kept-alive connections
         # read by httptools (switch/keepalive.py); aiohttp for https or a session given
+        # postings may be pipelined (`pipeline` per connection, `connections` in flight in
+        # all) on connections of their own, so that a live account lookup never waits
+        # behind a batch of postings being made durable
         self._pool: KeepAlivePool | None = None
+        self._post_pool: KeepAlivePool | None = None
         if session is None and self._base_url.startswith("http://"):
             self._pool = KeepAlivePool(self._base_url, size=connections, timeout_s=timeout)
+            self._post_pool = self._pool
+            if pipeline > 1:
+                self._post_pool = KeepAlivePool(
+                    self._base_url, size=-(-connections // pipeline), timeout_s=timeout,
+                    pipeline=pipeline)
 
     @property
     def base_url(self) -> str:
@@ -280,6 +290,8 @@ class MarketingClient:
             self._session = None
         if self._pool is not None:
             await self._pool.close()
+        if self._post_pool is not None and self._post_pool is not self._pool:
+            await self._post_pool.close()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -293,12 +305,14 @@ class MarketingClient:
         *,
         params: Mapping[str, str] | None = None,
         body: object = None,
+        pool: KeepAlivePool | None = None,
     ) -> tuple[int, bytes]:
         data = None if body is None else orjson.dumps(body)
+        pool = pool or self._pool
         try:
-            if self._pool is not None:
+            if pool is not None:
                 query = f"?{urlencode(params)}" if params else ""
-                status, raw = await self._pool.request(method, path + query, data)
+                status, raw = await pool.request(method, path + query, data)
             else:
                 async with self._get_session().request(
                     method, self._base_url + path, params=params, data=data,
@@ -371,7 +385,8 @@ class MarketingClient:
 
     async def post(self, posting: Posting) -> PostingResult:
         """Credit ``posting``; safe to repeat with the same posting after MarketingUnavailable."""
-        status, raw = await self._request("POST", "/postings", body=posting.to_json())
+        status, raw = await self._request("POST", "/postings", body=posting.to_json(),
+                                          pool=self._post_pool)
         if status not in (200, 201):
             raise self._refuse(status, raw)
         try:

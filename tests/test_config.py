@@ -80,6 +80,11 @@ def test_relay_concurrency_is_read_and_bounded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(f, env={})
     assert e.value.key == "forwarder.concurrency" and "1 to 1000" in str(e.value)
+    assert s.forwarder.pipeline == 16
+    f.write_text("[forwarder]\npipeline = 257\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    assert e.value.key == "forwarder.pipeline" and "1 to 256" in str(e.value)
 
 
 def test_contradictory_or_ill_typed_settings_are_named(tmp_path: Path) -> None:

@@ -206,3 +206,135 @@ async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
     finally:
         await pool.close()
         await _stop(server)
+
+
+# --- pipelining -------------------------------------------------------------------------------
+
+
+async def _answer_in_order(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                           reads: list[int], close_after: int | None = None) -> None:
+    """Answer each request with its body, in order; note how many requests each read
+    carried (what the client wrote together); close after `close_after` answers."""
+    answered = 0
+    while close_after is None or answered < close_after:
+        data = await reader.read(65536)
+        if not data:
+            return
+        buf = data
+        while buf.count(b"\r\n\r\n") and not _complete(buf):
+            buf += await reader.read(65536)
+        requests = _split(buf)
+        reads.append(len(requests))
+        out = b""
+        for body in requests:
+            if close_after is not None and answered == close_after:
+                break
+            out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            answered += 1
+        writer.write(out)
+        await writer.drain()
+
+
+def _split(buf: bytes) -> list[bytes]:
+    bodies = []
+    while buf:
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        bodies.append(rest[:length])
+        buf = rest[length:]
+    return bodies
+
+
+def _complete(buf: bytes) -> bool:
+    try:
+        return sum(map(len, _split(buf))) >= 0
+    except (StopIteration, ValueError):
+        return False
+
+
+async def test_pipelined_requests_share_one_write_and_come_back_in_order() -> None:
+    reads: list[int] = []
+    peers = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal peers
+        peers += 1
+        await _answer_in_order(reader, writer, reads=reads)
+
+    server, port = await _raw_server(serve)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=2.0, pipeline=8)
+    try:
+        bodies = [b"%d" % i for i in range(16)]
+        results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
+        assert results == [(200, b) for b in bodies]  # each answer to its own request
+        # 8 per connection: the first request of each went alone while it connected, the
+        # other seven together
+        assert peers == 2 and sum(reads) == 16 and len(reads) <= 4 and max(reads) >= 7
+        # more requests than the pipelines hold wait for room, and are all answered
+        bodies = [b"more-%d" % i for i in range(40)]
+        results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
+        assert results == [(200, b) for b in bodies] and peers == 2
+        assert max(reads) <= 8
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_requests_behind_an_answer_the_server_closed_after_are_sent_again() -> None:
+    seen: list[bytes] = []
+    reads: list[int] = []
+
+    async def two_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:
+        await _answer_in_order(reader, writer, reads=reads, close_after=2)
+
+    server, port = await _raw_server(two_then_close)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
+    try:
+        bodies = [b"%d" % i for i in range(4)]
+        results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
+        seen = [body for _, body in results]
+        # the first two were answered on the first connection; the two the server never
+        # answered went again on a new one
+        assert seen == bodies and reads[0] == 4
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misread() -> None:
+    async def first_never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = await reader.read(65536)
+        bodies = _split(buf)
+        if bodies and bodies[0] == b"slow":
+            await asyncio.sleep(5)  # never answers the first: the others are not answered
+            return
+        out = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+                       for b in bodies)
+        writer.write(out)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    server, port = await _raw_server(first_never)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=0.3, pipeline=3)
+    try:
+        async def later(body: bytes) -> tuple[int, bytes]:
+            await asyncio.sleep(0.15)  # pipelined behind "slow", with a later deadline
+            return await pool.request("POST", "/x", body)
+
+        results = await asyncio.gather(
+            pool.request("POST", "/x", b"slow"), later(b"a"), later(b"b"),
+            return_exceptions=True)
+        assert isinstance(results[0], TimeoutError)
+        # the ones behind it got no answer on that connection: sent once more on a fresh
+        # one, within their own deadline, and answered there with their own bodies
+        assert list(results[1:]) == [(200, b"a"), (200, b"b")]
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+def test_pipeline_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        KeepAlivePool("http://127.0.0.1:1/", pipeline=0)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
-from marketing_sim.app import MarketingSim
+from marketing_sim.app import MarketingSettings, MarketingSim, start
 from marketing_sim.customers import Customer
 from switch.marketing_client import (
     Account,
@@ -22,6 +24,7 @@ from switch.marketing_client import (
     MarketingRejected,
     MarketingUnavailable,
     Posting,
+    PostingResult,
 )
 
 CUSTOMERS = 300
@@ -312,3 +315,36 @@ async def test_one_record_the_database_cannot_hold_does_not_stop_the_mirror(
         assert await mirror.sync_once(page=10) == 30
         assert mirror.synced.is_set()
         assert await pool.fetchval("SELECT count(*) FROM account_mirror") == 29
+
+
+async def test_pipelined_postings_each_credit_once_beside_a_lookup(
+    tmp_path: Path,
+) -> None:
+    durable = await start(MarketingSettings(port=0, customers=CUSTOMERS, data_dir=tmp_path))
+    try:
+        customer = customer_with_bills(durable)
+        owed = sum(b.amount for b in customer.bills)
+        async with MarketingClient(durable.url, timeout=2.0, connections=16,
+                                   pipeline=8) as client:
+            postings = [payment(f"pp-{i}", customer.account_no, 10) for i in range(40)]
+            got = await asyncio.gather(*(client.post(p) for p in postings),
+                                       client.get_account(customer.account_no))
+            results, account = got[:-1], got[-1]
+            assert all(isinstance(r, PostingResult) and not r.replayed for r in results)
+            assert [r.posting_id for r in results if isinstance(r, PostingResult)] == \
+                [p.posting_id for p in postings]
+            assert isinstance(account, Account) and account.account_no == customer.account_no
+            # each credited once: arrears went down by 40 x 10 fen, whatever the order
+            after = await client.get_account(customer.account_no)
+            assert after is not None and after.arrears == owed - 400
+            # held unanswered (credited, then the connection closed without a word): the
+            # client sends each once more on a fresh connection and gets the stored result
+            await durable.set_faults(timeout_after_commit_rate=1.0, hold_ms=100)
+            late = [payment(f"pl-{i}", customer.account_no, 1) for i in range(5)]
+            again = await asyncio.gather(*(client.post(p) for p in late))
+            assert all(r.replayed for r in again)
+            await durable.clear_faults()
+            final = await client.get_account(customer.account_no)
+            assert final is not None and final.arrears == owed - 405
+    finally:
+        await durable.close()
