@@ -97,7 +97,7 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
-        self._sem = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         # occurred_at is sent in the business time zone: the marketing system dates a posting
         # by the date of its time as sent, which is then the local day, not the UTC one
         self.timezone = timezone
@@ -138,7 +138,18 @@ class Forwarder:
         rows = await self.pool.fetch(_DUE, self.settings.batch)
         if not rows:
             return ForwardStats(0, 0)
-        results = await asyncio.gather(*(self._forward(r) for r in rows))
+        # `concurrency` senders share the round's rows, rather than a task per posting: the
+        # round's start creates a few tasks instead of hundreds in one turn of the event
+        # loop (which held up the payments waiting behind them), and an answer wakes one
+        # sender, which sends the next posting at once
+        results: list[PostingResult | None] = [None] * len(rows)
+        turn = iter(range(len(rows)))
+
+        async def sender() -> None:
+            for i in turn:
+                results[i] = await self._forward(rows[i])
+
+        await asyncio.gather(*(sender() for _ in range(min(self._concurrency, len(rows)))))
         accepted = [(row, res) for row, res in zip(rows, results, strict=True)
                     if res is not None]
         if accepted:
@@ -165,20 +176,18 @@ class Forwarder:
                          else row["occurred_at"]),
             original_posting_id=row["original_posting_id"],
         )
-        async with self._sem:
-            try:
-                result = await self.client.post(posting)
-            except MarketingUnavailable as e:
-                await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
-                self.metrics.child(self.metrics.forwarded, "retry").inc()
-                return None
-            except (MarketingConflict, MarketingRejected) as e:
-                log.error("marketing system refused a posting",
-                          extra={"posting_id": row["posting_id"], "error": str(e)})
-                await self._failed(row, f"refused: {e}", permanent=True)
-                self.metrics.child(self.metrics.forwarded, "dead").inc()
-                return None
-        return result
+        try:
+            return await self.client.post(posting)
+        except MarketingUnavailable as e:
+            await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
+            self.metrics.child(self.metrics.forwarded, "retry").inc()
+            return None
+        except (MarketingConflict, MarketingRejected) as e:
+            log.error("marketing system refused a posting",
+                      extra={"posting_id": row["posting_id"], "error": str(e)})
+            await self._failed(row, f"refused: {e}", permanent=True)
+            self.metrics.child(self.metrics.forwarded, "dead").inc()
+            return None
 
     async def _failed(self, row: Any, error: str, *, permanent: bool) -> None:
         await self.pool.execute(_FAILED, row["id"], error[:500], self._backoff(row["attempts"]),
