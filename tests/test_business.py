@@ -184,6 +184,30 @@ async def test_cutover_is_recorded_once_and_fenced(clean_db: str, clean_redis: s
 
 
 
+async def test_the_numbered_hook_sees_the_record_and_cannot_fail_the_batch(
+        node: Node, sims: Sims) -> None:
+    import uuid
+
+    from switch.payments.ledger import Committed, PaymentRecord, PaymentRequest
+
+    account = await active_account(sims.marketing)
+    seen: list[PaymentRecord] = []
+
+    def broken(rec: PaymentRecord) -> None:
+        seen.append(rec)
+        raise RuntimeError("a hook that fails")
+
+    ledger = node.components["ledger"]
+    outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
+        dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+        method="cash", account_no=account, amount=100 + i, numbered=broken))
+        for i in range(3)))
+    assert all(isinstance(o, Committed) for o in outcomes)
+    # told before the statement, with the very record the payment committed with
+    assert sorted(id(r) for r in seen) == sorted(
+        id(o.record) for o in outcomes if isinstance(o, Committed))
+
+
 async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clean_redis: str,
                                                             sims: Sims, tmp_path: Path) -> None:
     """The relay's "sent" update is fenced: a node that lost the lease may have posted (the

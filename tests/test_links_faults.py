@@ -47,6 +47,40 @@ async def test_a_recorded_payment_whose_answer_cannot_be_signed_is_not_answered_
     assert await _count(node, "payments") == 1
 
 
+async def test_an_approval_is_signed_while_its_payment_commits_and_again_if_that_failed(
+        node: Node, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    svc = node.components["link_service"]
+    working = svc.ctx
+    calls: list[bytes] = []
+    fail_first = False
+
+    async def counted(block: object, data: bytes) -> bytes:
+        calls.append(data)
+        if fail_first and len(calls) == 1:
+            raise HsmError("68", "M6")
+        mac: bytes = await working.hsm_mac(block, data)
+        return mac
+
+    svc.ctx = dataclasses.replace(working, hsm_mac=counted)
+    try:
+        async with client(node, timeout=5) as c:
+            await c.sign_on()
+            answer = await c.request(c.payment(acct, 4321))
+            # one MAC request (the one asked while the payment committed: a request made
+            # after it would be a second), and its signature verifies
+            assert answer.fields[39] == "00" and c.bad_macs == [] and len(calls) == 1
+            calls.clear()
+            fail_first = True
+            answer = await c.request(c.payment(acct, 4322))
+            # the early one failed: the recorded payment's approval is signed again, the
+            # same bytes
+            assert answer.fields[39] == "00" and c.bad_macs == []
+            assert len(calls) == 2 and calls[0] == calls[1]
+    finally:
+        svc.ctx = working
+
+
 async def test_an_unforeseen_failure_is_answered_96_and_records_nothing(
         node: Node, sims: Sims) -> None:
     acct = await active_account(sims.marketing)

@@ -43,6 +43,7 @@ from switch.payments.ledger import (
     Fenced,
     LedgerError,
     NotReversible,
+    PaymentRecord,
     PaymentRequest,
     PostingPath,
     fetch_duplicate,
@@ -153,6 +154,25 @@ def _amount12(v: int) -> str:
     return f"{v:012d}"
 
 
+class _Signed(Message):
+    """An approval whose MAC was asked of the HSM while its payment was being committed:
+    `mac_input` is what was signed, `mac` the HSM's answer (a task)."""
+
+    __slots__ = ("mac_input", "mac")
+
+    def __init__(self, resp: Message, mac_input: bytes, mac: asyncio.Task[bytes]) -> None:
+        super().__init__(resp.mti, resp.fields)
+        self.mac_input = mac_input
+        self.mac = mac
+
+
+def _retrieved(task: asyncio.Task[bytes]) -> None:
+    """A signature nobody will use (the payment was not committed as numbered): its error,
+    if any, is read here so that it is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True, slots=True)
 class LinkContext:
     """What the service needs from the node."""
@@ -239,6 +259,11 @@ class LinkService:
         if not needs_mac:
             return codec.encode(resp)
         assert link.institution is not None
+        if type(resp) is _Signed:
+            try:
+                return codec.append_mac(resp.mac_input, await resp.mac)
+            except (HsmError, OSError, KeyError, TimeoutError):
+                pass  # signed again below, with the retries a recorded payment gets
         ring = self.ctx.keyring()
         data = codec.mac_input(resp)
         recorded = code == "00" and _tx_kind(req) in ("payment", "reversal")
@@ -304,7 +329,7 @@ class LinkService:
         if kind == "inquiry":
             return await self._inquiry(msg, link.codec.dialect.text_encoding)
         if kind == "payment":
-            return await self._payment(inst, msg, link.codec.dialect.text_encoding)
+            return await self._payment(inst, msg, link.codec)
         if kind == "reversal":
             return await self._reversal(inst, msg)
         return await self._reconciliation(inst, msg)
@@ -387,7 +412,8 @@ class LinkService:
 
     # -- payment --------------------------------------------------------------------------
 
-    async def _payment(self, inst: Institution, msg: Message, encoding: str) -> Message:
+    async def _payment(self, inst: Institution, msg: Message, codec: Codec) -> Message:
+        encoding = codec.dialect.text_encoding
         f = msg.fields
         acct = _tlv_01(msg)
         assert acct is not None
@@ -417,10 +443,33 @@ class LinkService:
         def render(rec: object) -> tuple[int, bytes]:
             return 0, orjson.dumps({"02": name, "03": _amount12(arrears)})
 
+        def approval(rec: PaymentRecord) -> Message:
+            resp = self._response(msg, "00", rec.business_date)
+            resp.fields[38] = rec.approval_code
+            resp.fields[48] = Tlv.of(("01", acct), ("02", name), ("03", _amount12(arrears)),
+                                     ("06", rec.receipt_no))
+            return resp
+
+        # The approval is signed while the payment is committed, not after: the HSM's round
+        # trip (a few ms on a busy machine) then overlaps the commit's instead of adding to
+        # it. It is sent only if the payment commits with the very record it was built from;
+        # otherwise it is dropped unseen.
+        signing: list[tuple[PaymentRecord, _Signed]] = []
+        ring = self.ctx.keyring() if inst.mac else None
+
+        def numbered(rec: PaymentRecord) -> None:
+            assert ring is not None
+            resp = approval(rec)
+            data = codec.mac_input(resp)
+            task = asyncio.ensure_future(self.ctx.hsm_mac(ring.mac_key(inst.id), data))
+            task.add_done_callback(_retrieved)
+            signing.append((rec, _Signed(resp, data, task)))
+
         preq = PaymentRequest(
             dedup_key=key, request_hash=req_hash, channel=inst.dialect, method="bank_transfer",
             account_no=acct, amount=amount, institution_id=inst.id, stan=stan, transmitted=f7,
-            rrn=str(f.get(37, "")), terminal_id=str(f[41]) if 41 in f else None, render=render)
+            rrn=str(f.get(37, "")), terminal_id=str(f[41]) if 41 in f else None, render=render,
+            numbered=numbered if ring is not None else None)
         try:
             outcome = await self.ctx.ledger.submit(preq)
         except Fenced:
@@ -433,11 +482,10 @@ class LinkService:
             return await self._replay(msg, outcome, req_hash)
         rec = outcome.record
         self.ctx.on_posted()
-        resp = self._response(msg, "00", rec.business_date)
-        resp.fields[38] = rec.approval_code
-        resp.fields[48] = Tlv.of(("01", acct), ("02", name), ("03", _amount12(arrears)),
-                                 ("06", rec.receipt_no))
-        return resp
+        for numbered_rec, signed in signing:
+            if numbered_rec is rec:
+                return signed
+        return approval(rec)
 
     async def _decline(self, key: str, msg: Message, req_hash: bytes, code: str,
                        reason: str) -> Message:

@@ -75,6 +75,10 @@ class PaymentRequest:
     caller: str | None = None
     # builds the (status, body) stored with the key for byte-exact replays
     render: Callable[[PaymentRecord], tuple[int, bytes]] | None = None
+    # told the record once it is numbered, before its statement is sent, so that work which
+    # needs only the record (a link signs its approval) runs while the commit does; whatever
+    # it starts must be discarded unless the payment comes back Committed with this record
+    numbered: Callable[[PaymentRecord], None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount <= 0:
@@ -398,6 +402,11 @@ class PostingPath:
             )
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
+            if req.numbered is not None:
+                try:
+                    req.numbered(rec)
+                except Exception as e:  # an aid to the caller: never the batch's failure
+                    log.warning("numbered hook failed", extra={"error": type(e).__name__})
         batch = orjson.dumps([{
             # orjson writes our uuid.UUID itself, faster than str() (asyncpg's UUIDs, as in
             # client ids read from the database, it does not know: those go as str)
