@@ -13,7 +13,9 @@ wake-ups instead of one each. With `pipeline=1` a connection carries one request
 concurrency comes from `size` connections only, which suits a server that handles a
 connection's requests one after another with a commit each.
 
-Only what the relay needs: a request with a body, the status and the whole body back.
+Only what the relay needs: a request with a body, the status and the whole body back, at
+most `max_body` bytes of it (a server that sends more fails the request, and its connection is
+closed: an answer is held in memory whole, so its size is bounded).
 A connection on which a request fails or times out is closed (its state is unknown). A request
 that got no byte of its answer because the server closed the connection (a kept-alive
 connection closed meanwhile, or one the server closed after an earlier answer in the pipeline)
@@ -32,7 +34,7 @@ from typing import Any
 
 import httptools
 
-__all__ = ["HttpStatusError", "KeepAlivePool", "PoolClosed"]
+__all__ = ["AnswerTooLarge", "HttpStatusError", "KeepAlivePool", "PoolClosed"]
 
 
 class PoolClosed(ConnectionError):
@@ -43,6 +45,10 @@ class HttpStatusError(ConnectionError):
     """The server sent something that is not an HTTP/1.1 response."""
 
 
+class AnswerTooLarge(HttpStatusError):
+    """The answer is longer than the pool's `max_body`."""
+
+
 class _Unanswered(ConnectionResetError):
     """The connection closed before any byte of this request's answer arrived."""
 
@@ -50,8 +56,14 @@ class _Unanswered(ConnectionResetError):
 Answer = tuple[int, bytes]
 
 
+class _AnswerTooLarge(Exception):
+    """Raised inside the parser's body callback to stop reading an oversized answer."""
+
+
 class _Conn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.size = 0  # of the answer being read
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # the requests sent and not yet answered, in order; the first is being answered
@@ -75,7 +87,10 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(HttpStatusError(f"malformed HTTP response: {type(e).__name__}"))
+            if isinstance(e.__context__, _AnswerTooLarge):
+                self._fail(AnswerTooLarge(f"an answer over {self.max_body} bytes"))
+            else:
+                self._fail(HttpStatusError(f"malformed HTTP response: {type(e).__name__}"))
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -90,13 +105,20 @@ class _Conn(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        lower = name.lower()
+        if lower in (b"content-length", b"transfer-encoding"):
             self.framed = True
+            if lower == b"content-length" and value.strip().isdigit() \
+                    and int(value) > self.max_body:
+                raise _AnswerTooLarge  # said at once: not read at all
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > self.max_body:
+            raise _AnswerTooLarge
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -105,6 +127,7 @@ class _Conn(asyncio.Protocol):
             # an interim answer (100 Continue, 103 Early Hints): the real one follows on this
             # connection; completing the request here would hand it to the next request
             self.body = []
+            self.size = 0
             self.headers_done = self.framed = False
             return
         if not self.parser.should_keep_alive():
@@ -113,6 +136,7 @@ class _Conn(asyncio.Protocol):
 
     def _complete(self, status: int) -> None:
         body, self.body = b"".join(self.body), []
+        self.size = 0
         self.headers_done = self.framed = False
         self.answering = False
         if self.waiters:
@@ -166,18 +190,20 @@ class KeepAlivePool:
     `pipeline` requests at once."""
 
     def __init__(self, base_url: str, *, size: int = 16, timeout_s: float = 1.0,
-                 connect_timeout_s: float | None = None, pipeline: int = 1) -> None:
+                 connect_timeout_s: float | None = None, pipeline: int = 1,
+                 max_body: int = 16 << 20) -> None:
         u = urllib.parse.urlsplit(base_url)
         if u.scheme != "http" or not u.hostname:
             # the scheme only: a URL may carry user:password@
             raise ValueError(f"KeepAlivePool needs an http:// URL, not a {u.scheme!r} one")
-        if size < 1 or timeout_s <= 0 or pipeline < 1:
-            raise ValueError("size, timeout_s and pipeline must be positive")
+        if size < 1 or timeout_s <= 0 or pipeline < 1 or max_body < 1:
+            raise ValueError("size, timeout_s, pipeline and max_body must be positive")
         self.host = u.hostname
         self.port = u.port or 80
         self.prefix = u.path.rstrip("/")
         self.size = size
         self.pipeline = pipeline
+        self.max_body = max_body
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s or timeout_s
         self._host_header = u.netloc.rpartition("@")[2].encode()
@@ -250,7 +276,8 @@ class KeepAlivePool:
                 try:
                     timeout = max(0.001, min(self.connect_timeout_s, deadline - loop.time()))
                     async with asyncio.timeout(timeout):
-                        _, conn = await loop.create_connection(_Conn, self.host, self.port)
+                        _, conn = await loop.create_connection(
+                            lambda: _Conn(self.max_body), self.host, self.port)
                 except BaseException:
                     self._open -= 1
                     self._wake_one()

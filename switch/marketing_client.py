@@ -21,13 +21,16 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import orjson
 
-from switch.keepalive import KeepAlivePool
+from switch.keepalive import AnswerTooLarge, KeepAlivePool
 
 PostingKind = Literal["payment", "card_recharge", "reversal"]
 AccountStatus = Literal["active", "closed"]
 POSTING_KINDS: Final[frozenset[str]] = frozenset(get_args(PostingKind))
 ACCOUNT_STATUSES: Final[frozenset[str]] = frozenset(get_args(AccountStatus))
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+#: Largest answer the reconciliation reads: a whole day's postings come in one answer (the
+#: contract pages nothing), about 250 bytes each, so this holds some four million of them.
+DAY_LIST_MAX_ANSWER: Final = 1 << 30
 
 
 class MarketingError(Exception):
@@ -235,6 +238,20 @@ def _decode(raw: bytes) -> object:
         return raw.decode("utf-8", "replace")
 
 
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, unless it is over `cap` bytes (then `AnswerTooLarge`)."""
+    if response.content_length is not None and response.content_length > cap:
+        raise AnswerTooLarge(f"an answer over {cap} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            raise AnswerTooLarge(f"an answer over {cap} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 class MarketingClient:
     """Talks to the marketing system at ``base_url``; ``timeout`` (s) bounds each request."""
 
@@ -246,9 +263,12 @@ class MarketingClient:
         session: aiohttp.ClientSession | None = None,
         connections: int = 16,
         pipeline: int = 1,
+        max_answer: int = 16 << 20,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout <= 0 or max_answer < 1:
+            raise ValueError("timeout and max_answer must be positive")
+        # an answer is held in memory whole: a larger one is refused as unreadable
+        self._max_answer = max_answer
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
@@ -261,12 +281,13 @@ class MarketingClient:
         self._pool: KeepAlivePool | None = None
         self._post_pool: KeepAlivePool | None = None
         if session is None and self._base_url.startswith("http://"):
-            self._pool = KeepAlivePool(self._base_url, size=connections, timeout_s=timeout)
+            self._pool = KeepAlivePool(self._base_url, size=connections, timeout_s=timeout,
+                                       max_body=max_answer)
             self._post_pool = self._pool
             if pipeline > 1:
                 self._post_pool = KeepAlivePool(
                     self._base_url, size=-(-connections // pipeline), timeout_s=timeout,
-                    pipeline=pipeline)
+                    pipeline=pipeline, max_body=max_answer)
 
     @property
     def base_url(self) -> str:
@@ -318,8 +339,10 @@ class MarketingClient:
                     method, self._base_url + path, params=params, data=data,
                     headers=_JSON_HEADERS, timeout=self._timeout,
                 ) as response:
-                    raw = await response.read()
+                    raw = await _read_capped(response, self._max_answer)
                     status = response.status
+        except AnswerTooLarge as exc:
+            raise MarketingUnavailable(f"marketing system sent {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # incl. ConnectionError
             raise MarketingUnavailable(
                 f"marketing system unreachable: {type(exc).__name__}"

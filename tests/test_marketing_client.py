@@ -348,3 +348,48 @@ async def test_pipelined_postings_each_credit_once_beside_a_lookup(
             assert final is not None and final.arrears == owed - 405
     finally:
         await durable.close()
+
+
+async def test_an_answer_over_the_size_cap_is_unavailable_not_held(sim: MarketingSim) -> None:
+    big = b"[" + b"0," * 400_000 + b"0]"  # 800 kB
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(status=200, body=big, content_type="application/json")
+
+    async def huge_chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)  # no Content-Length: chunked
+        await response.prepare(request)
+        for i in range(0, len(big), 1 << 16):
+            await response.write(big[i:i + (1 << 16)])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/accounts/{account_no}", huge),
+                    web.get("/postings", huge_chunked)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site.port}/"
+    try:
+        # the kept-alive client (http://) and aiohttp's (a session given) alike: refused
+        # whether the length is announced or the answer is chunked
+        over = "sent an answer over 100000 bytes"
+        async with MarketingClient(url, max_answer=100_000) as client:
+            with pytest.raises(MarketingUnavailable, match=over):
+                await client.get_account("1000000008")
+            with pytest.raises(MarketingUnavailable, match=over):
+                await client.postings_for_date(date(2026, 5, 1))
+        async with aiohttp.ClientSession() as session:
+            capped = MarketingClient(url, session=session, max_answer=100_000)
+            with pytest.raises(MarketingUnavailable, match=over):
+                await capped.get_account("1000000008")
+            with pytest.raises(MarketingUnavailable, match=over):
+                await capped.postings_for_date(date(2026, 5, 1))
+        # under the cap the same answers are read whole (and found not to be postings)
+        async with MarketingClient(url, max_answer=1 << 20) as client:
+            with pytest.raises(MarketingUnavailable, match="malformed"):
+                await client.postings_for_date(date(2026, 5, 1))
+    finally:
+        await runner.cleanup()
