@@ -86,6 +86,10 @@ def format_table(report: dict[str, Any]) -> str:
                 per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
                           if db.get("wal_bytes_per_tx") is not None else "")
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
+                if "relay_backlog" in db:
+                    first, last = db["relay_backlog"]
+                    lines.append(f"{'':<28}relay: {first} postings still to forward at the "
+                                 f"start, {last} at the end")
             inside = fig.get("switch")
             if inside:
                 lines.append(f"{'':<28}inside the switch, mean: " + ", ".join(

@@ -205,7 +205,7 @@ class Harness:
         assert row is not None
         return {"wal": int(row["wal"]), "started": int(row["started"]),
                 "written": int(row["written"]), "vacuums": int(row["vacuums"]),
-                "vacuuming": int(row["vacuuming"])}
+                "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"])}
 
 
     async def books(self) -> dict[str, Any]:
@@ -224,7 +224,8 @@ _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wa
        buffers_written AS written,
        (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)
           FROM pg_stat_user_tables) AS vacuums,
-       (SELECT count(*) FROM pg_stat_progress_vacuum) AS vacuuming
+       (SELECT count(*) FROM pg_stat_progress_vacuum) AS vacuuming,
+       (SELECT count(*) FROM outbox WHERE state = 'pending') AS pending
   FROM pg_stat_checkpointer"""
 
 
@@ -286,7 +287,10 @@ def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
             # autovacuum and autoanalyze runs that ended in the phase, or were running at
             # either end of it (their reads and writes compete with the load as well)
             "autovacuum_running": (after["vacuums"] > before["vacuums"]
-                                   or bool(before["vacuuming"] or after["vacuuming"]))}
+                                   or bool(before["vacuuming"] or after["vacuuming"])),
+            # postings the relay had still to forward when the phase began and ended: a
+            # phase that ends with a backlog left part of its cost to the next one
+            "relay_backlog": [before.get("pending", 0), after.get("pending", 0)]}
 
 
 async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:
