@@ -208,6 +208,35 @@ async def test_the_numbered_hook_sees_the_record_and_cannot_fail_the_batch(
         id(o.record) for o in outcomes if isinstance(o, Committed))
 
 
+async def test_a_round_forwards_batch_after_batch_each_posting_once(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    import dataclasses
+    import uuid
+
+    from switch.payments.forwarder import ForwardStats
+    from switch.payments.ledger import Committed, PaymentRequest
+
+    account = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        forwarder = node.components["forwarder"]
+        await forwarder.stop()  # rounds are run by hand below
+        forwarder.settings = dataclasses.replace(forwarder.settings, batch=8)
+        ledger = node.components["ledger"]
+        outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
+            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+            method="cash", account_no=account, amount=100 + i)) for i in range(50)))
+        records = [o.record for o in outcomes if isinstance(o, Committed)]
+        assert len(records) == 50
+        # seven batches of 8 and one of 2, each read while the one before was on the wire
+        assert await forwarder.forward_once() == ForwardStats(50, 0)
+        assert await node.pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE state = 'pending'") == 0
+        posted = [p.request.posting_id for p in
+                  sims.marketing.durable_postings_on(records[0].business_date)]
+        assert all(posted.count(r.posting_id) == 1 for r in records)
+        assert await forwarder.forward_once() == ForwardStats(0, 0)
+
+
 async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clean_redis: str,
                                                             sims: Sims, tmp_path: Path) -> None:
     """The relay's "sent" update is fenced: a node that lost the lease may have posted (the

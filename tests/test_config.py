@@ -74,7 +74,7 @@ def test_lease_renewal_must_fit_in_ttl() -> None:
 
 def test_relay_concurrency_is_read_and_bounded(tmp_path: Path) -> None:
     s = load_settings(env={})
-    assert s.forwarder.concurrency == 16 and s.forwarder.batch == 256
+    assert s.forwarder.concurrency == 32 and s.forwarder.batch == 256
     f = tmp_path / "c.toml"
     f.write_text("[forwarder]\nconcurrency = 0\n")
     with pytest.raises(ConfigError) as e:

@@ -7,7 +7,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from switch.payments.forwarder import _DUE
+from switch.payments.forwarder import _DUE, _DUE_AFTER
 
 _BACKLOG = """
 WITH k AS (
@@ -60,3 +60,24 @@ async def test_due_postings_come_in_the_order_they_fell_due(pool: asyncpg.Pool) 
     assert [r["posting_id"] for r in rows] == ["P6", "P2", "P3", "P4", "P5"]
     assert [r["posting_id"] for r in await pool.fetch(_DUE, 2)] == ["P6", "P2"]
 
+
+
+async def test_the_next_batch_reads_on_from_the_last_row_off_the_index(
+        pool: asyncpg.Pool) -> None:
+    await pool.execute(_BACKLOG, 5000)
+    await pool.execute("ANALYZE outbox")
+    first = await pool.fetch(_DUE, 256)
+    last = first[-1]
+    following = await pool.fetch(_DUE_AFTER, 256, last["next_attempt_at"], last["id"])
+    # the batch after, with nothing of the first again and nothing skipped
+    both = [r["posting_id"] for r in first] + [r["posting_id"] for r in following]
+    assert both == [r["posting_id"] for r in await pool.fetch(_DUE, 512)]
+    raw = await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_DUE_AFTER}", 256,
+                              last["next_attempt_at"], last["id"])
+    nodes = _nodes(orjson.loads(raw)[0]["Plan"])
+    kinds = [n["Node Type"] for n in nodes]
+    assert "Sort" not in kinds, kinds
+    scans = [n for n in nodes if n.get("Relation Name") == "outbox"
+             and n["Node Type"].startswith("Index")]
+    assert scans and scans[0]["Index Name"] == "outbox_pending", kinds
+    assert scans[0]["Actual Rows"] <= 256  # a range from the last row, not a walk from the head

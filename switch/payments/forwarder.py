@@ -42,16 +42,22 @@ log = logging.getLogger("gridpay.forwarder")
 # due at its insert, so this is arrival order; a retried one goes by when it is due again.
 # A reversal whose original is not sent yet is passed over (not taken) and walked again by the
 # next round: those, not the backlog, are what a round reads beyond its batch.
-_DUE = """
+_DUE_FROM = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
-       o.occurred_at, o.attempts, o.created_at
+       o.occurred_at, o.attempts, o.created_at, o.next_attempt_at
   FROM outbox o
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (o.kind <> 'reversal' OR EXISTS (
         SELECT 1 FROM outbox x WHERE x.posting_id = o.original_posting_id AND x.state = 'sent'))
+   {after}
  ORDER BY o.next_attempt_at, o.id
  LIMIT $1
 """
+_DUE = _DUE_FROM.format(after="")
+# the next batch of a round, read while the one before it is still on the wire (and not yet
+# marked sent): it starts after that batch's last row in due order, which the same index
+# serves as a range
+_DUE_AFTER = _DUE_FROM.format(after="AND (o.next_attempt_at, o.id) > ($2, $3)")
 
 # every posting of a round that the marketing system accepted, marked in one statement
 # (one round trip, its own transaction), fenced by this node's epoch
@@ -134,12 +140,47 @@ class Forwarder:
                     await asyncio.wait_for(self._wake.wait(), idle)
 
     async def forward_once(self) -> ForwardStats:
-        """Forward every posting due now (one round); returns what happened."""
-        rows = await self.pool.fetch(_DUE, self.settings.batch)
-        if not rows:
-            return ForwardStats(0, 0)
-        # `concurrency` senders share the round's rows, rather than a task per posting: the
-        # round's start creates a few tasks instead of hundreds in one turn of the event
+        """Forward every posting due now (one round); returns what happened.
+
+        The round reads the queue a batch at a time in due order. While a batch is on the
+        wire, the next one is read (after its last row) and the one before is marked sent,
+        so the pipe to the marketing system does not stand empty while the database is asked.
+        A posting passed over meanwhile (a reversal whose original was not yet marked sent)
+        waits for the next round, which starts from the head of the queue."""
+        batch = self.settings.batch
+        rows = await self.pool.fetch(_DUE, batch)
+        sent = failed = 0
+        marks: list[asyncio.Task[None]] = []
+        try:
+            while rows:
+                last = rows[-1]
+                ahead = (asyncio.ensure_future(self.pool.fetch(
+                    _DUE_AFTER, batch, last["next_attempt_at"], last["id"]))
+                    if len(rows) == batch else None)
+                try:
+                    results = await self._send_all(rows)
+                except BaseException:
+                    if ahead is not None:
+                        ahead.cancel()
+                    raise
+                accepted = [(row, res) for row, res in zip(rows, results, strict=True)
+                            if res is not None]
+                sent += len(accepted)
+                failed += len(rows) - len(accepted)
+                if accepted:
+                    marks.append(asyncio.ensure_future(self._mark_sent(accepted)))
+                rows = await ahead if ahead is not None else []
+        finally:
+            # every mark is waited for (a fenced one raises here), also when sending failed
+            done = await asyncio.gather(*marks, return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return ForwardStats(sent, failed)
+
+    async def _send_all(self, rows: list[Any]) -> list[PostingResult | None]:
+        # `concurrency` senders share the batch's rows, rather than a task per posting: a
+        # batch's start creates a few tasks instead of hundreds in one turn of the event
         # loop (which held up the payments waiting behind them), and an answer wakes one
         # sender, which sends the next posting at once
         results: list[PostingResult | None] = [None] * len(rows)
@@ -150,18 +191,17 @@ class Forwarder:
                 results[i] = await self._forward(rows[i])
 
         await asyncio.gather(*(sender() for _ in range(min(self._concurrency, len(rows)))))
-        accepted = [(row, res) for row, res in zip(rows, results, strict=True)
-                    if res is not None]
-        if accepted:
-            # One fenced transaction (one commit) for the whole round. A crash before it
-            # commits only means these postings are sent again: the marketing system answers a
-            # repeated posting id with the stored result, so the credit still happens once.
-            await self.pool.execute(_SENT, [row["id"] for row, _ in accepted],
-                                    [res.arrears_after for _, res in accepted],
-                                    [res.prepaid_balance_after for _, res in accepted],
-                                    self.epoch())
-            self.metrics.child(self.metrics.forwarded, "sent").inc(len(accepted))
-        return ForwardStats(len(accepted), len(results) - len(accepted))
+        return results
+
+    async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
+        # One fenced transaction (one commit) for the whole batch. A crash before it commits
+        # only means these postings are sent again: the marketing system answers a repeated
+        # posting id with the stored result, so the credit still happens once.
+        await self.pool.execute(_SENT, [row["id"] for row, _ in accepted],
+                                [res.arrears_after for _, res in accepted],
+                                [res.prepaid_balance_after for _, res in accepted],
+                                self.epoch())
+        self.metrics.child(self.metrics.forwarded, "sent").inc(len(accepted))
 
     def _backoff(self, attempts: int) -> float:
         base = self.settings.backoff_initial_s * (2 ** min(attempts, 20))
