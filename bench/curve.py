@@ -36,7 +36,8 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
                            "error_rate": f["error_rate"],
                            "checkpoint_running": db.get("checkpoint_running"),
                            "autovacuum_running": db.get("autovacuum_running"),
-                           "wal_bytes_per_tx": db.get("wal_bytes_per_tx")})
+                           "wal_bytes_per_tx": db.get("wal_bytes_per_tx"),
+                           "relay_backlog": db.get("relay_backlog")})
         report["curve"] = points
         report["books"] = await h.books()
     report["machine"] = machine()

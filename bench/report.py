@@ -98,6 +98,8 @@ def format_table(report: dict[str, Any]) -> str:
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
         ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""
+        if pt.get("relay_backlog"):
+            ckpt += ", relay backlog {} -> {}".format(*pt["relay_backlog"])
         lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "
                      f"{_fmt(pt['p50_ms'])} ms, p99 {_fmt(pt['p99_ms'])} ms{ckpt}")
     for name, b in report.get("baselines", {}).items():
