@@ -37,7 +37,9 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
                            "checkpoint_running": db.get("checkpoint_running"),
                            "autovacuum_running": db.get("autovacuum_running"),
                            "wal_bytes_per_tx": db.get("wal_bytes_per_tx"),
-                           "relay_backlog": db.get("relay_backlog")})
+                           "relay_backlog": db.get("relay_backlog"),
+                           "autovacuumed": db.get("autovacuumed"),
+                           "autoanalyzed": db.get("autoanalyzed")})
         report["curve"] = points
         report["books"] = await h.books()
     report["machine"] = machine()

@@ -83,6 +83,9 @@ def format_table(report: dict[str, Any]) -> str:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
                 vac = ", autovacuum ran" if db.get("autovacuum_running") else ""
+                for what in ("autovacuumed", "autoanalyzed"):
+                    if db.get(what):
+                        vac += f" ({what} {', '.join(db[what])})"
                 per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
                           if db.get("wal_bytes_per_tx") is not None else "")
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
@@ -98,6 +101,9 @@ def format_table(report: dict[str, Any]) -> str:
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
         ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""
+        for what in ("autovacuumed", "autoanalyzed"):
+            if pt.get(what):
+                ckpt += f" ({what} {', '.join(pt[what])})"
         if pt.get("relay_backlog"):
             ckpt += ", relay backlog {} -> {}".format(*pt["relay_backlog"])
         lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "

@@ -192,12 +192,17 @@ class Harness:
             return None
         return parse_histograms(text)
 
-    async def db_stats(self) -> dict[str, int] | None:
-        """PostgreSQL's WAL position and checkpointer counters (None if it cannot say)."""
+    async def db_stats(self) -> dict[str, Any] | None:
+        """PostgreSQL's WAL position and checkpointer counters, autovacuum and autoanalyze
+        runs per table, and the relay's queue (None if it cannot say)."""
         try:
             con = await asyncpg.connect(self.db, timeout=5)
             try:
                 row = await con.fetchrow(_DB_STATS)
+                tables = await con.fetch(
+                    "SELECT relname, autovacuum_count, autoanalyze_count"
+                    " FROM pg_stat_user_tables"
+                    " WHERE autovacuum_count + autoanalyze_count > 0")
             finally:
                 await con.close()
         except (OSError, asyncpg.PostgresError, TimeoutError):
@@ -205,7 +210,9 @@ class Harness:
         assert row is not None
         return {"wal": int(row["wal"]), "started": int(row["started"]),
                 "written": int(row["written"]), "vacuums": int(row["vacuums"]),
-                "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"])}
+                "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"]),
+                "tables": {r["relname"]: (int(r["autovacuum_count"]),
+                                          int(r["autoanalyze_count"])) for r in tables}}
 
 
     async def books(self) -> dict[str, Any]:
@@ -270,7 +277,7 @@ def switch_activity(before: dict[str, tuple[float, float]] | None,
     return out
 
 
-def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
+def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
                 completed: int) -> dict[str, Any]:
     """What PostgreSQL did during a phase: WAL written (in all, per completed transaction)
     and whether a checkpoint was writing, which costs every writer full-page images and
@@ -290,7 +297,15 @@ def db_activity(before: dict[str, int] | None, after: dict[str, int] | None,
                                    or bool(before["vacuuming"] or after["vacuuming"])),
             # postings the relay had still to forward when the phase began and ended: a
             # phase that ends with a backlog left part of its cost to the next one
-            "relay_backlog": [before.get("pending", 0), after.get("pending", 0)]}
+            "relay_backlog": [before.get("pending", 0), after.get("pending", 0)],
+            # which tables were vacuumed and analysed by the autovacuum daemon meanwhile
+            "autovacuumed": _grown(before, after, 0), "autoanalyzed": _grown(before, after, 1)}
+
+
+def _grown(before: dict[str, Any], after: dict[str, Any], i: int) -> list[str]:
+    old = before.get("tables", {})
+    return sorted(t for t, counts in after.get("tables", {}).items()
+                  if counts[i] > old.get(t, (0, 0))[i])
 
 
 async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -142,13 +143,17 @@ def test_switch_activity_from_two_scrapes() -> None:
 def test_phase_db_activity_from_two_readings() -> None:
     from bench.scenarios import db_activity
 
-    before = {"wal": 1_000_000, "started": 3, "written": 500, "vacuums": 7, "vacuuming": 0,
-              "pending": 0}
+    before: dict[str, Any] = {"wal": 1_000_000, "started": 3, "written": 500, "vacuums": 7,
+                              "vacuuming": 0, "pending": 0, "tables": {"outbox": (2, 5)}}
     after = {**before, "wal": 3_000_000, "pending": 40}
     quiet = db_activity(before, after, 1000)
     assert quiet == {"wal_mb": 2.0, "wal_bytes_per_tx": 2000, "checkpoints_started": 0,
                      "checkpoint_buffers_written": 0, "checkpoint_running": False,
-                     "autovacuum_running": False, "relay_backlog": [0, 40]}
+                     "autovacuum_running": False, "relay_backlog": [0, 40],
+                     "autovacuumed": [], "autoanalyzed": []}
+    busy = db_activity(before, {**after, "vacuums": 9, "tables": {
+        "outbox": (3, 5), "payments": (0, 1)}}, 1000)
+    assert busy["autovacuumed"] == ["outbox"] and busy["autoanalyzed"] == ["payments"]
     spread = db_activity(before, {**after, "written": 900}, 1000)
     assert spread["checkpoint_running"] is True  # one begun earlier, still writing
     assert db_activity(before, {**after, "vacuums": 8}, 1000)["autovacuum_running"] is True
