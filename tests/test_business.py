@@ -203,9 +203,18 @@ async def test_the_numbered_hook_sees_the_record_and_cannot_fail_the_batch(
         method="cash", account_no=account, amount=100 + i, numbered=broken))
         for i in range(3)))
     assert all(isinstance(o, Committed) for o in outcomes)
-    # told before the statement, with the very record the payment committed with
+    # told the very record each payment committed with
     assert sorted(id(r) for r in seen) == sorted(
         id(o.record) for o in outcomes if isinstance(o, Committed))
+    # inside a caller's transaction, Committed is not yet durable: the hook is not told
+    seen.clear()
+    async with node.pool.acquire() as con, con.transaction():
+        inside = await ledger.record_in(con, [PaymentRequest(
+            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+            method="cash", account_no=account, amount=99, numbered=broken)])
+        assert isinstance(inside[0], Committed)
+    await asyncio.sleep(0.05)
+    assert seen == []
 
 
 async def test_a_round_forwards_batch_after_batch_each_posting_once(
@@ -213,7 +222,7 @@ async def test_a_round_forwards_batch_after_batch_each_posting_once(
     import dataclasses
     import uuid
 
-    from switch.payments.forwarder import ForwardStats
+    from switch.payments.forwarder import MAX_BATCHES_PER_ROUND, ForwardStats
     from switch.payments.ledger import Committed, PaymentRequest
 
     account = await active_account(sims.marketing)
@@ -224,17 +233,49 @@ async def test_a_round_forwards_batch_after_batch_each_posting_once(
         ledger = node.components["ledger"]
         outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
             dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
-            method="cash", account_no=account, amount=100 + i)) for i in range(50)))
+            method="cash", account_no=account, amount=100 + i)) for i in range(70)))
         records = [o.record for o in outcomes if isinstance(o, Committed)]
-        assert len(records) == 50
-        # seven batches of 8 and one of 2, each read while the one before was on the wire
-        assert await forwarder.forward_once() == ForwardStats(50, 0)
+        assert len(records) == 70
+        # eight batches of 8, each read while the one before was on the wire; then the round
+        # ends, and the next starts again from the head of the queue
+        assert MAX_BATCHES_PER_ROUND == 8
+        assert await forwarder.forward_once() == ForwardStats(64, 0)
+        assert await forwarder.forward_once() == ForwardStats(6, 0)
         assert await node.pool.fetchval(
             "SELECT count(*) FROM outbox WHERE state = 'pending'") == 0
         posted = [p.request.posting_id for p in
                   sims.marketing.durable_postings_on(records[0].business_date)]
         assert all(posted.count(r.posting_id) == 1 for r in records)
         assert await forwarder.forward_once() == ForwardStats(0, 0)
+
+
+async def test_a_round_stops_at_the_first_refused_mark(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    import dataclasses
+    import uuid
+
+    from switch.payments.ledger import Committed, PaymentRequest
+
+    account = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        forwarder = node.components["forwarder"]
+        await forwarder.stop()
+        forwarder.settings = dataclasses.replace(forwarder.settings, batch=8)
+        ledger = node.components["ledger"]
+        outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
+            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+            method="cash", account_no=account, amount=200 + i)) for i in range(60)))
+        records = [o.record for o in outcomes if isinstance(o, Committed)]
+        await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # taken over
+        with pytest.raises(Exception) as e:
+            await forwarder.forward_once()
+        assert db.is_fenced(e.value), e.value
+        posted = {p.request.posting_id for p in
+                  sims.marketing.durable_postings_on(records[0].business_date)}
+        sent = sum(r.posting_id in posted for r in records)
+        # the first batch's mark was refused while the second was on the wire: the round
+        # stopped before a third, instead of posting all 60 (the old node may no longer)
+        assert sent == 16, sent
 
 
 async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clean_redis: str,

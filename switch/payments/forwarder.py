@@ -58,6 +58,9 @@ _DUE = _DUE_FROM.format(after="")
 # marked sent): it starts after that batch's last row in due order, which the same index
 # serves as a range
 _DUE_AFTER = _DUE_FROM.format(after="AND (o.next_attempt_at, o.id) > ($2, $3)")
+# A round ends after this many batches and the next starts from the head of the queue, so a
+# posting passed over (a reversal whose original was not yet marked) waits one round at most
+MAX_BATCHES_PER_ROUND = 8
 
 # every posting of a round that the marketing system accepted, marked in one statement
 # (one round trip, its own transaction), fenced by this node's epoch
@@ -145,18 +148,27 @@ class Forwarder:
         The round reads the queue a batch at a time in due order. While a batch is on the
         wire, the next one is read (after its last row) and the one before is marked sent,
         so the pipe to the marketing system does not stand empty while the database is asked.
-        A posting passed over meanwhile (a reversal whose original was not yet marked sent)
-        waits for the next round, which starts from the head of the queue."""
+        A round is at most `MAX_BATCHES_PER_ROUND` batches: a posting passed over meanwhile
+        (a reversal whose original was not yet marked sent) waits for the next round, which
+        starts from the head of the queue. A mark refused (this node was fenced) ends the
+        round before the batch after next is sent."""
         batch = self.settings.batch
         rows = await self.pool.fetch(_DUE, batch)
         sent = failed = 0
         marks: list[asyncio.Task[None]] = []
         try:
-            while rows:
+            for n in range(1, MAX_BATCHES_PER_ROUND + 1):
+                if not rows:
+                    break
+                # every mark but the latest must have gone through before another batch
+                # goes out: a refused one (this node was fenced) stops the round, so a node
+                # that lost the lease posts at most the batch after the one refused
+                for mark in marks[:-1]:
+                    await mark
                 last = rows[-1]
                 ahead = (asyncio.ensure_future(self.pool.fetch(
                     _DUE_AFTER, batch, last["next_attempt_at"], last["id"]))
-                    if len(rows) == batch else None)
+                    if len(rows) == batch and n < MAX_BATCHES_PER_ROUND else None)
                 try:
                     results = await self._send_all(rows)
                 except BaseException:
@@ -190,7 +202,17 @@ class Forwarder:
             for i in turn:
                 results[i] = await self._forward(rows[i])
 
-        await asyncio.gather(*(sender() for _ in range(min(self._concurrency, len(rows)))))
+        # the first failure (a fenced or lost database recording a failed posting) stops the
+        # other senders too: nothing goes on posting after the round has failed
+        senders = [asyncio.ensure_future(sender())
+                   for _ in range(min(self._concurrency, len(rows)))]
+        try:
+            await asyncio.gather(*senders)
+        except BaseException:
+            for s in senders:
+                s.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
+            raise
         return results
 
     async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
