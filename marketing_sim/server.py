@@ -452,6 +452,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection (whatever was written is still sent)."""
         self._stopped = True
+        self._flush_out()  # answers gathered for one write go before the close
         if self.transport is not None and not self._closed:
             self.transport.close()
         self._closed = True

@@ -83,7 +83,6 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.answering = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -103,6 +102,9 @@ class _Conn(asyncio.Protocol):
         self._fail(ConnectionResetError("the server closed the connection"))
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.answering = True  # the first waiter's answer has begun (not the one before it)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
@@ -260,7 +262,7 @@ class KeepAlivePool:
                 raise
             finally:
                 timer.cancel()
-                self._release(conn, ok)
+                self._release(conn, ok, waiter)
         raise AssertionError("unreachable")
 
     async def _acquire(self, deadline: float) -> _Conn:
@@ -314,9 +316,14 @@ class KeepAlivePool:
                 best = conn
         return best
 
-    def _release(self, conn: _Conn, ok: bool) -> None:
-        if not ok and not conn.closed:
-            conn.abort()  # its state is unknown: whatever else it carries is answered as lost
+    def _release(self, conn: _Conn, ok: bool, waiter: asyncio.Future[Answer]) -> None:
+        if not ok and not conn.closed and conn.waiters and (
+                conn.waiters[0] is waiter or conn.waiters[0].done()):
+            # its answer was the one awaited (or the one before it was given up already):
+            # the connection is stuck or its state unknown, and whatever else it carries is
+            # answered as lost. A request given up behind a live head stays in line as done,
+            # its answer dropped in turn, so that one slow request does not fail the others.
+            conn.abort()
         if (conn.closed or self._closed or conn.last_call) and not conn.waiters:
             if conn in self._conns:
                 self._conns.remove(conn)

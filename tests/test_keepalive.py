@@ -338,3 +338,70 @@ async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misr
 def test_pipeline_must_be_positive() -> None:
     with pytest.raises(ValueError):
         KeepAlivePool("http://127.0.0.1:1/", pipeline=0)
+
+
+async def test_a_close_delimited_answer_read_with_the_end_of_the_one_before_is_kept() -> None:
+    served = 0
+
+    async def two_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:
+        nonlocal served
+        served += 1
+        buf = b""
+        while buf.count(b"\r\n\r\n") < 2:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buf += data
+        # the end of the first answer and all of the second (which ends with the
+        # connection) in one write, so the client reads them in one go
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nA1"
+                     b"HTTP/1.1 200 OK\r\n\r\nclose-delimited-B")
+        await writer.drain()
+
+    server, port = await _raw_server(two_then_close)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=2)
+    try:
+        results = await asyncio.gather(pool.request("GET", "/a"), pool.request("GET", "/b"))
+        assert list(results) == [(200, b"A1"), (200, b"close-delimited-B")]
+        assert served == 1  # read whole, not taken for unanswered and sent again
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_connection(
+) -> None:
+    connection = 0
+
+    async def first_stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connection
+        connection += 1
+        mine = connection
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if mine == 1 and b"/warm" not in head:
+                continue  # the first connection stops answering after its warm-up
+            path = head.split(b" ")[1]
+            await asyncio.sleep(0.3)  # the others answer, slowly, in order
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+    server, port = await _raw_server(first_stuck)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=0.5, pipeline=4)
+
+    async def later(path: str, delay: float) -> tuple[int, bytes]:
+        await asyncio.sleep(delay)
+        return await pool.request("GET", path)
+
+    try:
+        assert await pool.request("GET", "/warm") == (200, b"/warm")
+        # four requests fill the stuck connection; a fifth goes to a new one and is doing
+        # fine there when the stuck ones time out and are sent again beside it
+        results = await asyncio.gather(
+            later("/stuck0", 0), *(later(f"/stuck{i}", 0.05) for i in range(1, 4)),
+            later("/healthy", 0.4), return_exceptions=True)
+        assert all(isinstance(r, TimeoutError) for r in results[:4]), results
+        assert results[4] == (200, b"/healthy")
+    finally:
+        await pool.close()
+        await _stop(server)
