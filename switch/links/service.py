@@ -263,7 +263,8 @@ class LinkService:
             try:
                 return codec.append_mac(resp.mac_input, await resp.mac)
             except (HsmError, OSError, KeyError, TimeoutError):
-                pass  # signed again below, with the retries a recorded payment gets
+                # signed again below, with the retries a recorded payment gets
+                self.ctx.metrics.link_errors.labels(link.dialect, "early_signature_failed").inc()
         ring = self.ctx.keyring()
         data = codec.mac_input(resp)
         recorded = code == "00" and _tx_kind(req) in ("payment", "reversal")
@@ -453,7 +454,9 @@ class LinkService:
         # The approval is signed while the payment is committed, not after: the HSM's round
         # trip (a few ms on a busy machine) then overlaps the commit's instead of adding to
         # it. It is sent only if the payment commits with the very record it was built from;
-        # otherwise it is dropped unseen.
+        # otherwise it is dropped unseen. The price: a request that turns out not to commit
+        # (a retransmission answered from the ledger, a failed batch) costs one MAC for
+        # nothing, so retransmissions cost the HSM two.
         signing: list[tuple[PaymentRecord, _Signed]] = []
         ring = self.ctx.keyring() if inst.mac else None
 

@@ -75,9 +75,11 @@ class PaymentRequest:
     caller: str | None = None
     # builds the (status, body) stored with the key for byte-exact replays
     render: Callable[[PaymentRecord], tuple[int, bytes]] | None = None
-    # told the record once it is numbered, before its statement is sent, so that work which
-    # needs only the record (a link signs its approval) runs while the commit does; whatever
-    # it starts must be discarded unless the payment comes back Committed with this record
+    # told the record once it is numbered and its group commit's statement sent, so that
+    # work which needs only the record (a link signs its approval) runs while the commit
+    # does; whatever it starts must be discarded unless the payment comes back Committed
+    # with this record. Only the group commit (`submit`) calls it, never a statement inside
+    # a caller's transaction, where Committed would not yet mean durable.
     numbered: Callable[[PaymentRecord], None] | None = None
 
     def __post_init__(self) -> None:
@@ -328,7 +330,7 @@ class PostingPath:
         # one lock order for every batch, so that two committers never deadlock on keys
         unique.sort(key=lambda p: p.request.dedup_key)
         async with self.pool.acquire() as con:
-            results = await self.record_in(con, [p.request for p in unique])
+            results = await self.record_in(con, [p.request for p in unique], numbered=True)
             for p, r in zip(unique, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(r)
@@ -344,13 +346,15 @@ class PostingPath:
         if self._on_committed is not None:
             self._on_committed()
 
-    async def record_in(self, con: Conn,
-                        requests: Sequence[PaymentRequest]) -> list[Outcome]:
+    async def record_in(self, con: Conn, requests: Sequence[PaymentRequest], *,
+                        numbered: bool = False) -> list[Outcome]:
         """Record payments: in one statement of their own (fenced by this node's epoch), or
-        inside the caller's transaction when there is one."""
+        inside the caller's transaction when there is one. `numbered`: tell the requests'
+        `numbered` hooks their records; only for a statement of its own, whose Committed
+        outcome means durable (the group commit's)."""
         if not requests:
             return []
-        prep = await self.prepare(con, requests)
+        prep = await self.prepare(con, requests, numbered=numbered)
         rows = await con.fetch(_RECORD, prep.batch, self.epoch())
         won = {r["payment_id"] for r in rows}
         out: list[Outcome] = []
@@ -380,8 +384,11 @@ class PostingPath:
         self.metrics.child(self.metrics.payments, prep.requests[i].channel).inc()
         return Committed(prep.records[i], status, body)
 
-    async def prepare(self, con: Conn, requests: Sequence[PaymentRequest]) -> Prepared:
-        """Number, date and render `requests`, and encode them as one statement parameter."""
+    async def prepare(self, con: Conn, requests: Sequence[PaymentRequest], *,
+                      numbered: bool = False) -> Prepared:
+        """Number, date and render `requests`, and encode them as one statement parameter;
+        with `numbered`, their hooks are told their records right after the statement is
+        sent (a callback of the next loop turn: the caller sends it first)."""
         now = datetime.now(UTC)
         bdate = self.calendar.date_at(now)
         async with self._receipt_lock:
@@ -402,11 +409,9 @@ class PostingPath:
             )
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
-            if req.numbered is not None:
-                try:
-                    req.numbered(rec)
-                except Exception as e:  # an aid to the caller: never the batch's failure
-                    log.warning("numbered hook failed", extra={"error": type(e).__name__})
+            if numbered and req.numbered is not None:
+                loop = self._loop or asyncio.get_running_loop()
+                loop.call_soon(_tell_numbered, req.numbered, rec)
         batch = orjson.dumps([{
             # orjson writes our uuid.UUID itself, faster than str() (asyncpg's UUIDs, as in
             # client ids read from the database, it does not know: those go as str)
@@ -421,6 +426,14 @@ class PostingPath:
             "posting_id": r.posting_id, "kind": q.kind,
         } for q, r, (st, body) in zip(requests, records, renders, strict=True)])
         return Prepared(requests, records, renders, batch.decode())
+
+
+def _tell_numbered(hook: Callable[[PaymentRecord], None], rec: PaymentRecord) -> None:
+    try:
+        hook(rec)
+    except Exception as e:  # an aid to the caller: never the batch's failure
+        log.warning("numbered hook failed", extra={"error": type(e).__name__,
+                                                   "receipt_no": rec.receipt_no})
 
 
 async def fetch_duplicate(con: Conn | asyncpg.Pool, key: str) -> Duplicate | None:
