@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -217,25 +217,34 @@ async def test_the_numbered_hook_sees_the_record_and_cannot_fail_the_batch(
     assert seen == []
 
 
-async def test_a_round_forwards_batch_after_batch_each_posting_once(
-        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+async def _due_payments(node: Node, account: str, n: int, base: int) -> list[Any]:
+    """`n` payments recorded with the relay stopped (its rounds are run by hand) and set to
+    batches of 8; their records."""
     import dataclasses
     import uuid
 
-    from switch.payments.forwarder import MAX_BATCHES_PER_ROUND, ForwardStats
     from switch.payments.ledger import Committed, PaymentRequest
+
+    forwarder = node.components["forwarder"]
+    await forwarder.stop()
+    forwarder.settings = dataclasses.replace(forwarder.settings, batch=8)
+    ledger = node.components["ledger"]
+    outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
+        dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
+        method="cash", account_no=account, amount=base + i)) for i in range(n)))
+    records = [o.record for o in outcomes if isinstance(o, Committed)]
+    assert len(records) == n
+    return records
+
+
+async def test_a_round_forwards_batch_after_batch_each_posting_once(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    from switch.payments.forwarder import MAX_BATCHES_PER_ROUND, ForwardStats
 
     account = await active_account(sims.marketing)
     async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        records = await _due_payments(node, account, 70, 100)
         forwarder = node.components["forwarder"]
-        await forwarder.stop()  # rounds are run by hand below
-        forwarder.settings = dataclasses.replace(forwarder.settings, batch=8)
-        ledger = node.components["ledger"]
-        outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
-            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
-            method="cash", account_no=account, amount=100 + i)) for i in range(70)))
-        records = [o.record for o in outcomes if isinstance(o, Committed)]
-        assert len(records) == 70
         # eight batches of 8, each read while the one before was on the wire; then the round
         # ends, and the next starts again from the head of the queue
         assert MAX_BATCHES_PER_ROUND == 8
@@ -251,24 +260,12 @@ async def test_a_round_forwards_batch_after_batch_each_posting_once(
 
 async def test_a_round_stops_at_the_first_refused_mark(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
-    import dataclasses
-    import uuid
-
-    from switch.payments.ledger import Committed, PaymentRequest
-
     account = await active_account(sims.marketing)
     async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
-        forwarder = node.components["forwarder"]
-        await forwarder.stop()
-        forwarder.settings = dataclasses.replace(forwarder.settings, batch=8)
-        ledger = node.components["ledger"]
-        outcomes = await asyncio.gather(*(ledger.submit(PaymentRequest(
-            dedup_key=f"test:{uuid.uuid4()}", request_hash=b"h" * 32, channel="counter",
-            method="cash", account_no=account, amount=200 + i)) for i in range(60)))
-        records = [o.record for o in outcomes if isinstance(o, Committed)]
+        records = await _due_payments(node, account, 60, 200)
         await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # taken over
         with pytest.raises(Exception) as e:
-            await forwarder.forward_once()
+            await node.components["forwarder"].forward_once()
         assert db.is_fenced(e.value), e.value
         posted = {p.request.posting_id for p in
                   sims.marketing.durable_postings_on(records[0].business_date)}
