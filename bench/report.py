@@ -73,12 +73,17 @@ def format_table(report: dict[str, Any]) -> str:
         cols = ("tps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "error_rate",
                 "loadgen_cpu_s")
         lines.append(f"{'phase':<28}" + "".join(f"{c:>13}" for c in cols))
+        printed: list[Any] = []  # streams of one load share their readings: printed once
         for name, fig in phases.items():
             lines.append(f"{name:<28}" + "".join(f"{_fmt(fig.get(c, '')):>13}" for c in cols))
             codes = fig.get("codes")
             if codes and set(codes) - {"00", "200", "201"}:
                 lines.append(f"{'':<28}codes {codes}")
             db = fig.get("db")
+            if db and db in printed:
+                db = None
+            elif db:
+                printed.append(db)
             if db:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
@@ -94,6 +99,10 @@ def format_table(report: dict[str, Any]) -> str:
                     lines.append(f"{'':<28}relay: {first} postings still to forward at the "
                                  f"start, {last} at the end")
             inside = fig.get("switch")
+            if inside and inside in printed:
+                inside = None
+            elif inside:
+                printed.append(inside)
             if inside:
                 lines.append(f"{'':<28}inside the switch, mean: " + ", ".join(
                     f"{k} {v:g}" + ("" if k == "commit size" else " ms")
