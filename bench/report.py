@@ -96,8 +96,10 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
                 if "relay_backlog" in db:
                     first, last = db["relay_backlog"]
+                    rate = (f"; forwarded meanwhile about {_fmt(fig['forwarded_tps'])}/s"
+                            if "forwarded_tps" in fig else "")
                     lines.append(f"{'':<28}relay: {first} postings still to forward at the "
-                                 f"start, {last} at the end")
+                                 f"start, {last} at the end{rate}")
             inside = fig.get("switch")
             if inside and inside in printed:
                 inside = None
@@ -121,6 +123,8 @@ def format_table(report: dict[str, Any]) -> str:
         shown = {k: v for k, v in b.items() if k in ("tps", "latency_avg_ms", "clients",
                                                     "ratio_base", "per_s")}
         lines.append(f"baseline {name:<19} {shown}")
+    if report.get("ratios"):
+        lines.append("ratios: " + ", ".join(f"{k} {v:g}" for k, v in report["ratios"].items()))
     for name, g in report.get("goals", {}).items():
         mark = "MET " if g["met"] else "MISS"
         lines.append(f"goal [{mark}] {name}: {_fmt(g['value'])} (goal {g['goal']})")

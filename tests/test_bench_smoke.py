@@ -111,6 +111,10 @@ async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None
     inside = figs["ckpt"]["switch"]
     assert inside["link request"] > 0 and inside["group commit"] > 0
     assert inside["commit size"] >= 1 and "http request" not in inside
+    # and what the relay forwarded meanwhile, from its backlog at either end
+    first, last = db["relay_backlog"]
+    assert figs["ckpt"]["forwarded_tps"] == round(
+        max(0, figs["ckpt"]["completed"] + first - last) / figs["ckpt"]["duration_s"], 1)
     assert "a checkpoint was writing" in format_table(
         {"scenario": "bank", "phases": {"ckpt": figs["ckpt"]}})
 
