@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 # libuv (inside uvloop) may use io_uring; an io_uring instance was open in a process whose
@@ -80,6 +80,19 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+async def all_or_cancel(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
+    """Run `coros` as tasks together until all are done; the first to fail cancels the others
+    (waiting until they are gone), and its own exception is raised, not a group of them."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def watch_lag(observe: Callable[[float], None], every_s: float = 0.05) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
+
 
 def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
     code = ("import gc; from switch.loop import tune_gc, GC_GEN0_THRESHOLD; "
@@ -44,3 +46,27 @@ async def test_watch_lag_sees_a_blocked_loop() -> None:
         assert max(seen) >= 0.15
     finally:
         watcher.cancel()
+
+
+async def test_all_or_cancel_stops_the_others_at_the_first_failure() -> None:
+    from switch.loop import all_or_cancel
+
+    done: list[str] = []
+    cancelled: list[str] = []
+
+    async def worker(name: str, delay: float, fail: bool = False) -> None:
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+        if fail:
+            raise KeyError(name)
+        done.append(name)
+
+    with pytest.raises(KeyError):  # its own exception, not a group
+        await all_or_cancel([worker("fast", 0), worker("bad", 0.01, fail=True),
+                             worker("slow", 5)])
+    assert done == ["fast"] and cancelled == ["slow"]  # and the slow one is gone already
+    await all_or_cancel(worker(n, 0) for n in ("a", "b"))
+    assert done == ["fast", "a", "b"]

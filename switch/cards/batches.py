@@ -34,6 +34,7 @@ from switch.cards.serials import MAX_SEQ, make_serial
 from switch.cards.states import CardState, fence
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing
+from switch.loop import all_or_cancel
 
 log = logging.getLogger("gridpay.cards.batches")
 
@@ -206,14 +207,7 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
             progress.add(len(records))
 
     try:
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, in_flight))]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
+        await all_or_cancel(worker() for _ in range(max(1, in_flight)))
         kcv = await hsm.key_check_value(print_key)
         digest = await _file_digest(pool, batch_id)
     except BaseException as e:

@@ -22,6 +22,7 @@ import asyncpg
 
 from switch import db
 from switch.config import ForwarderSettings
+from switch.loop import all_or_cancel
 from switch.marketing_client import (
     MarketingClient,
     MarketingConflict,
@@ -204,15 +205,7 @@ class Forwarder:
 
         # the first failure (a fenced or lost database recording a failed posting) stops the
         # other senders too: nothing goes on posting after the round has failed
-        senders = [asyncio.ensure_future(sender())
-                   for _ in range(min(self._concurrency, len(rows)))]
-        try:
-            await asyncio.gather(*senders)
-        except BaseException:
-            for s in senders:
-                s.cancel()
-            await asyncio.gather(*senders, return_exceptions=True)
-            raise
+        await all_or_cancel(sender() for _ in range(min(self._concurrency, len(rows))))
         return results
 
     async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
