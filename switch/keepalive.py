@@ -305,12 +305,10 @@ class KeepAlivePool:
     def _pick(self) -> _Conn | None:
         """The usable connection with room that carries the most requests already (so that
         requests share writes), the most recently used among equals; None if there is none."""
+        for conn in [c for c in self._conns if c.closed and not c.waiters]:
+            self._discard(conn)  # closed by the server while idle
         best: _Conn | None = None
         for conn in self._conns:
-            if conn.closed and not conn.waiters:  # closed by the server while idle
-                self._conns.remove(conn)
-                self._open -= 1
-                return self._pick()
             n = len(conn.waiters)
             if n < self.pipeline and conn.usable and (best is None or n >= len(best.waiters)):
                 best = conn
@@ -325,18 +323,22 @@ class KeepAlivePool:
             # its answer dropped in turn, so that one slow request does not fail the others.
             conn.abort()
         if (conn.closed or self._closed or conn.last_call) and not conn.waiters:
-            if conn in self._conns:
-                self._conns.remove(conn)
-                self._open -= 1
-                if not conn.closed:
-                    conn.closed = True
-                    if conn.transport is not None:
-                        conn.transport.close()
+            self._discard(conn)
         elif ok and conn in self._conns and len(self._conns) > 1:
             # most recently used last: an idle connection is reused before an older one
             self._conns.remove(conn)
             self._conns.append(conn)
         self._wake_one()
+
+    def _discard(self, conn: _Conn) -> None:
+        """Take a connection with nothing in flight out of the pool, and close it."""
+        if conn in self._conns:
+            self._conns.remove(conn)
+            self._open -= 1
+            if not conn.closed:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
 
     def _wake_one(self) -> None:
         while self._waiters:
@@ -347,13 +349,8 @@ class KeepAlivePool:
 
     async def close(self) -> None:
         self._closed = True
-        for conn in list(self._conns):
-            if not conn.waiters:
-                self._conns.remove(conn)
-                self._open -= 1
-                if conn.transport is not None:
-                    conn.closed = True
-                    conn.transport.close()
+        for conn in [c for c in self._conns if not c.waiters]:
+            self._discard(conn)  # those in use are closed as their last request ends
         while self._waiters:
             w = self._waiters.popleft()
             if not w.done():
