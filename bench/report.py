@@ -65,6 +65,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _once(value: Any, printed: list[Any]) -> Any:
+    """`value`, unless it is empty or an equal one was printed already (then None)."""
+    if not value or value in printed:
+        return None
+    printed.append(value)
+    return value
+
+
+def _vacuum(d: dict[str, Any]) -> str:
+    """What the autovacuum daemon did during a phase, as a clause of its line."""
+    text = ", autovacuum ran" if d.get("autovacuum_running") else ""
+    for what in ("autovacuumed", "autoanalyzed"):
+        if d.get(what):
+            text += f" ({what} {', '.join(d[what])})"
+    return text
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of one scenario's report."""
     lines = [f"== {report['scenario']} ==  ({report.get('status', '?')})"]
@@ -79,18 +96,11 @@ def format_table(report: dict[str, Any]) -> str:
             codes = fig.get("codes")
             if codes and set(codes) - {"00", "200", "201"}:
                 lines.append(f"{'':<28}codes {codes}")
-            db = fig.get("db")
-            if db and db in printed:
-                db = None
-            elif db:
-                printed.append(db)
+            db = _once(fig.get("db"), printed)
             if db:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
-                vac = ", autovacuum ran" if db.get("autovacuum_running") else ""
-                for what in ("autovacuumed", "autoanalyzed"):
-                    if db.get(what):
-                        vac += f" ({what} {', '.join(db[what])})"
+                vac = _vacuum(db)
                 per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
                           if db.get("wal_bytes_per_tx") is not None else "")
                 lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
@@ -100,21 +110,14 @@ def format_table(report: dict[str, Any]) -> str:
                             if "forwarded_tps" in fig else "")
                     lines.append(f"{'':<28}relay: {first} postings still to forward at the "
                                  f"start, {last} at the end{rate}")
-            inside = fig.get("switch")
-            if inside and inside in printed:
-                inside = None
-            elif inside:
-                printed.append(inside)
+            inside = _once(fig.get("switch"), printed)
             if inside:
                 lines.append(f"{'':<28}inside the switch, mean: " + ", ".join(
                     f"{k} {v:g}" + ("" if k == "commit size" else " ms")
                     for k, v in inside.items()))
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
-        ckpt += ", autovacuum ran" if pt.get("autovacuum_running") else ""
-        for what in ("autovacuumed", "autoanalyzed"):
-            if pt.get(what):
-                ckpt += f" ({what} {', '.join(pt[what])})"
+        ckpt += _vacuum(pt)
         if pt.get("relay_backlog"):
             ckpt += ", relay backlog {} -> {}".format(*pt["relay_backlog"])
         lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "
