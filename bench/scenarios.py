@@ -173,13 +173,10 @@ class Harness:
                                    sum(f["completed"] for f in figs.values()))
             inside = switch_activity(inside_before, inside_after)
             if len(figs) == 1 and activity.get("relay_backlog"):
-                # what the relay forwarded meanwhile, as a rate over the same window as `tps`
-                # (the readings span the window and the generator's wrap-up, so it errs high)
                 f = next(iter(figs.values()))
-                first, last = activity["relay_backlog"]
                 if f.get("duration_s"):
-                    f["forwarded_tps"] = round(
-                        max(0, f["completed"] + first - last) / f["duration_s"], 1)
+                    f["forwarded_tps"] = forwarded_rate(f["completed"], activity["relay_backlog"],
+                                                        f["duration_s"])
             for f in figs.values():
                 f["db"] = activity
                 if inside:
@@ -283,6 +280,14 @@ def switch_activity(before: dict[str, tuple[float, float]] | None,
             mean = (s1 - s0) / (c1 - c0)
             out[k] = round(mean if k == "commit size" else mean * 1000, 2)
     return out
+
+
+def forwarded_rate(completed: int, backlog: list[int], duration_s: float) -> float:
+    """What the relay forwarded during a phase, as a rate over the same window as `tps`: the
+    phase's payments less the growth of the backlog (the readings span the window and the
+    generator's wrap-up, so it errs high)."""
+    first, last = backlog
+    return round(max(0, completed + first - last) / duration_s, 1)
 
 
 def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
