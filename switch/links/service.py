@@ -119,12 +119,12 @@ class Link:
     codec: Codec
     peer: str
     candidates: tuple[Institution, ...]
+    #: binds the link to an institution chosen at sign-on, within that institution's
+    #: connection limit (False: at the limit, not bound); the server's
+    bind: Callable[[Institution], bool]
     institution: Institution | None = None
     state: LinkState = LinkState.CONNECTED
     opened_at: float = field(default_factory=time.monotonic)
-    #: set by the server: binds the link to an institution chosen at sign-on, within that
-    #: institution's connection limit (False: at the limit, not bound)
-    bind: Callable[[Institution], bool] | None = None
 
     def network(self, code: str) -> bool:
         nxt = SIGN_TRANSITIONS.get((self.state, code))
@@ -365,16 +365,15 @@ class LinkService:
     # -- network management ---------------------------------------------------------------
 
     def _network(self, link: Link, msg: Message) -> Message:
-        _validate(msg)
+        _validate(msg)  # 7, 11, 32 and 70 are mandatory in an 0800 (a 30 otherwise)
         code = msg.fields.get(70)
         f32 = msg.fields.get(32)
-        if not isinstance(code, str) or not isinstance(f32, str) or 7 not in msg.fields:
-            raise Decline("30", "0800 needs fields 7, 11, 32 and 70")
+        assert isinstance(code, str) and isinstance(f32, str)
         if link.institution is None:
             match = [i for i in link.candidates if i.id.zfill(11) == f32.zfill(11)]
             if not match:
                 raise Decline("58", "field 32 names no institution allowed on this link")
-            if link.bind is not None and not link.bind(match[0]):
+            if not link.bind(match[0]):
                 raise Decline("58", "the institution is at its connection limit")
             link.institution = match[0]
         elif link.institution.id.zfill(11) != f32.zfill(11):
