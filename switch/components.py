@@ -103,8 +103,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         return node.epoch
 
     forwarder = Forwarder(node.pool, marketing, s.forwarder, node.metrics, epoch,
-                          concurrency=s.forwarder.concurrency, on_fenced=node.fenced,
-                          timezone=s.business.timezone)
+                          timezone=s.business.timezone, on_fenced=node.fenced)
     comps["forwarder"] = forwarder
     ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,
                          on_committed=forwarder.wake)

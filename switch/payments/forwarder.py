@@ -96,9 +96,8 @@ class ForwardStats:
 
 class Forwarder:
     def __init__(self, pool: asyncpg.Pool, client: MarketingClient, settings: ForwarderSettings,
-                 metrics: Metrics, epoch: Callable[[], int], *, concurrency: int = 16,
-                 on_fenced: Callable[[], Awaitable[None]] | None = None,
-                 timezone: tzinfo | None = None) -> None:
+                 metrics: Metrics, epoch: Callable[[], int], *, timezone: tzinfo,
+                 on_fenced: Callable[[], Awaitable[None]] | None = None) -> None:
         self.pool = pool
         self.client = client
         self.settings = settings
@@ -107,7 +106,6 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
-        self._concurrency = concurrency
         # occurred_at is sent in the business time zone: the marketing system dates a posting
         # by the date of its time as sent, which is then the local day, not the UTC one
         self.timezone = timezone
@@ -205,7 +203,7 @@ class Forwarder:
 
         # the first failure (a fenced or lost database recording a failed posting) stops the
         # other senders too: nothing goes on posting after the round has failed
-        await all_or_cancel(sender() for _ in range(min(self._concurrency, len(rows))))
+        await all_or_cancel(sender() for _ in range(min(self.settings.concurrency, len(rows))))
         return results
 
     async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
@@ -227,8 +225,7 @@ class Forwarder:
         posting = Posting(
             posting_id=row["posting_id"], account_no=row["account_no"], amount=row["amount"],
             kind=row["kind"], channel=row["channel"],
-            occurred_at=(row["occurred_at"].astimezone(self.timezone) if self.timezone
-                         else row["occurred_at"]),
+            occurred_at=row["occurred_at"].astimezone(self.timezone),
             original_posting_id=row["original_posting_id"],
         )
         try:
