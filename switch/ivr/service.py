@@ -152,6 +152,11 @@ RETURNING extract(epoch FROM blocked_until)
 """
 
 
+def _recharge_key(effect: Redeem) -> str:
+    """The idempotency key of a card's recharge: one per card, whichever call redeems it."""
+    return f"card:{effect.serial}"
+
+
 def _recharge_hash(call: Call, effect: Redeem) -> bytes:
     """What identifies a call's recharge of a card (the request hash of its payment)."""
     return hashlib.sha256(f"{call.call_id}|{effect.serial}|{effect.account_no}".encode()).digest()
@@ -367,7 +372,7 @@ class IvrService:
         """This call's recharge of the card, if it was committed; None if not (or unknown)."""
         try:
             async with asyncio.timeout(self.effect_timeout_s):
-                earlier = await fetch_duplicate(self.node.pool, f"card:{effect.serial}")
+                earlier = await fetch_duplicate(self.node.pool, _recharge_key(effect))
                 if earlier is None:
                     return None
                 return await _earlier_recharge(self.node.pool, earlier,
@@ -484,7 +489,7 @@ class IvrService:
         ledger = node.components["ledger"]
         request_hash = _recharge_hash(call, effect)
         request = PaymentRequest(
-            kind="card_recharge", dedup_key=f"card:{effect.serial}", request_hash=request_hash,
+            kind="card_recharge", dedup_key=_recharge_key(effect), request_hash=request_hash,
             channel="ivr", method="card", account_no=effect.account_no,
             amount=effect.face_value, card_serial=effect.serial, caller=call.ani)
         fact: Fact
