@@ -25,7 +25,7 @@ from switch.cards.openapi import ADMIN_OPENAPI_PATHS
 from switch.cards.states import Conn
 from switch.cards.users import User, authenticate, login, logout
 from switch.web.app import NODE, node_of, require_active
-from switch.web.problems import Problem, json_body, json_response
+from switch.web.problems import Problem, json_body, json_response, no_longer_active
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -139,8 +139,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
                     raise
                 # the lease moved on: nothing was written, and a stale node logs nothing
                 await node.fenced()
-                raise Problem(503, "standby", "this node is no longer active; retry on the "
-                              "active node", headers={"Retry-After": "1"}) from None
+                raise no_longer_active() from None
             if log_it and not ctx.audited:  # actions that do not log in their transaction
                 await _log(node, user.username, action, ctx.objects,
                            {"ok": True, "status": resp.status, **ctx.result}, fenced=changes)

@@ -38,7 +38,7 @@ from switch.ivr.service import (
 from switch.redis_pipe import RedisPipeError
 from switch.web.app import require_active
 from switch.web.payments import authenticate
-from switch.web.problems import Problem, json_body, json_response
+from switch.web.problems import Problem, json_body, json_response, no_longer_active
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -141,8 +141,7 @@ async def _run(work: Awaitable[T]) -> T:
         raise Problem(422, "idempotency_key_reused",
                       "this Idempotency-Key was used with another input") from None
     except NodeFenced:
-        raise Problem(503, "standby", "this node is no longer active; send the request to the "
-                      "active node", headers={"Retry-After": "1"}) from None
+        raise no_longer_active() from None
     except (RedisError, RedisPipeError, OSError):
         raise Problem(503, "unavailable", "call state is unavailable; retry shortly",
                       headers={"Retry-After": "1"}) from None

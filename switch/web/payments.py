@@ -30,7 +30,7 @@ from switch.payments.ledger import (
     reverse_in,
 )
 from switch.web.app import node_of, require_active
-from switch.web.problems import Problem, json_body, json_response
+from switch.web.problems import Problem, json_body, json_response, no_longer_active
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -239,8 +239,7 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
     try:
         return await svc.ledger.submit(preq)
     except Fenced:
-        raise Problem(503, "standby", "this node is no longer active; retry on the active "
-                      "node", headers={"Retry-After": "1"}) from None
+        raise no_longer_active() from None
     except LedgerError:
         raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
                       "charged; retry with the same Idempotency-Key",
@@ -311,8 +310,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
 
         if db.is_fenced(e):
             await node.fenced()
-            raise Problem(503, "standby", "this node is no longer active",
-                          headers={"Retry-After": "1"}) from None
+            raise no_longer_active() from None
         raise
     if done:
         node.metrics.child(node.metrics.reversals, client.channel).inc()

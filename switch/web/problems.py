@@ -42,6 +42,13 @@ class Problem(Exception):
                             content_type=CONTENT_TYPE, headers=self.headers)
 
 
+def no_longer_active() -> Problem:
+    """503 `standby` for a request this node began as the active one and may no longer finish
+    (the lease moved on): nothing was done, and the caller retries on the active node."""
+    return Problem(503, "standby", "this node is no longer active; retry on the active node",
+                   headers={"Retry-After": "1"})
+
+
 def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
     """The problem+json answer for an exception out of a handler (re-raises an HTTP redirect
     or success, which aiohttp answers itself)."""
