@@ -235,7 +235,7 @@ class Accounts:
             if len(good) != len(accounts):
                 log.warning("account records not mirrored: a NUL in the name",
                             extra={"accounts": [a.account_no for a in accounts
-                                                if a not in good]})
+                                                if "\x00" in a.name]})
             await self._store([(a.account_no, a.name, a.status, a.arrears, a.prepaid_balance,
                                 a.bills) for a in good], now)
             n += len(accounts)
