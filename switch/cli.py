@@ -289,7 +289,12 @@ def cmd_recon(args: argparse.Namespace) -> int:
         return rc
 
     from switch.business import BusinessCalendar
-    from switch.marketing_client import DAY_LIST_MAX_ANSWER, MarketingClient, MarketingError
+    from switch.marketing_client import (
+        DAY_LIST_MAX_ANSWER,
+        RECON_TIMEOUT_S,
+        MarketingClient,
+        MarketingError,
+    )
     from switch.payments.reconcile import reconcile
 
     url = args.marketing_url or settings.services.marketing_url  # the command line wins
@@ -299,7 +304,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
         return 2
 
     async def run_m(pool: Any) -> int:
-        async with MarketingClient(url, timeout=60, max_answer=DAY_LIST_MAX_ANSWER) as client:
+        async with MarketingClient(url, timeout=RECON_TIMEOUT_S,
+                                   max_answer=DAY_LIST_MAX_ANSWER) as client:
             cal = BusinessCalendar(settings.business.timezone, settings.business.cutover)
             try:
                 rep = await reconcile(pool, client, day, requeue=not args.dry_run,

@@ -13,7 +13,7 @@ from switch.business import BusinessCalendar
 from switch.clients import ClientDirectory
 from switch.hsm_client import HsmClient, HsmError
 from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
-from switch.marketing_client import DAY_LIST_MAX_ANSWER, MarketingClient
+from switch.marketing_client import DAY_LIST_MAX_ANSWER, RECON_TIMEOUT_S, MarketingClient
 from switch.payments.accounts import Accounts
 from switch.payments.forwarder import Forwarder, outbox_counts
 from switch.payments.idempotency import IdempotencyCache
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridpay.components")
 
 KEYS_LOCK = 0x6B657973  # "keys"
-#: the daily close's requests to the marketing system (a day's postings, several MB)
-RECON_TIMEOUT_S = 60.0
 
 
 class KeyStore:

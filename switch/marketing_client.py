@@ -31,6 +31,8 @@ _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "applicati
 #: Largest answer the reconciliation reads: a whole day's postings come in one answer (the
 #: contract pages nothing), about 250 bytes each, so this holds some four million of them.
 DAY_LIST_MAX_ANSWER: Final = 1 << 30
+#: The time a reconciliation's request may take (a day's postings, several MB).
+RECON_TIMEOUT_S: Final = 60.0
 
 
 class MarketingError(Exception):
