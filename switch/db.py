@@ -105,3 +105,12 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16) -> asy
 
 def is_fenced(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "GP001"
+
+
+async def fence(conn: Conn, epoch: int | None) -> None:
+    """Refuse (SQLSTATE GP001, see `is_fenced`) the transaction unless `epoch` is the lease's
+    current epoch, and hold the lease row until it ends: a stale node's writes stop at its
+    next transaction after another node took the lease, not when it notices. None: not
+    fenced (tools and tests that run outside a node)."""
+    if epoch is not None:
+        await conn.execute("SELECT gridpay_fence($1)", epoch)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from switch import db
-from switch.cards import batches, jobs, oplog, states, workflow
+from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
@@ -92,7 +92,7 @@ async def _log(node: Node, actor: str, action: str, objects: dict[str, Any],
         try:
             async with conn.transaction():
                 if fenced:
-                    await states.fence(conn, node.epoch)
+                    await db.fence(conn, node.epoch)
                 await oplog.append(conn, actor=actor, action=action, objects=objects,
                                    result=result)
         except Exception as e:

@@ -31,7 +31,8 @@ from switch.cards.files import (
 )
 from switch.cards.jobs import Progress
 from switch.cards.serials import MAX_SEQ, make_serial
-from switch.cards.states import CardState, fence
+from switch.cards.states import CardState
+from switch.db import fence
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing
 from switch.loop import all_or_cancel

@@ -41,7 +41,7 @@ JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
                      actor: str, object_id: str | None = None, epoch: int | None = None
                      ) -> uuid.UUID:
-    """Record a job; with `epoch`, fenced like the job's own writes (see `states.fence`)."""
+    """Record a job; with `epoch`, fenced like the job's own writes (see `db.fence`)."""
     job_id = uuid.uuid4()
     await pool.execute(
         "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"

@@ -241,15 +241,6 @@ SELECT count(*) FROM ev
 _UNREDEEMED = sorted(s.value for s in UNREDEEMED)
 
 
-async def fence(conn: Conn, epoch: int | None) -> None:
-    """Refuse (SQLSTATE GP001) the transaction unless `epoch` is the lease's current epoch, as
-    the payment path does: a stale node's card writes stop at its next transaction after
-    another node took the lease, not when it notices. None: not fenced (tools and tests that
-    run outside a node)."""
-    if epoch is not None:
-        await conn.execute("SELECT gridpay_fence($1)", epoch)
-
-
 async def expire_touched(conn: Conn, serials: Sequence[str],
                          actor: str = "system") -> int:
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""

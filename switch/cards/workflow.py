@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from switch import db
 from switch.cards import states
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, valid_serial
@@ -17,7 +18,7 @@ from switch.cards.users import HALL_ROLES, Role, User
 
 #: Called with the connection and the action's result as the last step of the action's own
 #: transaction, so that what it writes (the operation log's entry) commits with the action or
-#: not at all. Each action's transactions start with `states.fence(conn, epoch)` when given
+#: not at all. Each action's transactions start with `db.fence(conn, epoch)` when given
 #: the node's lease epoch (and so does the lazy expiry some of them run first).
 Audit = Callable[[states.Conn, dict[str, Any]], Awaitable[None]]
 
@@ -72,10 +73,10 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
     pending = reason in VOID_NEEDS_APPROVAL
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             await states.expire_touched(conn, serials, user.username)
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             if stocktake_id is not None and await conn.fetchval(
                     "SELECT 1 FROM card_stocktakes WHERE id = $1", stocktake_id) is None:
                 raise NotFound(f"no stocktake {stocktake_id}", code="stocktake_not_found")
@@ -107,7 +108,7 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
 async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
                        audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
-        await states.fence(conn, epoch)
+        await db.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
         if row is None:
             raise NotFound(f"no void {void_id}", code="void_not_found")
@@ -139,7 +140,7 @@ async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequ
     if user.role is Role.STOREKEEPER and location != WAREHOUSE:
         raise Forbidden("a storekeeper counts the warehouse", code="forbidden_hall")
     async with pool.acquire() as conn, conn.transaction():
-        await states.fence(conn, epoch)
+        await db.fence(conn, epoch)
         expected = {r["serial"] for r in await conn.fetch(
             "SELECT serial FROM cards WHERE location = $1 AND state IN ('in_stock', 'issued')",
             location)}
@@ -182,7 +183,7 @@ async def create_request(pool: asyncpg.Pool, user: User, face_value: object, qua
                            code="invalid_quantity")
     assert user.hall is not None  # noqa: S101 - hall roles always have one
     async with pool.acquire() as conn, conn.transaction():
-        await states.fence(conn, epoch)
+        await db.fence(conn, epoch)
         row = await conn.fetchrow(
             "INSERT INTO card_requests (hall, face_value, quantity, requested_by)"
             " VALUES ($1, $2, $3, $4) RETURNING *", user.hall, face_value, quantity,
@@ -208,7 +209,7 @@ async def decide_request(pool: asyncpg.Pool, user: User, request_id: int, *, app
                          note: str | None = None, audit: Audit | None = None,
                          epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
-        await states.fence(conn, epoch)
+        await db.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_requests WHERE id = $1 FOR UPDATE",
                                   request_id)
         if row is None:
@@ -233,7 +234,7 @@ async def issue_request(pool: asyncpg.Pool, user: User, request_id: int, *,
     """Issue an approved request from the warehouse: oldest batch first, in serial order (so
     whole contiguous ranges where the stock allows)."""
     async with pool.acquire() as conn, conn.transaction():
-        await states.fence(conn, epoch)
+        await db.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_requests WHERE id = $1 FOR UPDATE",
                                   request_id)
         if row is None:
@@ -273,10 +274,10 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
         raise Forbidden("only a cashier sells, at their hall", code="forbidden_role")
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             await states.expire_touched(conn, serials, user.username)
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             sale_id: int = await conn.fetchval(
                 "INSERT INTO card_sales (hall, cashier, quantity, total_face, ranges)"
                 " VALUES ($1, $2, $3, 0, '[]') RETURNING id", user.hall, user.username,
@@ -302,10 +303,10 @@ async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
         raise InvalidInput(f"{serial!r} is not a valid card serial", code="invalid_serial")
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             await states.expire_touched(conn, [serial], user.username)
         async with conn.transaction():
-            await states.fence(conn, epoch)
+            await db.fence(conn, epoch)
             await states.transition(conn, [serial], CardState.SOLD, actor=user.username,
                                     reason="unlocked", doc=Document(type="unlock", id=serial),
                                     reset_pin_count=True)

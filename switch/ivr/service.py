@@ -430,7 +430,7 @@ class IvrService:
         blocked_until: float | None = None  # set when this attempt blocks the number
         fact: Fact
         async with node.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", node.epoch)
+            await db.fence(con, node.epoch)
             # one caller number at a time: count-and-block is atomic across parallel calls
             await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                               "ivr-ani:" + call.ani)

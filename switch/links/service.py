@@ -535,7 +535,7 @@ class LinkService:
                                      + str(f[7]).encode()).digest()
         try:
             async with self.ctx.pool.acquire() as con, con.transaction():
-                await con.execute("SELECT gridpay_fence($1)", self.ctx.epoch())
+                await db.fence(con, self.ctx.epoch())
                 inserted = await con.fetchval(
                     "INSERT INTO dedup_keys (key, kind, request_hash) VALUES ($1,"
                     " 'reversal_marker', $2) ON CONFLICT (key) DO NOTHING RETURNING true",

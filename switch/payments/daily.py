@@ -54,7 +54,7 @@ class DailyCutover:
     async def close_date(self, closed: date) -> ReconReport | None:
         """Record the cut-over of `closed` (once), then reconcile it with the marketing system."""
         async with self.node.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", self.node.epoch)
+            await db.fence(con, self.node.epoch)
             await con.execute(
                 "INSERT INTO cutovers (business_date, node_id, epoch) VALUES ($1, $2, $3)"
                 " ON CONFLICT (business_date) DO NOTHING",
@@ -67,7 +67,7 @@ class DailyCutover:
                         extra={"business_date": closed.isoformat(), "error": str(e)})
             return None
         async with self.node.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", self.node.epoch)
+            await db.fence(con, self.node.epoch)
             await con.execute(
                 "UPDATE cutovers SET reconciled_at = now(), reconciliation = $2::jsonb"
                 " WHERE business_date = $1", closed, rep.as_dict())

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from switch import db
 from switch.clients import ApiClient, ClientDirectory
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.idempotency import ClaimState, IdempotencyCache
@@ -295,7 +296,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
     cal = node.components["calendar"]
     try:
         async with node.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT gridpay_fence($1)", node.epoch)
+            await db.fence(con, node.epoch)
             owner = await con.fetchval("SELECT channel FROM payments WHERE id = $1", pid)
             if owner is None or owner != client.channel:
                 raise Problem(404, "payment_not_found", "no such payment")
@@ -306,8 +307,6 @@ async def reverse_payment(request: web.Request) -> web.Response:
     except Problem:
         raise
     except Exception as e:
-        from switch import db
-
         if db.is_fenced(e):
             await node.fenced()
             raise no_longer_active() from None
