@@ -77,8 +77,9 @@ def _validate(msg: Message, *, mac: bool = True) -> None:
 
 
 def _tx_kind(msg: Message) -> str | None:
-    """The transaction a request is (`TX_TYPE`); field 3 tells the 0200s apart."""
-    proc = msg.fields.get(3) if msg.mti == "0200" else None
+    """The transaction a request is (`TX_TYPE`); field 3 tells the 0200s apart, and a reversal
+    is only of a bill payment (any other processing code is no transaction of ours)."""
+    proc = msg.fields.get(3) if msg.mti in ("0200", "0420", "0421") else None
     return TX_TYPE.get((msg.mti, proc if isinstance(proc, str) else None))
 
 
@@ -89,7 +90,7 @@ def _speakable(text: str, encoding: str) -> str:
 
 
 TX_TYPE = {("0200", "310000"): "inquiry", ("0200", "500000"): "payment",
-           ("0420", None): "reversal", ("0421", None): "reversal",
+           ("0420", "500000"): "reversal", ("0421", "500000"): "reversal",
            ("0500", None): "reconciliation"}
 
 
@@ -323,8 +324,6 @@ class LinkService:
         kind = _tx_kind(msg)
         if kind is None:
             raise Decline("12", "unknown transaction")
-        if kind == "reversal" and msg.fields.get(3) != "500000":
-            raise Decline("12", "a reversal is of a bill payment (processing code 500000)")
         if kind not in inst.transactions:
             raise Decline("58", f"{kind} is not enabled for institution {inst.id}")
         if kind == "inquiry":
