@@ -14,10 +14,10 @@ import enum
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -183,7 +183,7 @@ class LinkContext:
     calendar: BusinessCalendar
     metrics: Metrics
     keyring: Callable[[], KeyRing | None]
-    hsm_mac: Callable[[object, bytes], Awaitable[bytes]]
+    hsm_mac: Callable[[object, bytes], Coroutine[Any, Any, bytes]]
     hsm_verify: Callable[[object, bytes, bytes], Awaitable[bool]]
     epoch: Callable[[], int]
     on_fenced: Callable[[], Awaitable[None]]
@@ -195,6 +195,9 @@ class LinkContext:
 class LinkService:
     def __init__(self, ctx: LinkContext) -> None:
         self.ctx = ctx
+        # made by the node on its loop, which is kept: asyncio.ensure_future() and
+        # asyncio.get_running_loop() cost a getpid() system call each on Python 3.11
+        self._loop = asyncio.get_running_loop()
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -462,7 +465,7 @@ class LinkService:
             assert ring is not None
             resp = approval(rec)
             data = codec.mac_input(resp)
-            task = asyncio.ensure_future(self.ctx.hsm_mac(ring.mac_key(inst.id), data))
+            task = self._loop.create_task(self.ctx.hsm_mac(ring.mac_key(inst.id), data))
             task.add_done_callback(_retrieved)
             signing.append((rec, _Signed(resp, data, task)))
 
