@@ -32,7 +32,7 @@ from typing import Any
 
 import hiredis
 
-__all__ = ["RedisPipe", "RedisPipeError", "RedisReplyError", "RedisUnavailable", "Script"]
+__all__ = ["Arg", "RedisPipe", "RedisPipeError", "RedisReplyError", "RedisUnavailable", "Script"]
 
 Arg = bytes | str | int | float
 
@@ -161,6 +161,18 @@ class RedisPipe:
         proto.send(data, fut)
         return await fut
 
+    def send_nowait(self, *args: Arg) -> asyncio.Future[Any] | None:
+        """Queue one command now, without waiting for its reply: it runs before every command
+        sent after it (one connection, in order). None when there is no live connection to
+        queue it on (nothing is sent). The caller owns the future and must retrieve its
+        exception."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            return None
+        fut: asyncio.Future[Any] = proto.loop.create_future()
+        proto.send(_encode(args), fut)
+        return fut
+
     def register_script(self, source: str) -> Script:
         """The script for `source`, made once per client (its SHA1 is computed once)."""
         script = self._scripts.get(source)
@@ -265,6 +277,26 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
+    def send_nowait(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> bool:
+        """Run the script without waiting for its outcome: queued now, so it runs before any
+        command sent after it (see `RedisPipe.send_nowait`). False when there is no live
+        connection (nothing was sent). Its errors are dropped, except that a script Redis has
+        forgotten is sent again as EVAL, still ahead of the commands whose own NOSCRIPT
+        reply came after its one."""
+        fut = self.client.send_nowait("EVALSHA", self.sha, len(keys), *keys, *args)
+        if fut is None:
+            return False
+
+        def sent(f: asyncio.Future[Any]) -> None:
+            e = None if f.cancelled() else f.exception()
+            if isinstance(e, RedisReplyError) and str(e).startswith("NOSCRIPT"):
+                again = self.client.send_nowait("EVAL", self.source, len(keys), *keys, *args)
+                if again is not None:
+                    again.add_done_callback(_dropped)
+
+        fut.add_done_callback(sent)
+        return True
+
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> Any:
         try:
             return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -272,3 +304,9 @@ class Script:
             if not str(e).startswith("NOSCRIPT"):
                 raise
         return await self.client.execute("EVAL", self.source, len(keys), *keys, *args)
+
+
+def _dropped(f: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a command nobody waits for (so asyncio does not log it)."""
+    if not f.cancelled():
+        f.exception()

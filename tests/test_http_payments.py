@@ -70,6 +70,22 @@ async def test_replay_is_byte_identical(node: Node, api: Api, sims: Sims) -> Non
     assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
 
 
+async def test_a_retry_sent_as_soon_as_the_answer_came_is_replayed(node: Node, api: Api,
+                                                                   sims: Sims) -> None:
+    # the answer is stored in Redis without waiting for it there: queued ahead of any retry's
+    # claim, so the retry is replayed, never told the first request is still in progress
+    acct = await active_account(sims.marketing)
+    for i in range(25):
+        req = {"account_no": acct, "amount": 100 + i, "method": "wallet", "reference": f"q{i}"}
+        st1, _, b1 = await api.call("POST", "/v1/payments", idem=f"quick-{i}", json=req)
+        st2, h2, b2 = await api.call("POST", "/v1/payments", idem=f"quick-{i}", json=req)
+        assert (st1, st2, b2) == (201, 201, b1) and h2.get("Idempotent-Replayed") == "true"
+    keys = await node.redis.keys("gp:idem:*:quick-*")
+    assert len(keys) == 25
+    assert {await node.redis.hget(k, "state") for k in keys} == {b"done"}
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 25
+
+
 async def test_same_key_other_body_is_422(node: Node, api: Api, sims: Sims) -> None:
     acct = await active_account(sims.marketing)
     await api.call("POST", "/v1/payments", idem="k", json={"account_no": acct, "amount": 100,

@@ -70,6 +70,38 @@ async def test_script_is_loaded_again_after_the_server_forgot_it(pipe: RedisPipe
         await bad()
 
 
+async def test_a_command_not_waited_for_runs_before_every_later_one(pipe: RedisPipe) -> None:
+    await pipe.ping()
+    sent = pipe.send_nowait("SET", "k", "a")
+    assert sent is not None
+    assert await pipe.execute("GET", "k") == b"a"
+    assert sent.done() and sent.result() == b"OK"
+    write = pipe.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+    read = pipe.register_script("return redis.call('GET', KEYS[1])")
+    assert await write(keys=["s"], args=["0"]) == b"OK" and await read(keys=["s"]) == b"0"
+    # Redis forgets both scripts: the write's NOSCRIPT comes back first, so its EVAL still
+    # goes out ahead of the read's own EVAL, and the read sees the write
+    await pipe.execute("SCRIPT", "FLUSH")
+    for i in range(1, 6):
+        assert write.send_nowait(keys=["s"], args=[str(i)])
+        assert await read(keys=["s"]) == str(i).encode()
+
+
+async def test_nothing_is_queued_without_a_live_connection(clean_redis: str) -> None:
+    p = RedisPipe(clean_redis)
+    assert p.send_nowait("SET", "k", "a") is None  # never connected
+    assert not p.register_script("return 1").send_nowait()
+    await p.ping()
+    assert p.send_nowait("SET", "k", "b") is not None
+    await p.aclose()
+    assert p.send_nowait("SET", "k", "c") is None
+    r = aioredis.from_url(clean_redis)
+    try:
+        assert await r.get("k") == b"b"
+    finally:
+        await r.aclose()
+
+
 async def test_database_number_in_the_url_is_selected(clean_redis: str) -> None:
     p = RedisPipe(_with_db(clean_redis, 3))
     r = aioredis.from_url(_with_db(clean_redis, 3))

@@ -6,10 +6,12 @@ or restarted Redis can cost a database round trip, never a duplicate payment.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
+from typing import Any
 
-from switch.redis_pipe import RedisPipe
+from switch.redis_pipe import Arg, RedisPipe
 
 # KEYS[1] = the key; ARGV[1] = request hash (hex); ARGV[2] = claim ttl ms
 # returns {'claimed'} | {'inflight', hash} | {'done', hash, status, body}
@@ -60,6 +62,7 @@ class IdempotencyCache:
         self.prefix = prefix
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
+        self._background: set[asyncio.Task[Any]] = set()  # held, or the loop may drop them
 
     async def claim(self, key: str, request_hash: str) -> Claim:
         r = await self._claim(keys=[self.prefix + key], args=[request_hash, self.claim_ttl_ms])
@@ -74,6 +77,24 @@ class IdempotencyCache:
     async def complete(self, key: str, request_hash: str, status: int, body: bytes) -> None:
         await self._complete(keys=[self.prefix + key],
                              args=[request_hash, status, body, self.ttl_s])
+
+    def complete_soon(self, key: str, request_hash: str, status: int, body: bytes) -> None:
+        """`complete` without waiting for Redis: the stored answer is queued on the shared
+        connection before the caller sends its own answer, so a retry (whose claim can only
+        be sent after the client has read that answer, on the same connection) finds it.
+        Without a live connection it is written in the background once one is made. A
+        failure costs only the fast path: the claim expires, and PostgreSQL answers a retry."""
+        keys = [self.prefix + key]
+        args: list[Arg] = [request_hash, status, body, self.ttl_s]
+        if not self._complete.send_nowait(keys=keys, args=args):
+            task = asyncio.get_running_loop().create_task(self._complete(keys=keys, args=args))
+            self._background.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def release(self, key: str) -> None:
         await self.redis.delete(self.prefix + key)
