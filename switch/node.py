@@ -72,6 +72,7 @@ class Node:
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
         self._stopping = False
+        self._demotion: asyncio.Task[None] | None = None  # see `fenced`
 
     # -- role -----------------------------------------------------------------------------
 
@@ -108,8 +109,14 @@ class Node:
                 log.exception("demotion hook failed")
 
     async def fenced(self) -> None:
-        """Called by any component whose write was refused for a stale epoch."""
-        await self.lease.demote("write fenced by the database")
+        """Called by any component whose write was refused for a stale epoch: the node steps
+        down. The demotion runs in a task of its own, not the caller's: it stops the very
+        components that call this (a group committer, the relay, a card job), and a caller
+        that waited for it would wait on its own stopping (a committer held the posting path's
+        stop for its whole 10 s drain, with the relay still running behind it)."""
+        if self._demotion is None or self._demotion.done():
+            self._demotion = asyncio.get_running_loop().create_task(
+                self.lease.demote("write fenced by the database"), name="demotion")
 
     # -- life -----------------------------------------------------------------------------
 
@@ -191,6 +198,9 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        if self._demotion is not None:
+            with contextlib.suppress(Exception):
+                await self._demotion
         if self.role is Role.ACTIVE:
             await self._became_standby()  # closes listeners, drains in-flight, stops relays
         if self._runner is not None:

@@ -165,6 +165,11 @@ async def test_stale_writer_is_fenced_and_demotes(clean_db: str, clean_redis: st
                                              json=_pay(acct, 700))
                 assert st == 503 and orjson.loads(body)["code"] == "standby"
             assert a.role is Role.STANDBY and not a.is_active
+            # and it stops its posting path and relay at once (the demotion must not run in
+            # the fenced committer, which it has to stop: that held it for the 10 s drain)
+            ledger, relay = a.components["ledger"], a.components["forwarder"]
+            await _wait(lambda: not ledger._tasks and relay._task is None, 3,
+                        "the stale node stops its committers and its relay")
             assert await b.pool.fetchval("SELECT count(*) FROM payments") == 0
             assert await b.pool.fetchval("SELECT epoch FROM node_lease") == b.epoch > a.epoch
 
