@@ -124,7 +124,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
 
     # the card centre's background jobs run only while this node is active: a node that loses
     # the lease stops its jobs (they are marked failed) instead of writing on beside the new one
-    card_jobs = JobRunner(node.pool)
+    card_jobs = JobRunner(node.pool, on_fenced=node.fenced)
     comps["card_jobs"] = card_jobs
     routes.append(register_cards)
     comps.setdefault("openapi_paths", []).append({"paths": ADMIN_OPENAPI_PATHS})

@@ -443,7 +443,12 @@ async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(
     # the job itself is fenced too: as if the lease moved while it ran
     from switch.cards import batches, jobs
 
-    runner = jobs.JobRunner(a.pool)
+    told: list[str] = []
+
+    async def fenced() -> None:
+        told.append("fenced")
+
+    runner = jobs.JobRunner(a.pool, on_fenced=fenced)
     job_id = await jobs.create_job(a.pool, "batch.stock_in", total=6, actor="admin")
     stale = int(await a.pool.fetchval("SELECT epoch FROM node_lease")) - 1
 
@@ -456,6 +461,7 @@ async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(
     job = await jobs.get_job(a.pool, job_id)
     assert job["state"] == "failed" and job["result"] == {"code": "standby", "status": 503}
     assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'in_stock'") == 0
+    assert told == ["fenced"]  # the node is told, and steps down at once
     await runner.close()
 
 

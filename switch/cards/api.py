@@ -566,7 +566,8 @@ def register(app: web.Application) -> None:
             await runner.close()
 
     runner = node.components.get("card_jobs")
-    app[CARD_JOBS] = runner if isinstance(runner, jobs.JobRunner) else jobs.JobRunner(node.pool)
+    app[CARD_JOBS] = runner if isinstance(runner, jobs.JobRunner) else jobs.JobRunner(
+        node.pool, on_fenced=node.fenced)
     app.cleanup_ctx.append(runner_ctx)
     p = PREFIX
     r = app.router

@@ -90,9 +90,13 @@ def render_progress(job: Mapping[str, Any], width: int = 40) -> str:
 class JobRunner:
     """Runs job bodies as tasks; cancels them when closed (the job is then marked failed)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *,
+                 on_fenced: Callable[[], Awaitable[None]] | None = None) -> None:
         self._pool = pool
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # told when a job finds another node holds the lease, as the posting path and the
+        # relay tell it: the node steps down at once instead of at its next lease renewal
+        self._on_fenced = on_fenced
 
     def start(self, job_id: uuid.UUID, total: int, body: JobBody) -> asyncio.Task[None]:
         task = asyncio.create_task(self._run(job_id, total, body), name=f"card-job-{job_id}")
@@ -138,9 +142,13 @@ class JobRunner:
             if db.is_fenced(e):  # another node took the lease: the caller hears 503 standby
                 log.warning("card job stopped: this node is no longer active",
                             extra={"job": str(job_id)})
-                await self._finish(job_id, progress, "failed",
-                                   error="this node is no longer active",
-                                   result={"code": "standby", "status": 503})
+                try:
+                    await self._finish(job_id, progress, "failed",
+                                       error="this node is no longer active",
+                                       result={"code": "standby", "status": 503})
+                finally:
+                    if self._on_fenced is not None:
+                        await self._on_fenced()
             else:
                 log.exception("card job failed", extra={"job": str(job_id)})
                 await self._finish(job_id, progress, "failed", error=type(e).__name__)
