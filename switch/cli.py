@@ -195,7 +195,8 @@ def cmd_clients(args: argparse.Namespace) -> int:
         if n == 0:
             print(f"no client named {args.name!r} with a key in force", file=sys.stderr)
             return 1
-        print(f"{n} key(s) revoked; every node refuses them within {CACHE_TTL_S:.0f} s")
+        print(f"{n} key(s) revoked; running nodes refuse them at once (a node that cannot "
+              f"hear the database's notice, within {CACHE_TTL_S:.0f} s)")
         return 0
 
     if args.sub == "revoke":

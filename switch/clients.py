@@ -6,7 +6,10 @@ would only slow every request without adding strength); lookups are by that hash
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import secrets
 import time
 import uuid
@@ -14,7 +17,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from switch.loop import cancel_and_wait
+
 KEY_PREFIX = "gp_"
+
+log = logging.getLogger("gridpay.clients")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +47,8 @@ async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uu
 
 
 async def revoke_client(pool: asyncpg.Pool, name_or_id: str) -> int:
-    """Revoke the keys of the clients named (or with the id) `name_or_id`; how many. Every
-    node stops accepting them within `CACHE_TTL_S`."""
+    """Revoke the keys of the clients named (or with the id) `name_or_id`; how many. A node
+    listening for changes refuses them at once, any other within `CACHE_TTL_S`."""
     try:
         by_id: uuid.UUID | None = uuid.UUID(name_or_id)
     except ValueError:
@@ -52,18 +59,70 @@ async def revoke_client(pool: asyncpg.Pool, name_or_id: str) -> int:
     return int(status.split()[-1])
 
 
-#: how long a node trusts its cached answer for a key: a key revoked (on either node, or
-#: directly in the database) stops working within this time
+#: how long a node trusts its cached answer for a key when it is not listening for changes
+#: (its listening connection is down): a key revoked stops working within this time
 CACHE_TTL_S = 30.0
+
+#: the channel a change to `api_clients` is announced on (migration 0050)
+CHANGED_CHANNEL = "gridpay_api_clients"
+
+#: how long to wait before listening again after the connection was lost or refused
+LISTEN_RETRY_S = 2.0
 
 
 class ClientDirectory:
-    """Key → client, cached in memory for `ttl_s` (keys are looked up on every request)."""
+    """Key → client, cached in memory (keys are looked up on every request).
+
+    The cache is dropped whenever the database announces a change to the clients (see
+    `listen`), so a revoked key is refused at once; while that announcement cannot be heard,
+    an answer is trusted for `ttl_s` at most."""
 
     def __init__(self, pool: asyncpg.Pool, *, ttl_s: float = CACHE_TTL_S) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
         self._cache: dict[bytes, tuple[ApiClient, float]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    def listen(self, dsn: str) -> None:
+        """Listen for changes to the clients on a connection of its own (made again when
+        lost; a database in recovery refuses LISTEN, and is asked again later)."""
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(dsn), name="api-client-changes")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._listener)
+        self._listener = None
+
+    def _changed(self, *_: object) -> None:
+        self._cache.clear()
+
+    async def _listen(self, dsn: str) -> None:
+        refused = False
+        while True:
+            conn: asyncpg.Connection | None = None
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(dsn, timeout=5)
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANGED_CHANNEL, self._changed)
+                self._cache.clear()  # whatever changed while nobody listened
+                self.listening.set()
+                refused = False
+                await lost.wait()
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as e:
+                if not refused:  # once per outage, not every retry
+                    log.warning("not listening for API client changes: a revoked key may "
+                                "still be taken until its cached answer expires",
+                                extra={"error": type(e).__name__, "expires_s": self.ttl_s})
+                refused = True
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            await asyncio.sleep(LISTEN_RETRY_S)
 
     async def authenticate(self, key: str) -> ApiClient | None:
         # keys are URL-safe ASCII; anything else (a header that is not UTF-8 arrives here with

@@ -13,6 +13,7 @@ from switch.business import BusinessCalendar
 from switch.clients import ClientDirectory
 from switch.hsm_client import HsmClient, HsmError
 from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
+from switch.lease import session_dsn
 from switch.marketing_client import DAY_LIST_MAX_ANSWER, RECON_TIMEOUT_S, MarketingClient
 from switch.payments.accounts import Accounts
 from switch.payments.forwarder import Forwarder, outbox_counts
@@ -95,6 +96,8 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     accounts = Accounts(node.pool, marketing)
     comps["accounts"] = accounts
     clients = ClientDirectory(node.pool)
+    clients.listen(session_dsn(node.services.database, s.node.id))
+    stack.push_async_callback(clients.close)
     comps["clients"] = clients
 
     def epoch() -> int:

@@ -10,6 +10,7 @@ caller chose (`exit_status_on_hang`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable
@@ -104,3 +105,10 @@ async def watch_lag(observe: Callable[[float], None], every_s: float = 0.05) -> 
         due = loop.time() + every_s
         await asyncio.sleep(every_s)
         observe(max(0.0, loop.time() - due))
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` (None: nothing to do) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

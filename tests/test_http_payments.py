@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from switch.clients import revoke_client
 from switch.node import Node
 from tests.nodekit import (
     Api,
@@ -68,6 +69,53 @@ async def test_replay_is_byte_identical(node: Node, api: Api, sims: Sims) -> Non
     st3, h3, b3 = await api.call("POST", "/v1/payments", idem="same", json=req)
     assert st3 == 201 and b3 == b1 and h3.get("Idempotent-Replayed") == "true"
     assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def _refused_soon(api: Api, path: str) -> tuple[int, bytes]:
+    for _ in range(100):  # the notice comes within moments; 2 s at most here
+        st, _, body = await api.call("GET", path)
+        if st != 200:
+            return st, body
+        await asyncio.sleep(0.02)
+    return st, body
+
+
+async def test_a_revoked_key_is_refused_at_once_not_after_the_cache(node: Node,
+                                                                   sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    clients = node.components["clients"]
+    await asyncio.wait_for(clients.listening.wait(), 10)
+    assert clients.ttl_s >= 30  # so a refusal within 2 s is the notice's doing
+    url = f"http://127.0.0.1:{node.ports.http}"
+    async with aiohttp.ClientSession() as s:
+        by_cli = Api(s, url, await api_key(node.pool, "internet", name="leaver"))
+        by_sql = Api(s, url, await api_key(node.pool, "counter", name="hall-9"))
+        for api in (by_cli, by_sql):  # known, and now cached
+            assert (await api.call("GET", f"/v1/accounts/{acct}"))[0] == 200
+        assert await revoke_client(node.pool, "leaver") == 1
+        st, body = await _refused_soon(by_cli, f"/v1/accounts/{acct}")
+        assert st == 401 and orjson.loads(body)["code"] == "unauthenticated"
+        # straight in the database, as an operator might: the same
+        assert (await by_sql.call("GET", f"/v1/accounts/{acct}"))[0] == 200
+        await node.pool.execute("UPDATE api_clients SET revoked_at = now() WHERE name = $1",
+                                "hall-9")
+        st, body = await _refused_soon(by_sql, f"/v1/accounts/{acct}")
+        assert st == 401
+        # the listening connection is cut: it comes back, and what changed meanwhile counts
+        await node.pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await _wait_for(lambda: not clients.listening.is_set(), 5)
+        await asyncio.wait_for(clients.listening.wait(), 10)
+
+
+async def _wait_for(cond: object, within_s: float) -> None:
+    assert callable(cond)
+    for _ in range(int(within_s / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
 
 
 async def test_a_retry_sent_as_soon_as_the_answer_came_is_replayed(node: Node, api: Api,
@@ -448,11 +496,12 @@ async def test_a_live_lookup_reaches_the_mirror_by_itself(node: Node, sims: Sims
     assert row is not None and (row["status"], row["arrears"]) == (view.status, view.arrears)
 
 
-async def test_a_revoked_key_stops_working_on_every_node_within_the_cache_lifetime(
+async def test_a_node_not_listening_refuses_a_revoked_key_within_the_cache_lifetime(
         node: Node, sims: Sims) -> None:
-    from switch.clients import create_client, revoke_client
+    from switch.clients import create_client
 
     directory = node.components["clients"]
+    await directory.close()  # as if it could not hear the database's notices
     client_id, key = await create_client(node.pool, "to-revoke", "internet")
     assert (await directory.authenticate(key)).id == client_id  # now cached
     assert await revoke_client(node.pool, str(client_id)) == 1  # as the other node would

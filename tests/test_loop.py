@@ -70,3 +70,23 @@ async def test_all_or_cancel_stops_the_others_at_the_first_failure() -> None:
     assert done == ["fast"] and cancelled == ["slow"]  # and the slow one is gone already
     await all_or_cancel(worker(n, 0) for n in ("a", "b"))
     assert done == ["fast", "a", "b"]
+
+
+async def test_cancel_and_wait_ends_the_task_before_returning() -> None:
+    from switch.loop import cancel_and_wait
+
+    ended: list[str] = []
+
+    async def worker() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.01)  # its own clean-up takes a turn or two
+            ended.append("cleaned up")
+
+    task = asyncio.create_task(worker())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task)
+    assert task.cancelled() and ended == ["cleaned up"]
+    await cancel_and_wait(None)
+    await cancel_and_wait(task)  # already ended: nothing more happens

@@ -22,7 +22,7 @@ import asyncpg
 
 from switch import db
 from switch.config import ForwarderSettings
-from switch.loop import all_or_cancel
+from switch.loop import all_or_cancel, cancel_and_wait
 from switch.marketing_client import (
     MarketingClient,
     MarketingConflict,
@@ -118,11 +118,8 @@ class Forwarder:
             self._task = asyncio.create_task(self._run(), name="forwarder")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         idle = 0.5
