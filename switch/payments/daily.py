@@ -11,13 +11,13 @@ takeover across it) is closed when the active node next looks, back to the last 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from switch import db
 from switch.business import BusinessCalendar, next_cutover
+from switch.loop import cancel_and_wait
 from switch.marketing_client import MarketingClient, MarketingError
 from switch.payments.reconcile import ReconReport, reconcile
 
@@ -45,11 +45,8 @@ class DailyCutover:
             self._task = asyncio.create_task(self._run(), name="cutover")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def close_date(self, closed: date) -> ReconReport | None:
         """Record the cut-over of `closed` (once), then reconcile it with the marketing system."""
