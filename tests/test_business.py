@@ -360,6 +360,42 @@ async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
         assert await daily.pending_dates() == []
 
 
+async def test_a_cut_over_whose_reconciliation_fails_is_not_tried_again_at_once(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    from switch.payments.daily import DailyCutover
+
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        await node.components["daily"].stop()  # this test drives a cut-over of its own
+        tz = node.components["calendar"].tz
+        soon = (datetime.now(tz) + timedelta(seconds=1.5)).time()
+        if soon < time(0, 0, 5):
+            pytest.skip("too close to midnight to place a cut-over")
+        closed: list[date] = []
+
+        class Watched(DailyCutover):
+            async def close_date(self, day: date) -> Any:
+                closed.append(day)
+                return await super().close_date(day)
+
+        daily = Watched(node, BusinessCalendar(tz, soon), node.components["marketing"])
+        await sims.marketing.set_faults(error_rate=1.0)  # reconciliation fails
+        try:
+            daily.start()
+            for _ in range(500):  # the cut-over comes in 1.5 s, and is acted on 1 s after it
+                if closed:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)  # time enough to have done it twice
+            await daily.stop()
+        finally:
+            await sims.marketing.clear_faults()
+        # the date that ended was closed once; its reconciliation is retried with the next
+        # round, not straight away by the catch-up that follows the cut-over
+        assert closed == [datetime.now(tz).date()]
+        row = await node.pool.fetchrow("SELECT reconciled_at FROM cutovers")
+        assert row is not None and row["reconciled_at"] is None
+
+
 async def test_a_posting_is_sent_in_the_business_time_zone(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     async with running_node(clean_db, clean_redis, sims, tmp_path) as node:

@@ -107,12 +107,15 @@ class DailyCutover:
         return True
 
     async def _run(self) -> None:
+        catch_up = True
         while True:
-            try:
-                if not await self._catch_up():
-                    return
-            except Exception:  # the database unreachable, say: look again later
-                log.exception("looking for dates to close failed")
+            if catch_up:
+                try:
+                    if not await self._catch_up():
+                        return
+                except Exception:  # the database unreachable, say: look again later
+                    log.exception("looking for dates to close failed")
+            catch_up = True
             now = datetime.now(UTC)
             cut = next_cutover(self.calendar, now)
             to_cut = max(0.0, (cut - now).total_seconds()) + 1.0
@@ -121,3 +124,6 @@ class DailyCutover:
                 continue  # a retry round, not a cut-over
             if not await self._close(self.calendar.date_at(cut) - timedelta(days=1)):
                 return
+            # the date just closed was reconciled, or the attempt failed: either way it is
+            # not tried again straight away, but with the next round, `RETRY_S` on
+            catch_up = False
