@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="load-generator processes per stream")
     p.add_argument("--customers", type=int, default=20_000)
     p.add_argument("--pgbench-clients", type=int, default=16)
+    p.add_argument("--switch-nice", type=int, default=0, metavar="N",
+                   help="run the switch's event loop at this nice value (-10: ahead of the "
+                        "databases, simulators and generators sharing its cores; needs root). "
+                        "Reported beside the default figures, never instead of them")
     p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop phase")
     p.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     p.add_argument("--plot", metavar="PNG", help="bank: also draw the throughput-latency curve")
@@ -65,7 +69,7 @@ def _run_one(name: str, args: argparse.Namespace, rest: list[str]) -> tuple[dict
     opts = Options(duration_s=args.duration, connections=args.connections, rate=args.rate,
                    depth=args.depth, customers=args.customers, workers=args.workers,
                    pgbench_clients=args.pgbench_clients, skip_open_loop=args.no_open_loop,
-                   skip_baseline=args.no_baseline)
+                   skip_baseline=args.no_baseline, switch_nice=args.switch_nice)
     if name == "bank" and args.plot:
         from bench.curve import run_curve
 

@@ -42,6 +42,7 @@ async def run_curve(opts: Options, png: Path) -> dict[str, Any]:
                            "autoanalyzed": db.get("autoanalyzed")})
         report["curve"] = points
         report["books"] = await h.books()
+    report.setdefault("options", {})["switch_nice"] = opts.switch_nice
     report["machine"] = machine()
     report["wall_s"] = round(time.monotonic() - started, 1)
     report["status"] = "pass" if report["books"]["ok"] else "FAIL (books)"

@@ -85,6 +85,10 @@ def _vacuum(d: dict[str, Any]) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of one scenario's report."""
     lines = [f"== {report['scenario']} ==  ({report.get('status', '?')})"]
+    nice = report.get("options", {}).get("switch_nice")
+    if nice:
+        lines.append(f"(the switch ran at nice {nice}, ahead of the rest of the test bed: not "
+                     "the default figures)")
     phases = report.get("phases", {})
     if phases:
         cols = ("tps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "error_rate",

@@ -41,6 +41,7 @@ class Options:
     home: Path | None = None
     skip_open_loop: bool = False
     skip_baseline: bool = False
+    switch_nice: int = 0  # the switch's nice value (0: as started)
 
 
 def _goal(value: float, goal: float, *, at_most: bool = False) -> dict[str, Any]:
@@ -68,7 +69,7 @@ class Harness:
         with contextlib.ExitStack() as es:
             home = opts.home or Path(es.enter_context(
                 tempfile.TemporaryDirectory(prefix="gridpay-bench-")))
-            stack = Stack(home, customers=opts.customers)
+            stack = Stack(home, customers=opts.customers, switch_nice=opts.switch_nice)
             es.callback(stack.stop)
             await asyncio.to_thread(stack.start)
             h = cls(stack, opts)
@@ -464,7 +465,7 @@ async def run_scenario(name: str, opts: Options) -> dict[str, Any]:
         report["books"] = await h.books()
     report["options"] = {"duration_s": opts.duration_s, "connections": opts.connections,
                          "rate": opts.rate, "depth": opts.depth, "customers": opts.customers,
-                         "workers": opts.workers}
+                         "workers": opts.workers, "switch_nice": opts.switch_nice}
     report["machine"] = machine()
     report["wall_s"] = round(time.monotonic() - started, 1)
     report["status"] = "pass" if report["books"]["ok"] else "FAIL (books)"

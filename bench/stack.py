@@ -96,6 +96,7 @@ class Stack:
     home: Path
     customers: int = 20_000
     log_level: str = "WARNING"
+    switch_nice: int = 0  # applied to the switch's main thread (its event loop) once it is up
     urls: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     services: Child | None = None
@@ -125,6 +126,12 @@ class Stack:
                             self.home / "logs" / "bench-switch.log")
         ready = self.switch.start()
         self.ports = {k: int(v) for k, v in ready["ports"].items() if v}
+        if self.switch_nice:
+            try:  # Linux: the main thread's own, which is the thread that runs the loop
+                os.setpriority(os.PRIO_PROCESS, self.switch.pid, self.switch_nice)
+            except OSError as e:
+                raise StackError(f"cannot set the switch's nice value to {self.switch_nice}: "
+                                 f"{e.strerror} (a negative value needs root)") from e
 
     def stop(self) -> None:
         for child in (self.switch, self.services):

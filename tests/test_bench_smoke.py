@@ -17,7 +17,9 @@ from bench.loadgen import LoadSpec, WorkerPool
 from bench.report import format_table, summarise
 from bench.scenarios import Harness, Options, baseline_server
 
-OPTS = Options(duration_s=1.0, customers=500, depth=4, skip_open_loop=True, skip_baseline=True)
+# nice 1: that --switch-nice reaches the switch (a positive value needs no privilege)
+OPTS = Options(duration_s=1.0, customers=500, depth=4, skip_open_loop=True, skip_baseline=True,
+               switch_nice=1)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,18 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     table = format_table({"scenario": "bank", "status": "pass", "phases": {"bank": bank},
                           "books": books})
     assert "books: balance" in table
+
+
+async def test_the_switch_runs_at_the_nice_value_asked_for_and_the_report_says_so(
+        harness: Harness) -> None:
+    import os
+
+    assert harness.stack.switch is not None
+    assert os.getpriority(os.PRIO_PROCESS, harness.stack.switch.pid) == 1
+    table = format_table({"scenario": "bank", "status": "pass", "options": {"switch_nice": 1}})
+    assert "nice 1" in table and "not the default figures" in table
+    assert "nice" not in format_table({"scenario": "bank", "status": "pass",
+                                       "options": {"switch_nice": 0}})
 
 
 async def test_http_payments_count_in_the_books(harness: Harness) -> None:
