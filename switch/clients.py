@@ -81,6 +81,9 @@ class ClientDirectory:
         self.pool = pool
         self.ttl_s = ttl_s
         self._cache: dict[bytes, tuple[ApiClient, float]] = {}
+        # counts the changes heard: a lookup that heard one while it read does not cache
+        # what it read (the row may be from before the change)
+        self._changes = 0
         self._listener: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
@@ -95,6 +98,7 @@ class ClientDirectory:
         self._listener = None
 
     def _changed(self, *_: object) -> None:
+        self._changes += 1
         self._cache.clear()
 
     async def _listen(self, dsn: str) -> None:
@@ -106,7 +110,7 @@ class ClientDirectory:
                 conn = await asyncpg.connect(dsn, timeout=5)
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANGED_CHANNEL, self._changed)
-                self._cache.clear()  # whatever changed while nobody listened
+                self._changed()  # whatever changed while nobody listened
                 self.listening.set()
                 refused = False
                 await lost.wait()
@@ -133,6 +137,7 @@ class ClientDirectory:
         hit = self._cache.get(h)
         if hit is not None and time.monotonic() - hit[1] < self.ttl_s:
             return hit[0]
+        changes = self._changes
         row = await self.pool.fetchrow(
             "SELECT id, name, channel FROM api_clients WHERE key_hash = $1 AND revoked_at IS NULL",
             h,
@@ -140,6 +145,8 @@ class ClientDirectory:
         client = ApiClient(row["id"], row["name"], row["channel"]) if row else None
         if client is None:  # unknown or revoked: not cached, so a new client works at once
             self._cache.pop(h, None)
+        elif changes != self._changes:
+            pass  # a change was heard meanwhile: this answer is good for this request only
         else:
             if len(self._cache) > 10_000:
                 self._cache.clear()

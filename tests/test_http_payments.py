@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -107,6 +108,37 @@ async def test_a_revoked_key_is_refused_at_once_not_after_the_cache(node: Node,
             " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
         await _wait_for(lambda: not clients.listening.is_set(), 5)
         await asyncio.wait_for(clients.listening.wait(), 10)
+
+
+async def test_a_key_revoked_while_it_was_being_looked_up_is_not_cached_as_valid(
+        node: Node, sims: Sims) -> None:
+    from switch.clients import ClientDirectory, create_client
+
+    listening = node.components["clients"]
+    await asyncio.wait_for(listening.listening.wait(), 10)
+    _, key = await create_client(node.pool, "racing", "internet")
+
+    class RevokedMeanwhile:
+        """The real pool; its lookup row comes back only after the key was revoked and the
+        directory heard of it (the race, made certain)."""
+
+        async def fetchrow(self, query: str, *args: object) -> object:
+            row = await node.pool.fetchrow(query, *args)
+            heard = directory._changes
+            await revoke_client(node.pool, "racing")
+            await _wait_for(lambda: directory._changes > heard, 5)
+            return row
+
+    directory = ClientDirectory(cast(Any, RevokedMeanwhile()))
+    directory.listen(f"{node.services.database}")
+    try:
+        await asyncio.wait_for(directory.listening.wait(), 10)
+        # read before the revocation: good for this request, but not kept
+        assert await directory.authenticate(key) is not None
+        directory.pool = node.pool
+        assert await directory.authenticate(key) is None
+    finally:
+        await directory.close()
 
 
 async def _wait_for(cond: object, within_s: float) -> None:
