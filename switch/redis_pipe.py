@@ -280,21 +280,16 @@ class Script:
     def send_nowait(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> bool:
         """Run the script without waiting for its outcome: queued now, so it runs before any
         command sent after it (see `RedisPipe.send_nowait`). False when there is no live
-        connection (nothing was sent). Its errors are dropped, except that a script Redis has
-        forgotten is sent again as EVAL, still ahead of the commands whose own NOSCRIPT
-        reply came after its one."""
-        fut = self.client.send_nowait("EVALSHA", self.sha, len(keys), *keys, *args)
+        connection (nothing was sent). Its errors are dropped.
+
+        It goes as EVAL with the whole source, never EVALSHA: a script Redis had forgotten
+        would come back NOSCRIPT, and its second sending would then run after commands queued
+        meanwhile (a retry's claim, whose own script was already loaded again). Redis keeps
+        the script by its SHA1 either way; this costs only the source's bytes on the wire."""
+        fut = self.client.send_nowait("EVAL", self.source, len(keys), *keys, *args)
         if fut is None:
             return False
-
-        def sent(f: asyncio.Future[Any]) -> None:
-            e = None if f.cancelled() else f.exception()
-            if isinstance(e, RedisReplyError) and str(e).startswith("NOSCRIPT"):
-                again = self.client.send_nowait("EVAL", self.source, len(keys), *keys, *args)
-                if again is not None:
-                    again.add_done_callback(_dropped)
-
-        fut.add_done_callback(sent)
+        fut.add_done_callback(_dropped)
         return True
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> Any:

@@ -79,12 +79,40 @@ async def test_a_command_not_waited_for_runs_before_every_later_one(pipe: RedisP
     write = pipe.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
     read = pipe.register_script("return redis.call('GET', KEYS[1])")
     assert await write(keys=["s"], args=["0"]) == b"OK" and await read(keys=["s"]) == b"0"
-    # Redis forgets both scripts: the write's NOSCRIPT comes back first, so its EVAL still
-    # goes out ahead of the read's own EVAL, and the read sees the write
+    # Redis forgets both scripts: the write (sent whole) still runs ahead of the read
     await pipe.execute("SCRIPT", "FLUSH")
     for i in range(1, 6):
         assert write.send_nowait(keys=["s"], args=[str(i)])
         assert await read(keys=["s"]) == str(i).encode()
+
+
+async def test_a_stored_answer_runs_before_a_retry_whose_script_redis_knows_again(
+        pipe: RedisPipe) -> None:
+    from switch.payments.idempotency import _CLAIM, ClaimState, IdempotencyCache
+
+    cache = IdempotencyCache(pipe, ttl_s=60)
+    assert (await cache.claim("k", "h")).state is ClaimState.CLAIMED
+    await pipe.execute("SCRIPT", "FLUSH")  # Redis restarted or was flushed: scripts forgotten
+    await pipe.execute("SCRIPT", "LOAD", _CLAIM)  # another request's claim loaded its own
+    assert cache.complete_soon("k", "h", 201, b"{}")
+    # the retry's claim (known to Redis again) runs after the answer: replayed, not 409
+    retry = await cache.claim("k", "h")
+    assert retry.state is ClaimState.DONE and retry.body == b"{}"
+
+
+async def test_an_answer_is_not_queued_while_the_connection_is_down(pipe: RedisPipe) -> None:
+    from switch.payments.idempotency import ClaimState, IdempotencyCache
+
+    cache = IdempotencyCache(pipe, ttl_s=60)
+    assert (await cache.claim("k", "h")).state is ClaimState.CLAIMED
+    assert pipe._proto is not None
+    pipe._proto.abort(RedisUnavailable("cut"))
+    # nothing is sent, so that nothing is left to race a claim made once the connection is
+    # back: the handler stores the answer and waits for it
+    assert not cache.complete_soon("k", "h", 201, b"{}")
+    assert (await cache.claim("k", "h")).state is ClaimState.IN_FLIGHT
+    await cache.complete("k", "h", 201, b"{}")
+    assert (await cache.claim("k", "h")).state is ClaimState.DONE
 
 
 async def test_nothing_is_queued_without_a_live_connection(clean_redis: str) -> None:

@@ -6,12 +6,10 @@ or restarted Redis can cost a database round trip, never a duplicate payment.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Any
 
-from switch.redis_pipe import Arg, RedisPipe
+from switch.redis_pipe import RedisPipe
 
 # KEYS[1] = the key; ARGV[1] = request hash (hex); ARGV[2] = claim ttl ms
 # returns {'claimed'} | {'inflight', hash} | {'done', hash, status, body}
@@ -62,7 +60,6 @@ class IdempotencyCache:
         self.prefix = prefix
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
-        self._background: set[asyncio.Task[Any]] = set()  # held, or the loop may drop them
 
     async def claim(self, key: str, request_hash: str) -> Claim:
         r = await self._claim(keys=[self.prefix + key], args=[request_hash, self.claim_ttl_ms])
@@ -78,23 +75,15 @@ class IdempotencyCache:
         await self._complete(keys=[self.prefix + key],
                              args=[request_hash, status, body, self.ttl_s])
 
-    def complete_soon(self, key: str, request_hash: str, status: int, body: bytes) -> None:
+    def complete_soon(self, key: str, request_hash: str, status: int, body: bytes) -> bool:
         """`complete` without waiting for Redis: the stored answer is queued on the shared
         connection before the caller sends its own answer, so a retry (whose claim can only
         be sent after the client has read that answer, on the same connection) finds it.
-        Without a live connection it is written in the background once one is made. A
-        failure costs only the fast path: the claim expires, and PostgreSQL answers a retry."""
-        keys = [self.prefix + key]
-        args: list[Arg] = [request_hash, status, body, self.ttl_s]
-        if not self._complete.send_nowait(keys=keys, args=args):
-            task = asyncio.get_running_loop().create_task(self._complete(keys=keys, args=args))
-            self._background.add(task)
-            task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()
+        False when there is no live connection to queue it on: then nothing was sent, and the
+        caller awaits `complete` instead (a claim sent once the connection is back could
+        otherwise overtake it)."""
+        return self._complete.send_nowait(keys=[self.prefix + key],
+                                          args=[request_hash, status, body, self.ttl_s])
 
     async def release(self, key: str) -> None:
         await self.redis.delete(self.prefix + key)

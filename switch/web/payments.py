@@ -218,9 +218,14 @@ async def create_payment(request: web.Request) -> web.Response:
     if not isinstance(outcome, Committed):
         return await _answer_stored(svc, scope, outcome, req_hash)
     assert outcome.status_code is not None and outcome.response is not None
-    # not waited for (a Redis round trip less per payment): queued ahead of any retry's claim;
-    # PostgreSQL already holds the answer
-    svc.idempotency.complete_soon(scope, req_hash, outcome.status_code, outcome.response)
+    # not waited for (a Redis round trip less per payment): queued ahead of any retry's claim
+    if not svc.idempotency.complete_soon(scope, req_hash, outcome.status_code,
+                                         outcome.response):
+        try:  # no live connection to queue it on: stored before answering, as it used to be
+            await svc.idempotency.complete(scope, req_hash, outcome.status_code,
+                                           outcome.response)
+        except Exception:  # noqa: S110 - PostgreSQL already holds the answer
+            pass
     return web.Response(status=outcome.status_code, body=outcome.response,
                         content_type="application/json")
 
