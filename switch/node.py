@@ -114,6 +114,8 @@ class Node:
         components that call this (a group committer, the relay, a card job), and a caller
         that waited for it would wait on its own stopping (a committer held the posting path's
         stop for its whole 10 s drain, with the relay still running behind it)."""
+        if self._stopping:
+            return  # stop() demotes the node itself, and must not be outlived by a demotion
         if self._demotion is None or self._demotion.done():
             self._demotion = asyncio.get_running_loop().create_task(
                 self.lease.demote("write fenced by the database"), name="demotion")

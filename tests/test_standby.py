@@ -174,6 +174,24 @@ async def test_stale_writer_is_fenced_and_demotes(clean_db: str, clean_redis: st
             assert await b.pool.fetchval("SELECT epoch FROM node_lease") == b.epoch > a.epoch
 
 
+async def test_a_write_fenced_while_the_node_stops_starts_no_demotion_of_its_own(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    calls: list[str] = []
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a:
+        async def slow_hook() -> None:  # stands in for the posting path's drain
+            calls.append("standby hook")
+            await asyncio.sleep(0.3)
+
+        a.hooks.on_standby.insert(0, slow_hook)
+        stopping = asyncio.create_task(a.stop())
+        await asyncio.sleep(0.1)
+        await a.fenced()  # a committer fenced while stop() drains it
+        await stopping
+        # stop() demoted the node once, and nothing of it runs on after stop() returned
+        assert calls == ["standby hook"]
+        assert a._demotion is None or a._demotion.done()
+
+
 async def test_paused_holder_mid_write_is_cut_off(clean_db: str, clean_redis: str, sims: Sims,
                                                   tmp_path: Path) -> None:
     """The holder froze inside a fenced transaction (share lock on the lease row): the node
