@@ -114,8 +114,9 @@ class ClientDirectory:
                 self.listening.set()
                 refused = False
                 await lost.wait()
-            except (OSError, TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError) as e:
+            except Exception as e:  # whatever it is, listen again later
+                # (asyncpg has errors outside its PostgresError and InterfaceError families:
+                # every host in recovery for a read-write URL is an InternalClientError)
                 if not refused:  # once per outage, not every retry
                     log.warning("not listening for API client changes: a revoked key may "
                                 "still be taken until its cached answer expires",
