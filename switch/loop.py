@@ -10,7 +10,6 @@ caller chose (`exit_status_on_hang`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable
@@ -107,8 +106,15 @@ async def watch_lag(observe: Callable[[float], None], every_s: float = 0.05) -> 
         observe(max(0.0, loop.time() - due))
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel `task` (None: nothing to do) and wait until it has ended."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Cancel `task` (None: nothing to do) and wait until it has ended. The task's own
+    cancellation is swallowed; the caller's is not (a caller cancelled while it waits, by a
+    timeout on its stopping say, is still cancelled)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise

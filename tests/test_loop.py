@@ -90,3 +90,22 @@ async def test_cancel_and_wait_ends_the_task_before_returning() -> None:
     assert task.cancelled() and ended == ["cleaned up"]
     await cancel_and_wait(None)
     await cancel_and_wait(task)  # already ended: nothing more happens
+
+
+async def test_cancel_and_wait_keeps_its_callers_own_cancellation() -> None:
+    from switch.loop import cancel_and_wait
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.2)  # a clean-up that takes a while
+
+    worker = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(cancel_and_wait(worker))
+    await asyncio.sleep(0.05)
+    stopping.cancel()  # a time limit on stopping runs out while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert stopping.cancelled()
