@@ -52,6 +52,8 @@ class Ctx:
     result: dict[str, Any] = field(default_factory=dict)
     #: the success entry was written inside the action's own transaction
     audited: bool = False
+    #: the HTTP status that entry recorded, which `answer` gives the response
+    status: int | None = None
 
     @property
     def pool(self) -> Any:
@@ -71,7 +73,15 @@ class Ctx:
                                objects=self.objects,
                                result={"ok": True, "status": st, **self.result})
             self.audited = True
+            self.status = st
         return hook
+
+    def answer(self, out: dict[str, Any],
+               headers: dict[str, str] | None = None) -> web.StreamResponse:
+        """An audited action's answer, with the HTTP status its log entry recorded (stated
+        once, in `audit`)."""
+        assert self.status is not None, "answer() follows an action that called its audit"
+        return json_response(out, status=self.status, headers=headers)
 
 
 Body = Callable[[Ctx], Awaitable[web.StreamResponse]]
@@ -387,7 +397,7 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
     out = await workflow.void_cards(
         ctx.pool, ctx.user, serials, reason, note=note, stocktake_id=st, epoch=ctx.node.epoch,
         audit=ctx.audit(status, lambda o: {"void_id": o["void_id"], "state": o["state"]}))
-    return json_response(out, status=status(out))
+    return ctx.answer(out)
 
 
 async def _decide_void(ctx: Ctx, approve: bool) -> web.StreamResponse:
@@ -395,7 +405,7 @@ async def _decide_void(ctx: Ctx, approve: bool) -> web.StreamResponse:
     out = await workflow.approve_void(
         ctx.pool, ctx.user, void_id, approve=approve, epoch=ctx.node.epoch,
         audit=ctx.audit(200, lambda o: {"state": o["state"], "count": o["count"]}))
-    return json_response(out)
+    return ctx.answer(out)
 
 
 @_handler("void.approve", changes=True)
@@ -424,7 +434,7 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
         audit=ctx.audit(201, lambda o: {"stocktake_id": o["stocktake_id"],
                                         "missing": o["missing_count"],
                                         "unexpected": o["unexpected_count"]}))
-    return json_response(out, status=201)
+    return ctx.answer(out)
 
 
 # --- requests, issues, sales, unlocks ---------------------------------------------------------
@@ -438,8 +448,7 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
         ctx.pool, ctx.user, doc.get("face_value"), doc.get("quantity"),
         ctx.node.settings.cards.face_values, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"request_id": o["id"]}))
-    return json_response(out, status=201,
-                         headers={"Location": f"{PREFIX}/requests/{out['id']}"})
+    return ctx.answer(out, headers={"Location": f"{PREFIX}/requests/{out['id']}"})
 
 
 @_handler("request.read", changes=False)
@@ -456,7 +465,7 @@ async def _decide(ctx: Ctx, approve: bool) -> web.StreamResponse:
     out = await workflow.decide_request(ctx.pool, ctx.user, _int_id(ctx), approve=approve,
                                         note=note, epoch=ctx.node.epoch,
                                         audit=ctx.audit(200, lambda o: {"state": o["state"]}))
-    return json_response(out)
+    return ctx.answer(out)
 
 
 @_handler("request.decide", changes=True)
@@ -475,7 +484,7 @@ async def issue_request(ctx: Ctx) -> web.StreamResponse:
         ctx.pool, ctx.user, _int_id(ctx), epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"issue_id": o["issue_id"], "quantity": o["quantity"],
                                         "ranges": o["ranges"][:100]}))
-    return json_response(out, status=201)
+    return ctx.answer(out)
 
 
 @_handler("sale.create", changes=True)
@@ -488,14 +497,14 @@ async def create_sale(ctx: Ctx) -> web.StreamResponse:
         ctx.pool, ctx.user, serials, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"sale_id": o["sale_id"],
                                         "total_face_value": o["total_face_value"]}))
-    return json_response(out, status=201)
+    return ctx.answer(out)
 
 
 @_handler("card.unlock", changes=True)
 async def unlock_card(ctx: Ctx) -> web.StreamResponse:
-    return json_response(await workflow.unlock(ctx.pool, ctx.user,
-                                               ctx.request.match_info["serial"],
-                                               epoch=ctx.node.epoch, audit=ctx.audit(200)))
+    out = await workflow.unlock(ctx.pool, ctx.user, ctx.request.match_info["serial"],
+                                epoch=ctx.node.epoch, audit=ctx.audit(200))
+    return ctx.answer(out)
 
 
 # --- reads ------------------------------------------------------------------------------------
