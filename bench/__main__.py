@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the switch's event loop at this nice value (-10: ahead of the "
                         "databases, simulators and generators sharing its cores; needs root). "
                         "Reported beside the default figures, never instead of them")
+    p.add_argument("--sustained", action="store_true",
+                   help="bank: also find the highest rate whose forwarding to the billing "
+                        "system keeps up (open-loop steps from 70 %% of the peak)")
     p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop phase")
     p.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     p.add_argument("--plot", metavar="PNG", help="bank: also draw the throughput-latency curve")
@@ -69,7 +72,8 @@ def _run_one(name: str, args: argparse.Namespace, rest: list[str]) -> tuple[dict
     opts = Options(duration_s=args.duration, connections=args.connections, rate=args.rate,
                    depth=args.depth, customers=args.customers, workers=args.workers,
                    pgbench_clients=args.pgbench_clients, skip_open_loop=args.no_open_loop,
-                   skip_baseline=args.no_baseline, switch_nice=args.switch_nice)
+                   skip_baseline=args.no_baseline, switch_nice=args.switch_nice,
+                   sustained=args.sustained)
     if name == "bank" and args.plot:
         from bench.curve import run_curve
 

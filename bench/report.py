@@ -126,6 +126,15 @@ def format_table(report: dict[str, Any]) -> str:
             ckpt += ", relay backlog {} -> {}".format(*pt["relay_backlog"])
         lines.append(f"curve {pt['fraction']:.0%} of peak: {_fmt(pt['tps'])}/s, p50 "
                      f"{_fmt(pt['p50_ms'])} ms, p99 {_fmt(pt['p99_ms'])} ms{ckpt}")
+    sustained = report.get("sustained")
+    for st in (sustained or {}).get("steps", []):
+        verdict = "kept up" if st["kept_up"] else "fell behind"
+        lines.append(f"sustained {st['fraction']:.0%} of peak: {_fmt(st['tps'])}/s answered, "
+                     f"about {_fmt(st['forwarded_tps'])}/s forwarded, p99 "
+                     f"{_fmt(st['p99_ms'])} ms, relay backlog {st['relay_backlog'][0]} -> "
+                     f"{st['relay_backlog'][1]}: {verdict}")
+    if sustained is not None and sustained.get("best") is None:
+        lines.append("sustained: the relay fell behind from the first step (70 % of the peak)")
     for name, b in report.get("baselines", {}).items():
         shown = {k: v for k, v in b.items() if k in ("tps", "latency_avg_ms", "clients",
                                                     "ratio_base", "per_s")}

@@ -42,6 +42,7 @@ class Options:
     skip_open_loop: bool = False
     skip_baseline: bool = False
     switch_nice: int = 0  # the switch's nice value (0: as started)
+    sustained: bool = False  # bank: also search the rate whose forwarding keeps up
 
 
 def _goal(value: float, goal: float, *, at_most: bool = False) -> dict[str, Any]:
@@ -364,6 +365,14 @@ async def _link_scenario(h: Harness, dialect: str) -> dict[str, Any]:
         report["baselines"]["hsm_mac_verify"] = {"per_s": hsm["verifications_per_s"], **hsm}
         report["goals"]["hsm_mac_verify_vs_bank_tps"] = _goal(
             hsm["verifications_per_s"] / max(1.0, peak["tps"]), 2.0)
+        if o.sustained:
+            from bench.sustained import run_sustained
+
+            found = report["sustained"] = await run_sustained(h, peak["tps"])
+            if base and base["tps"] and found["best"] is not None:
+                # answered and forwarded alike, the relay kept up (reported: see the text)
+                report["ratios"]["bank_sustained_tps/pgbench_N_tps"] = round(
+                    found["best"]["tps"] / base["tps"], 3)
     return report
 
 

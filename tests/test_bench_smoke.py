@@ -185,3 +185,19 @@ def test_phase_db_activity_from_two_readings() -> None:
     assert db_activity(before, {**after, "vacuums": 8}, 1000)["autovacuum_running"] is True
     assert db_activity(before, {**after, "vacuuming": 1}, 1000)["autovacuum_running"] is True
     assert db_activity(None, before, 10) == {}
+
+
+def test_a_phase_keeps_up_when_the_relay_queue_grew_by_at_most_two_percent() -> None:
+    from bench.sustained import kept_up
+
+    def phase(first: int, last: int, completed: int = 50_000, errors: float = 0.0
+              ) -> dict[str, object]:
+        return {"completed": completed, "error_rate": errors,
+                "db": {"relay_backlog": [first, last]}}
+
+    assert kept_up(phase(0, 0))
+    assert kept_up(phase(0, 1_000))  # 2 % of 50 000
+    assert not kept_up(phase(0, 1_001))
+    assert kept_up(phase(4_000, 0))  # it caught up on what an earlier phase left
+    assert not kept_up(phase(0, 0, errors=0.001))  # a failed payment is not kept up
+    assert not kept_up({"completed": 10, "error_rate": 0.0, "db": {}})  # queue not read

@@ -1,0 +1,72 @@
+"""The bank rate the switch sustains with its forwarding kept up: `bench bank --sustained`.
+
+The closed-loop peak counts payments answered; the relay forwards them to the billing system
+afterwards, and at that peak it falls behind. This search counts only what is both answered
+and forwarded: open-loop phases, each started with the relay's queue empty, at 70 % of the
+peak and up in steps of 5 % of it; a phase is kept up when the relay's queue grew by no more
+than 2 % of the phase's payments (and nothing failed). The figure is the highest offered rate
+kept up before the first that was not, as a ratio to `pgbench -N` in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from bench.scenarios import Harness
+
+__all__ = ["kept_up", "run_sustained", "wait_drained"]
+
+START, STEP, LAST = 0.70, 0.05, 1.0
+#: the relay's queue may grow by this share of a phase's payments and still count as kept up
+SLACK = 0.02
+DRAIN_S = 120.0
+
+
+def kept_up(fig: dict[str, Any]) -> bool:
+    """Did a phase's relay keep up with it (see the module's text)?"""
+    backlog = fig.get("db", {}).get("relay_backlog")
+    if not backlog:  # the queue could not be read: not a phase to vouch for
+        return False
+    grew = backlog[1] - backlog[0]
+    return bool(fig.get("error_rate", 1) == 0
+                and grew <= SLACK * max(1, fig.get("completed", 0)))
+
+
+async def wait_drained(db: str, within_s: float = DRAIN_S) -> float:
+    """Wait until the relay's queue is empty; how long it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    con = await asyncpg.connect(db)
+    try:
+        while await con.fetchval("SELECT count(*) FROM outbox WHERE state = 'pending'"):
+            if loop.time() - started > within_s:
+                raise TimeoutError(f"the relay did not drain within {within_s:.0f} s")
+            await asyncio.sleep(0.2)
+    finally:
+        await con.close()
+    return round(loop.time() - started, 1)
+
+
+async def run_sustained(h: Harness, peak_tps: float) -> dict[str, Any]:
+    """Search the highest rate whose forwarding keeps up (see the module's text)."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    frac = START
+    while frac <= LAST + 1e-9:
+        rate = max(10.0, frac * peak_tps)
+        drained_s = await wait_drained(h.db)
+        figs, _ = await h.load(h.iso_specs("bank", name="sustained", connections=8, rate=rate))
+        f = figs["sustained"]
+        step = {"offered": round(rate, 1), "fraction": round(frac, 2), "tps": f["tps"],
+                "forwarded_tps": f.get("forwarded_tps"), "p99_ms": f["p99_ms"],
+                "relay_backlog": f.get("db", {}).get("relay_backlog"),
+                "drained_first_s": drained_s, "kept_up": kept_up(f)}
+        steps.append(step)
+        if not step["kept_up"]:
+            break
+        best = step
+        frac += STEP
+    return {"steps": steps, "best": best}
