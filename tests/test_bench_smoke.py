@@ -46,6 +46,22 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     assert "books: balance" in table
 
 
+async def test_the_sustained_search_steps_up_while_the_relay_keeps_up(harness: Harness
+                                                                     ) -> None:
+    from bench import sustained
+
+    # a rate this low is kept up at every step: the search goes to 100 % and reports it
+    found = await sustained.run_sustained(harness, peak_tps=60.0)
+    fractions = [st["fraction"] for st in found["steps"]]
+    assert fractions == [0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+    assert all(st["kept_up"] for st in found["steps"]) and found["best"] is found["steps"][-1]
+    assert all(st["relay_backlog"] is not None for st in found["steps"])
+    table = format_table({"scenario": "bank", "status": "pass", "sustained": found})
+    assert table.count("kept up") == 7
+    books = await harness.books()
+    assert books["ok"], books["problems"]
+
+
 async def test_the_switch_runs_at_the_nice_value_asked_for_and_the_report_says_so(
         harness: Harness) -> None:
     import os
