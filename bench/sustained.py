@@ -3,9 +3,10 @@
 The closed-loop peak counts payments answered; the relay forwards them to the billing system
 afterwards, and at that peak it falls behind. This search counts only what is both answered
 and forwarded: open-loop phases, each started with the relay's queue empty, at 70 % of the
-peak and up in steps of 5 % of it; a phase is kept up when the relay's queue grew by no more
-than 2 % of the phase's payments (and nothing failed). The figure is the highest offered rate
-kept up before the first that was not, as a ratio to `pgbench -N` in the same run.
+peak and up in steps of 5 % of it (or down, when 70 % is already too much); a phase is kept up
+when the relay's queue grew by no more than 2 % of the phase's payments (and nothing failed).
+The figure is the highest rate kept up next to one that was not, as a ratio to `pgbench -N`
+in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bench.scenarios import Harness
 
 __all__ = ["kept_up", "run_sustained", "wait_drained"]
 
-START, STEP, LAST = 0.70, 0.05, 1.0
+START, STEP, LAST, FLOOR = 0.70, 0.05, 1.0, 0.40
 #: the relay's queue may grow by this share of a phase's payments and still count as kept up
 SLACK = 0.02
 DRAIN_S = 120.0
@@ -50,23 +51,36 @@ async def wait_drained(db: str, within_s: float = DRAIN_S) -> float:
     return round(loop.time() - started, 1)
 
 
+async def _step(h: Harness, peak_tps: float, frac: float) -> dict[str, Any]:
+    rate = max(10.0, frac * peak_tps)
+    drained_s = await wait_drained(h.db)
+    figs, _ = await h.load(h.iso_specs("bank", name="sustained", connections=8, rate=rate))
+    f = figs["sustained"]
+    return {"offered": round(rate, 1), "fraction": round(frac, 2), "tps": f["tps"],
+            "forwarded_tps": f.get("forwarded_tps"), "p99_ms": f["p99_ms"],
+            "relay_backlog": f.get("db", {}).get("relay_backlog"),
+            "drained_first_s": drained_s, "kept_up": kept_up(f)}
+
+
 async def run_sustained(h: Harness, peak_tps: float) -> dict[str, Any]:
-    """Search the highest rate whose forwarding keeps up (see the module's text)."""
-    steps: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
+    """Search the highest rate whose forwarding keeps up (see the module's text): up from
+    70 % of the peak while each step keeps up, or, when 70 % does not, down until one does
+    (not below `FLOOR`)."""
+    steps: list[dict[str, Any]] = [await _step(h, peak_tps, START)]
+    best: dict[str, Any] | None = steps[0] if steps[0]["kept_up"] else None
     frac = START
-    while frac <= LAST + 1e-9:
-        rate = max(10.0, frac * peak_tps)
-        drained_s = await wait_drained(h.db)
-        figs, _ = await h.load(h.iso_specs("bank", name="sustained", connections=8, rate=rate))
-        f = figs["sustained"]
-        step = {"offered": round(rate, 1), "fraction": round(frac, 2), "tps": f["tps"],
-                "forwarded_tps": f.get("forwarded_tps"), "p99_ms": f["p99_ms"],
-                "relay_backlog": f.get("db", {}).get("relay_backlog"),
-                "drained_first_s": drained_s, "kept_up": kept_up(f)}
-        steps.append(step)
-        if not step["kept_up"]:
-            break
-        best = step
-        frac += STEP
+    if best is not None:
+        while frac + STEP <= LAST + 1e-9:
+            frac += STEP
+            steps.append(await _step(h, peak_tps, frac))
+            if not steps[-1]["kept_up"]:
+                break
+            best = steps[-1]
+    else:
+        while frac - STEP >= FLOOR - 1e-9:
+            frac -= STEP
+            steps.append(await _step(h, peak_tps, frac))
+            if steps[-1]["kept_up"]:
+                best = steps[-1]
+                break
     return {"steps": steps, "best": best}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -217,3 +217,24 @@ def test_a_phase_keeps_up_when_the_relay_queue_grew_by_at_most_two_percent() -> 
     assert kept_up(phase(4_000, 0))  # it caught up on what an earlier phase left
     assert not kept_up(phase(0, 0, errors=0.001))  # a failed payment is not kept up
     assert not kept_up({"completed": 10, "error_rate": 0.0, "db": {}})  # queue not read
+
+
+@pytest.mark.parametrize(("limit", "tried", "best"), [
+    (0.82, [0.7, 0.75, 0.8, 0.85], 0.8),  # up while kept up
+    (0.56, [0.7, 0.65, 0.6, 0.55], 0.55),  # 70 % already too much: down until kept up
+    (0.30, [0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4], None),  # never, down to the floor
+    (2.00, [0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0], 1.0),  # kept up all the way
+])
+async def test_the_sustained_search_goes_up_or_down_from_70_percent(
+        monkeypatch: pytest.MonkeyPatch, limit: float, tried: list[float],
+        best: float | None) -> None:
+    from bench import sustained
+
+    async def step(h: object, peak: float, frac: float) -> dict[str, object]:
+        # the load phase itself is measured elsewhere: here, a relay that keeps up below `limit`
+        return {"fraction": round(frac, 2), "kept_up": frac <= limit + 1e-9}
+
+    monkeypatch.setattr(sustained, "_step", step)
+    found = await sustained.run_sustained(cast(Any, None), 1000.0)
+    assert [st["fraction"] for st in found["steps"]] == tried
+    assert (found["best"] or {}).get("fraction") == best
