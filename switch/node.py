@@ -73,6 +73,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._stopping = False
         self._demotion: asyncio.Task[None] | None = None  # see `fenced`
+        self._standby_ran = False  # the standby hooks ran since the last activation
 
     # -- role -----------------------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class Node:
         return self.lease.epoch
 
     async def _became_active(self) -> None:
+        self._standby_ran = False
         self.metrics.role.set(1)
         self.metrics.epoch.set(self.lease.epoch)
         for hook in self.hooks.on_active:
@@ -101,6 +103,11 @@ class Node:
                 return
 
     async def _became_standby(self) -> None:
+        # once per activation: stop() runs this itself, and the lease's own loop may find the
+        # lease lost meanwhile and demote the node again (the hooks would run twice at once)
+        if self._standby_ran:
+            return
+        self._standby_ran = True
         self.metrics.role.set(0)
         for hook in self.hooks.on_standby:
             try:

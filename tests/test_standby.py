@@ -174,18 +174,23 @@ async def test_stale_writer_is_fenced_and_demotes(clean_db: str, clean_redis: st
             assert await b.pool.fetchval("SELECT epoch FROM node_lease") == b.epoch > a.epoch
 
 
-async def test_a_write_fenced_while_the_node_stops_starts_no_demotion_of_its_own(
+async def test_a_lease_lost_while_the_node_stops_runs_the_standby_hooks_once(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     calls: list[str] = []
-    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a:
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a:
         async def slow_hook() -> None:  # stands in for the posting path's drain
             calls.append("standby hook")
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(1.0)
 
         a.hooks.on_standby.insert(0, slow_hook)
         stopping = asyncio.create_task(a.stop())
         await asyncio.sleep(0.1)
-        await a.fenced()  # a committer fenced while stop() drains it
+        # another node takes the lease meanwhile (what makes a write fenced): the lease's own
+        # loop finds it lost, and a committer's write is refused
+        await a.pool.execute("UPDATE node_lease SET holder = 'node-x', epoch = epoch + 1,"
+                             " expires_at = now() + interval '1 hour' WHERE id = 1")
+        await a.fenced()
         await stopping
         # stop() demoted the node once, and nothing of it runs on after stop() returned
         assert calls == ["standby hook"]
