@@ -111,10 +111,11 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     timeout on its stopping say, is still cancelled)."""
     if task is None:
         return
-    task.cancel()
+    me = asyncio.current_task()
+    before = me.cancelling() if me is not None else 0  # a clean-up after the caller's own
+    task.cancel()                                      # cancellation may still wait here
     try:
         await task
     except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if me is not None and me.cancelling():
+        if me is not None and me.cancelling() > before:
             raise

@@ -109,3 +109,27 @@ async def test_cancel_and_wait_keeps_its_callers_own_cancellation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await stopping
     assert stopping.cancelled()
+
+
+async def test_cancel_and_wait_serves_a_clean_up_after_the_callers_own_cancellation() -> None:
+    from switch.loop import cancel_and_wait
+
+    log: list[str] = []
+
+    async def serving() -> None:
+        workers = [asyncio.create_task(asyncio.sleep(60)) for _ in range(2)]
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:  # shutting down: stop the workers, then re-raise
+            for w in workers:
+                await cancel_and_wait(w)
+                log.append("worker stopped")
+            raise
+
+    task = asyncio.create_task(serving())
+    await asyncio.sleep(0.01)
+    task.cancel()  # one cancellation, before the clean-up's waits
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["worker stopped", "worker stopped"]
+
