@@ -58,3 +58,22 @@ async def test_the_embedded_server_is_set_for_a_durable_busy_ledger(pool: asyncp
     # checkpoints far apart: each one costs every page's next write a full-page image
     assert int(settings["max_wal_size"]) >= 4096  # MB
     assert int(settings["checkpoint_timeout"]) >= 900  # s
+
+
+async def test_every_change_to_the_api_clients_is_announced(pool: asyncpg.Pool,
+                                                            clean_db: str) -> None:
+    heard: list[str] = []
+    listener = await asyncpg.connect(clean_db)
+    await listener.add_listener("gridpay_api_clients", lambda *args: heard.append(args[2]))
+    try:
+        for sql in ("UPDATE api_clients SET revoked_at = now()", "DELETE FROM api_clients",
+                    "TRUNCATE api_clients CASCADE"):
+            before = len(heard)
+            await pool.execute(sql)  # even touching no row: nodes only drop their caches
+            for _ in range(250):
+                if len(heard) > before:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(heard) > before, f"no notice for {sql}"
+    finally:
+        await listener.close()

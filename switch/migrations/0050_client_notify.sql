@@ -7,5 +7,5 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER api_clients_changed AFTER UPDATE OR DELETE OR TRUNCATE ON api_clients
+CREATE TRIGGER api_clients_changed AFTER UPDATE OR DELETE ON api_clients
     FOR EACH STATEMENT EXECUTE FUNCTION gridpay_api_clients_changed();
