@@ -128,13 +128,21 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{_fmt(pt['p50_ms'])} ms, p99 {_fmt(pt['p99_ms'])} ms{ckpt}")
     sustained = report.get("sustained")
     for st in (sustained or {}).get("steps", []):
+        if "error" in st:
+            lines.append(f"sustained {st['fraction']:.0%} of peak: not run ({st['error']}); "
+                         "the search stopped there")
+            continue
         verdict = "kept up" if st["kept_up"] else "fell behind"
+        backlog = st.get("relay_backlog") or ["?", "?"]
+        unanswered = f", {st['unanswered']} unanswered" if st.get("unanswered") else ""
         lines.append(f"sustained {st['fraction']:.0%} of peak: {_fmt(st['tps'])}/s answered, "
-                     f"about {_fmt(st['forwarded_tps'])}/s forwarded, p99 "
-                     f"{_fmt(st['p99_ms'])} ms, relay backlog {st['relay_backlog'][0]} -> "
-                     f"{st['relay_backlog'][1]}: {verdict}")
+                     f"about {_fmt(st.get('forwarded_tps'))}/s forwarded, p99 "
+                     f"{_fmt(st['p99_ms'])} ms{unanswered}, relay backlog {backlog[0]} -> "
+                     f"{backlog[1]}: {verdict}")
     if sustained is not None and sustained.get("best") is None:
-        lines.append("sustained: the relay fell behind at every step, down to 40 % of the peak")
+        lines.append("sustained: no step kept up")
+    elif sustained is not None and sustained.get("lower_bound"):
+        lines.append("sustained: every step up to the peak kept up (a lower bound)")
     for name, b in report.get("baselines", {}).items():
         shown = {k: v for k, v in b.items() if k in ("tps", "latency_avg_ms", "clients",
                                                     "ratio_base", "per_s")}

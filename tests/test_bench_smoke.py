@@ -57,7 +57,7 @@ async def test_the_sustained_search_steps_up_while_the_relay_keeps_up(harness: H
     assert all(st["kept_up"] for st in found["steps"]) and found["best"] is found["steps"][-1]
     assert all(st["relay_backlog"] is not None for st in found["steps"])
     table = format_table({"scenario": "bank", "status": "pass", "sustained": found})
-    assert table.count("kept up") == 7
+    assert table.count(": kept up") == 7 and "(a lower bound)" in table
     books = await harness.books()
     assert books["ok"], books["problems"]
 
@@ -206,16 +206,19 @@ def test_phase_db_activity_from_two_readings() -> None:
 def test_a_phase_keeps_up_when_the_relay_queue_grew_by_at_most_two_percent() -> None:
     from bench.sustained import kept_up
 
-    def phase(first: int, last: int, completed: int = 50_000, errors: float = 0.0
-              ) -> dict[str, object]:
-        return {"completed": completed, "error_rate": errors,
-                "db": {"relay_backlog": [first, last]}}
+    def phase(first: int, last: int, completed: int = 50_000, errors: float = 0.0,
+              unanswered: int = 0, tps: float = 5_000.0) -> dict[str, object]:
+        return {"completed": completed, "error_rate": errors, "unanswered": unanswered,
+                "tps": tps, "db": {"relay_backlog": [first, last]}}
 
-    assert kept_up(phase(0, 0))
-    assert kept_up(phase(0, 1_000))  # 2 % of 50 000
-    assert not kept_up(phase(0, 1_001))
-    assert kept_up(phase(4_000, 0))  # it caught up on what an earlier phase left
-    assert not kept_up(phase(0, 0, errors=0.001))  # a failed payment is not kept up
+    assert kept_up(phase(0, 0), 5_000.0)
+    assert kept_up(phase(0, 1_000), 5_000.0)  # 2 % of 50 000
+    assert not kept_up(phase(0, 1_001), 5_000.0)
+    assert kept_up(phase(0, 90, completed=1_000), 100.0)  # under the postings in flight
+    assert kept_up(phase(4_000, 0), 5_000.0)  # it caught up on what an earlier phase left
+    assert not kept_up(phase(0, 0, errors=0.001), 5_000.0)  # a failed payment
+    assert not kept_up(phase(0, 0, unanswered=3), 5_000.0)  # a payment never answered
+    assert not kept_up(phase(0, 0, tps=4_800.0), 5_000.0)  # answered below what was offered
     assert not kept_up({"completed": 10, "error_rate": 0.0, "db": {}})  # queue not read
 
 
@@ -238,3 +241,23 @@ async def test_the_sustained_search_goes_up_or_down_from_70_percent(
     found = await sustained.run_sustained(cast(Any, None), 1000.0)
     assert [st["fraction"] for st in found["steps"]] == tried
     assert (found["best"] or {}).get("fraction") == best
+    assert found["lower_bound"] is (best == 1.0)  # kept up all the way: only a lower bound
+
+
+async def test_the_sustained_search_stops_at_a_step_it_could_not_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import sustained
+
+    async def step(h: object, peak: float, frac: float) -> dict[str, object]:
+        if frac > 0.77:  # the relay would not drain before this step
+            return {"fraction": round(frac, 2), "kept_up": False,
+                    "error": "TimeoutError: the relay did not drain within 120 s"}
+        return {"fraction": round(frac, 2), "kept_up": True, "tps": 1.0, "p99_ms": 1.0,
+                "relay_backlog": None}
+
+    monkeypatch.setattr(sustained, "_step", step)
+    found = await sustained.run_sustained(cast(Any, None), 1000.0)
+    assert [st["fraction"] for st in found["steps"]] == [0.7, 0.75, 0.8]
+    assert found["best"]["fraction"] == 0.75 and not found["lower_bound"]
+    table = format_table({"scenario": "bank", "status": "pass", "sustained": found})
+    assert "not run (TimeoutError" in table and "relay backlog ? -> ?" in table

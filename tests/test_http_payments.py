@@ -147,8 +147,12 @@ async def test_a_key_revoked_while_it_was_being_looked_up_is_not_cached_as_valid
         await directory.close()
 
 
-async def test_the_key_listener_outlives_any_error_it_meets(node: Node) -> None:
+async def test_the_key_listener_outlives_any_error_it_meets(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    from switch import clients
     from switch.clients import ClientDirectory
+
+    monkeypatch.setattr(clients, "LISTEN_RETRY_S", 0.05)  # so that it tries again, often
 
     # every host in recovery for a read-write URL is an error outside asyncpg's PostgresError
     # and InterfaceError families; 'standby' against the primary stands in for it here
@@ -156,7 +160,7 @@ async def test_the_key_listener_outlives_any_error_it_meets(node: Node) -> None:
     directory = ClientDirectory(node.pool)
     directory.listen(url + ("&" if "?" in url else "?") + "target_session_attrs=standby")
     try:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)  # many attempts, each refused
         assert directory._listener is not None and not directory._listener.done()
         assert not directory.listening.is_set()
     finally:
