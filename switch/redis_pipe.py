@@ -14,7 +14,8 @@ keeps using redis-py.
 Failure behaviour, which the callers rely on:
 
 - a refused or lost connection fails every command in flight at once with `RedisUnavailable`;
-  the next command reconnects;
+  the next command reconnects; after an attempt to connect failed, commands fail at once for
+  `retry_after_s` (1 s) instead of each waiting out a connect timeout of its own;
 - a connection that stops answering for `timeout_s` is dropped the same way (one timer checks
   the oldest command in flight, so there is no per-command timeout to pay for);
 - an error reply raises `RedisReplyError` for that command only.
@@ -129,8 +130,8 @@ class _Protocol(asyncio.Protocol):
 class RedisPipe:
     """One shared, pipelined connection to Redis (reconnected on demand)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0, connect_timeout_s: float = 2.0
-                 ) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 2.0, connect_timeout_s: float = 2.0,
+                 retry_after_s: float = 1.0) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("redis", ""):
             raise ValueError(f"unsupported Redis URL scheme {u.scheme!r}")
@@ -144,6 +145,12 @@ class RedisPipe:
         self.connect_timeout_s = connect_timeout_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        # after a failed attempt to connect, commands fail at once until then (monotonic
+        # time): while Redis cannot be reached, each caller (a payment, whose fast path this
+        # is) would otherwise wait out a connect timeout of its own
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self._down_reason = ""
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
         self._scripts: dict[str, Script] = {}
@@ -218,6 +225,9 @@ class RedisPipe:
         if self._closed:
             raise RedisUnavailable("the Redis client was closed")
         if self._connecting is None:
+            if time.monotonic() < self._down_until:
+                raise RedisUnavailable(f"{self._down_reason} (not tried again for "
+                                       f"{self.retry_after_s:g} s)")
             self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
         try:
@@ -246,14 +256,20 @@ class RedisPipe:
                 for fut in futs:
                     await fut
         except RedisReplyError as e:
-            raise RedisUnavailable(f"Redis refused the connection setup: {e}") from None
+            raise self._down(f"Redis refused the connection setup: {e}") from None
         except (OSError, TimeoutError) as e:
-            raise RedisUnavailable(f"cannot connect to Redis at {self.host}:{self.port}: "
-                                   f"{type(e).__name__}") from None
+            raise self._down(f"cannot connect to Redis at {self.host}:{self.port}: "
+                             f"{type(e).__name__}") from None
+        self._down_until = 0.0
         self._proto = proto
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout_s / 4, self._check)
         return proto
+
+    def _down(self, reason: str) -> RedisUnavailable:
+        self._down_until = time.monotonic() + self.retry_after_s
+        self._down_reason = reason
+        return RedisUnavailable(reason)
 
     def _check(self) -> None:
         """Drop a connection whose oldest command has waited longer than `timeout_s`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import urllib.parse
@@ -152,6 +153,42 @@ async def test_unreachable_redis_fails_fast_with_a_clear_error() -> None:
         await p.execute("PING")
     assert time.monotonic() - started < 1.5
     await p.aclose()
+
+
+async def test_after_a_failed_connect_commands_fail_at_once_until_the_retry_time() -> None:
+    # a server that takes the connection and never answers its AUTH: each attempt to connect
+    # times out, the way an unreachable Redis behaves behind a dropped network
+    attempts: list[int] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(1)
+        with contextlib.suppress(Exception):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = RedisPipe(f"redis://:secret@127.0.0.1:{port}/0", connect_timeout_s=0.3,
+                  retry_after_s=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="TimeoutError"):
+            await p.execute("PING")
+        assert time.monotonic() - started >= 0.3 and attempts == [1]
+        # within the retry time: at once, and without trying again
+        started = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(RedisUnavailable, match="not tried again"):
+                await p.execute("PING")
+        assert time.monotonic() - started < 0.1 and attempts == [1]
+        await asyncio.sleep(0.5)
+        with pytest.raises(RedisUnavailable, match="TimeoutError"):
+            await p.execute("PING")  # then it tries again
+        assert attempts == [1, 1]
+    finally:
+        await p.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_killed_connection_fails_its_commands_and_the_next_one_reconnects(
