@@ -11,14 +11,14 @@ in the same run.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
 
+from bench.books import wait_drained
 from bench.scenarios import Harness
 
-__all__ = ["kept_up", "run_sustained", "wait_drained"]
+__all__ = ["kept_up", "run_sustained"]
 
 START, STEP, LAST, FLOOR = 0.70, 0.05, 1.0, 0.40
 #: the relay's queue may grow by this share of a phase's payments and still count as kept up
@@ -42,31 +42,24 @@ def kept_up(fig: dict[str, Any], offered: float | None = None) -> bool:
                 and grew <= max(IN_FLIGHT, SLACK * fig.get("completed", 0)))
 
 
-async def wait_drained(db: str, within_s: float = DRAIN_S) -> float:
-    """Wait until the relay's queue is empty; how long it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    con = await asyncpg.connect(db)
-    try:
-        while await con.fetchval("SELECT count(*) FROM outbox WHERE state = 'pending'"):
-            if loop.time() - started > within_s:
-                raise TimeoutError(f"the relay did not drain within {within_s:.0f} s")
-            await asyncio.sleep(0.2)
-    finally:
-        await con.close()
-    return round(loop.time() - started, 1)
-
-
 async def _step(h: Harness, peak_tps: float, frac: float) -> dict[str, Any]:
     rate = max(10.0, frac * peak_tps)
     step: dict[str, Any] = {"offered": round(rate, 1), "fraction": round(frac, 2),
                             "kept_up": False}
-    try:
-        step["drained_first_s"] = await wait_drained(h.db)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as e:
-        # the search ends here, and what the run found so far is kept
+    try:  # each step begins with the relay's queue empty
+        con = await asyncpg.connect(h.db)
+        try:
+            drained, waited, left = await wait_drained(con, DRAIN_S)
+        finally:
+            await con.close()
+    except (OSError, asyncpg.PostgresError) as e:
+        drained, waited, left = False, 0.0, -1
         step["error"] = f"{type(e).__name__}: {e}"
+    if not drained:  # the search ends here, and what the run found so far is kept
+        step.setdefault("error", f"the relay did not drain within {DRAIN_S:.0f} s "
+                                 f"({left} postings left)")
         return step
+    step["drained_first_s"] = round(waited, 1)
     figs, _ = await h.load(h.iso_specs("bank", name="sustained", connections=8, rate=rate))
     f = figs["sustained"]
     step.update(tps=f["tps"], forwarded_tps=f.get("forwarded_tps"), p99_ms=f["p99_ms"],
