@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from switch.business import filing_dates
+
 __all__ = ["Books", "check_books", "wait_drained"]
 
 
@@ -94,13 +96,8 @@ async def check_books(database_url: str, marketing_url: str, approved: Iterable[
         if dead:
             problems.append(f"{dead} postings are dead letters")
         outbox = await con.fetch("SELECT posting_id, kind, amount FROM outbox")
-        # each business date and its neighbours, as the switch's own reconciliation reads
-        # them: the business date advances at the cut-over (23:00 by default), while the
-        # billing system files a posting under the date of its `occurred_at`, so from the
-        # cut-over to midnight the two differ by a day
-        dates = [str(r["d"]) for r in await con.fetch(
-            "SELECT DISTINCT d + k AS d FROM (SELECT business_date AS d FROM payments"
-            " UNION SELECT business_date FROM reversals) b, generate_series(-1, 1) AS k")]
+        dates = [d.isoformat() for d in filing_dates(r["d"] for r in await con.fetch(
+            "SELECT business_date AS d FROM payments UNION SELECT business_date FROM reversals"))]
         totals = await con.fetchrow(
             "SELECT coalesce(sum(amount) FILTER (WHERE reversed_at IS NULL), 0) AS net,"
             "       count(*) FILTER (WHERE reversed_at IS NOT NULL) AS reversed FROM payments")

@@ -50,6 +50,7 @@ from hsm_sim.server import HsmServer, HsmSettings, load_dev_settings, start_serv
 from marketing_sim.app import MarketingSettings, MarketingSim
 from marketing_sim.app import start as start_marketing
 from switch import db
+from switch.business import filing_dates
 from switch.clients import create_client
 from switch.embedded import EmbeddedPostgres, EmbeddedRedis, _preexec, free_port
 from switch.keys import load_dev_keys
@@ -931,7 +932,7 @@ async def check_books(cluster: Cluster, ops: Sequence[Op]) -> Books:
         b.fail(f"{orphans} payments in the ledger that no client saw approved")
     # the marketing system: exactly the outbox, once each
     outbox = await pool.fetch("SELECT posting_id, kind, amount, state FROM outbox")
-    dates = sorted({r["business_date"] for r in rows})
+    dates = filing_dates(r["business_date"] for r in rows)
     posted: dict[str, dict[str, Any]] = {}
     async with aiohttp.ClientSession() as s:
         for d in dates:

@@ -7,6 +7,7 @@ today's local date, from the cut-over on it is tomorrow's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -41,6 +42,14 @@ class BusinessCalendar:
         if not candidates:
             raise ValueError(f"no such date {mmdd}")
         return min(candidates, key=lambda d: abs((d - ref).days))
+
+
+def filing_dates(business_dates: Iterable[date]) -> list[date]:
+    """The dates under which the billing system may hold the postings of `business_dates`:
+    each and the days either side. It files a posting under the date of its `occurred_at`,
+    while our business date advances at the cut-over: from then to midnight they differ by a
+    day (and a time zone of its own could move them the other way)."""
+    return sorted({d + timedelta(days=k) for d in business_dates for k in (-1, 0, 1)})
 
 
 def next_cutover(cal: BusinessCalendar, at: datetime) -> datetime:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from switch import db
-from switch.business import BusinessCalendar, next_cutover
+from switch.business import BusinessCalendar, filing_dates, next_cutover
 from switch.marketing_client import MarketingClient
 from switch.node import Node
 from switch.payments.reconcile import reconcile
@@ -217,6 +217,12 @@ async def test_the_numbered_hook_sees_the_record_and_cannot_fail_the_batch(
     assert seen == []
 
 
+def _posted(sims: Sims, business_date: date) -> list[str]:
+    """The posting ids the billing system holds for `business_date` (see `filing_dates`)."""
+    return [p.request.posting_id for d in filing_dates([business_date])
+            for p in sims.marketing.durable_postings_on(d)]
+
+
 async def _due_payments(node: Node, account: str, n: int, base: int) -> list[Any]:
     """`n` payments recorded with the relay stopped (its rounds are run by hand) and set to
     batches of 8; their records."""
@@ -252,8 +258,7 @@ async def test_a_round_forwards_batch_after_batch_each_posting_once(
         assert await forwarder.forward_once() == ForwardStats(6, 0)
         assert await node.pool.fetchval(
             "SELECT count(*) FROM outbox WHERE state = 'pending'") == 0
-        posted = [p.request.posting_id for p in
-                  sims.marketing.durable_postings_on(records[0].business_date)]
+        posted = _posted(sims, records[0].business_date)
         assert all(posted.count(r.posting_id) == 1 for r in records)
         assert await forwarder.forward_once() == ForwardStats(0, 0)
 
@@ -267,8 +272,7 @@ async def test_a_round_stops_at_the_first_refused_mark(
         with pytest.raises(Exception) as e:
             await node.components["forwarder"].forward_once()
         assert db.is_fenced(e.value), e.value
-        posted = {p.request.posting_id for p in
-                  sims.marketing.durable_postings_on(records[0].business_date)}
+        posted = set(_posted(sims, records[0].business_date))
         sent = sum(r.posting_id in posted for r in records)
         # the first batch's mark was refused while the second was on the wire: the round
         # stopped before a third, instead of posting all 60 (the old node may no longer)
@@ -298,8 +302,7 @@ async def test_relay_marks_sent_only_under_the_current_epoch(clean_db: str, clea
         assert db.is_fenced(e.value), e.value  # GP001 from gridpay_fence
         assert await node.pool.fetchval(
             "SELECT state FROM outbox WHERE posting_id = $1", posting_id) == "pending"
-        posted = [p.request.posting_id for p in
-                  sims.marketing.durable_postings_on(outcome.record.business_date)]
+        posted = _posted(sims, outcome.record.business_date)
         assert posted.count(posting_id) == 1  # sent once on the wire, credited once
 
 
@@ -409,3 +412,12 @@ async def test_a_posting_is_sent_in_the_business_time_zone(
         sent = posted.request.occurred_at
         assert sent.utcoffset() == timedelta(hours=8)  # Asia/Shanghai, the configured zone
         assert posted.request.business_date == sent.date()  # dated by the local day there
+
+
+def test_filing_dates_are_each_business_date_and_the_days_either_side() -> None:
+    d = date(2026, 11, 27)
+    assert filing_dates([d]) == [date(2026, 11, 26), d, date(2026, 11, 28)]
+    # several dates share their neighbours once, in order
+    assert filing_dates([d, date(2026, 11, 26), d]) == [
+        date(2026, 11, 25), date(2026, 11, 26), d, date(2026, 11, 28)]
+    assert filing_dates([]) == []

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 
 import asyncpg
 
-from switch.business import BusinessCalendar
+from switch.business import BusinessCalendar, filing_dates
 from switch.marketing_client import MarketingClient
 
 
@@ -63,7 +63,7 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     ours = {r["posting_id"]: r for r in await pool.fetch(_OURS, day)}
     rep.ours = len(ours)
     theirs = {}
-    for d in (day - timedelta(days=1), day, day + timedelta(days=1)):
+    for d in filing_dates([day]):
         for rec in await client.postings_for_date(d):
             theirs[rec.posting.posting_id] = rec.posting
     for pid, row in ours.items():
