@@ -54,9 +54,14 @@ async def test_an_approval_is_signed_while_its_payment_commits_and_again_if_that
     working = svc.ctx
     calls: list[bytes] = []
     fail_first = False
+    metrics = node.metrics
+    committed = metrics.child(metrics.payments, "bank")  # counted once the commit returned
+    early_failed = metrics.child(metrics.link_errors, "bank", "early_signature_failed")
+    committed_at_call: list[float] = []
 
     async def counted(block: object, data: bytes) -> bytes:
         calls.append(data)
+        committed_at_call.append(committed.value)
         if fail_first and len(calls) == 1:
             raise HsmError("68", "M6")
         mac: bytes = await working.hsm_mac(block, data)
@@ -66,17 +71,23 @@ async def test_an_approval_is_signed_while_its_payment_commits_and_again_if_that
     try:
         async with client(node, timeout=5) as c:
             await c.sign_on()
+            before = committed.value
             answer = await c.request(c.payment(acct, 4321))
-            # one MAC request (the one asked while the payment committed: a request made
-            # after it would be a second), and its signature verifies
+            # one MAC request, asked while the payment committed (before the ledger counted
+            # it), and its signature verifies
             assert answer.fields[39] == "00" and c.bad_macs == [] and len(calls) == 1
+            assert committed_at_call == [before] and committed.value == before + 1
             calls.clear()
+            committed_at_call.clear()
             fail_first = True
+            failed_before = early_failed.value
             answer = await c.request(c.payment(acct, 4322))
             # the early one failed: the recorded payment's approval is signed again, the
-            # same bytes
+            # same bytes, after the commit
             assert answer.fields[39] == "00" and c.bad_macs == []
             assert len(calls) == 2 and calls[0] == calls[1]
+            assert committed_at_call == [before + 1, before + 2]
+            assert early_failed.value == failed_before + 1
     finally:
         svc.ctx = working
 
