@@ -693,9 +693,7 @@ class Connection(asyncio.Protocol):
         )
         data = head if request.method == b"HEAD" else head + body
         if self._out is not None:
-            self._out.append(data)
-            if not request.keep_alive:
-                self._flush_out()
+            self._out.append(data)  # (a last answer is flushed by close() below)
         else:
             self.transport.write(data)
         self.last_active = self._server.loop.time()
