@@ -141,10 +141,9 @@ async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None
     inside = figs["ckpt"]["switch"]
     assert inside["link request"] > 0 and inside["group commit"] > 0
     assert inside["commit size"] >= 1 and "http request" not in inside
-    # and what the relay forwarded meanwhile: at most what was due, at the phase's own pace
-    first, _ = db["relay_backlog"]
-    ckpt = figs["ckpt"]
-    assert 0 <= ckpt["forwarded_tps"] <= (ckpt["completed"] + first) / ckpt["duration_s"]
+    # and what the relay forwarded meanwhile is reported with the phase (its arithmetic is
+    # tested on fixed figures below)
+    assert "forwarded_tps" in figs["ckpt"]
     assert "a checkpoint was writing" in format_table(
         {"scenario": "bank", "phases": {"ckpt": figs["ckpt"]}})
 
