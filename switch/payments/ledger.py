@@ -410,8 +410,8 @@ class PostingPath:
             records.append(rec)
             renders.append(req.render(rec) if req.render else (None, None))
             if numbered and req.numbered is not None:
-                loop = self._loop or asyncio.get_running_loop()
-                loop.call_soon(_tell_numbered, req.numbered, rec)
+                assert self._loop is not None  # numbered: only the committers, once started
+                self._loop.call_soon(_tell_numbered, req.numbered, rec)
         batch = orjson.dumps([{
             # orjson writes our uuid.UUID itself, faster than str() (asyncpg's UUIDs, as in
             # client ids read from the database, it does not know: those go as str)
