@@ -291,8 +291,6 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     from switch.business import BusinessCalendar
     from switch.marketing_client import (
-        DAY_LIST_MAX_ANSWER,
-        RECON_TIMEOUT_S,
         MarketingClient,
         MarketingError,
     )
@@ -305,8 +303,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
         return 2
 
     async def run_m(pool: Any) -> int:
-        async with MarketingClient(url, timeout=RECON_TIMEOUT_S,
-                                   max_answer=DAY_LIST_MAX_ANSWER) as client:
+        async with MarketingClient.for_reconciliation(url) as client:
             cal = BusinessCalendar(settings.business.timezone, settings.business.cutover)
             try:
                 rep = await reconcile(pool, client, day, requeue=not args.dry_run,

@@ -14,7 +14,7 @@ from switch.clients import ClientDirectory
 from switch.hsm_client import HsmClient, HsmError
 from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
 from switch.lease import session_dsn
-from switch.marketing_client import DAY_LIST_MAX_ANSWER, RECON_TIMEOUT_S, MarketingClient
+from switch.marketing_client import MarketingClient
 from switch.payments.accounts import Accounts
 from switch.payments.forwarder import Forwarder, outbox_counts
 from switch.payments.idempotency import IdempotencyCache
@@ -147,8 +147,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
 
     # the daily close reads whole days of postings: its own client, with a timeout for that
     # (the relay's is for one posting)
-    recon_client = MarketingClient(node.services.marketing, timeout=RECON_TIMEOUT_S,
-                                   max_answer=DAY_LIST_MAX_ANSWER)
+    recon_client = MarketingClient.for_reconciliation(node.services.marketing)
     stack.push_async_callback(recon_client.close)
     daily = DailyCutover(node, cal, recon_client)
     comps["daily"] = daily

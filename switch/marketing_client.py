@@ -291,6 +291,12 @@ class MarketingClient:
                     self._base_url, size=-(-connections // pipeline), timeout_s=timeout,
                     pipeline=pipeline, max_body=max_answer)
 
+    @classmethod
+    def for_reconciliation(cls, base_url: str) -> Self:
+        """A client for the daily reconciliation, which reads whole days of postings: a
+        request may take `RECON_TIMEOUT_S`, and an answer be up to `DAY_LIST_MAX_ANSWER`."""
+        return cls(base_url, timeout=RECON_TIMEOUT_S, max_answer=DAY_LIST_MAX_ANSWER)
+
     @property
     def base_url(self) -> str:
         return self._base_url
