@@ -216,7 +216,7 @@ class Harness:
             return None
         assert row is not None
         return {"wal": int(row["wal"]), "started": int(row["started"]),
-                "written": int(row["written"]), "vacuums": int(row["vacuums"]),
+                "written": int(row["written"]),
                 "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"]),
                 "tables": {r["relname"]: (int(r["autovacuum_count"]),
                                           int(r["autoanalyze_count"])) for r in tables}}
@@ -236,8 +236,6 @@ class Harness:
 _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal,
        num_timed + num_requested AS started,
        buffers_written AS written,
-       (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)
-          FROM pg_stat_user_tables) AS vacuums,
        (SELECT count(*) FROM pg_stat_progress_vacuum) AS vacuuming,
        (SELECT count(*) FROM outbox WHERE state = 'pending') AS pending
   FROM pg_stat_checkpointer"""
@@ -301,6 +299,7 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
         return {}
     wal = after["wal"] - before["wal"]
     written = after["written"] - before["written"]
+    vacuumed, analysed = _grown(before, after, 0), _grown(before, after, 1)
     return {"wal_mb": round(wal / 1e6, 1),
             "wal_bytes_per_tx": round(wal / completed) if completed else None,
             "checkpoints_started": after["started"] - before["started"],
@@ -308,13 +307,13 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
             "checkpoint_running": written > 0 or after["started"] > before["started"],
             # autovacuum and autoanalyze runs that ended in the phase, or were running at
             # either end of it (their reads and writes compete with the load as well)
-            "autovacuum_running": (after["vacuums"] > before["vacuums"]
-                                   or bool(before["vacuuming"] or after["vacuuming"])),
+            "autovacuum_running": bool(vacuumed or analysed
+                                       or before["vacuuming"] or after["vacuuming"]),
             # postings the relay had still to forward when the phase began and ended: a
             # phase that ends with a backlog left part of its cost to the next one
             "relay_backlog": [before.get("pending", 0), after.get("pending", 0)],
             # which tables were vacuumed and analysed by the autovacuum daemon meanwhile
-            "autovacuumed": _grown(before, after, 0), "autoanalyzed": _grown(before, after, 1)}
+            "autovacuumed": vacuumed, "autoanalyzed": analysed}
 
 
 def _grown(before: dict[str, Any], after: dict[str, Any], i: int) -> list[str]:
