@@ -146,9 +146,7 @@ class ClientDirectory:
         client = ApiClient(row["id"], row["name"], row["channel"]) if row else None
         if client is None:  # unknown or revoked: not cached, so a new client works at once
             self._cache.pop(h, None)
-        elif changes != self._changes:
-            pass  # a change was heard meanwhile: this answer is good for this request only
-        else:
+        elif changes == self._changes:  # (a change heard meanwhile: good for this request only)
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[h] = (client, time.monotonic())
