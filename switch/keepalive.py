@@ -29,8 +29,8 @@ import asyncio
 import collections
 import contextlib
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import httptools
 
@@ -56,6 +56,15 @@ class _Unanswered(ConnectionResetError):
 Answer = tuple[int, bytes]
 
 
+class _Waiter(Protocol):
+    """What waits for a request's answer on a connection: the future of a single request, or
+    a batch's slot."""
+
+    def done(self) -> bool: ...
+    def set_result(self, answer: Answer, /) -> None: ...
+    def set_exception(self, error: BaseException, /) -> None: ...
+
+
 class _AnswerTooLarge(Exception):
     """Raised inside the parser's body callback to stop reading an oversized answer."""
 
@@ -67,7 +76,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # the requests sent and not yet answered, in order; the first is being answered
-        self.waiters: collections.deque[asyncio.Future[Answer]] = collections.deque()
+        self.waiters: collections.deque[_Waiter] = collections.deque()
         self.body: list[bytes] = []
         self.answering = False  # a byte of the first waiter's answer has arrived
         self.closed = False
@@ -107,6 +116,8 @@ class _Conn(asyncio.Protocol):
         self.answering = True  # the first waiter's answer has begun (not the one before it)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) not in (14, 17):  # neither Content-Length nor Transfer-Encoding
+            return
         lower = name.lower()
         if lower in (b"content-length", b"transfer-encoding"):
             self.framed = True
@@ -148,7 +159,7 @@ class _Conn(asyncio.Protocol):
 
     # -- use -------------------------------------------------------------------------------
 
-    def send(self, data: bytes, waiter: asyncio.Future[Answer],
+    def send(self, data: bytes, waiter: _Waiter,
              loop: asyncio.AbstractEventLoop) -> None:
         self.waiters.append(waiter)
         self.sent += 1
@@ -227,20 +238,26 @@ class KeepAlivePool:
         return (f"KeepAlivePool({self.host}:{self.port}, size={self.size}, "
                 f"pipeline={self.pipeline})")
 
+    def _head(self, method: str, path: str, headers: Mapping[str, str] | None) -> bytes:
+        """A request's head up to its last header line (its framing and the blank line are
+        the caller's)."""
+        head = [f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode(), b"Host: ",
+                self._host_header, b"\r\nAccept: application/json\r\n"]
+        if headers:
+            head.append("".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode())
+        return b"".join(head)
+
     async def request(self, method: str, path: str, body: bytes | None = None, *,
                       content_type: str = "application/json",
                       headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """(status, body). Raises `TimeoutError` after `timeout_s`, `ConnectionError`/`OSError`
         when the server cannot be reached or drops the connection."""
-        head = [f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode(), b"Host: ",
-                self._host_header, b"\r\nAccept: application/json\r\n"]
-        if headers:
-            head.append("".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode())
+        data = self._head(method, path, headers)
         if body is not None:
-            head.append(f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                        .encode())
-        head.append(b"\r\n")
-        data = b"".join(head) + (body or b"")
+            data += (f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+                     .encode() + body)
+        else:
+            data += b"\r\n"
         loop = self._running_loop()
         deadline = loop.time() + self.timeout_s
         for attempt in (0, 1):
@@ -264,6 +281,27 @@ class KeepAlivePool:
                 timer.cancel()
                 self._release(conn, ok, waiter)
         raise AssertionError("unreachable")
+
+    async def request_many(self, method: str, path: str, bodies: Sequence[bytes], *,
+                           window: int, content_type: str = "application/json"
+                           ) -> list[Answer | BaseException]:
+        """Send one request per body, at most `window` of them in flight at once, and return
+        each one's (status, body) or the error it met, in the order of `bodies`.
+
+        The same requests as `request` would send, with the same rules (each has `timeout_s`
+        from when it is written; one that got no byte of its answer because the server closed
+        a used connection is sent once more on another), but without a task per request:
+        an answer is taken by a callback that also writes the next request, and the caller
+        wakes once, when every request has its outcome. This is the relay's path, where a
+        batch of postings goes out together (`request` costs a few times more per request).
+        If the caller is cancelled, the requests still in flight are given up as `request`
+        gives them up."""
+        if window < 1:
+            raise ValueError("window must be positive")
+        head = (self._head(method, path, None)
+                + f"Content-Type: {content_type}\r\nContent-Length: ".encode())
+        requests = [b"%s%d\r\n\r\n%s" % (head, len(body), body) for body in bodies]
+        return await _Batch(self, requests, window, self._running_loop()).run()
 
     async def _acquire(self, deadline: float) -> _Conn:
         loop = self._running_loop()
@@ -314,7 +352,7 @@ class KeepAlivePool:
                 best = conn
         return best
 
-    def _release(self, conn: _Conn, ok: bool, waiter: asyncio.Future[Answer]) -> None:
+    def _release(self, conn: _Conn, ok: bool, waiter: _Waiter) -> None:
         if not ok and not conn.closed and conn.waiters and (
                 conn.waiters[0] is waiter or conn.waiters[0].done()):
             # its answer was the one awaited (or the one before it was given up already):
@@ -355,6 +393,166 @@ class KeepAlivePool:
             w = self._waiters.popleft()
             if not w.done():
                 w.set_exception(PoolClosed("the HTTP connection pool was closed"))
+
+
+class _Slot:
+    """One request of a `request_many` batch on its connection. It stands in for the future
+    a single request waits on (a connection calls only `done`, `set_result` and
+    `set_exception`), and hands its outcome to its batch."""
+
+    __slots__ = ("_done", "answer", "batch", "conn", "deadline", "error", "index", "may_retry")
+
+    def __init__(self, batch: _Batch, index: int, conn: _Conn, deadline: float,
+                 may_retry: bool) -> None:
+        self.batch = batch
+        self.index = index
+        self.conn = conn
+        self.deadline = deadline
+        self.may_retry = may_retry
+        self.answer: Answer | None = None
+        self.error: BaseException | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, answer: Answer) -> None:
+        if not self._done:
+            self._done = True
+            self.answer = answer
+            self.batch.settled(self)
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self._done:
+            self._done = True
+            self.error = error
+            self.batch.settled(self)
+
+
+class _Batch:
+    """The requests of one `request_many` call, written as connections and the window have
+    room. Outcomes are taken together, once per turn of the event loop (never inside a
+    connection's parser), and each one frees the room the next request is written into."""
+
+    def __init__(self, pool: KeepAlivePool, requests: list[bytes], window: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.requests = requests
+        self.window = window
+        self.least_write = max(1, window // 4)  # with nothing in flight, the whole window
+        self.loop = loop
+        self.results: list[Answer | BaseException | None] = [None] * len(requests)
+        self.left = len(requests)  # without an outcome yet
+        # (index, first attempt): a request sent again goes first, on another connection
+        self.queue: collections.deque[tuple[int, bool]] = collections.deque(
+            (i, True) for i in range(len(requests)))
+        self.in_flight: dict[_Slot, None] = {}  # in the order they were written
+        self.outcomes: list[_Slot] = []  # come in since the last `settle`
+        self.wakeup: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.over = False
+
+    async def run(self) -> list[Answer | BaseException]:
+        pool = self.pool
+        try:
+            while self.left:
+                if self.write():
+                    self.wakeup = self.loop.create_future()
+                    await self.wakeup  # the last outcome, or a request waiting for a connection
+                    continue
+                # no connection has room: open one, or wait for one, as `request` does
+                try:
+                    await pool._acquire(self.loop.time() + pool.timeout_s)
+                except (OSError, TimeoutError) as e:  # PoolClosed is a ConnectionError
+                    while self.queue:  # each would have met the same
+                        self.results[self.queue.popleft()[0]] = e
+                        self.left -= 1
+                else:
+                    # the room `_acquire` found may go unused (the batch may have finished
+                    # meanwhile): another waiter is told too, and looks again for itself
+                    pool._wake_one()
+            return self.results  # type: ignore[return-value]  # every one is set
+        finally:
+            self.over = True
+            if self.timer is not None:
+                self.timer.cancel()
+            for slot in self.in_flight:  # given up (the caller was cancelled)
+                ok = slot._done and slot.error is None
+                slot._done = True
+                pool._release(slot.conn, ok, slot)
+            self.in_flight.clear()
+
+    def write(self) -> bool:
+        """Write queued requests while the window and the connections have room; False when
+        one is left waiting for a connection (which only `run` can open or wait for)."""
+        pool, loop = self.pool, self.loop
+        while self.queue and len(self.in_flight) < self.window:
+            conn = pool._pick()
+            if conn is None:
+                return False
+            room = min(pool.pipeline - len(conn.waiters), self.window - len(self.in_flight))
+            deadline = loop.time() + pool.timeout_s
+            for _ in range(room):
+                if not self.queue:
+                    break
+                index, first = self.queue.popleft()
+                # as in `request`: sent again only if the connection had carried a request
+                slot = _Slot(self, index, conn, deadline, first and conn.sent > 0)
+                self.in_flight[slot] = None
+                conn.send(self.requests[index], slot, loop)
+            if self.timer is None:
+                self.timer = loop.call_at(deadline, self.expire)
+        return True
+
+    def settled(self, slot: _Slot) -> None:
+        if self.over:
+            return
+        if not self.outcomes:
+            self.loop.call_soon(self.settle)
+        self.outcomes.append(slot)
+
+    def settle(self) -> None:
+        if self.over:
+            return
+        outcomes, self.outcomes = self.outcomes, []
+        release = self.pool._release
+        again: list[tuple[int, bool]] = []
+        for slot in outcomes:
+            del self.in_flight[slot]
+            ok = slot.error is None
+            release(slot.conn, ok, slot)
+            if slot.may_retry and isinstance(slot.error, _Unanswered):
+                again.append((slot.index, False))
+                continue
+            self.results[slot.index] = slot.answer if ok else slot.error
+            self.left -= 1
+        self.queue.extendleft(reversed(again))  # before the rest, in the order they were
+        # the room an answer frees is filled a few requests at a time, a quarter of the
+        # window at least (or what is left to send), not one by one: fewer, larger writes,
+        # for the server to read together too. It comes as the requests ahead are answered.
+        free = self.window - len(self.in_flight)
+        if free < self.least_write and free < len(self.queue):
+            return
+        if (not self.left or not self.write()) and self.wakeup is not None \
+                and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    def expire(self) -> None:
+        """Time out every request past its deadline; then wait for the next deadline."""
+        self.timer = None
+        if self.over:
+            return
+        now = self.loop.time()
+        following: float | None = None
+        for slot in list(self.in_flight):
+            if slot._done:
+                continue
+            if slot.deadline <= now:
+                slot.set_exception(TimeoutError())
+            elif following is None or slot.deadline < following:
+                following = slot.deadline
+        if following is not None:
+            self.timer = self.loop.call_at(following, self.expire)
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

@@ -263,6 +263,35 @@ async def test_a_round_forwards_batch_after_batch_each_posting_once(
         assert await forwarder.forward_once() == ForwardStats(0, 0)
 
 
+async def test_a_refused_posting_is_a_dead_letter_and_the_rest_of_its_batch_is_sent(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    from switch.payments.forwarder import ForwardStats
+
+    account = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        records = await _due_payments(node, account, 8, 300)
+        # one posting for an account the billing system does not know, and one it cannot
+        # even read (a row damaged in the database): each is refused, alone
+        unknown, damaged = records[2].posting_id, records[5].posting_id
+        await node.pool.execute("UPDATE outbox SET account_no = '9999999999'"
+                                " WHERE posting_id = $1", unknown)
+        await node.pool.execute("UPDATE outbox SET account_no = 'ABCDEFGHIJ'"
+                                " WHERE posting_id = $1", damaged)
+        forwarder = node.components["forwarder"]
+        assert await forwarder.forward_once() == ForwardStats(6, 2)
+        rows = {r["posting_id"]: r for r in await node.pool.fetch(
+            "SELECT posting_id, state, attempts, last_error FROM outbox")}
+        for posting_id in (unknown, damaged):
+            row = rows.pop(posting_id)
+            assert row["state"] == "dead" and row["attempts"] == 1
+            assert row["last_error"].startswith("refused: marketing system rejected")
+        assert {r["state"] for r in rows.values()} == {"sent"}
+        ours = {r.posting_id for r in records}
+        posted = [p for p in _posted(sims, records[0].business_date) if p in ours]
+        assert sorted(posted) == sorted(rows)  # each of the six once, neither refused one
+        assert await forwarder.forward_once() == ForwardStats(0, 0)
+
+
 async def test_a_round_stops_at_the_first_refused_mark(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     account = await active_account(sims.marketing)

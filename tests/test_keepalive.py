@@ -403,3 +403,180 @@ async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_con
     finally:
         await pool.close()
         await _stop(server)
+
+
+# --- batches (request_many) -------------------------------------------------------------------
+
+
+async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in_flight(
+        ) -> None:
+    outstanding = most = 0
+    conns = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal outstanding, most, conns
+        conns += 1
+        while data := await reader.read(65536):
+            while (bodies := _split(data)) is None:
+                data += await reader.read(65536)
+            outstanding += len(bodies)
+            most = max(most, outstanding)
+            await asyncio.sleep(0.002)  # so that requests pile up while these wait
+            writer.write(b"".join(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
+                                  % (len(b), b) for b in bodies))
+            outstanding -= len(bodies)
+            await writer.drain()
+
+    server, port = await _raw_server(serve)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=2.0, pipeline=8)
+    try:
+        bodies = [b"%d" % i for i in range(200)]
+        assert await pool.request_many("POST", "/x", bodies, window=12) == \
+            [(201, b) for b in bodies]
+        # the pool's connections could carry 16, the window allowed 12, and it was used
+        assert conns == 2 and 8 < most <= 12, most
+        # the pool serves single requests as before, on the same connections
+        assert await pool.request("POST", "/x", b"after") == (201, b"after") and conns == 2
+        assert await pool.request_many("POST", "/x", [], window=4) == []
+        with pytest.raises(ValueError):
+            await pool.request_many("POST", "/x", [b"1"], window=0)
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_rest_go_again(
+        ) -> None:
+    async def stuck_at_slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                            ) -> None:
+        while data := await reader.read(65536):
+            while (bodies := _split(data)) is None:
+                data += await reader.read(65536)
+            out = b""
+            for b in bodies:
+                if b == b"slow":  # answers nothing more on this connection
+                    await asyncio.sleep(0.05)  # what is written after these, comes later
+                    writer.write(out)
+                    await asyncio.sleep(5)
+                    return
+                out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+            writer.write(out)
+            await writer.drain()
+
+    server, port = await _raw_server(stuck_at_slow)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=0.3, pipeline=4)
+    try:
+        bodies = [b"a", b"b", b"slow", b"c", b"d", b"e", b"f"]
+        started = time.monotonic()
+        results = await pool.request_many("POST", "/x", bodies, window=4)
+        # "slow" and "c" were written together (the same deadline) and timed out together;
+        # "d" and "e", written behind them when "a" and "b" were answered, had later
+        # deadlines: the connection was closed when "slow" timed out, and they went once
+        # more on a new one, with "f", each answered with its own body
+        assert results[:2] == [(200, b"a"), (200, b"b")]
+        assert isinstance(results[2], TimeoutError) and isinstance(results[3], TimeoutError)
+        assert results[4:] == [(200, b"d"), (200, b"e"), (200, b"f")]
+        assert time.monotonic() - started < 1.5
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_batch_behind_an_answer_the_server_closed_after_is_sent_again_once(
+        ) -> None:
+    reads: list[int] = []
+
+    async def three_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:
+        await _answer_in_order(reader, writer, reads=reads, close_after=3)
+
+    server, port = await _raw_server(three_then_close)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
+    try:
+        bodies = [b"%d" % i for i in range(5)]
+        # the first connection carried four and answered three: the fourth (and the fifth,
+        # if it was written before the close was seen) went once more on a new one
+        assert await pool.request_many("POST", "/x", bodies, window=4) == \
+            [(200, b) for b in bodies]
+        assert reads[0] == 4 and len(reads) >= 2
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_batch_to_a_server_that_cannot_be_reached_fails_each_request_at_once(
+        ) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens on it
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=2.0, pipeline=4)
+    try:
+        started = time.monotonic()
+        results = await pool.request_many("POST", "/x", [b"1", b"2", b"3"], window=8)
+        assert all(isinstance(r, ConnectionRefusedError) for r in results), results
+        assert time.monotonic() - started < 1.0
+    finally:
+        await pool.close()
+    closed = KeepAlivePool(f"http://127.0.0.1:{port}", size=1)
+    await closed.close()
+    results = await closed.request_many("POST", "/x", [b"1"], window=1)
+    assert isinstance(results[0], PoolClosed)
+
+
+async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
+    async def hang_on_some(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                           ) -> None:
+        while data := await reader.read(65536):
+            while (bodies := _split(data)) is None:
+                data += await reader.read(65536)
+            if b"hang" in bodies:
+                await asyncio.sleep(5)
+                return
+            writer.write(b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                  % (len(b), b) for b in bodies))
+            await writer.drain()
+
+    server, port = await _raw_server(hang_on_some)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=3.0, pipeline=4)
+    try:
+        batch = asyncio.ensure_future(
+            pool.request_many("POST", "/x", [b"hang", b"x", b"y"], window=4))
+        await asyncio.sleep(0.2)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        # the connection that carried the given-up requests was closed, not left stuck:
+        # the next request is answered at once on a new one
+        assert await asyncio.wait_for(pool.request("POST", "/x", b"ok"), 1.0) == (200, b"ok")
+        assert await pool.request_many("POST", "/x", [b"p", b"q"], window=2) == \
+            [(200, b"p"), (200, b"q")]
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_again() -> None:
+    async def garble_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            while (bodies := _split(data)) is None:
+                data += await reader.read(65536)
+            out = b""
+            for b in bodies:
+                if b == b"bad":
+                    writer.write(out + b"HTTP/1.1 2x0 what\r\n\r\n")
+                    await writer.drain()
+                    return
+                out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+            writer.write(out)
+            await writer.drain()
+
+    server, port = await _raw_server(garble_one)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
+    try:
+        bodies = [b"a", b"bad", b"c", b"d", b"e"]
+        results = await pool.request_many("POST", "/x", bodies, window=4)
+        assert results[0] == (200, b"a") and isinstance(results[1], HttpStatusError)
+        assert results[2:] == [(200, b"c"), (200, b"d"), (200, b"e")]
+    finally:
+        await pool.close()
+        await _stop(server)

@@ -25,6 +25,7 @@ from switch.marketing_client import (
     MarketingUnavailable,
     Posting,
     PostingResult,
+    encode_posting,
 )
 
 CUSTOMERS = 300
@@ -393,3 +394,71 @@ async def test_an_answer_over_the_size_cap_is_unavailable_not_held(sim: Marketin
                 await client.postings_for_date(date(2026, 5, 1))
     finally:
         await runner.cleanup()
+
+
+def _encoded(posting: Posting) -> tuple[str, bytes]:
+    return posting.posting_id, encode_posting(
+        posting_id=posting.posting_id, account_no=posting.account_no, amount=posting.amount,
+        kind=posting.kind, channel=posting.channel, occurred_at=posting.occurred_at,
+        original_posting_id=posting.original_posting_id)
+
+
+def test_a_posting_encoded_from_its_fields_is_the_body_post_sends() -> None:
+    import orjson
+
+    for posting in (payment("e-1", "1000000008", 5),
+                    Posting(posting_id="e-2", account_no="1000000008", amount=5,
+                            kind="reversal", original_posting_id="e-1", channel="bank",
+                            occurred_at=WHEN.replace(microsecond=120))):
+        assert _encoded(posting)[1] == orjson.dumps(posting.to_json())
+
+
+@pytest.mark.parametrize("path", ["pipelined", "aiohttp"])
+async def test_post_many_answers_each_posting_in_order(sim: MarketingSim, path: str) -> None:
+    customer = customer_with_bills(sim)
+    owed = sum(b.amount for b in customer.bills)
+    async with contextlib.AsyncExitStack() as stack:
+        if path == "pipelined":
+            client = MarketingClient(sim.url, timeout=2.0, connections=8, pipeline=4)
+        else:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            client = MarketingClient(sim.url, timeout=2.0, connections=8, session=session)
+        stack.push_async_callback(client.close)
+        first = payment(f"{path}-0", customer.account_no, 100)
+        await client.post(first)
+        batch = [payment(f"{path}-{i}", customer.account_no, 100) for i in range(1, 30)]
+        batch[10] = payment(f"{path}-0", customer.account_no, 999)  # its id, other content
+        batch[20] = payment(f"{path}-x", "9999999999", 100)  # no such account
+        batch[25] = first  # sent before: replayed
+        results = await client.post_many([_encoded(p) for p in batch])
+        assert isinstance(results[10], MarketingConflict)
+        assert isinstance(results[20], MarketingRejected) and results[20].status == 404
+        assert isinstance(results[25], PostingResult) and results[25].replayed
+        fresh = [r for i, r in enumerate(results) if i not in (10, 20, 25)]
+        assert [r.posting_id for r in fresh if isinstance(r, PostingResult)] == \
+            [p.posting_id for i, p in enumerate(batch) if i not in (10, 20, 25)]
+        assert all(isinstance(r, PostingResult) and not r.replayed for r in fresh)
+        account = await client.get_account(customer.account_no)
+        assert account is not None and account.arrears == owed - 100 * (1 + len(fresh))
+        assert await client.post_many([]) == []
+
+
+async def test_post_many_to_a_marketing_system_that_is_down_is_unavailable_for_each(
+        sim: MarketingSim) -> None:
+    customer = customer_with_bills(sim)
+    async with MarketingClient(sim.url, timeout=0.5, connections=8, pipeline=4) as client:
+        await sim.set_faults(error_rate=1.0)
+        try:
+            results = await client.post_many(
+                [_encoded(payment(f"d-{i}", customer.account_no, 1)) for i in range(6)])
+        finally:
+            await sim.clear_faults()
+        assert all(isinstance(r, MarketingUnavailable) for r in results), results
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with MarketingClient(f"http://127.0.0.1:{port}", connections=4,
+                               pipeline=2) as nobody:
+        results = await nobody.post_many([_encoded(payment("n-1", "1000000008", 1))])
+        assert isinstance(results[0], MarketingUnavailable)
+        assert "unreachable" in str(results[0])

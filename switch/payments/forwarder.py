@@ -22,14 +22,12 @@ import asyncpg
 
 from switch import db
 from switch.config import ForwarderSettings
-from switch.loop import all_or_cancel, cancel_and_wait
+from switch.loop import cancel_and_wait
 from switch.marketing_client import (
     MarketingClient,
-    MarketingConflict,
-    MarketingRejected,
     MarketingUnavailable,
-    Posting,
     PostingResult,
+    encode_posting,
 )
 from switch.metrics import Metrics
 
@@ -45,7 +43,7 @@ log = logging.getLogger("gridpay.forwarder")
 # next round: those, not the backlog, are what a round reads beyond its batch.
 _DUE_FROM = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
-       o.occurred_at, o.attempts, o.created_at, o.next_attempt_at
+       o.occurred_at, o.attempts, o.next_attempt_at
   FROM outbox o
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (o.kind <> 'reversal' OR EXISTS (
@@ -74,17 +72,19 @@ UPDATE outbox o
  WHERE o.id = u.id AND o.state = 'pending'
 """
 
-# a posting that failed: retried later with backoff, or a dead letter; fenced like _SENT
+# postings that failed, each retried later with its own backoff or made a dead letter (a
+# refusal at once, any failure after `dead_letter_after_s`); one statement, fenced like _SENT
 _FAILED = """
 WITH fence AS (SELECT gridpay_fence($6::bigint))
 UPDATE outbox o
-   SET attempts = o.attempts + 1, last_error = $2,
-       next_attempt_at = now() + make_interval(secs => $3),
-       state = CASE WHEN $4 OR coalesce(o.retried_at, o.created_at)
+   SET attempts = o.attempts + 1, last_error = u.error,
+       next_attempt_at = now() + make_interval(secs => u.backoff),
+       state = CASE WHEN u.permanent OR coalesce(o.retried_at, o.created_at)
                                  < now() - make_interval(secs => $5)
                     THEN 'dead' ELSE 'pending' END
-  FROM fence
- WHERE o.id = $1 AND o.state = 'pending'
+  FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
+       AS u(id, error, backoff, permanent), fence
+ WHERE o.id = u.id AND o.state = 'pending'
 """
 
 
@@ -187,20 +187,35 @@ class Forwarder:
         return ForwardStats(sent, failed)
 
     async def _send_all(self, rows: list[Any]) -> list[PostingResult | None]:
-        # `concurrency` senders share the batch's rows, rather than a task per posting: a
-        # batch's start creates a few tasks instead of hundreds in one turn of the event
-        # loop (which held up the payments waiting behind them), and an answer wakes one
-        # sender, which sends the next posting at once
-        results: list[PostingResult | None] = [None] * len(rows)
-        turn = iter(range(len(rows)))
-
-        async def sender() -> None:
-            for i in turn:
-                results[i] = await self._forward(rows[i])
-
-        # the first failure (a fenced or lost database recording a failed posting) stops the
-        # other senders too: nothing goes on posting after the round has failed
-        await all_or_cancel(sender() for _ in range(min(self.settings.concurrency, len(rows))))
+        """Send a batch; each posting's result when accepted (the caller marks it sent), else
+        None, its failure recorded. The postings go out together, `concurrency` in flight,
+        with no task or `Posting` object per posting: a forwarded posting is on every
+        payment's cost, in the same process."""
+        tz = self.timezone
+        outcomes = await self.client.post_many([
+            (row["posting_id"], encode_posting(
+                posting_id=row["posting_id"], account_no=row["account_no"],
+                amount=row["amount"], kind=row["kind"], channel=row["channel"],
+                occurred_at=row["occurred_at"].astimezone(tz),
+                original_posting_id=row["original_posting_id"]))
+            for row in rows])
+        results: list[PostingResult | None] = []
+        failed: list[tuple[Any, str, bool]] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if isinstance(outcome, PostingResult):
+                results.append(outcome)
+                continue
+            results.append(None)
+            if isinstance(outcome, MarketingUnavailable):
+                failed.append((row, str(outcome), False))
+                self.metrics.child(self.metrics.forwarded, "retry").inc()
+            else:
+                log.error("marketing system refused a posting",
+                          extra={"posting_id": row["posting_id"], "error": str(outcome)})
+                failed.append((row, f"refused: {outcome}", True))
+                self.metrics.child(self.metrics.forwarded, "dead").inc()
+        if failed:
+            await self._failed(failed)
         return results
 
     async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
@@ -217,30 +232,13 @@ class Forwarder:
         base = self.settings.backoff_initial_s * (2 ** min(attempts, 20))
         return float(min(self.settings.backoff_max_s, base) * (0.5 + random.random() / 2))
 
-    async def _forward(self, row: Any) -> PostingResult | None:
-        """Send one posting; its result when accepted (the caller marks it sent), else None."""
-        posting = Posting(
-            posting_id=row["posting_id"], account_no=row["account_no"], amount=row["amount"],
-            kind=row["kind"], channel=row["channel"],
-            occurred_at=row["occurred_at"].astimezone(self.timezone),
-            original_posting_id=row["original_posting_id"],
-        )
-        try:
-            return await self.client.post(posting)
-        except MarketingUnavailable as e:
-            await self._failed(row, f"unavailable: {type(e).__name__}", permanent=False)
-            self.metrics.child(self.metrics.forwarded, "retry").inc()
-            return None
-        except (MarketingConflict, MarketingRejected) as e:
-            log.error("marketing system refused a posting",
-                      extra={"posting_id": row["posting_id"], "error": str(e)})
-            await self._failed(row, f"refused: {e}", permanent=True)
-            self.metrics.child(self.metrics.forwarded, "dead").inc()
-            return None
-
-    async def _failed(self, row: Any, error: str, *, permanent: bool) -> None:
-        await self.pool.execute(_FAILED, row["id"], error[:500], self._backoff(row["attempts"]),
-                                permanent, self.settings.dead_letter_after_s, self.epoch())
+    async def _failed(self, failed: list[tuple[Any, str, bool]]) -> None:
+        """Record failed postings (row, error, permanent) in one fenced statement."""
+        await self.pool.execute(
+            _FAILED, [row["id"] for row, _, _ in failed], [e[:500] for _, e, _ in failed],
+            [self._backoff(row["attempts"]) for row, _, _ in failed],
+            [permanent for _, _, permanent in failed], self.settings.dead_letter_after_s,
+            self.epoch())
 
 
 async def retry_dead_letters(pool: asyncpg.Pool) -> int:
