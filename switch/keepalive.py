@@ -456,14 +456,19 @@ class _Batch:
         pool = self.pool
         try:
             while self.left:
-                if self.write():
-                    self.wakeup = self.loop.create_future()
-                    await self.wakeup  # the last outcome, or a request waiting for a connection
+                # wait for an outcome (the last, or one after which a request still waits
+                # for a connection) while requests are written as room comes by `settle`;
+                # a connection is opened or waited for only when the batch cannot move on
+                # its own: none of its requests in flight, or room for one more connection
+                if self.write() or (self.in_flight and pool._open >= pool.size):
+                    await self._outcome()
                     continue
-                # no connection has room: open one, or wait for one, as `request` does
                 try:
                     await pool._acquire(self.loop.time() + pool.timeout_s)
                 except (OSError, TimeoutError) as e:  # PoolClosed is a ConnectionError
+                    if self.in_flight:  # the batch still moves: try again after an outcome
+                        await self._outcome()
+                        continue
                     while self.queue:  # each would have met the same
                         self.results[self.queue.popleft()[0]] = e
                         self.left -= 1
@@ -481,6 +486,10 @@ class _Batch:
                 slot._done = True
                 pool._release(slot.conn, ok, slot)
             self.in_flight.clear()
+
+    async def _outcome(self) -> None:
+        self.wakeup = self.loop.create_future()
+        await self.wakeup
 
     def write(self) -> bool:
         """Write queued requests while the window and the connections have room; False when
@@ -524,7 +533,10 @@ class _Batch:
             if slot.may_retry and isinstance(slot.error, _Unanswered):
                 again.append((slot.index, False))
                 continue
-            self.results[slot.index] = slot.answer if ok else slot.error
+            error = slot.error
+            if isinstance(error, _Unanswered):  # a private name, not for the caller
+                error = ConnectionResetError(str(error))
+            self.results[slot.index] = slot.answer if ok else error
             self.left -= 1
         self.queue.extendleft(reversed(again))  # before the rest, in the order they were
         # the room an answer frees is filled a few requests at a time, a quarter of the
@@ -533,8 +545,11 @@ class _Batch:
         free = self.window - len(self.in_flight)
         if free < self.least_write and free < len(self.queue):
             return
-        if (not self.left or not self.write()) and self.wakeup is not None \
-                and not self.wakeup.done():
+        if not self.left or not self.write():
+            self.wake()
+
+    def wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
     def expire(self) -> None:
@@ -542,7 +557,8 @@ class _Batch:
         self.timer = None
         if self.over:
             return
-        now = self.loop.time()
+        # uvloop's timers have a resolution of a millisecond: a deadline within it is due
+        now = self.loop.time() + 0.001
         following: float | None = None
         for slot in list(self.in_flight):
             if slot._done:

@@ -350,13 +350,19 @@ async def test_relay_records_a_failure_only_under_the_current_epoch(
             method="cash", account_no=account, amount=1234))
         assert isinstance(outcome, Committed)
         await sims.marketing.set_faults(error_rate=1.0)
+
+        def retries() -> float | None:
+            return node.metrics.registry.get_sample_value("gridpay_forwarded_total",
+                                                          {"result": "retry"})
         try:
             stats = await forwarder.forward_once()  # current epoch: the failure is recorded
             assert (stats.sent, stats.failed) == (0, 1)
             row = await node.pool.fetchrow("SELECT state, attempts, last_error FROM outbox"
                                            " WHERE posting_id = $1", outcome.record.posting_id)
             assert row is not None and row["state"] == "pending"
-            assert row["attempts"] == 1 and row["last_error"]
+            assert row["attempts"] == 1
+            assert row["last_error"] == "unavailable: marketing system answered 503"
+            assert retries() == 1.0
             await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
             await node.pool.execute("UPDATE node_lease SET epoch = epoch + 1")
             with pytest.raises(Exception) as e:
@@ -365,6 +371,7 @@ async def test_relay_records_a_failure_only_under_the_current_epoch(
             assert await node.pool.fetchval(  # the stale node could not count it
                 "SELECT attempts FROM outbox WHERE posting_id = $1",
                 outcome.record.posting_id) == 1
+            assert retries() == 1.0  # nor its metric
         finally:
             await sims.marketing.clear_faults()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -421,7 +422,7 @@ async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in
                 data += await reader.read(65536)
             outstanding += len(bodies)
             most = max(most, outstanding)
-            await asyncio.sleep(0.002)  # so that requests pile up while these wait
+            await asyncio.sleep(0.02)  # so that requests pile up while these wait
             writer.write(b"".join(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
                                   % (len(b), b) for b in bodies))
             outstanding -= len(bodies)
@@ -502,6 +503,111 @@ async def test_a_batch_behind_an_answer_the_server_closed_after_is_sent_again_on
     finally:
         await pool.close()
         await _stop(server)
+
+
+async def test_a_batch_request_the_server_never_answers_is_written_twice_at_most() -> None:
+    seen: collections.Counter[bytes] = collections.Counter()
+
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:  # answers the first request it reads, drops the rest
+        data = await reader.read(65536)
+        while (bodies := _split(data)) is None:
+            data += await reader.read(65536)
+        seen.update(bodies)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(bodies[0]), bodies[0]))
+        await writer.drain()
+
+    server, port = await _raw_server(one_then_close)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
+    try:
+        bodies = [b"0", b"1", b"2", b"3"]
+        results = await pool.request_many("POST", "/x", bodies, window=4)
+        assert results[0] == (200, b"0") and results[1] == (200, b"1")
+        # "2" and "3" were unanswered twice: they fail, said as a reset connection
+        assert all(type(r) is ConnectionResetError for r in results[2:]), results
+        assert seen == {b"0": 1, b"1": 2, b"2": 2, b"3": 2}, seen
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_batch_sharing_its_pool_with_single_requests_waits_its_turn_not_fails(
+        ) -> None:
+    posted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posted
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await _read_body(reader, head)
+            if head.startswith(b"POST"):
+                posted += 1
+            await asyncio.sleep(0.1 if head.startswith(b"GET") else 0.01)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+
+    server, port = await _raw_server(serve)
+    # one request per connection (no pipelining): the lookups and the batch share 4
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=4, timeout_s=0.3, pipeline=1)
+    stop = False
+
+    async def lookups() -> None:
+        while not stop:
+            assert await pool.request("GET", "/accounts") == (200, b"")
+
+    looking = asyncio.ensure_future(lookups())
+    try:
+        await asyncio.sleep(0.05)
+        bodies = [b"%d" % i for i in range(100)]
+        # the batch's wait for a connection is not one request's deadline: while its own
+        # requests are answered, it goes on writing into the room they free
+        assert await pool.request_many("POST", "/postings", bodies, window=4) == \
+            [(200, b) for b in bodies]
+        assert posted == 100
+    finally:
+        stop = True
+        await looking
+        await pool.close()
+        await _stop(server)
+
+
+async def test_a_connection_that_cannot_be_opened_does_not_fail_a_batch_that_moves(
+        ) -> None:
+    received = 0
+    server: asyncio.Server | None = None
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        assert server is not None
+        server.close()  # no further connection is accepted
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await _read_body(reader, head)
+            received += 1
+            await asyncio.sleep(0.005)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+
+    server, port = await _raw_server(serve)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=1.0, pipeline=2)
+    try:
+        bodies = [b"%d" % i for i in range(20)]
+        # the second connection is refused; the first carries the whole batch
+        assert await pool.request_many("POST", "/x", bodies, window=4) == \
+            [(200, b) for b in bodies]
+        assert received == 20
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return await reader.readexactly(length)
 
 
 async def test_a_batch_to_a_server_that_cannot_be_reached_fails_each_request_at_once(

@@ -207,15 +207,18 @@ class Forwarder:
                 continue
             results.append(None)
             if isinstance(outcome, MarketingUnavailable):
-                failed.append((row, str(outcome), False))
-                self.metrics.child(self.metrics.forwarded, "retry").inc()
+                failed.append((row, f"unavailable: {outcome}", False))
             else:
                 log.error("marketing system refused a posting",
                           extra={"posting_id": row["posting_id"], "error": str(outcome)})
                 failed.append((row, f"refused: {outcome}", True))
-                self.metrics.child(self.metrics.forwarded, "dead").inc()
         if failed:
-            await self._failed(failed)
+            await self._failed(failed)  # counted once recorded (a fenced node records none)
+            dead = sum(permanent for _, _, permanent in failed)
+            if dead:
+                self.metrics.child(self.metrics.forwarded, "dead").inc(dead)
+            if len(failed) > dead:
+                self.metrics.child(self.metrics.forwarded, "retry").inc(len(failed) - dead)
         return results
 
     async def _mark_sent(self, accepted: list[tuple[Any, PostingResult]]) -> None:
