@@ -235,6 +235,21 @@ async def _answer_in_order(reader: asyncio.StreamReader, writer: asyncio.StreamW
         await writer.drain()
 
 
+async def _read_bodies(reader: asyncio.StreamReader) -> list[bytes]:
+    """The bodies of the requests of the next read (more reads if it ends inside one); an
+    empty list when the client has closed (also in the middle of a request)."""
+    data = await reader.read(65536)
+    while data:
+        bodies = _split(data)
+        if bodies is not None:
+            return bodies
+        more = await reader.read(65536)
+        if not more:
+            break
+        data += more
+    return []
+
+
 def _split(buf: bytes) -> list[bytes] | None:
     """The bodies of the whole requests in `buf`; None if it ends inside one."""
     bodies = []
@@ -417,9 +432,7 @@ async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal outstanding, most, conns
         conns += 1
-        while data := await reader.read(65536):
-            while (bodies := _split(data)) is None:
-                data += await reader.read(65536)
+        while bodies := await _read_bodies(reader):
             outstanding += len(bodies)
             most = max(most, outstanding)
             await asyncio.sleep(0.02)  # so that requests pile up while these wait
@@ -450,9 +463,7 @@ async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_re
         ) -> None:
     async def stuck_at_slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                             ) -> None:
-        while data := await reader.read(65536):
-            while (bodies := _split(data)) is None:
-                data += await reader.read(65536)
+        while bodies := await _read_bodies(reader):
             out = b""
             for b in bodies:
                 if b == b"slow":  # answers nothing more on this connection
@@ -510,9 +521,7 @@ async def test_a_batch_request_the_server_never_answers_is_written_twice_at_most
 
     async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                              ) -> None:  # answers the first request it reads, drops the rest
-        data = await reader.read(65536)
-        while (bodies := _split(data)) is None:
-            data += await reader.read(65536)
+        bodies = await _read_bodies(reader)
         seen.update(bodies)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(bodies[0]), bodies[0]))
@@ -632,9 +641,7 @@ async def test_a_batch_to_a_server_that_cannot_be_reached_fails_each_request_at_
 async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
     async def hang_on_some(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                            ) -> None:
-        while data := await reader.read(65536):
-            while (bodies := _split(data)) is None:
-                data += await reader.read(65536)
+        while bodies := await _read_bodies(reader):
             if b"hang" in bodies:
                 await asyncio.sleep(5)
                 return
@@ -663,9 +670,7 @@ async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
 
 async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_again() -> None:
     async def garble_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            while (bodies := _split(data)) is None:
-                data += await reader.read(65536)
+        while bodies := await _read_bodies(reader):
             out = b""
             for b in bodies:
                 if b == b"bad":
