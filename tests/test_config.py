@@ -74,13 +74,13 @@ def test_lease_renewal_must_fit_in_ttl() -> None:
 
 def test_relay_concurrency_is_read_and_bounded(tmp_path: Path) -> None:
     s = load_settings(env={})
-    assert s.forwarder.concurrency == 32 and s.forwarder.batch == 256
+    assert s.forwarder.concurrency == 64 and s.forwarder.batch == 256
+    assert s.forwarder.pipeline == 32  # two connections
     f = tmp_path / "c.toml"
     f.write_text("[forwarder]\nconcurrency = 0\n")
     with pytest.raises(ConfigError) as e:
         load_settings(f, env={})
     assert e.value.key == "forwarder.concurrency" and "1 to 1000" in str(e.value)
-    assert s.forwarder.pipeline == 16
     f.write_text("[forwarder]\npipeline = 257\n")
     with pytest.raises(ConfigError) as e:
         load_settings(f, env={})
