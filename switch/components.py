@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from switch import db
 from switch.business import BusinessCalendar
 from switch.clients import ClientDirectory
 from switch.hsm_client import HsmClient, HsmError
@@ -16,7 +17,7 @@ from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
 from switch.lease import session_dsn
 from switch.marketing_client import MarketingClient
 from switch.payments.accounts import Accounts
-from switch.payments.forwarder import Forwarder, outbox_counts
+from switch.payments.forwarder import RELAY_SERVER_SETTINGS, Forwarder, outbox_counts
 from switch.payments.idempotency import IdempotencyCache
 from switch.payments.ledger import PostingPath
 
@@ -103,7 +104,12 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     def epoch() -> int:
         return node.epoch
 
-    forwarder = Forwarder(node.pool, marketing, s.forwarder, node.metrics, epoch,
+    # the relay's reads and marks go over connections of their own (see RELAY_SERVER_SETTINGS)
+    relay_pool = await db.create_pool(session_dsn(node.services.database, s.node.id),
+                                      min_size=0, max_size=3,
+                                      server_settings=dict(RELAY_SERVER_SETTINGS))
+    stack.push_async_callback(relay_pool.close)
+    forwarder = Forwarder(relay_pool, marketing, s.forwarder, node.metrics, epoch,
                           timezone=s.business.timezone, on_fenced=node.fenced)
     comps["forwarder"] = forwarder
     ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,

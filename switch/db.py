@@ -94,10 +94,12 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     their own), so asyncpg's default reset would only cost a round trip per release."""
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16) -> asyncpg.Pool:
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16,
+                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, init=_init_conn, reset=_no_reset,
         command_timeout=30, max_inactive_connection_lifetime=300,
+        server_settings=server_settings,
     )
     assert pool is not None
     return pool

@@ -7,7 +7,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from switch.payments.forwarder import _DUE, _DUE_AFTER
+from switch import db
+from switch.payments.forwarder import _DUE, _DUE_AFTER, RELAY_SERVER_SETTINGS
 
 _BACKLOG = """
 WITH k AS (
@@ -81,3 +82,38 @@ async def test_the_next_batch_reads_on_from_the_last_row_off_the_index(
              and n["Node Type"].startswith("Index")]
     assert scans and scans[0]["Index Name"] == "outbox_pending", kinds
     assert scans[0]["Actual Rows"] <= 256  # a range from the last row, not a walk from the head
+
+
+async def test_the_relays_connections_read_off_the_index_when_the_statistics_say_nothing(
+        pool: asyncpg.Pool, clean_db: str) -> None:
+    # 20 000 postings forwarded, then 10 000 more due (the billing system was down), in a
+    # table whose statistics say nothing (never analyzed, as in a fresh deployment)
+    await pool.execute(_BACKLOG, 20000)
+    await pool.execute("UPDATE outbox SET state = 'sent'")
+    await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
+                                        "generate_series(100001, 100000 + $1)"), 10000)
+    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
+    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
+                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
+                       "   AND NOT attisdropped")
+
+    async def plan(p: asyncpg.Pool) -> tuple[list[str], list[dict[str, Any]]]:
+        raw = await p.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_DUE}", 256)
+        nodes = _nodes(orjson.loads(raw)[0]["Plan"])
+        return [n["Node Type"] for n in nodes], nodes
+
+    # the hazard: on an ordinary connection the planner reads every due row and sorts them,
+    # so the longer the backlog, the slower each round
+    kinds, _ = await plan(pool)
+    assert "Sort" in kinds and "Bitmap Heap Scan" in kinds, kinds
+    relay = await db.create_pool(clean_db, min_size=1, max_size=1,
+                                 server_settings=dict(RELAY_SERVER_SETTINGS))
+    try:
+        kinds, nodes = await plan(relay)
+    finally:
+        await relay.close()
+    assert "Sort" not in kinds, kinds
+    scans = [n for n in nodes if n.get("Relation Name") == "outbox"
+             and n["Node Type"].startswith("Index")]
+    assert scans and scans[0]["Index Name"] == "outbox_pending", kinds
+    assert scans[0]["Actual Rows"] <= 256, scans[0]["Actual Rows"]
