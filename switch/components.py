@@ -107,7 +107,8 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     # the relay's reads and marks go over connections of their own (see RELAY_SERVER_SETTINGS)
     relay_pool = await db.create_pool(session_dsn(node.services.database, s.node.id),
                                       min_size=0, max_size=3,
-                                      server_settings=dict(RELAY_SERVER_SETTINGS))
+                                      server_settings=dict(RELAY_SERVER_SETTINGS),
+                                      reset_on_release=True)  # the relay's stop cancels
     stack.push_async_callback(relay_pool.close)
     forwarder = Forwarder(relay_pool, marketing, s.forwarder, node.metrics, epoch,
                           timezone=s.business.timezone, on_fenced=node.fenced)

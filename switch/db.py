@@ -95,9 +95,16 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16,
-                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
+                      server_settings: dict[str, str] | None = None,
+                      reset_on_release: bool = False) -> asyncpg.Pool:
+    """`reset_on_release`: asyncpg's reset (a round trip) each time a connection goes back,
+    which also ends a transaction that a cancelled statement left open (a statement being
+    prepared when its task was cancelled leaves the server's implicit transaction open, so
+    the connection's next statement would see the old `now()`). For a pool whose users may
+    be cancelled mid-statement and that is not on a payment's path."""
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_conn, reset=_no_reset,
+        url, min_size=min_size, max_size=max_size, init=_init_conn,
+        reset=None if reset_on_release else _no_reset,
         command_timeout=30, max_inactive_connection_lifetime=300,
         server_settings=server_settings,
     )

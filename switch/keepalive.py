@@ -451,6 +451,7 @@ class _Batch:
         self.wakeup: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.over = False
+        self.connect_failed = False  # an open failed while requests were in flight
 
     async def run(self) -> list[Answer | BaseException]:
         pool = self.pool
@@ -460,13 +461,18 @@ class _Batch:
                 # for a connection) while requests are written as room comes by `settle`;
                 # a connection is opened or waited for only when the batch cannot move on
                 # its own: none of its requests in flight, or room for one more connection
-                if self.write() or (self.in_flight and pool._open >= pool.size):
+                if self.write() or (self.in_flight and (
+                        pool._open >= pool.size or self.connect_failed)):
                     await self._outcome()
                     continue
                 try:
                     await pool._acquire(self.loop.time() + pool.timeout_s)
                 except (OSError, TimeoutError) as e:  # PoolClosed is a ConnectionError
-                    if self.in_flight:  # the batch still moves: try again after an outcome
+                    if self.in_flight:
+                        # the batch still moves: it goes on with the connections it has,
+                        # and tries to open another only once none of its requests is left
+                        # in flight (not after every answer)
+                        self.connect_failed = True
                         await self._outcome()
                         continue
                     while self.queue:  # each would have met the same

@@ -602,12 +602,23 @@ async def test_a_connection_that_cannot_be_opened_does_not_fail_a_batch_that_mov
 
     server, port = await _raw_server(serve)
     pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=1.0, pipeline=2)
+    opens = 0
+    acquire = pool._acquire
+
+    async def counted(deadline: float) -> object:
+        nonlocal opens
+        opens += 1
+        return await acquire(deadline)
+
+    pool._acquire = counted  # type: ignore[method-assign,assignment]
     try:
         bodies = [b"%d" % i for i in range(20)]
         # the second connection is refused; the first carries the whole batch
         assert await pool.request_many("POST", "/x", bodies, window=4) == \
             [(200, b) for b in bodies]
         assert received == 20
+        # and the refused one is not tried again after every answer
+        assert opens <= 3, opens
     finally:
         await pool.close()
         await _stop(server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -117,3 +119,43 @@ async def test_the_relays_connections_read_off_the_index_when_the_statistics_say
              and n["Node Type"].startswith("Index")]
     assert scans and scans[0]["Index Name"] == "outbox_pending", kinds
     assert scans[0]["Actual Rows"] <= 256, scans[0]["Actual Rows"]
+
+
+async def _stale_reads_after_cancelled_prepares(url: str, *, reset_on_release: bool) -> int:
+    """How often, of 200 reads cancelled at various points (some while the statement was
+    being prepared), the connection's next read missed a row committed and due meanwhile."""
+    admin = await db.create_pool(url, min_size=1, max_size=1)
+    pool = await db.create_pool(url, min_size=1, max_size=1, reset_on_release=reset_on_release)
+    stale = 0
+    try:
+        await admin.execute("DROP TABLE IF EXISTS due_probe_shared")
+        await admin.execute("CREATE TABLE due_probe_shared"
+                            " (id int, due timestamptz NOT NULL DEFAULT now())")
+        for i in range(200):
+            await admin.execute("TRUNCATE due_probe_shared")
+            # a statement this connection has not prepared yet, as the relay's first read
+            task = asyncio.ensure_future(pool.fetch(
+                f"SELECT id FROM due_probe_shared /* {i} */ WHERE due <= now()"))
+            for _ in range(i % 8):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.002)
+            await admin.execute("INSERT INTO due_probe_shared (id) VALUES (1)")
+            if not await pool.fetch("SELECT id FROM due_probe_shared WHERE due <= now()"):
+                stale += 1
+        await admin.execute("DROP TABLE due_probe_shared")
+    finally:
+        await pool.close()
+        await admin.close()
+    return stale
+
+
+async def test_a_read_cancelled_while_prepared_leaves_no_stale_transaction_on_the_relays_pool(
+        clean_db: str) -> None:
+    # the relay's stop cancels its read, which may be half prepared: on a pool that skips
+    # asyncpg's reset, the server's implicit transaction stayed open and the next read on
+    # that connection saw the old now(), missing postings already due (and held a lock on
+    # the outbox meanwhile); the relay's pool resets a connection when it comes back
+    assert await _stale_reads_after_cancelled_prepares(clean_db, reset_on_release=True) == 0
