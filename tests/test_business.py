@@ -292,6 +292,20 @@ async def test_a_refused_posting_is_a_dead_letter_and_the_rest_of_its_batch_is_s
         assert await forwarder.forward_once() == ForwardStats(0, 0)
 
 
+async def test_the_relay_reads_and_marks_on_its_own_connections(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
+        forwarder = node.components["forwarder"]
+        # connections of its own (see RELAY_SERVER_SETTINGS), named as the node's sessions
+        # are, so that a takeover's cut-off finds them too
+        assert forwarder.pool is not node.pool
+        async with forwarder.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW enable_bitmapscan") == "off"
+            assert await conn.fetchval("SHOW application_name") == \
+                await node.pool.fetchval("SHOW application_name")
+        assert await node.pool.fetchval("SHOW enable_bitmapscan") == "on"
+
+
 async def test_a_round_stops_at_the_first_refused_mark(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     account = await active_account(sims.marketing)
