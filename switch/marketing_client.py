@@ -300,6 +300,7 @@ class MarketingClient:
         connections: int = 16,
         pipeline: int = 1,
         max_answer: int = 16 << 20,
+        lookup_connections: int = 32,
     ) -> None:
         if timeout <= 0 or max_answer < 1:
             raise ValueError("timeout and max_answer must be positive")
@@ -318,7 +319,11 @@ class MarketingClient:
         self._pool: KeepAlivePool | None = None
         self._post_pool: KeepAlivePool | None = None
         if session is None and self._base_url.startswith("http://"):
-            self._pool = KeepAlivePool(self._base_url, size=connections, timeout_s=timeout,
+            # with pipelining the postings have connections of their own, and the lookups
+            # at most `lookup_connections` (the relay's window is not theirs to follow);
+            # without it, postings and lookups share `connections`
+            lookups = connections if pipeline == 1 else min(connections, lookup_connections)
+            self._pool = KeepAlivePool(self._base_url, size=lookups, timeout_s=timeout,
                                        max_body=max_answer)
             self._post_pool = self._pool
             if pipeline > 1:

@@ -462,3 +462,14 @@ async def test_post_many_to_a_marketing_system_that_is_down_is_unavailable_for_e
         results = await nobody.post_many([_encoded(payment("n-1", "1000000008", 1))])
         assert isinstance(results[0], MarketingUnavailable)
         assert "unreachable" in str(results[0])
+
+
+async def test_the_lookups_keep_their_own_bound_when_postings_are_pipelined() -> None:
+    async with MarketingClient("http://127.0.0.1:1", connections=64, pipeline=32) as client:
+        assert client._pool is not None and client._post_pool is not None
+        # the relay's 64 in flight go over two connections; lookups keep at most 32
+        assert (client._post_pool.size, client._post_pool.pipeline) == (2, 32)
+        assert client._pool.size == 32
+    async with MarketingClient("http://127.0.0.1:1", connections=64) as client:
+        assert client._pool is client._post_pool and client._pool is not None
+        assert client._pool.size == 64  # one request per connection: postings need them all
