@@ -60,13 +60,23 @@ async def _stop(server: asyncio.Server) -> None:
     await asyncio.sleep(0.05)  # the handlers' writers close
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
+def _content_length(head: bytes) -> int:
+    return next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length:")), 0)
+
+
+async def _read_head_and_body(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return await reader.readexactly(length)
+    return head, await reader.readexactly(_content_length(head))
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    return (await _read_head_and_body(reader))[1]
+
+
+def _ok(body: bytes, status: bytes = b"200 OK") -> bytes:
+    """An answer carrying `body`, framed by its length."""
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
 
 
 async def test_concurrent_requests_share_the_pool_size_connections(echo: Echo) -> None:
@@ -93,7 +103,7 @@ async def test_a_connection_the_server_closed_is_replaced_once() -> None:
         nonlocal served
         body = await _read_request(reader)
         served += 1
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(_ok(body))
         await writer.drain()
         await asyncio.sleep(0.05)  # says keep-alive, then closes while the client is idle
 
@@ -179,7 +189,7 @@ async def test_an_interim_answer_is_skipped_and_never_handed_to_the_next_request
             writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
             await writer.drain()
             await asyncio.sleep(0.02)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            writer.write(_ok(path))
             await writer.drain()
 
     server, port = await _raw_server(handler)
@@ -229,7 +239,7 @@ async def _answer_in_order(reader: asyncio.StreamReader, writer: asyncio.StreamW
         for body in requests:
             if close_after is not None and answered == close_after:
                 break
-            out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            out += _ok(body)
             answered += 1
         writer.write(out)
         await writer.drain()
@@ -257,8 +267,7 @@ def _split(buf: bytes) -> list[bytes] | None:
         head, found, rest = buf.partition(b"\r\n\r\n")
         if not found:
             return None
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = _content_length(head)
         if len(rest) < length:
             return None
         bodies.append(rest[:length])
@@ -324,9 +333,7 @@ async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misr
         if bodies and bodies[0] == b"slow":
             await asyncio.sleep(5)  # never answers the first: the others are not answered
             return
-        out = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
-                       for b in bodies)
-        writer.write(out)
+        writer.write(b"".join(_ok(b) for b in bodies))
         await writer.drain()
         await asyncio.sleep(1)
 
@@ -398,7 +405,7 @@ async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_con
                 continue  # the first connection stops answering after its warm-up
             path = head.split(b" ")[1]
             await asyncio.sleep(0.3)  # the others answer, slowly, in order
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            writer.write(_ok(path))
 
     server, port = await _raw_server(first_stuck)
     pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=0.5, pipeline=4)
@@ -436,8 +443,7 @@ async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in
             outstanding += len(bodies)
             most = max(most, outstanding)
             await asyncio.sleep(0.02)  # so that requests pile up while these wait
-            writer.write(b"".join(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
-                                  % (len(b), b) for b in bodies))
+            writer.write(b"".join(_ok(b, b"201 Created") for b in bodies))
             outstanding -= len(bodies)
             await writer.drain()
 
@@ -471,7 +477,7 @@ async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_re
                     writer.write(out)
                     await asyncio.sleep(5)
                     return
-                out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+                out += _ok(b)
             writer.write(out)
             await writer.drain()
 
@@ -523,8 +529,7 @@ async def test_a_batch_request_the_server_never_answers_is_written_twice_at_most
                              ) -> None:  # answers the first request it reads, drops the rest
         bodies = await _read_bodies(reader)
         seen.update(bodies)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(bodies[0]), bodies[0]))
+        writer.write(_ok(bodies[0]))
         await writer.drain()
 
     server, port = await _raw_server(one_then_close)
@@ -548,13 +553,11 @@ async def test_a_batch_sharing_its_pool_with_single_requests_waits_its_turn_not_
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal posted
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await _read_body(reader, head)
+            head, body = await _read_head_and_body(reader)
             if head.startswith(b"POST"):
                 posted += 1
             await asyncio.sleep(0.1 if head.startswith(b"GET") else 0.01)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(body), body))
+            writer.write(_ok(body))
             await writer.drain()
 
     server, port = await _raw_server(serve)
@@ -592,12 +595,10 @@ async def test_a_connection_that_cannot_be_opened_does_not_fail_a_batch_that_mov
         assert server is not None
         server.close()  # no further connection is accepted
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await _read_body(reader, head)
+            head, body = await _read_head_and_body(reader)
             received += 1
             await asyncio.sleep(0.005)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(body), body))
+            writer.write(_ok(body))
             await writer.drain()
 
     server, port = await _raw_server(serve)
@@ -622,12 +623,6 @@ async def test_a_connection_that_cannot_be_opened_does_not_fail_a_batch_that_mov
     finally:
         await pool.close()
         await _stop(server)
-
-
-async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
-    return await reader.readexactly(length)
 
 
 async def test_a_batch_to_a_server_that_cannot_be_reached_fails_each_request_at_once(
@@ -656,8 +651,7 @@ async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
             if b"hang" in bodies:
                 await asyncio.sleep(5)
                 return
-            writer.write(b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                                  % (len(b), b) for b in bodies))
+            writer.write(b"".join(_ok(b) for b in bodies))
             await writer.drain()
 
     server, port = await _raw_server(hang_on_some)
@@ -688,7 +682,7 @@ async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_agai
                     writer.write(out + b"HTTP/1.1 2x0 what\r\n\r\n")
                     await writer.drain()
                     return
-                out += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+                out += _ok(b)
             writer.write(out)
             await writer.drain()
 
