@@ -392,15 +392,14 @@ class MarketingClient:
                     status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # incl. ConnectionError
             raise _unavailable(exc) from exc
-        if status >= 500:
-            raise MarketingUnavailable(f"marketing system answered {status}")
-        return status, raw
+        return status, raw  # the callers hand any status they do not expect to `_refuse`
 
     @staticmethod
     def _refuse(status: int, raw: bytes) -> MarketingError:
         if status == 409:
             return MarketingConflict(_decode(raw))
-        if status in (408, 425, 429):  # timeout, too early, too many: temporary, try again
+        if status in (408, 425, 429) or status >= 500:
+            # timeout, too early, too many, or the server's own failure: try again later
             return MarketingUnavailable(f"marketing system answered {status}")
         if 400 <= status < 500:
             return MarketingRejected(status, _decode(raw))
@@ -485,11 +484,8 @@ class MarketingClient:
             if isinstance(answer, BaseException):
                 out.append(_unavailable(answer))
                 continue
-            status, raw = answer
             try:
-                if status >= 500:
-                    raise MarketingUnavailable(f"marketing system answered {status}")
-                out.append(self._posting_result(posting_id, status, raw))
+                out.append(self._posting_result(posting_id, *answer))
             except MarketingError as e:
                 out.append(e)
         return out
