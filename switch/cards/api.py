@@ -50,10 +50,14 @@ class Ctx:
     action: str = ""
     objects: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
-    #: the success entry was written inside the action's own transaction
-    audited: bool = False
-    #: the HTTP status that entry recorded, which `answer` gives the response
+    #: the HTTP status the success entry recorded, which `answer` gives the response; set
+    #: when that entry was written inside the action's own transaction
     status: int | None = None
+
+    @property
+    def audited(self) -> bool:
+        """The success entry was written inside the action's own transaction."""
+        return self.status is not None
 
     @property
     def pool(self) -> Any:
@@ -72,7 +76,6 @@ class Ctx:
             await oplog.append(conn, actor=self.user.username, action=self.action,
                                objects=self.objects,
                                result={"ok": True, "status": st, **self.result})
-            self.audited = True
             self.status = st
         return hook
 
