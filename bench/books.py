@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 
 from switch.business import filing_dates
+from switch.payments.ledger import ledger_dates
 
 __all__ = ["Books", "check_books", "wait_drained"]
 
@@ -96,8 +97,7 @@ async def check_books(database_url: str, marketing_url: str, approved: Iterable[
         if dead:
             problems.append(f"{dead} postings are dead letters")
         outbox = await con.fetch("SELECT posting_id, kind, amount FROM outbox")
-        dates = [d.isoformat() for d in filing_dates(r["d"] for r in await con.fetch(
-            "SELECT business_date AS d FROM payments UNION SELECT business_date FROM reversals"))]
+        dates = [d.isoformat() for d in filing_dates(await ledger_dates(con))]
         totals = await con.fetchrow(
             "SELECT coalesce(sum(amount) FILTER (WHERE reversed_at IS NULL), 0) AS net,"
             "       count(*) FILTER (WHERE reversed_at IS NOT NULL) AS reversed FROM payments")

@@ -25,6 +25,8 @@ import aiohttp
 import orjson
 
 from switch.business import filing_dates
+from switch.marketing_client import MarketingClient
+from switch.payments.ledger import ledger_dates
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "demo-password-1"  # noqa: S105 - the demo's throwaway users
@@ -269,16 +271,14 @@ class Demo:
             ids = [r["posting_id"] for r in await pool.fetch("SELECT posting_id FROM outbox")]
             n_pay = await pool.fetchval("SELECT count(*) FROM payments")
             n_rev = await pool.fetchval("SELECT count(*) FROM reversals")
-            dates = filing_dates(r["d"] for r in await pool.fetch(
-                "SELECT business_date AS d FROM payments UNION"
-                " SELECT business_date FROM reversals"))
+            dates = filing_dates(await ledger_dates(pool))
         finally:
             await pool.close()
         found: set[str] = set()
-        for d in dates:
-            async with s.get(self.ready["services"]["marketing"] + "/postings",
-                             params={"date": d.isoformat()}) as r:
-                found |= {p["posting_id"] for p in (await r.json())["postings"]}
+        async with MarketingClient.for_reconciliation(
+                self.ready["services"]["marketing"]) as marketing:
+            for d in dates:
+                found |= {rec.posting.posting_id for rec in await marketing.postings_for_date(d)}
         there = sum(pid in found for pid in ids)
         self.row("books", f"{n_pay} payments + {n_rev} reversals = {len(ids)} credits",
                  f"{there} in the marketing system, {pending} pending")

@@ -514,3 +514,10 @@ async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
     rec = await load_payment(con, payment_id)
     assert rec is not None
     return rec, True
+
+
+async def ledger_dates(conn: asyncpg.Pool | asyncpg.Connection) -> list[date]:
+    """The business dates the ledger holds a payment or a reversal on (see
+    `switch.business.filing_dates` for the billing system's dates to read with them)."""
+    return [r["d"] for r in await conn.fetch(
+        "SELECT business_date AS d FROM payments UNION SELECT business_date FROM reversals")]
