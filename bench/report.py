@@ -119,6 +119,10 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"{'':<28}inside the switch, mean: " + ", ".join(
                     f"{k} {v:g}" + ("" if k == "commit size" else " ms")
                     for k, v in inside.items()))
+            tail = _once(fig.get("switch_over"), printed)
+            if tail:
+                lines.append(f"{'':<28}inside the switch, share slower: " + ", ".join(
+                    f"{k} {v:g} %" for k, v in tail.items()))
     for pt in report.get("curve", []):
         ckpt = ", a checkpoint was writing" if pt.get("checkpoint_running") else ""
         ckpt += _vacuum(pt)

@@ -174,6 +174,7 @@ class Harness:
             activity = db_activity(db_before, db_after,
                                    sum(f["completed"] for f in figs.values()))
             inside = switch_activity(inside_before, inside_after)
+            tail = switch_tail(inside_before, inside_after)
             if len(figs) == 1 and activity.get("relay_backlog"):
                 f = next(iter(figs.values()))
                 if f.get("duration_s"):
@@ -183,9 +184,11 @@ class Harness:
                 f["db"] = activity
                 if inside:
                     f["switch"] = inside
+                if tail:
+                    f["switch_over"] = tail
         return figs, cpu_split(before, after, pool.pids)
 
-    async def switch_stats(self) -> dict[str, tuple[float, float]] | None:
+    async def switch_stats(self) -> Scrape | None:
         """The switch's own latency histograms (sum and count of each), from its /metrics."""
         port = self.stack.ports.get("http")
         if not port:
@@ -254,31 +257,65 @@ _INSIDE = {
 }
 
 
-def parse_histograms(text: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) per histogram of `_INSIDE`, over the label sets it selects."""
+# the tail the goals care about, read off the switch's own buckets: how many of each were
+# slower than a bucket bound (its buckets are too coarse for a percentile)
+_OVER = {"link request": 0.02, "http request": 0.02, "ivr turn": 0.02, "loop lag": 0.01}
+
+
+def parse_histograms(text: str) -> dict[str, tuple[float, float, float]]:
+    """(sum, count, count at most its `_OVER` bound) per histogram of `_INSIDE`, over the
+    label sets it selects (the third is 0 for a histogram without a bound)."""
     out: dict[str, list[float]] = {}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
         for shown, (metric, labels) in _INSIDE.items():
-            for suffix, i in (("_sum", 0), ("_count", 1)):
-                if line.startswith(metric + suffix) and labels in line:
-                    with contextlib.suppress(ValueError, IndexError):
-                        out.setdefault(shown, [0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
-    return {k: (v[0], v[1]) for k, v in out.items()}
+            if not line.startswith(metric) or labels not in line:
+                continue
+            rest = line[len(metric):]
+            bound = _OVER.get(shown)
+            if rest.startswith("_sum"):
+                i = 0
+            elif rest.startswith("_count"):
+                i = 1
+            elif bound is not None and rest.startswith("_bucket") and f'le="{bound}"' in rest:
+                i = 2
+            else:
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                out.setdefault(shown, [0.0, 0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
 
 
-def switch_activity(before: dict[str, tuple[float, float]] | None,
-                    after: dict[str, tuple[float, float]] | None) -> dict[str, float]:
+Scrape = dict[str, tuple[float, float, float]]
+
+
+def switch_activity(before: Scrape | None, after: Scrape | None) -> dict[str, float]:
     """Mean of each histogram over a phase: milliseconds (a size for `commit size`)."""
     if not before or not after:
         return {}
     out: dict[str, float] = {}
-    for k, (s1, c1) in after.items():
-        s0, c0 = before.get(k, (0.0, 0.0))
+    for k, (s1, c1, _) in after.items():
+        s0, c0, _ = before.get(k, (0.0, 0.0, 0.0))
         if c1 > c0:
             mean = (s1 - s0) / (c1 - c0)
             out[k] = round(mean if k == "commit size" else mean * 1000, 2)
+    return out
+
+
+def switch_tail(before: Scrape | None, after: Scrape | None) -> dict[str, float]:
+    """Per cent of each histogram's observations over a phase that were slower than its
+    `_OVER` bound: whether a latency tail seen by the clients was inside the switch."""
+    if not before or not after:
+        return {}
+    out: dict[str, float] = {}
+    for k, (_, c1, le1) in after.items():
+        if k not in _OVER:
+            continue
+        _, c0, le0 = before.get(k, (0.0, 0.0, 0.0))
+        if c1 > c0:
+            shown = f"{k} > {_OVER[k] * 1000:g} ms"
+            out[shown] = round(100 * ((c1 - c0) - (le1 - le0)) / (c1 - c0), 2)
     return out
 
 

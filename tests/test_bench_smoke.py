@@ -181,6 +181,35 @@ def test_switch_activity_from_two_scrapes() -> None:
     assert switch_activity(None, after) == {}
 
 
+def test_switch_tail_from_bucket_counts() -> None:
+    from bench.scenarios import parse_histograms, switch_tail
+
+    def scrape(n: int, fast: int, lag_n: int, lag_fast: int) -> str:
+        # two label sets of the link histogram (summed), and a bucket bound we do not read
+        lines = []
+        for mti in ("0200", "0800"):
+            lines += [
+                f'gridpay_link_request_seconds_bucket{{institution="B1",mti="{mti}",le="0.01"}} 1',
+                f'gridpay_link_request_seconds_bucket{{institution="B1",mti="{mti}",le="0.02"}} '
+                f"{fast}",
+                f'gridpay_link_request_seconds_sum{{institution="B1",mti="{mti}"}} 1.5',
+                f'gridpay_link_request_seconds_count{{institution="B1",mti="{mti}"}} {n}',
+            ]
+        lines += [f'gridpay_event_loop_lag_seconds_bucket{{le="0.01"}} {lag_fast}',
+                  f"gridpay_event_loop_lag_seconds_count {lag_n}",
+                  "gridpay_event_loop_lag_seconds_sum 0.1",
+                  'gridpay_http_request_seconds_bucket{route="/metrics",le="0.02"} 0',
+                  f'gridpay_http_request_seconds_count{{route="/metrics"}} {n}']
+        return "\n".join(lines) + "\n"
+
+    before = parse_histograms(scrape(100, 100, 10, 10))
+    after = parse_histograms(scrape(600, 590, 210, 209))
+    # 1000 link requests in the phase (two label sets), 980 of them within 20 ms: 2 % slower;
+    # 200 lag readings, one over 10 ms; the scrapes' own /metrics requests are not counted
+    assert switch_tail(before, after) == {"link request > 20 ms": 2.0, "loop lag > 10 ms": 0.5}
+    assert switch_tail(before, None) == {}
+
+
 def test_phase_db_activity_from_two_readings() -> None:
     from bench.scenarios import db_activity
 
