@@ -18,7 +18,8 @@ most `max_body` bytes of it (a server that sends more fails the request, and its
 closed: an answer is held in memory whole, so its size is bounded).
 A connection on which a request fails or times out is closed (its state is unknown). A request
 that got no byte of its answer because the server closed the connection (a kept-alive
-connection closed meanwhile, or one the server closed after an earlier answer in the pipeline)
+connection closed meanwhile, or one the server closed after an earlier answer in the pipeline,
+or one behind an answer that said `Connection: close`, whose connection we close at once)
 is sent once more on another connection, which is safe only for requests the server treats
 idempotently (postings are, by their posting id; reads are).
 """
@@ -146,6 +147,12 @@ class _Conn(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.last_call = True
         self._complete(status)
+        if self.last_call and self.waiters and self.transport is not None:
+            # The server said it would close after this answer, so it reads nothing after
+            # it (RFC 9112, 9.6): the requests behind it were never begun. They go again on
+            # another connection now (the close makes them unanswered), instead of waiting
+            # for a close the server may be slow to make, or their timeout.
+            self.transport.close()
 
     def _complete(self, status: int) -> None:
         body, self.body = b"".join(self.body), []

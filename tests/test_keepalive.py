@@ -325,6 +325,44 @@ async def test_requests_behind_an_answer_the_server_closed_after_are_sent_again(
         await _stop(server)
 
 
+@pytest.mark.parametrize("batch", [False, True])
+async def test_requests_behind_a_connection_close_answer_go_again_without_waiting(
+        batch: bool) -> None:
+    # the first connection answers its first request with "Connection: close" and then
+    # neither closes nor reads: the requests written behind it will never be answered there
+    connections = 0
+
+    async def close_said_not_done(reader: asyncio.StreamReader,
+                                  writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            body = (await _read_bodies(reader))[0]
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await asyncio.sleep(30)  # ended when the test stops the server
+            return
+        await _answer_in_order(reader, writer, reads=[])
+
+    server, port = await _raw_server(close_said_not_done)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=5.0, pipeline=4)
+    try:
+        bodies = [b"%d" % i for i in range(4)]
+        started = time.monotonic()
+        if batch:
+            results = await pool.request_many("POST", "/x", bodies, window=4)
+        else:
+            results = list(await asyncio.gather(
+                *(pool.request("POST", "/x", b) for b in bodies)))
+        assert results == [(200, b) for b in bodies]
+        # those behind the first went at once on a new connection, not after the timeout
+        assert time.monotonic() - started < 1.0 and connections == 2
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
 async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misread() -> None:
     async def first_never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = await reader.read(65536)
