@@ -238,6 +238,7 @@ class RedisPipe:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        proto: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, proto = await loop.create_connection(lambda: _Protocol(self), self.host,
@@ -255,11 +256,17 @@ class RedisPipe:
                     futs.append(fut)
                 for fut in futs:
                     await fut
-        except RedisReplyError as e:
-            raise self._down(f"Redis refused the connection setup: {e}") from None
-        except (OSError, TimeoutError) as e:
-            raise self._down(f"cannot connect to Redis at {self.host}:{self.port}: "
-                             f"{type(e).__name__}") from None
+        except BaseException as e:
+            if proto is not None:
+                # connected, but the setup did not complete (refused, timed out, cancelled):
+                # the socket is closed here, or every failed attempt would leave one open
+                proto.abort(RedisUnavailable("the connection setup did not complete"))
+            if isinstance(e, RedisReplyError):
+                raise self._down(f"Redis refused the connection setup: {e}") from None
+            if isinstance(e, OSError | TimeoutError):
+                raise self._down(f"cannot connect to Redis at {self.host}:{self.port}: "
+                                 f"{type(e).__name__}") from None
+            raise
         self._down_until = 0.0
         self._proto = proto
         if self._watchdog is None:

@@ -159,11 +159,13 @@ async def test_after_a_failed_connect_commands_fail_at_once_until_the_retry_time
     # a server that takes the connection and never answers its AUTH: each attempt to connect
     # times out, the way an unreachable Redis behaves behind a dropped network
     attempts: list[int] = []
+    hung_up: list[int] = []  # connections the client closed
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         attempts.append(1)
         with contextlib.suppress(Exception):
             await reader.read()
+        hung_up.append(1)
         writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -175,6 +177,12 @@ async def test_after_a_failed_connect_commands_fail_at_once_until_the_retry_time
         with pytest.raises(RedisUnavailable, match="TimeoutError"):
             await p.execute("PING")
         assert time.monotonic() - started >= 0.3 and attempts == [1]
+        # the half-set-up connection was closed, not left open (one more each attempt)
+        for _ in range(100):
+            if hung_up:
+                break
+            await asyncio.sleep(0.01)
+        assert hung_up == [1]
         # within the retry time: at once, and without trying again
         started = time.monotonic()
         for _ in range(20):
