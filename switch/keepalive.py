@@ -205,6 +205,14 @@ class _Conn(asyncio.Protocol):
         self._fail(ConnectionResetError("the connection was closed"))
 
 
+def _carries(conn: _Conn) -> bool:
+    """Whether a request still waits for its answer on `conn`. Requests given up behind a
+    live head stay in its line (their answers are read and dropped in turn) but wait for
+    nothing: a connection that carries only those is closed like an idle one when it has to
+    go, or nothing would ever close it."""
+    return any(not w.done() for w in conn.waiters)
+
+
 class KeepAlivePool:
     """Up to `size` kept-alive connections to one `http://` origin, each carrying up to
     `pipeline` requests at once."""
@@ -367,7 +375,7 @@ class KeepAlivePool:
             # answered as lost. A request given up behind a live head stays in line as done,
             # its answer dropped in turn, so that one slow request does not fail the others.
             conn.abort()
-        if (conn.closed or self._closed or conn.last_call) and not conn.waiters:
+        if (conn.closed or self._closed or conn.last_call) and not _carries(conn):
             self._discard(conn)
         elif ok and conn in self._conns and len(self._conns) > 1:
             # most recently used last: an idle connection is reused before an older one
@@ -394,7 +402,7 @@ class KeepAlivePool:
 
     async def close(self) -> None:
         self._closed = True
-        for conn in [c for c in self._conns if not c.waiters]:
+        for conn in [c for c in self._conns if not _carries(c)]:
             self._discard(conn)  # those in use are closed as their last request ends
         while self._waiters:
             w = self._waiters.popleft()

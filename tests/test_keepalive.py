@@ -432,18 +432,23 @@ async def test_a_close_delimited_answer_read_with_the_end_of_the_one_before_is_k
 async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_connection(
 ) -> None:
     connection = 0
+    hung_up = 0  # connections the client closed
 
     async def first_stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connection
+        nonlocal connection, hung_up
         connection += 1
         mine = connection
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if mine == 1 and b"/warm" not in head:
-                continue  # the first connection stops answering after its warm-up
-            path = head.split(b" ")[1]
-            await asyncio.sleep(0.3)  # the others answer, slowly, in order
-            writer.write(_ok(path))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if mine == 1 and b"/warm" not in head:
+                    continue  # the first connection stops answering after its warm-up
+                path = head.split(b" ")[1]
+                await asyncio.sleep(0.3)  # the others answer, slowly, in order
+                writer.write(_ok(path))
+        except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
+            hung_up += 1  # (RuntimeError: writing to a transport the client closed)
+            raise
 
     server, port = await _raw_server(first_stuck)
     pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=0.5, pipeline=4)
@@ -461,6 +466,14 @@ async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_con
             later("/healthy", 0.4), return_exceptions=True)
         assert all(isinstance(r, TimeoutError) for r in results[:4]), results
         assert results[4] == (200, b"/healthy")
+        # the second connection now carries only requests given up (sent again there after
+        # the first was closed, and timed out): closing the pool closes it too
+        await pool.close()
+        for _ in range(200):
+            if hung_up == connection:
+                break
+            await asyncio.sleep(0.01)
+        assert (connection, hung_up) == (2, 2)
     finally:
         await pool.close()
         await _stop(server)
