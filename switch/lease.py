@@ -139,6 +139,8 @@ class Lease:
         self._changed = asyncio.Event()
         self._handing_over: asyncio.Task[bool] | None = None
         self._hold_off_until = 0.0  # monotonic: before it, do not try to take the lease
+        self._idle = asyncio.Event()  # clear while a tick (and the hooks it runs) is under way
+        self._idle.set()
 
     @property
     def is_active(self) -> bool:
@@ -166,6 +168,7 @@ class Lease:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.renew_s if self.role is Role.ACTIVE else self.renew_s / 2)
+            self._idle.clear()
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -174,6 +177,24 @@ class Lease:
                 log.warning("lease tick failed", extra={"error": type(e).__name__})
                 if self.role is Role.ACTIVE and time.monotonic() >= self._valid_until:
                     await self.demote("lease could not be renewed")
+            finally:
+                self._idle.set()
+
+    async def halt(self) -> None:
+        """Stop the background renewal, after the tick under way: an activation (or a
+        demotion) it began runs its hooks to the end. Cancelled halfway, an activation could
+        open the link listeners after the stopping node had already closed them, and nothing
+        would close them again."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not task.done():
+            # bounded: the tick's own statements time out well within this
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(5.0, 2 * self.ttl_s))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _tick(self) -> None:
         started = time.monotonic()
@@ -273,10 +294,7 @@ class Lease:
         return row is not None
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.halt()
         if self._handing_over is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._handing_over), self.ttl_s)

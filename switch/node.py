@@ -207,6 +207,7 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        await self.lease.halt()  # an activation under way finishes first, then is undone here
         if self._demotion is not None:
             with contextlib.suppress(Exception):
                 await self._demotion

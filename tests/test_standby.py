@@ -197,6 +197,35 @@ async def test_a_lease_lost_while_the_node_stops_runs_the_standby_hooks_once(
         assert a._demotion is None or a._demotion.done()
 
 
+async def test_a_node_stopped_while_it_takes_over_leaves_no_listener_open(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a:
+        async with running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                                wait_active=False, GRIDPAY_LEASE_TTL_S=TTL_S,
+                                GRIDPAY_LEASE_RENEW_S=RENEW_S) as b:
+            assert b.role is Role.STANDBY
+
+            async def slow_activation() -> None:  # before the links open
+                await asyncio.sleep(0.2)
+
+            async def slow_demotion() -> None:  # after the links close
+                await asyncio.sleep(0.5)
+
+            b.hooks.on_active.insert(0, slow_activation)
+            b.hooks.on_standby.append(slow_demotion)
+            await a.stop()
+            # the role is active before its hooks have run: node-b is stopped mid-activation
+            await _wait(lambda: b.is_active, 5, "node-b takes over")
+        links = b.components["links"]
+        left_open = [name for name, listener in links.items() if listener.server is not None]
+        for name in left_open:
+            await links[name].stop(0)
+        # the activation finished before the node stood down, so its listeners were closed
+        # too (they used to open after the demotion had closed them, and stay open)
+        assert left_open == []
+
+
 async def test_paused_holder_mid_write_is_cut_off(clean_db: str, clean_redis: str, sims: Sims,
                                                   tmp_path: Path) -> None:
     """The holder froze inside a fenced transaction (share lock on the lease row): the node
