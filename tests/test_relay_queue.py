@@ -8,10 +8,9 @@ from typing import Any
 
 import asyncpg
 import orjson
-import pytest
 
 from switch import db
-from switch.payments.forwarder import _DUE, _DUE_AFTER, _FAILED, _SENT, RELAY_SERVER_SETTINGS
+from switch.payments.forwarder import _DUE, _DUE_AFTER, RELAY_SERVER_SETTINGS
 
 _BACKLOG = """
 WITH k AS (
@@ -95,7 +94,10 @@ async def test_the_relays_connections_read_off_the_index_when_the_statistics_say
     await pool.execute("UPDATE outbox SET state = 'sent'")
     await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
                                         "generate_series(100001, 100000 + $1)"), 10000)
-    await _clear_outbox_stats(pool)
+    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
+    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
+                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
+                       "   AND NOT attisdropped")
 
     async def plan(p: asyncpg.Pool) -> tuple[list[str], list[dict[str, Any]]]:
         raw = await p.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_DUE}", 256)
@@ -117,97 +119,6 @@ async def test_the_relays_connections_read_off_the_index_when_the_statistics_say
              and n["Node Type"].startswith("Index")]
     assert scans and scans[0]["Index Name"] == "outbox_pending", kinds
     assert scans[0]["Actual Rows"] <= 256, scans[0]["Actual Rows"]
-
-
-async def _clear_outbox_stats(pool: asyncpg.Pool) -> None:
-    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
-    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
-                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
-                       "   AND NOT attisdropped")
-
-
-def _sent_args(rows: list[Any]) -> list[Any]:
-    # every row its own balances after, so that a mix-up between rows shows
-    return [[r["id"] for r in rows], {str(r["id"]): (r["id"] * 10, r["id"] * 10 + 1) for r in rows}]
-
-
-def _failed_args(rows: list[Any]) -> list[Any]:
-    # every third refused (a dead letter at once), the rest to be retried after id % 50 s
-    return [[r["id"] for r in rows],
-            {str(r["id"]): (f"error {r['id']}", float(r["id"] % 50), r["id"] % 3 == 0)
-             for r in rows}, 86400.0]
-
-
-async def test_the_marks_read_only_their_own_rows_whatever_the_statistics_say(
-        pool: asyncpg.Pool, clean_db: str) -> None:
-    # 20 000 postings forwarded and the table analyzed then (the queue empty), then 10 000
-    # more due: the statistics make pending rows look rare, as after the billing system has
-    # been down. A mark joined to its arrays was planned as a hash of every pending row (or
-    # rescanned the arrays once per row); each mark must look up its own rows by key.
-    await pool.execute(_BACKLOG, 20000)
-    await pool.execute("UPDATE outbox SET state = 'sent'")
-    await pool.execute("ANALYZE outbox")
-    await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
-                                        "generate_series(100001, 100000 + $1)"), 10000)
-    epoch = await pool.fetchval("SELECT epoch FROM node_lease")
-    relay = await db.create_pool(clean_db, min_size=1, max_size=1,
-                                 server_settings=dict(RELAY_SERVER_SETTINGS))
-    try:
-        for state in ("analyzed with the queue empty", "cleared", "analyzed with a backlog"):
-            if state == "cleared":
-                await _clear_outbox_stats(pool)
-            elif state == "analyzed with a backlog":
-                await pool.execute("ANALYZE outbox")
-            await relay.expire_connections()  # plans made afresh
-            rows = await relay.fetch(_DUE, 256)
-            assert len(rows) == 256
-            for name, sql, args in (("sent", _SENT, _sent_args(rows)),
-                                    ("failed", _FAILED, _failed_args(rows))):
-                async with relay.acquire() as con:
-                    for _ in range(7):  # the first plans are custom ones, then a generic one
-                        tr = con.transaction()
-                        await tr.start()
-                        try:
-                            raw = await con.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}",
-                                                     *args, epoch)
-                        finally:
-                            await tr.rollback()
-                        nodes = _nodes(orjson.loads(raw)[0]["Plan"])
-                        on_outbox = [n for n in nodes if n.get("Relation Name") == "outbox"]
-                        kinds = [n["Node Type"] for n in nodes]
-                        assert [(n["Node Type"], n.get("Index Name")) for n in on_outbox] == [
-                            ("ModifyTable", None), ("Index Scan", "outbox_pkey")], (
-                            state, name, kinds)
-                        assert on_outbox[1]["Actual Rows"] == 256, (state, name)
-                        assert "Function Scan" not in kinds and "Hash" not in kinds, kinds
-    finally:
-        await relay.close()
-
-    # and they write what they should, each row its own values
-    rows = await pool.fetch(_DUE, 300)
-    sent, failed = rows[:150], rows[150:]
-    await pool.execute(_SENT, *_sent_args(sent), epoch)
-    await pool.execute(_FAILED, *_failed_args(failed), epoch)
-    got = {r["id"]: r for r in await pool.fetch(
-        "SELECT id, state, attempts, arrears_after, prepaid_after, last_error,"
-        "       extract(epoch FROM next_attempt_at - now())::float8 AS wait_s"
-        "  FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])}
-    for r in sent:
-        g = got[r["id"]]
-        assert (g["state"], g["attempts"], g["last_error"]) == ("sent", 1, None)
-        assert (g["arrears_after"], g["prepaid_after"]) == (r["id"] * 10, r["id"] * 10 + 1)
-    for r in failed:
-        g = got[r["id"]]
-        assert g["state"] == ("dead" if r["id"] % 3 == 0 else "pending"), r["id"]
-        assert (g["attempts"], g["last_error"]) == (1, f"error {r['id']}")
-        assert abs(g["wait_s"] - r["id"] % 50) < 1.0, (r["id"], g["wait_s"])
-    # a row no longer pending is left alone, and a stale epoch is refused
-    await pool.execute(_SENT, [sent[0]["id"]], {str(sent[0]["id"]): (1, 2)}, epoch)
-    assert await pool.fetchval("SELECT arrears_after FROM outbox WHERE id = $1",
-                               sent[0]["id"]) == sent[0]["id"] * 10
-    with pytest.raises(asyncpg.PostgresError) as e:
-        await pool.execute(_SENT, *_sent_args(failed), epoch + 1)
-    assert db.is_fenced(e.value)
 
 
 async def _stale_reads_after_cancelled_prepares(url: str, *, reset_on_release: bool) -> int:

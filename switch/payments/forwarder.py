@@ -70,42 +70,30 @@ RELAY_SERVER_SETTINGS: Final = {"enable_bitmapscan": "off"}
 # posting passed over (a reversal whose original was not yet marked) waits one round at most
 MAX_BATCHES_PER_ROUND = 8
 
-# The two marks name their rows by primary key (`id = ANY`) and carry each row's values in
-# a jsonb object keyed by id, so that the statement reads nothing but those rows whatever
-# the statistics say. Joined to `unnest` of arrays, the planner could take the join's outer
-# side from `outbox_pending` (every pending row, hashed) when the statistics make pending
-# rows look rare (cleared, or taken with the queue empty), or rescan the arrays once per
-# row. `state || ''` keeps the pending check out of the partial index's reach for the same
-# reason: it is a filter on the rows found, not a way to find them.
-# tests/test_relay_queue.py checks the plans in each statistics state.
-
 # every posting of a round that the marketing system accepted, marked in one statement
-# (one round trip, its own transaction), fenced by this node's epoch;
-# $2: {id: [arrears_after, prepaid_after]}
+# (one round trip, its own transaction), fenced by this node's epoch
 _SENT = """
-WITH fence AS (SELECT gridpay_fence($3::bigint))
+WITH fence AS (SELECT gridpay_fence($4::bigint))
 UPDATE outbox o
    SET state = 'sent', sent_at = now(), attempts = o.attempts + 1, last_error = NULL,
-       arrears_after = ($2::jsonb -> o.id::text ->> 0)::bigint,
-       prepaid_after = ($2::jsonb -> o.id::text ->> 1)::bigint
-  FROM fence
- WHERE o.id = ANY($1::bigint[]) AND o.state || '' = 'pending'
+       arrears_after = u.arrears, prepaid_after = u.prepaid
+  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, arrears, prepaid), fence
+ WHERE o.id = u.id AND o.state = 'pending'
 """
 
 # postings that failed, each retried later with its own backoff or made a dead letter (a
-# refusal at once, any failure after `dead_letter_after_s`); one statement, fenced like _SENT;
-# $2: {id: [error, backoff_s, permanent]}
+# refusal at once, any failure after `dead_letter_after_s`); one statement, fenced like _SENT
 _FAILED = """
-WITH fence AS (SELECT gridpay_fence($4::bigint))
+WITH fence AS (SELECT gridpay_fence($6::bigint))
 UPDATE outbox o
-   SET attempts = o.attempts + 1, last_error = $2::jsonb -> o.id::text ->> 0,
-       next_attempt_at = now() + make_interval(
-           secs => ($2::jsonb -> o.id::text ->> 1)::float8),
-       state = CASE WHEN ($2::jsonb -> o.id::text ->> 2)::boolean
-                         OR coalesce(o.retried_at, o.created_at) < now() - make_interval(secs => $3)
+   SET attempts = o.attempts + 1, last_error = u.error,
+       next_attempt_at = now() + make_interval(secs => u.backoff),
+       state = CASE WHEN u.permanent OR coalesce(o.retried_at, o.created_at)
+                                 < now() - make_interval(secs => $5)
                     THEN 'dead' ELSE 'pending' END
-  FROM fence
- WHERE o.id = ANY($1::bigint[]) AND o.state || '' = 'pending'
+  FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
+       AS u(id, error, backoff, permanent), fence
+ WHERE o.id = u.id AND o.state = 'pending'
 """
 
 
@@ -246,11 +234,10 @@ class Forwarder:
         # One fenced transaction (one commit) for the whole batch. A crash before it commits
         # only means these postings are sent again: the marketing system answers a repeated
         # posting id with the stored result, so the credit still happens once.
-        await self.pool.execute(
-            _SENT, [row["id"] for row, _ in accepted],
-            {str(row["id"]): (res.arrears_after, res.prepaid_balance_after)
-             for row, res in accepted},
-            self.epoch())
+        await self.pool.execute(_SENT, [row["id"] for row, _ in accepted],
+                                [res.arrears_after for _, res in accepted],
+                                [res.prepaid_balance_after for _, res in accepted],
+                                self.epoch())
         self.metrics.child(self.metrics.forwarded, "sent").inc(len(accepted))
 
     def _backoff(self, attempts: int) -> float:
@@ -260,10 +247,10 @@ class Forwarder:
     async def _failed(self, failed: list[tuple[Any, str, bool]]) -> None:
         """Record failed postings (row, error, permanent) in one fenced statement."""
         await self.pool.execute(
-            _FAILED, [row["id"] for row, _, _ in failed],
-            {str(row["id"]): (error[:500], self._backoff(row["attempts"]), permanent)
-             for row, error, permanent in failed},
-            self.settings.dead_letter_after_s, self.epoch())
+            _FAILED, [row["id"] for row, _, _ in failed], [e[:500] for _, e, _ in failed],
+            [self._backoff(row["attempts"]) for row, _, _ in failed],
+            [permanent for _, _, permanent in failed], self.settings.dead_letter_after_s,
+            self.epoch())
 
 
 async def retry_dead_letters(pool: asyncpg.Pool) -> int:
