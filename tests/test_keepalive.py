@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -60,6 +62,18 @@ async def _stop(server: asyncio.Server) -> None:
     await asyncio.sleep(0.05)  # the handlers' writers close
 
 
+@contextlib.asynccontextmanager
+async def _served(handler: Handler, **pool_args: Any) -> AsyncIterator[KeepAlivePool]:
+    """A pool (`pool_args`) to a raw server answering with `handler`; both closed after."""
+    server, port = await _raw_server(handler)
+    pool = KeepAlivePool(f"http://127.0.0.1:{port}", **pool_args)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        await _stop(server)
+
+
 def _content_length(head: bytes) -> int:
     return next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                  if line.lower().startswith(b"content-length:")), 0)
@@ -107,16 +121,11 @@ async def test_a_connection_the_server_closed_is_replaced_once() -> None:
         await writer.drain()
         await asyncio.sleep(0.05)  # says keep-alive, then closes while the client is idle
 
-    server, port = await _raw_server(one_then_close)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
-    try:
+    async with _served(one_then_close, size=1, timeout_s=2.0) as pool:
         for i in range(4):
             assert await pool.request("POST", "/x", b"%d" % i) == (200, b"%d" % i)
             await asyncio.sleep(0.1)
         assert served == 4
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_server_that_does_not_answer_times_out_and_frees_the_slot() -> None:
@@ -148,14 +157,9 @@ async def test_garbage_and_refused_connections_are_connection_errors() -> None:
         await writer.drain()
         await asyncio.sleep(0.2)
 
-    server, port = await _raw_server(garbage)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=1.0)
-    try:
+    async with _served(garbage, size=2, timeout_s=1.0) as pool:
         with pytest.raises(HttpStatusError, match="malformed"):
             await pool.request("POST", "/x", b"{}")
-    finally:
-        await pool.close()
-        await _stop(server)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
@@ -192,14 +196,9 @@ async def test_an_interim_answer_is_skipped_and_never_handed_to_the_next_request
             writer.write(_ok(path))
             await writer.drain()
 
-    server, port = await _raw_server(handler)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
-    try:
+    async with _served(handler, size=1, timeout_s=2.0) as pool:
         for path in ("/accounts/1", "/accounts/2", "/accounts/3"):  # one connection, in turn
             assert await pool.request("GET", path) == (200, path.encode())
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
@@ -210,13 +209,8 @@ async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
         await writer.drain()
         writer.close()
 
-    server, port = await _raw_server(handler)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0)
-    try:
+    async with _served(handler, size=1, timeout_s=2.0) as pool:
         assert await pool.request("GET", "/x") == (200, b'{"ok": true}')
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 # --- pipelining -------------------------------------------------------------------------------
@@ -284,9 +278,7 @@ async def test_pipelined_requests_share_one_write_and_come_back_in_order() -> No
         peers += 1
         await _answer_in_order(reader, writer, reads=reads)
 
-    server, port = await _raw_server(serve)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=2.0, pipeline=8)
-    try:
+    async with _served(serve, size=2, timeout_s=2.0, pipeline=8) as pool:
         bodies = [b"%d" % i for i in range(16)]
         results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
         assert results == [(200, b) for b in bodies]  # each answer to its own request
@@ -298,9 +290,6 @@ async def test_pipelined_requests_share_one_write_and_come_back_in_order() -> No
         results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
         assert results == [(200, b) for b in bodies] and peers == 2
         assert max(reads) <= 8
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_requests_behind_an_answer_the_server_closed_after_are_sent_again() -> None:
@@ -311,18 +300,13 @@ async def test_requests_behind_an_answer_the_server_closed_after_are_sent_again(
                              ) -> None:
         await _answer_in_order(reader, writer, reads=reads, close_after=2)
 
-    server, port = await _raw_server(two_then_close)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
-    try:
+    async with _served(two_then_close, size=1, timeout_s=2.0, pipeline=4) as pool:
         bodies = [b"%d" % i for i in range(4)]
         results = await asyncio.gather(*(pool.request("POST", "/x", b) for b in bodies))
         seen = [body for _, body in results]
         # the first two were answered on the first connection; the two the server never
         # answered went again on a new one
         assert seen == bodies and reads[0] == 4
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -345,9 +329,7 @@ async def test_requests_behind_a_connection_close_answer_go_again_without_waitin
             return
         await _answer_in_order(reader, writer, reads=[])
 
-    server, port = await _raw_server(close_said_not_done)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=5.0, pipeline=4)
-    try:
+    async with _served(close_said_not_done, size=1, timeout_s=5.0, pipeline=4) as pool:
         bodies = [b"%d" % i for i in range(4)]
         started = time.monotonic()
         if batch:
@@ -358,9 +340,6 @@ async def test_requests_behind_a_connection_close_answer_go_again_without_waitin
         assert results == [(200, b) for b in bodies]
         # those behind the first went at once on a new connection, not after the timeout
         assert time.monotonic() - started < 1.0 and connections == 2
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misread() -> None:
@@ -375,9 +354,7 @@ async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misr
         await writer.drain()
         await asyncio.sleep(1)
 
-    server, port = await _raw_server(first_never)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=0.3, pipeline=3)
-    try:
+    async with _served(first_never, size=1, timeout_s=0.3, pipeline=3) as pool:
         async def later(body: bytes) -> tuple[int, bytes]:
             await asyncio.sleep(0.15)  # pipelined behind "slow", with a later deadline
             return await pool.request("POST", "/x", body)
@@ -389,9 +366,6 @@ async def test_a_timeout_in_a_pipeline_closes_the_connection_and_nothing_is_misr
         # the ones behind it got no answer on that connection: sent once more on a fresh
         # one, within their own deadline, and answered there with their own bodies
         assert list(results[1:]) == [(200, b"a"), (200, b"b")]
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 def test_pipeline_must_be_positive() -> None:
@@ -418,15 +392,10 @@ async def test_a_close_delimited_answer_read_with_the_end_of_the_one_before_is_k
                      b"HTTP/1.1 200 OK\r\n\r\nclose-delimited-B")
         await writer.drain()
 
-    server, port = await _raw_server(two_then_close)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=2)
-    try:
+    async with _served(two_then_close, size=1, timeout_s=2.0, pipeline=2) as pool:
         results = await asyncio.gather(pool.request("GET", "/a"), pool.request("GET", "/b"))
         assert list(results) == [(200, b"A1"), (200, b"close-delimited-B")]
         assert served == 1  # read whole, not taken for unanswered and sent again
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_connection(
@@ -450,14 +419,12 @@ async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_con
             hung_up += 1  # (RuntimeError: writing to a transport the client closed)
             raise
 
-    server, port = await _raw_server(first_stuck)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=0.5, pipeline=4)
+    async with _served(first_stuck, size=2, timeout_s=0.5, pipeline=4) as pool:
 
-    async def later(path: str, delay: float) -> tuple[int, bytes]:
-        await asyncio.sleep(delay)
-        return await pool.request("GET", path)
+        async def later(path: str, delay: float) -> tuple[int, bytes]:
+            await asyncio.sleep(delay)
+            return await pool.request("GET", path)
 
-    try:
         assert await pool.request("GET", "/warm") == (200, b"/warm")
         # four requests fill the stuck connection; a fifth goes to a new one and is doing
         # fine there when the stuck ones time out and are sent again beside it
@@ -474,9 +441,6 @@ async def test_a_request_given_up_behind_a_stuck_one_does_not_fail_a_healthy_con
                 break
             await asyncio.sleep(0.01)
         assert (connection, hung_up) == (2, 2)
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 # --- batches (request_many) -------------------------------------------------------------------
@@ -498,9 +462,7 @@ async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in
             outstanding -= len(bodies)
             await writer.drain()
 
-    server, port = await _raw_server(serve)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=2, timeout_s=2.0, pipeline=8)
-    try:
+    async with _served(serve, size=2, timeout_s=2.0, pipeline=8) as pool:
         bodies = [b"%d" % i for i in range(200)]
         assert await pool.request_many("POST", "/x", bodies, window=12) == \
             [(201, b) for b in bodies]
@@ -511,9 +473,6 @@ async def test_a_batch_comes_back_in_order_and_never_has_more_than_its_window_in
         assert await pool.request_many("POST", "/x", [], window=4) == []
         with pytest.raises(ValueError):
             await pool.request_many("POST", "/x", [b"1"], window=0)
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_rest_go_again(
@@ -532,9 +491,7 @@ async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_re
             writer.write(out)
             await writer.drain()
 
-    server, port = await _raw_server(stuck_at_slow)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=0.3, pipeline=4)
-    try:
+    async with _served(stuck_at_slow, size=1, timeout_s=0.3, pipeline=4) as pool:
         bodies = [b"a", b"b", b"slow", b"c", b"d", b"e", b"f"]
         started = time.monotonic()
         results = await pool.request_many("POST", "/x", bodies, window=4)
@@ -546,9 +503,6 @@ async def test_a_batch_request_that_times_out_fails_those_written_with_it_the_re
         assert isinstance(results[2], TimeoutError) and isinstance(results[3], TimeoutError)
         assert results[4:] == [(200, b"d"), (200, b"e"), (200, b"f")]
         assert time.monotonic() - started < 1.5
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_batch_behind_an_answer_the_server_closed_after_is_sent_again_once(
@@ -559,18 +513,13 @@ async def test_a_batch_behind_an_answer_the_server_closed_after_is_sent_again_on
                              ) -> None:
         await _answer_in_order(reader, writer, reads=reads, close_after=3)
 
-    server, port = await _raw_server(three_then_close)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
-    try:
+    async with _served(three_then_close, size=1, timeout_s=2.0, pipeline=4) as pool:
         bodies = [b"%d" % i for i in range(5)]
         # the first connection carried four and answered three: the fourth (and the fifth,
         # if it was written before the close was seen) went once more on a new one
         assert await pool.request_many("POST", "/x", bodies, window=4) == \
             [(200, b) for b in bodies]
         assert reads[0] == 4 and len(reads) >= 2
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_batch_request_the_server_never_answers_is_written_twice_at_most() -> None:
@@ -583,18 +532,13 @@ async def test_a_batch_request_the_server_never_answers_is_written_twice_at_most
         writer.write(_ok(bodies[0]))
         await writer.drain()
 
-    server, port = await _raw_server(one_then_close)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
-    try:
+    async with _served(one_then_close, size=1, timeout_s=2.0, pipeline=4) as pool:
         bodies = [b"0", b"1", b"2", b"3"]
         results = await pool.request_many("POST", "/x", bodies, window=4)
         assert results[0] == (200, b"0") and results[1] == (200, b"1")
         # "2" and "3" were unanswered twice: they fail, said as a reset connection
         assert all(type(r) is ConnectionResetError for r in results[2:]), results
         assert seen == {b"0": 1, b"1": 2, b"2": 2, b"3": 2}, seen
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_batch_sharing_its_pool_with_single_requests_waits_its_turn_not_fails(
@@ -611,29 +555,26 @@ async def test_a_batch_sharing_its_pool_with_single_requests_waits_its_turn_not_
             writer.write(_ok(body))
             await writer.drain()
 
-    server, port = await _raw_server(serve)
     # one request per connection (no pipelining): the lookups and the batch share 4
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=4, timeout_s=0.3, pipeline=1)
-    stop = False
+    async with _served(serve, size=4, timeout_s=0.3, pipeline=1) as pool:
+        stop = False
 
-    async def lookups() -> None:
-        while not stop:
-            assert await pool.request("GET", "/accounts") == (200, b"")
+        async def lookups() -> None:
+            while not stop:
+                assert await pool.request("GET", "/accounts") == (200, b"")
 
-    looking = asyncio.ensure_future(lookups())
-    try:
-        await asyncio.sleep(0.05)
-        bodies = [b"%d" % i for i in range(100)]
-        # the batch's wait for a connection is not one request's deadline: while its own
-        # requests are answered, it goes on writing into the room they free
-        assert await pool.request_many("POST", "/postings", bodies, window=4) == \
-            [(200, b) for b in bodies]
-        assert posted == 100
-    finally:
-        stop = True
-        await looking
-        await pool.close()
-        await _stop(server)
+        looking = asyncio.ensure_future(lookups())
+        try:
+            await asyncio.sleep(0.05)
+            bodies = [b"%d" % i for i in range(100)]
+            # the batch's wait for a connection is not one request's deadline: while its
+            # own requests are answered, it goes on writing into the room they free
+            assert await pool.request_many("POST", "/postings", bodies, window=4) == \
+                [(200, b) for b in bodies]
+            assert posted == 100
+        finally:
+            stop = True
+            await looking
 
 
 async def test_a_connection_that_cannot_be_opened_does_not_fail_a_batch_that_moves(
@@ -705,9 +646,7 @@ async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
             writer.write(b"".join(_ok(b) for b in bodies))
             await writer.drain()
 
-    server, port = await _raw_server(hang_on_some)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=3.0, pipeline=4)
-    try:
+    async with _served(hang_on_some, size=1, timeout_s=3.0, pipeline=4) as pool:
         batch = asyncio.ensure_future(
             pool.request_many("POST", "/x", [b"hang", b"x", b"y"], window=4))
         await asyncio.sleep(0.2)
@@ -719,9 +658,6 @@ async def test_a_batch_given_up_leaves_the_pool_usable() -> None:
         assert await asyncio.wait_for(pool.request("POST", "/x", b"ok"), 1.0) == (200, b"ok")
         assert await pool.request_many("POST", "/x", [b"p", b"q"], window=2) == \
             [(200, b"p"), (200, b"q")]
-    finally:
-        await pool.close()
-        await _stop(server)
 
 
 async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_again() -> None:
@@ -737,13 +673,8 @@ async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_agai
             writer.write(out)
             await writer.drain()
 
-    server, port = await _raw_server(garble_one)
-    pool = KeepAlivePool(f"http://127.0.0.1:{port}", size=1, timeout_s=2.0, pipeline=4)
-    try:
+    async with _served(garble_one, size=1, timeout_s=2.0, pipeline=4) as pool:
         bodies = [b"a", b"bad", b"c", b"d", b"e"]
         results = await pool.request_many("POST", "/x", bodies, window=4)
         assert results[0] == (200, b"a") and isinstance(results[1], HttpStatusError)
         assert results[2:] == [(200, b"c"), (200, b"d"), (200, b"e")]
-    finally:
-        await pool.close()
-        await _stop(server)
