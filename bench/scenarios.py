@@ -262,7 +262,11 @@ _INSIDE = {
 _OVER = {"link request": 0.02, "http request": 0.02, "ivr turn": 0.02, "loop lag": 0.01}
 
 
-def parse_histograms(text: str) -> dict[str, tuple[float, float, float]]:
+#: (sum, count, count at most the `_OVER` bound) per histogram shown
+Scrape = dict[str, tuple[float, float, float]]
+
+
+def parse_histograms(text: str) -> Scrape:
     """(sum, count, count at most its `_OVER` bound) per histogram of `_INSIDE`, over the
     label sets it selects (the third is 0 for a histogram without a bound)."""
     out: dict[str, list[float]] = {}
@@ -285,9 +289,6 @@ def parse_histograms(text: str) -> dict[str, tuple[float, float, float]]:
             with contextlib.suppress(ValueError, IndexError):
                 out.setdefault(shown, [0.0, 0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
     return {k: (v[0], v[1], v[2]) for k, v in out.items()}
-
-
-Scrape = dict[str, tuple[float, float, float]]
 
 
 def switch_activity(before: Scrape | None, after: Scrape | None) -> dict[str, float]:
