@@ -566,11 +566,8 @@ class _Batch:
         free = self.window - len(self.in_flight)
         if free < self.least_write and free < len(self.queue):
             return
-        if not self.left or not self.write():
-            self.wake()
-
-    def wake(self) -> None:
-        if self.wakeup is not None and not self.wakeup.done():
+        if (not self.left or not self.write()) and self.wakeup is not None \
+                and not self.wakeup.done():
             self.wakeup.set_result(None)
 
     def expire(self) -> None:
