@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from switch import db
-from switch.payments.forwarder import _DUE, _DUE_AFTER, RELAY_SERVER_SETTINGS
+from switch.payments.forwarder import _DUE, _DUE_AFTER, _FAILED, _SENT, RELAY_SERVER_SETTINGS
 
 _BACKLOG = """
 WITH k AS (
@@ -159,3 +159,112 @@ async def test_a_read_cancelled_while_prepared_leaves_no_stale_transaction_on_th
     # that connection saw the old now(), missing postings already due (and held a lock on
     # the outbox meanwhile); the relay's pool resets a connection when it comes back
     assert await _stale_reads_after_cancelled_prepares(clean_db, reset_on_release=True) == 0
+
+
+async def _clear_outbox_stats(pool: asyncpg.Pool) -> None:
+    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
+    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
+                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
+                       "   AND NOT attisdropped")
+
+
+async def test_the_marks_look_up_the_postings_they_name_whatever_the_statistics_say(
+        pool: asyncpg.Pool) -> None:
+    # 20 000 forwarded and analyzed while nothing was pending, then 10 000 due (the billing
+    # system was down): the statistics make pending rows look rare, and a plain pending check
+    # had the planner hash every pending row to mark four of them (the same with the
+    # statistics cleared)
+    await pool.execute(_BACKLOG, 20000)
+    await pool.execute("UPDATE outbox SET state = 'sent'")
+    await pool.execute("ANALYZE outbox")
+    await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
+                                        "generate_series(100001, 100000 + $1)"), 10000)
+    ids = [r["id"] for r in await pool.fetch(
+        "SELECT id FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 4")]
+    n = len(ids)
+    marks = {"sent": (_SENT, (ids, [0] * n, [0] * n, 0)),
+             "failed": (_FAILED, (ids, ["x"] * n, [1.0] * n, [False] * n, 3600.0, 0))}
+
+    async def plan(sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        async with pool.acquire() as con:
+            tr = con.transaction()
+            await tr.start()
+            try:
+                raw = await con.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+            finally:
+                await tr.rollback()
+        return _nodes(orjson.loads(raw)[0]["Plan"])
+
+    for state in ("analyzed with nothing pending", "cleared"):
+        if state == "cleared":
+            await _clear_outbox_stats(pool)
+        for name, (sql, args) in marks.items():
+            nodes = await plan(sql, args)
+            kinds = [n["Node Type"] for n in nodes]
+            assert not any(k.startswith("Hash") for k in kinds), (state, name, kinds)
+            scans = [n for n in nodes if n.get("Relation Name") == "outbox"
+                     and n["Node Type"] != "ModifyTable"]
+            assert scans, (state, name, kinds)
+            for scan in scans:  # one primary-key look-up per posting named, nothing more
+                assert scan["Node Type"] == "Index Scan", (state, name, kinds)
+                assert scan["Index Name"] == "outbox_pkey", (state, name, scan["Index Name"])
+                assert scan["Actual Rows"] * scan["Actual Loops"] <= n, (state, name)
+    # and the marks do mark: pending rows only
+    await pool.execute(_SENT, ids[:2], [5, 6], [7, 8], 0)
+    await pool.execute(_FAILED, ids[1:], ["late"] * 3, [1.0] * 3, [True] * 3, 3600.0, 0)
+    rows = {r["id"]: (r["state"], r["arrears_after"], r["last_error"]) for r in await pool.fetch(
+        "SELECT id, state, arrears_after, last_error FROM outbox WHERE id = ANY($1)", ids)}
+    assert rows == {ids[0]: ("sent", 5, None), ids[1]: ("sent", 6, None),
+                    ids[2]: ("dead", None, "late"), ids[3]: ("dead", None, "late")}
+
+
+def _execute_mark(ids: list[int]) -> str:
+    """EXECUTE of the prepared mark (EXECUTE takes no bind parameters)."""
+    zeros = ",".join("0" * len(ids))
+    return (f"EXECUTE mark('{{{','.join(map(str, ids))}}}', '{{{zeros}}}', '{{{zeros}}}', 0)")
+
+
+async def test_the_relays_connections_plan_the_marks_for_the_table_as_it_is_now(
+        pool: asyncpg.Pool, clean_db: str) -> None:
+    # a prepared statement settles on a generic plan after five runs, made for the table as it
+    # was: a relay started on a young outbox went on scanning the whole table to mark a batch
+    # as the table grew; the relay's connections plan each run afresh
+    await pool.execute("ALTER TABLE outbox SET (autovacuum_enabled = false)")  # no replanning
+    ordinary = await db.create_pool(clean_db, min_size=1, max_size=1)
+    relay = await db.create_pool(clean_db, min_size=1, max_size=1,
+                                 server_settings=dict(RELAY_SERVER_SETTINGS))
+    plans: dict[str, list[dict[str, Any]]] = {}
+    try:
+        await pool.execute(_BACKLOG, 40)
+        first = [r["id"] for r in await pool.fetch("SELECT id FROM outbox LIMIT 4")]
+        cons = {"ordinary": await ordinary.acquire(), "relay": await relay.acquire()}
+        for con in cons.values():  # young table: the plan chosen now is kept
+            await con.execute(f"PREPARE mark(bigint[], bigint[], bigint[], bigint) AS {_SENT}")
+            for _ in range(8):
+                await con.execute(_execute_mark(first))
+        await pool.execute("UPDATE outbox SET state = 'pending'")  # the four, marked meanwhile
+        await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
+                                            "generate_series(1001, 1000 + $1)"), 20000)
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM outbox ORDER BY id DESC LIMIT 4")]
+        for name, con in cons.items():
+            tr = con.transaction()
+            await tr.start()
+            try:
+                raw = await con.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_execute_mark(ids)}")
+            finally:
+                await tr.rollback()
+            plans[name] = _nodes(orjson.loads(raw)[0]["Plan"])
+        await ordinary.release(cons["ordinary"])
+        await relay.release(cons["relay"])
+    finally:
+        await relay.close()
+        await ordinary.close()
+        await pool.execute("ALTER TABLE outbox RESET (autovacuum_enabled)")
+
+    def outbox_scans(nodes: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+        return [(n["Node Type"], n.get("Index Name")) for n in nodes
+                if n.get("Relation Name") == "outbox" and n["Node Type"] != "ModifyTable"]
+
+    # the hazard, on an ordinary connection: the young table's plan, a scan of all 20 040 rows
+    assert ("Seq Scan", None) in outbox_scans(plans["ordinary"]), plans["ordinary"]
+    assert outbox_scans(plans["relay"]) == [("Index Scan", "outbox_pkey")], plans["relay"]
