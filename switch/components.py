@@ -17,7 +17,7 @@ from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
 from switch.lease import session_dsn
 from switch.marketing_client import MarketingClient
 from switch.payments.accounts import Accounts
-from switch.payments.forwarder import RELAY_SERVER_SETTINGS, Forwarder, outbox_counts
+from switch.payments.forwarder import RELAY_SERVER_SETTINGS, Forwarder, queue_counts
 from switch.payments.idempotency import IdempotencyCache
 from switch.payments.ledger import PostingPath
 
@@ -183,9 +183,17 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     node.hooks.on_standby.append(standby)
 
     async def refresh_metrics() -> None:
-        counts = await outbox_counts(node.pool)
-        node.metrics.outbox_pending.set(counts["pending"])
-        node.metrics.outbox_dead.set(counts["dead"])
+        """The queue's gauges, read for a scrape; when the database does not answer in time,
+        the scrape still gets every other metric (and the gauges as last read)."""
+        try:
+            async with asyncio.timeout(2.0):  # a connection to wait for included
+                pending, dead = await queue_counts(node.pool)
+        except Exception as e:
+            log.warning("outbox counts not read for a metrics scrape; the gauges keep their "
+                        "last values", extra={"error": type(e).__name__})
+            return
+        node.metrics.outbox_pending.set(pending)
+        node.metrics.outbox_dead.set(dead)
 
     comps["metrics_refresh"] = refresh_metrics
 

@@ -112,6 +112,18 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16,
     return pool
 
 
+# What a statement raises when the database is down, going down or out of reach, rather
+# than refusing the statement itself: a lost or refused connection, a server shutting down or
+# cancelling, out of connections, a read-only server (a standby after a failover), no host
+# in a multi-host URL that takes writes, a closed pool, a time limit. A request that meets
+# one is answered 503 (retry), not 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError, OSError, TimeoutError)
+
+
 def is_fenced(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "GP001"
 

@@ -42,6 +42,11 @@ _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, masked (scheme://user:***@host)."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
 def mask_text(text: str) -> str:
     """Mask anything in free text that looks like a secret."""
     text = _BYTES_REPR.sub("<bytes>", text)

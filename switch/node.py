@@ -23,6 +23,7 @@ from aiohttp import web
 from switch import db
 from switch.config import Settings
 from switch.lease import Lease, Role, session_dsn
+from switch.logs import mask_url
 from switch.loop import watch_lag
 from switch.metrics import Metrics
 from switch.redis_pipe import RedisPipe
@@ -198,8 +199,10 @@ class Node:
             "epoch": self.lease.epoch,
             "ports": {"http": self.ports.http, "bank": self.ports.bank, "post": self.ports.post},
             "home": str(self.settings.node.home),
-            "services": {"database": self.services.database, "redis": self.services.redis,
-                         "hsm": self.services.hsm, "marketing": self.services.marketing},
+            # printed for operators and supervisors: a password in a URL is not
+            "services": {"database": mask_url(self.services.database),
+                         "redis": mask_url(self.services.redis),
+                         "hsm": self.services.hsm, "marketing": mask_url(self.services.marketing)},
         }
 
     async def stop(self) -> None:

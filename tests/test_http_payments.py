@@ -419,6 +419,10 @@ async def test_standby_node_answers_503(clean_db: str, clean_redis: str, sims: S
                                   headers={"Authorization": f"Bearer {key}",
                                            "Idempotency-Key": "s"}) as r:
                     assert r.status == 503 and (await r.json())["code"] == "standby"
+                # a read of a payment too: the standby answers no payment request
+                async with s.get(f"http://127.0.0.1:{b.ports.http}/v1/payments/{uuid.uuid4()}",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 503 and (await r.json())["code"] == "standby"
 
 
 async def test_openapi_document_validates(node: Node, api: Api) -> None:
@@ -445,6 +449,35 @@ async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
     st, _, raw = await api.call("POST", "/v1/payments", idem="mj", data=b"{not json",
                                 headers={"Content-Type": "application/json"})
     assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
+
+
+async def test_a_method_not_allowed_says_which_are(node: Node, api: Api) -> None:
+    st, headers, raw = await api.call("DELETE", "/v1/payments")
+    assert st == 405 and orjson.loads(raw)["code"] == "method_not_allowed"
+    assert headers["Content-Type"] == "application/problem+json"
+    assert headers["Allow"] == "POST"
+
+
+async def test_a_payment_meeting_a_database_that_went_away_is_a_503_to_retry(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    acct = await active_account(sims.marketing)
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a") as node:
+        key = await api_key(node.pool, "internet")
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            req = {"account_no": acct, "amount": 100, "method": "cash"}
+            st, _, raw = await api.call("POST", "/v1/payments", idem="before", json=req)
+            assert st == 201, raw
+            # the node's connections to PostgreSQL are gone (the pool is closed under it)
+            await node.pool.close()
+            st, headers, raw = await api.call("POST", "/v1/payments", idem="after", json=req)
+            assert st == 503, raw  # was a 500 internal_error
+            doc = orjson.loads(raw)
+            assert doc["code"] == "unavailable" and headers["Retry-After"] == "1"
+            assert "same Idempotency-Key" in doc["detail"]
+            # the metrics are still served (the outbox gauges as last read)
+            st, _, raw = await api.call("GET", "/metrics")
+            assert st == 200 and b"gridpay_payments_total" in raw
 
 
 
@@ -667,3 +700,15 @@ async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_no
         assert status.startswith(b"4") and b"application/problem+json" in head, head
         assert key.encode() not in data and key[:12].encode() not in data
         assert orjson.loads(body)["code"] == "bad_request"
+
+
+async def test_the_ready_line_prints_no_database_password(clean_db: str, clean_redis: str,
+                                                          sims: Sims, tmp_path: Path) -> None:
+    # the test server trusts every connection, so a URL with a password still connects
+    with_password = clean_db.replace("postgresql://postgres@", "postgresql://postgres:sekrit@")
+    assert with_password != clean_db
+    async with running_node(with_password, clean_redis, sims, tmp_path / "a") as node:
+        line = orjson.dumps(node.ready_line()).decode()
+        assert "sekrit" not in line
+        assert node.ready_line()["services"]["database"] == with_password.replace("sekrit",
+                                                                                  "***")

@@ -156,7 +156,7 @@ def _answer(ans: TurnAnswer, status: int = 200) -> web.Response:
 async def start_call(request: web.Request) -> web.Response:
     node = require_active(request)
     await authenticate(request, IVR_CHANNELS)
-    call = parse_start(await json_body(request, _MAX_BODY))
+    call = parse_start(await json_body(request, _MAX_BODY, fields_checked=True))
     return _answer(await _run(_svc(node).start_call(call)), 201)
 
 
@@ -165,7 +165,7 @@ async def send_input(request: web.Request) -> web.Response:
     await authenticate(request, IVR_CHANNELS)
     call_id = _call_id(request)
     key = _idempotency_key(request)
-    inp = parse_input(await json_body(request, _MAX_BODY))
+    inp = parse_input(await json_body(request, _MAX_BODY, fields_checked=True))
     return _answer(await _run(_svc(node).send(call_id, inp, key)))
 
 

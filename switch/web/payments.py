@@ -167,7 +167,7 @@ async def create_payment(request: web.Request) -> web.Response:
     svc = _svc(node)
     client = await authenticate(request, PAYMENT_CHANNELS)
     key = _idempotency_key(request)
-    body = await json_body(request)
+    body = await json_body(request, fields_checked=True)  # NUL: invalid_reference, say
     account, amount, method, ref = _validate_payment(body)
     canonical = orjson.dumps({"account_no": account, "amount": amount, "method": method,
                               "reference": ref}, option=orjson.OPT_SORT_KEYS)
@@ -249,6 +249,16 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
         raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
                       "charged; retry with the same Idempotency-Key",
                       headers={"Retry-After": "1"}) from None
+    except db.UNAVAILABLE:
+        # the database failed or went away under the commit: it may have happened
+        raise _outcome_unknown("payment") from None
+
+
+def _outcome_unknown(what: str) -> Problem:
+    return Problem(503, "unavailable",
+                   f"the database did not complete the {what}; it may or may not have been "
+                   "recorded: send the same request again with the same Idempotency-Key to "
+                   "get its answer", headers={"Retry-After": "1"})
 
 
 async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
@@ -284,7 +294,7 @@ def _payment_id(request: web.Request) -> uuid.UUID:
 
 
 async def get_payment(request: web.Request) -> web.Response:
-    node = node_of(request)
+    node = require_active(request)  # the standby answers no payment request, reads included
     client = await authenticate(request, PAYMENT_CHANNELS)
     rec = await load_payment(node.pool, _payment_id(request))
     if rec is None or rec.channel != client.channel:
@@ -314,6 +324,8 @@ async def reverse_payment(request: web.Request) -> web.Response:
         if db.is_fenced(e):
             await node.fenced()
             raise no_longer_active() from None
+        if isinstance(e, db.UNAVAILABLE):
+            raise _outcome_unknown("reversal") from None
         raise
     if done:
         node.metrics.child(node.metrics.reversals, client.channel).inc()

@@ -62,15 +62,21 @@ def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
         detail = {404: f"no resource at {request.path}",
                   405: f"{request.method} is not allowed on {request.path}"}.get(
             e.status, e.reason)
-        return Problem(e.status, code, detail).response()
+        # a 405 says which methods the resource takes (RFC 9110 requires it)
+        allow = e.headers.get("Allow") if e.status == 405 else None
+        return Problem(e.status, code, detail,
+                       headers={"Allow": allow} if allow is not None else None).response()
     log.exception("unhandled error in HTTP handler", extra={"path": request.path})
     return Problem(500, "internal_error",
                    "the request could not be completed; nothing was changed unless a "
                    "later GET shows otherwise").response()
 
 
-async def json_body(request: web.Request, max_bytes: int = 65536) -> dict[str, object]:
-    """The request's JSON object, or a 400/415 problem that says what is wrong."""
+async def json_body(request: web.Request, max_bytes: int = 65536, *,
+                    fields_checked: bool = False) -> dict[str, object]:
+    """The request's JSON object, or a 400/415 problem that says what is wrong. A NUL
+    character anywhere is refused (`invalid_text`), unless `fields_checked`: the caller checks
+    every field and key itself, with codes that name the field."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise Problem(413, "payload_too_large", f"the body must be at most {max_bytes} bytes")
     ctype = request.content_type
@@ -85,7 +91,24 @@ async def json_body(request: web.Request, max_bytes: int = 65536) -> dict[str, o
         raise Problem(400, "malformed_json", f"the body is not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict):
         raise Problem(400, "malformed_json", "the body must be a JSON object")
+    # JSON can spell a NUL character only as this escape
+    if not fields_checked and b"\\u0000" in raw and _has_nul(doc):
+        raise Problem(400, "invalid_text", "text in the body must not contain NUL (\\u0000) "
+                      "characters")
     return doc
+
+
+def _has_nul(doc: object) -> bool:
+    """Whether a NUL character is in any string (key or value) of a parsed JSON document:
+    PostgreSQL stores none in text or jsonb, so such a body would fail deep inside a
+    handler instead of being refused here."""
+    if isinstance(doc, str):
+        return "\x00" in doc
+    if isinstance(doc, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in doc.items())
+    if isinstance(doc, list):
+        return any(_has_nul(v) for v in doc)
+    return False
 
 
 def json_response(doc: object, status: int = 200,
