@@ -502,3 +502,31 @@ async def test_a_card_back_file_with_an_absurd_number_is_a_422(admin_api: Api) -
     refused = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
                            data=body, expect=422)
     assert refused["code"] == "malformed_card_back_file" and "line 2" in refused["detail"]
+
+
+async def test_odd_input_gets_a_clear_answer_and_leaves_the_log_verifiable(
+        admin_api: Api) -> None:
+    a = admin_api
+    # a NUL character, which PostgreSQL keeps in no text: the login query failed, a 500
+    resp = await a.client.post(f"{A}/session", data=b'{"username": "a\\u0000", "password": "x"}',
+                               headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["code"] == "invalid_text"
+    # digits that str.isdigit() takes and int() does not: a ValueError, a 500
+    refused = await a.call("GET", "/operation-log?limit=%C2%B2", "aud", expect=422)
+    assert refused["code"] == "invalid_query"
+    refused = await a.call("POST", "/batches/%C2%B2/stock-in", "admin", expect=422)
+    assert refused["code"] == "invalid_id"
+    # refused face values, logged as they came: -0.0 came back from jsonb as 0.0 and 1e+16
+    # as 10000000000000000, so verification found the entries altered
+    for face in (b"-0.0", b"1e16", b"0.5"):
+        resp = await a.client.post(f"{A}/requests", data=b'{"face_value": ' + face
+                                   + b', "quantity": 1}',
+                                   headers={**await a.h("hm1"),
+                                            "Content-Type": "application/json"})
+        assert resp.status == 422, await resp.read()
+    verified = await a.call("GET", "/operation-log/verify", "aud", expect=200)
+    assert verified["ok"] is True, verified
+    logged = await a.call("GET", "/operation-log?limit=100", "aud", expect=200)
+    faces = [e["objects"].get("face_value") for e in logged["entries"]
+             if e["action"] == "request.create"]
+    assert faces == ["-0.0", "1e+16", 0.5], faces

@@ -164,7 +164,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
 
 def _int_id(ctx: Ctx, name: str = "id") -> int:
     raw = ctx.request.match_info[name]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²" is a digit to isdigit
         raise InvalidInput(f"{name} must be a positive integer", code="invalid_id")
     return int(raw)
 
@@ -540,7 +540,7 @@ def _query_int(ctx: Ctx, name: str, default: int, hi: int) -> int:
     raw = ctx.request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= hi:
         raise InvalidInput(f"{name} must be an integer from 0 to {hi}", code="invalid_query")
     return int(raw)
 

@@ -185,7 +185,7 @@ class CardBackParser:
         if len(parts) != 6 or parts[0] != "D":
             raise _bad(self._line, "malformed record")
         serial, box, pack, status, face = parts[1:]
-        if len(serial) != 16 or not serial.isdigit() or not _num(box) \
+        if len(serial) != 16 or not (serial.isascii() and serial.isdigit()) or not _num(box) \
                 or not _num(pack) or not _num(face) \
                 or status not in (PRINT_OK, PRINT_DAMAGED):
             raise _bad(self._line, "malformed record")

@@ -36,14 +36,33 @@ def entry_hash(prev: bytes, seq: int, at: dt.datetime, actor: str, action: str, 
     return hashlib.sha256(prev + canonical(seq, at, actor, action, objects, result)).digest()
 
 
+def _as_stored(value: Any) -> Any:
+    """`value` as JSON that jsonb gives back unchanged, so that the hash computed now is the
+    one verification computes from the stored entry. jsonb keeps a number as a decimal: one
+    written plainly comes back the same (1.25, 5.0), but an exponent is expanded (1e+16
+    comes back 10000000000000000) and -0.0 comes back 0.0; such floats (which only a refused
+    input carries) are logged as text."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, float):
+            text = orjson.dumps(v)
+            return v if b"e" not in text and text != b"-0.0" else text.decode()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(orjson.loads(orjson.dumps(value)))
+
+
 async def append(conn: Conn, *, actor: str, action: str,
                  objects: Mapping[str, Any], result: Mapping[str, Any]) -> int:
     """Append one entry (in its own transaction, or the caller's); returns its seq.
 
     `conn` must come from `switch.db.create_pool` (its jsonb codec encodes the objects).
     """
-    obj = orjson.loads(orjson.dumps(objects))  # what jsonb will give back on verify
-    res = orjson.loads(orjson.dumps(result))
+    obj = _as_stored(objects)  # what jsonb will give back on verify
+    res = _as_stored(result)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", OPLOG_LOCK)
         head = await conn.fetchrow("SELECT seq, hash FROM card_oplog_head WHERE id = 1")

@@ -34,7 +34,7 @@ def valid_serial(s: str) -> bool:
 
 def make_serial(prefix: str, seq: int) -> str:
     """The serial of sequence number `seq` under a 6-digit prefix (issuer + year)."""
-    if len(prefix) != 6 or not prefix.isdigit():
+    if len(prefix) != 6 or not (prefix.isascii() and prefix.isdigit()):
         raise InvalidInput(f"serial prefix {prefix!r} must be 6 digits")
     if not 0 <= seq <= MAX_SEQ:
         raise InvalidInput(f"serial sequence {seq} is out of range")
