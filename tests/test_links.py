@@ -211,6 +211,10 @@ async def test_reversal_cases(bank: BankClient, node: Node, sims: Sims) -> None:
     assert _tlv(rv)["06"] == _tlv(r)["06"]
     again = await bank.request(bank.reversal(pay, repeat=True))  # 0421 repeat
     assert again.fields[39] == "00"
+    # another amount for the reversed payment is no repeat of its reversal (it was a 00)
+    other = bank.reversal(pay, repeat=True)
+    other.fields[4] = "000000002499"
+    assert (await bank.request(other)).fields[39] == "12"
     assert await node.pool.fetchval("SELECT count(*) FROM reversals") == 1
     # unknown original: approved, remembered, and the late original is declined
     late = bank.payment(acct, 700)
@@ -262,6 +266,9 @@ async def test_reconciliation_agree_and_disagree(bank: BankClient, node: Node,
     assert r.fields[39] == "95"
     assert (r.fields[74], r.fields[75], r.fields[86], r.fields[87]) == (
         "0000000002", "0000000001", "0000000000003000", "0000000000002000")
+    # a declined 0510 echoes the date it was asked about too (it carried today's)
+    r = await bank.request(bank.reconciliation("1399", 2, 1, 3000, 2000))
+    assert r.mti == "0510" and r.fields[39] == "30" and r.fields[15] == "1399"
 
 
 async def test_inquiry_with_marketing_down_uses_mirror_or_91(bank: BankClient, node: Node,

@@ -298,7 +298,7 @@ class LinkService:
 
     def _response(self, req: Message, code: str, day: date | None = None) -> Message:
         """The response to `req` with `code`; field 15 is `day` (default: today's business
-        date)."""
+        date), but a 0510 echoes the date its 0500 asked about, when it could be read."""
         fields = {k: req.fields[k] for k in ECHO if k in req.fields}
         if 90 in req.fields and req.mti in ("0420", "0421"):
             fields[90] = req.fields[90]
@@ -308,7 +308,10 @@ class LinkService:
         if acct is not None:
             fields[48] = Tlv.of(("01", acct))
         fields[39] = code
-        if req.mti != "0800":
+        if req.mti == "0500":
+            if 15 in req.fields:  # the 0510 echoes the date asked about, declined or not
+                fields[15] = req.fields[15]
+        elif req.mti != "0800":
             cal = self.ctx.calendar
             fields[15] = cal.settlement_mmdd(day or cal.today())
         return Message(RESPONSE_MTI[req.mti], fields)
@@ -583,8 +586,7 @@ class LinkService:
         ours = await institution_totals(self.ctx.pool, inst.id, day)
         theirs = (int(str(f[74])), int(str(f[75])), int(str(f[86])), int(str(f[87])))
         code = "00" if theirs == ours else "95"
-        resp = self._response(msg, code)
-        resp.fields[15] = f[15]
+        resp = self._response(msg, code)  # field 15 echoed
         resp.fields[74] = f"{ours[0]:010d}"
         resp.fields[75] = f"{ours[1]:010d}"
         resp.fields[86] = f"{ours[2]:016d}"

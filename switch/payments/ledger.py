@@ -489,6 +489,10 @@ async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
         " FROM payments WHERE id = $1 FOR UPDATE", payment_id)
     if row is None:
         raise NotReversible("no such payment", "payment_not_found")
+    # a different amount is refused even when the payment is reversed already: that is not
+    # a repeat of the reversal made
+    if amount is not None and amount != row["amount"]:
+        raise NotReversible("the amount differs from the original payment's", "amount_differs")
     if row["reversed_at"] is not None:
         rec = await load_payment(con, payment_id)
         assert rec is not None
@@ -496,8 +500,6 @@ async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
     if row["business_date"] != today:
         raise NotReversible(f"the payment belongs to business date {row['business_date']}, "
                             f"today is {today}; only same-day payments can be reversed")
-    if amount is not None and amount != row["amount"]:
-        raise NotReversible("the amount differs from the original payment's", "amount_differs")
     now = datetime.now(UTC)
     await con.execute("UPDATE payments SET reversed_at = $2 WHERE id = $1", payment_id, now)
     await con.execute(
