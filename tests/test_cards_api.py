@@ -345,6 +345,32 @@ async def test_large_batches_run_as_jobs(admin_api: Api, tmp_path: Path,
     assert await a.pool.fetchval("SELECT count(DISTINCT tag) FROM cards") == 2500
 
 
+async def test_a_job_that_outlasts_the_wait_is_accepted_not_failed(
+        admin_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an order below the job threshold is awaited; when the wait ran out first, the answer
+    # was 503 job_failed while the job went on and made the batch: a client retrying the
+    # "failed" order got a second batch
+    a = admin_api
+    monkeypatch.setattr(api, "SYNC_WAIT_S", 0.0)
+    resp = await a.client.post(f"{A}/batches", headers=await a.h("admin"), json={
+        "face_value": 5000, "quantity": 500, "manufacturer": "acme"})
+    assert resp.status == 202, await resp.read()
+    doc = await resp.json()
+    assert resp.headers["Location"] == f"{A}/jobs/{doc['job']['id']}"
+    job: dict[str, Any] = {}
+    for _ in range(400):
+        job = await a.call("GET", f"/jobs/{doc['job']['id']}", "admin", expect=200)
+        if job["state"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert job["state"] == "succeeded"
+    view = await a.call("GET", f"/batches/{doc['batch_id']}", "admin", expect=200)
+    assert view["counts"]["ordered"] == 500
+    logged = await a.call("GET", "/operation-log?limit=100", "aud", expect=200)
+    entry = next(e for e in logged["entries"] if e["action"] == "batch.order")
+    assert entry["result"]["ok"] is True and entry["result"]["status"] == 202, entry
+
+
 def test_openapi_fragment_validates() -> None:
     from openapi_spec_validator import validate
 

@@ -193,6 +193,13 @@ def _job_accepted(job: dict[str, Any], extra: dict[str, Any]) -> web.Response:
                          headers={"Location": f"{PREFIX}/jobs/{job['id']}"})
 
 
+def _finished(job: dict[str, Any]) -> bool:
+    """Whether a job has ended. One awaited for `SYNC_WAIT_S` and still running is answered
+    202 with its job, as a large one is: it goes on, and the work it does must not be
+    reported as failed (a client retrying a failed order would order a second batch)."""
+    return job["state"] not in ("queued", "running")
+
+
 def _job_failed(job: dict[str, Any]) -> Problem:
     """The error of a job that was awaited: the card error it failed with, if any."""
     res = job.get("result") or {}
@@ -201,8 +208,8 @@ def _job_failed(job: dict[str, Any]) -> Problem:
         p.extra = {k: v for k, v in res.items() if k not in ("code", "status")}
         p.extra["job_id"] = job["id"]
         return p
-    return Problem(409 if job["state"] == "failed" else 503, "job_failed",
-                   f"job {job['id']} {job['state']}: {job['error'] or 'still running'}",
+    return Problem(409, "job_failed",
+                   f"job {job['id']} {job['state']}: {job['error'] or 'no reason recorded'}",
                    job_id=job["id"])
 
 
@@ -271,6 +278,8 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
         return _job_accepted(job, {"batch_id": batch_id})
     await runner.wait(job_id, SYNC_WAIT_S)
     job = await jobs.get_job(pool, job_id)
+    if not _finished(job):
+        return _job_accepted(job, {"batch_id": batch_id})
     if job["state"] != "succeeded":
         raise _job_failed(job)
     view = await batches.batch_view(pool, batch_id)
@@ -342,7 +351,7 @@ async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
     job_id, job = await _run_job(ctx, "batch.reconcile", row["quantity"], str(batch_id), body,
                                  sync=sync)
     ctx.result["job_id"] = str(job_id)
-    if not sync:
+    if not sync or not _finished(job):
         return _job_accepted(job, {"batch_id": batch_id})
     if job["state"] != "succeeded":
         raise _job_failed(job)
@@ -369,7 +378,7 @@ async def stock_in(ctx: Ctx) -> web.StreamResponse:
     job_id, job = await _run_job(ctx, "batch.stock_in", row["quantity"], str(batch_id), body,
                                  sync=sync)
     ctx.result["job_id"] = str(job_id)
-    if not sync:
+    if not sync or not _finished(job):
         return _job_accepted(job, {"batch_id": batch_id})
     if job["state"] != "succeeded":
         raise _job_failed(job)
