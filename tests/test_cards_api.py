@@ -135,6 +135,17 @@ async def _stocked_batch(api_: Api, tmp: Path, quantity: int
     return batch, ncf, {"summary": summary.as_dict(), "report": report}
 
 
+async def _ended(api_: Api, job_id: str) -> dict[str, Any]:
+    """The job once it has ended (polled, 20 s at most)."""
+    job: dict[str, Any] = {}
+    for _ in range(400):
+        job = await api_.call("GET", f"/jobs/{job_id}", "admin", expect=200)
+        if job["state"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    return job
+
+
 async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None:
     a = admin_api
     batch = await _order(a, 40)
@@ -332,12 +343,7 @@ async def test_large_batches_run_as_jobs(admin_api: Api, tmp_path: Path,
     assert resp.status == 202
     doc = await resp.json()
     assert resp.headers["Location"] == f"{A}/jobs/{doc['job']['id']}"
-    job: dict[str, Any] = {}
-    for _ in range(400):
-        job = await a.call("GET", f"/jobs/{doc['job']['id']}", "admin", expect=200)
-        if job["state"] in ("succeeded", "failed"):
-            break
-        await asyncio.sleep(0.05)
+    job = await _ended(a, doc["job"]["id"])
     assert job["state"] == "succeeded" and job["done"] == job["total"] == 2500
     assert job["progress"].startswith("[####")
     view = await a.call("GET", f"/batches/{doc['batch_id']}", "admin", expect=200)
@@ -357,12 +363,7 @@ async def test_a_job_that_outlasts_the_wait_is_accepted_not_failed(
     assert resp.status == 202, await resp.read()
     doc = await resp.json()
     assert resp.headers["Location"] == f"{A}/jobs/{doc['job']['id']}"
-    job: dict[str, Any] = {}
-    for _ in range(400):
-        job = await a.call("GET", f"/jobs/{doc['job']['id']}", "admin", expect=200)
-        if job["state"] in ("succeeded", "failed"):
-            break
-        await asyncio.sleep(0.05)
+    job = await _ended(a, doc["job"]["id"])
     assert job["state"] == "succeeded"
     view = await a.call("GET", f"/batches/{doc['batch_id']}", "admin", expect=200)
     assert view["counts"]["ordered"] == 500
