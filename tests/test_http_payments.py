@@ -702,6 +702,20 @@ async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_no
         assert orjson.loads(body)["code"] == "bad_request"
 
 
+async def test_an_expectation_the_server_cannot_meet_is_problem_json(node: Node) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", node.ports.http)
+    w.write(b"POST /v1/payments HTTP/1.1\r\nHost: x\r\nExpect: secret-ish-value\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    body = await asyncio.wait_for(r.readexactly(length), 10)
+    w.close()
+    assert head.startswith(b"HTTP/1.1 417") and b"application/problem+json" in head, head
+    assert orjson.loads(body)["code"] == "expectation_failed"
+    assert b"secret-ish-value" not in head + body  # was text/plain: "Unknown Expect: ..."
+
+
 async def test_the_ready_line_prints_no_database_password(clean_db: str, clean_redis: str,
                                                           sims: Sims, tmp_path: Path) -> None:
     # the test server trusts every connection, so a URL with a password still connects

@@ -140,4 +140,16 @@ class ProblemRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _ProblemServer  # the same server, our connection handler
+        app_handle = server.request_handler
+
+        async def handle(request: BaseRequest) -> web.StreamResponse:
+            # an Expect header other than 100-continue is refused before the middlewares
+            # run, by aiohttp in text/plain quoting the header: a problem+json here instead
+            try:
+                return await app_handle(request)
+            except web.HTTPExpectationFailed:
+                return Problem(417, "expectation_failed", "the only expectation this server "
+                               "meets is 'Expect: 100-continue'").response()
+
+        server.request_handler = handle  # read by each connection's handler as it is made
         return server

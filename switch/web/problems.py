@@ -15,7 +15,8 @@ CONTENT_TYPE = "application/problem+json"
 _TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
     405: "Method not allowed", 409: "Conflict", 413: "Payload too large",
-    415: "Unsupported media type", 422: "Unprocessable content", 429: "Too many requests",
+    415: "Unsupported media type", 417: "Expectation failed", 422: "Unprocessable content",
+    429: "Too many requests",
     500: "Internal error", 503: "Service unavailable", 504: "Gateway timeout",
 }
 
