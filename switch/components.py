@@ -186,8 +186,10 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         """The queue's gauges, read for a scrape; when the database does not answer in time,
         the scrape still gets every other metric (and the gauges as last read)."""
         try:
+            # on the relay's pool: its connections are reset when they come back, so a count
+            # cut short by the time limit leaves nothing open for the next statement
             async with asyncio.timeout(2.0):  # a connection to wait for included
-                pending, dead = await queue_counts(node.pool)
+                pending, dead = await queue_counts(relay_pool)
         except Exception as e:
             log.warning("outbox counts not read for a metrics scrape; the gauges keep their "
                         "last values", extra={"error": type(e).__name__})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -45,10 +46,38 @@ def migrations() -> list[Migration]:
     return out
 
 
+#: The first line of a migration whose statements run one by one outside a transaction
+#: (`CREATE INDEX CONCURRENTLY` cannot run inside one). Each statement ends a line with `;`.
+CONCURRENT = "-- gridpay: each statement alone, outside a transaction"
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a migration: every line that is not a comment, up to one that ends
+    with `;`."""
+    out: list[str] = []
+    current: list[str] = []
+    for line in sql.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(current))
+            current = []
+    if any(line.strip() for line in current):
+        raise RuntimeError("a migration's last statement does not end with ';'")
+    return out
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply every migration not yet recorded; returns the versions applied now."""
     applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    # taken by polling, not by waiting in pg_advisory_lock: a statement waiting there keeps
+    # its snapshot, and CREATE INDEX CONCURRENTLY in the holder's migration waits for every
+    # older snapshot to end (a deadlock, which PostgreSQL breaks by failing one of the two)
+    while True:  # the lock is another server's: there is no event to wait for here
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+            break
+        await asyncio.sleep(0.05)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -59,12 +88,22 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         for m in migrations():
             if m.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(m.sql)
+            if m.sql.startswith(CONCURRENT):
+                # statements that must not hold a table's writers for their length (an index
+                # built over the whole outbox, say): each on its own, outside a transaction,
+                # written so that a retry after an interruption redoes them safely
+                for statement in _statements(m.sql):
+                    await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    m.version, m.name,
-                )
+                    m.version, m.name)
+            else:
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        m.version, m.name,
+                    )
             log.info("migration applied", extra={"version": m.version, "migration": m.name})
             applied_now.append(m.version)
     finally:
@@ -114,14 +153,28 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16,
 
 # What a statement raises when the database is down, going down or out of reach, rather
 # than refusing the statement itself: a lost or refused connection, a server shutting down or
-# cancelling, out of connections, a read-only server (a standby after a failover), no host
-# in a multi-host URL that takes writes, a closed pool, a time limit. A request that meets
-# one is answered 503 (retry), not 500.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
+# cancelling, out of connections, a read-only server (a standby after a failover), a closed
+# pool or connection, a time limit. A request that meets one is answered 503 (retry), not
+# 500. Left out on purpose, though asyncpg files them beside these: its own refusals of what
+# we sent (a wrong parameter type, an operation already in progress, a protocol error), which
+# are defects that must show as such, not as an outage to wait out.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError, asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError, OSError, TimeoutError)
+    asyncpg.exceptions.ReadOnlySQLTransactionError, OSError, TimeoutError)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database is out of reach (see `_UNAVAILABLE`), not that a
+    statement or its parameters were wrong."""
+    if isinstance(exc, asyncpg.exceptions.ProtocolViolationError):
+        return False
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    # a closed pool or connection; and no host of a multi-host URL taking writes
+    if type(exc) is asyncpg.InterfaceError:
+        return "closed" in str(exc) or "closing" in str(exc)
+    return type(exc) is asyncpg.exceptions.InternalClientError
 
 
 def is_fenced(exc: BaseException) -> bool:

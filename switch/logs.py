@@ -42,9 +42,25 @@ _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
+
+
 def mask_url(url: str) -> str:
-    """`url` with its password, if any, masked (scheme://user:***@host)."""
-    return _URL_PASSWORD.sub(r"\1***@", url)
+    """`url` with its passwords masked: the user's (scheme://user:***@host, split at the last
+    `@` before the path, so that an `@` in the password hides nothing), and a `password` or
+    `sslpassword` parameter of the query (libpq takes both)."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        end = len(rest)
+        for ch in "/?#":
+            i = rest.find(ch, rest.rfind("@") + 1)
+            if i != -1:
+                end = min(end, i)
+        userinfo, at, hosts = rest[:end].rpartition("@")
+        if at and ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        url = scheme + sep + (userinfo + at if at else "") + hosts + rest[end:]
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def mask_text(text: str) -> str:

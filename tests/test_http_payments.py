@@ -475,7 +475,15 @@ async def test_a_payment_meeting_a_database_that_went_away_is_a_503_to_retry(
             doc = orjson.loads(raw)
             assert doc["code"] == "unavailable" and headers["Retry-After"] == "1"
             assert "same Idempotency-Key" in doc["detail"]
-            # the metrics are still served (the outbox gauges as last read)
+            # once the key's cached answer has expired, the key itself is looked up: a 503
+            # too (it was a 500 after the cache's 30 s)
+            node.components["clients"].ttl_s = 0
+            st, headers, raw = await api.call("POST", "/v1/payments", idem="later", json=req)
+            assert st == 503 and orjson.loads(raw)["code"] == "unavailable", raw
+            assert "Retry-After" in headers
+            # the metrics are still served, the outbox gauges as last read (they are read on
+            # the relay's connections, closed here as well)
+            await node.components["forwarder"].pool.close()
             st, _, raw = await api.call("GET", "/metrics")
             assert st == 200 and b"gridpay_payments_total" in raw
 

@@ -71,3 +71,20 @@ def test_url_passwords_and_more_secret_words_are_masked() -> None:
     masked = mask_text(text)
     assert "Hunter2pw" not in masked and "123" not in masked
     assert "postgresql://gridpay:***@db:5432/gridpay" in masked
+
+
+def test_a_url_printed_for_operators_shows_no_password() -> None:
+    from switch.logs import mask_url
+
+    cases = {
+        # an '@' in the password: masked up to the last '@' of the authority
+        "postgresql://u:p@ss@h1:5432,h2:5433/db?x=1": "postgresql://u:***@h1:5432,h2:5433/db?x=1",
+        "postgresql://u:pw@h/db?password=zz&sslpassword=yy&a=b":
+            "postgresql://u:***@h/db?password=***&sslpassword=***&a=b",
+        "postgresql://h/db?Password=zz": "postgresql://h/db?Password=***",
+        "redis://:secret@127.0.0.1:6379/0": "redis://:***@127.0.0.1:6379/0",
+        "postgresql://postgres@127.0.0.1:5432/gridpay": "postgresql://postgres@127.0.0.1:5432/gridpay",
+        "127.0.0.1:7000": "127.0.0.1:7000",
+    }
+    for url, shown in cases.items():
+        assert mask_url(url) == shown, url

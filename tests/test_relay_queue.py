@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from switch import db
 from switch.payments.forwarder import (
@@ -44,6 +45,17 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     for child in plan.get("Plans", []):
         out.extend(_nodes(child))
     return out
+
+
+async def _clear_outbox_stats(pool: asyncpg.Pool) -> None:
+    """The outbox's statistics as a fresh deployment has them: none (PostgreSQL 18 can clear
+    them; an older server given by GRIDPAY_TEST_DATABASE_URL skips the test)."""
+    if int(await pool.fetchval("SHOW server_version_num")) < 180000:
+        pytest.skip("clearing a table's statistics needs PostgreSQL 18")
+    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
+    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
+                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
+                       "   AND NOT attisdropped")
 
 
 async def test_a_round_reads_its_batch_off_the_index_however_long_the_backlog(
@@ -102,10 +114,7 @@ async def test_the_relays_connections_read_off_the_index_when_the_statistics_say
     await pool.execute("UPDATE outbox SET state = 'sent'")
     await pool.execute(_BACKLOG.replace("generate_series(1, $1)",
                                         "generate_series(100001, 100000 + $1)"), 10000)
-    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
-    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
-                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
-                       "   AND NOT attisdropped")
+    await _clear_outbox_stats(pool)
 
     async def plan(p: asyncpg.Pool) -> tuple[list[str], list[dict[str, Any]]]:
         raw = await p.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_DUE}", 256)
@@ -169,19 +178,12 @@ async def test_a_read_cancelled_while_prepared_leaves_no_stale_transaction_on_th
     assert await _stale_reads_after_cancelled_prepares(clean_db, reset_on_release=True) == 0
 
 
-async def _clear_outbox_stats(pool: asyncpg.Pool) -> None:
-    await pool.execute("SELECT pg_clear_relation_stats('public', 'outbox')")
-    await pool.execute("SELECT pg_clear_attribute_stats('public', 'outbox', attname, false)"
-                       "  FROM pg_attribute WHERE attrelid = 'outbox'::regclass AND attnum > 0"
-                       "   AND NOT attisdropped")
-
-
 async def test_the_marks_look_up_the_postings_they_name_whatever_the_statistics_say(
         pool: asyncpg.Pool) -> None:
     # 20 000 forwarded and analyzed while nothing was pending, then 10 000 due (the billing
     # system was down): the statistics make pending rows look rare, and a plain pending check
-    # had the planner hash every pending row to mark four of them (the same with the
-    # statistics cleared)
+    # had the planner read every pending row off outbox_pending to mark four of them (into a
+    # hash, or once per posting named; the same with the statistics cleared)
     await pool.execute(_BACKLOG, 20000)
     await pool.execute("UPDATE outbox SET state = 'sent'")
     await pool.execute("ANALYZE outbox")

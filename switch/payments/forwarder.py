@@ -83,8 +83,9 @@ MAX_BATCHES_PER_ROUND = 8
 # neither the partial index `outbox_pending` nor the column's statistics can serve. Written
 # plainly, the planner estimates the pending rows from statistics that are often wrong in the
 # same way as for the due read (never analyzed, or analyzed with the queue empty), and then
-# hashes every pending row, or scans them all, to mark a handful: 2.5-4 ms for a mark of 4
-# postings with 10 000 pending, 11 ms for 256 (measured), growing with the backlog. This way
+# reads every pending row off `outbox_pending` (into a hash, or once per id named) to mark a
+# handful: 2.5-4 ms for a mark of 4 postings with 10 000 pending, 11 ms for 256 (measured),
+# growing with the backlog. This way
 # the plan is the same in every statistics state (a nested loop over the named ids into
 # `outbox_pkey`) and costs what the plain form costs when the statistics are right;
 # tests/test_relay_queue.py checks the plan in the bad states.

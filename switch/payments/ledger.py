@@ -46,6 +46,11 @@ class Fenced(LedgerError):
     """This node's lease epoch is stale: the database refused the write."""
 
 
+class CommitInterrupted(LedgerError):
+    """The switch stopped while this payment's commit was under way: it may or may not have
+    been recorded (a repeat with the same key tells)."""
+
+
 class NotReversible(LedgerError):
     def __init__(self, reason: str, code: str = "not_reversible") -> None:
         super().__init__(reason)
@@ -297,9 +302,9 @@ class PostingPath:
                 await self._commit(batch)
             except asyncio.CancelledError:
                 self._done(batch)
-                for p in batch:
+                for p in batch:  # the statement may have been sent, even committed
                     if not p.future.done():
-                        p.future.set_exception(LedgerError("the switch is stopping"))
+                        p.future.set_exception(CommitInterrupted("the switch is stopping"))
                 raise
             except Exception as e:
                 fenced = db.is_fenced(e)

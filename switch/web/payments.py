@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from switch.clients import ApiClient, ClientDirectory
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.idempotency import ClaimState, IdempotencyCache
 from switch.payments.ledger import (
+    CommitInterrupted,
     Committed,
     Duplicate,
     Fenced,
@@ -35,6 +37,8 @@ from switch.web.problems import Problem, json_body, json_response, no_longer_act
 
 if TYPE_CHECKING:
     from switch.node import Node
+
+log = logging.getLogger("gridpay.http")
 
 PAYMENT_CHANNELS = frozenset({"internet", "counter", "partner"})
 METHODS = ("cash", "transfer", "bank_card", "wallet")
@@ -245,20 +249,29 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
         return await svc.ledger.submit(preq)
     except Fenced:
         raise no_longer_active() from None
+    except CommitInterrupted:  # the switch stopped while the commit was under way
+        raise _outcome_unknown("payment") from None
     except LedgerError:
         raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
                       "charged; retry with the same Idempotency-Key",
                       headers={"Retry-After": "1"}) from None
-    except db.UNAVAILABLE:
+    except Exception as e:
+        if not db.unavailable(e):
+            raise
         # the database failed or went away under the commit: it may have happened
+        log.warning("payment not confirmed: the database is unavailable",
+                    extra={"error": type(e).__name__})
         raise _outcome_unknown("payment") from None
 
 
 def _outcome_unknown(what: str) -> Problem:
+    """The 503 for a write whose commit may or may not have happened: repeating the same
+    request is safe (a payment's key, a reversal's payment id) and gets its answer."""
+    again = ("send the same request again with the same Idempotency-Key"
+             if what == "payment" else "send the same reversal again")
     return Problem(503, "unavailable",
                    f"the database did not complete the {what}; it may or may not have been "
-                   "recorded: send the same request again with the same Idempotency-Key to "
-                   "get its answer", headers={"Retry-After": "1"})
+                   f"recorded: {again} to get its answer", headers={"Retry-After": "1"})
 
 
 async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
@@ -324,7 +337,9 @@ async def reverse_payment(request: web.Request) -> web.Response:
         if db.is_fenced(e):
             await node.fenced()
             raise no_longer_active() from None
-        if isinstance(e, db.UNAVAILABLE):
+        if db.unavailable(e):
+            log.warning("reversal not confirmed: the database is unavailable",
+                        extra={"error": type(e).__name__})
             raise _outcome_unknown("reversal") from None
         raise
     if done:

@@ -7,6 +7,8 @@ import logging
 import orjson
 from aiohttp import web
 
+from switch import db
+
 log = logging.getLogger("gridpay.http")
 
 PROBLEM_TYPE = "https://gridpay.example/problems/"
@@ -67,6 +69,13 @@ def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
         allow = e.headers.get("Allow") if e.status == 405 else None
         return Problem(e.status, code, detail,
                        headers={"Allow": allow} if allow is not None else None).response()
+    if db.unavailable(e):  # PostgreSQL down or out of reach: wait and retry, not a defect
+        log.warning("request not completed: the database is unavailable",
+                    extra={"path": request.path, "error": type(e).__name__})
+        return Problem(503, "unavailable", "the database is unavailable; retry shortly (a "
+                       "request that changes something may or may not have taken effect: "
+                       "look before repeating one that has no key of its own)",
+                       headers={"Retry-After": "2"}).response()
     log.exception("unhandled error in HTTP handler", extra={"path": request.path})
     return Problem(500, "internal_error",
                    "the request could not be completed; nothing was changed unless a "
