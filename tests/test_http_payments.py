@@ -451,6 +451,28 @@ async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
     assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
 
 
+async def test_a_commit_cut_short_by_the_switch_stopping_is_an_unknown_outcome(
+        node: Node, api: Api, sims: Sims) -> None:
+    # the commit waits on the lease row (locked here), and the posting path stops meanwhile:
+    # the statement may already be committed, so "nothing was charged" would be a guess
+    acct = await active_account(sims.marketing)
+    async with node.pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM node_lease WHERE id = 1 FOR UPDATE")
+        call = asyncio.ensure_future(api.call(
+            "POST", "/v1/payments", idem="cut",
+            json={"account_no": acct, "amount": 100, "method": "cash"}))
+        for _ in range(100):  # until the committer's statement waits on the lock
+            if await node.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                break
+            await asyncio.sleep(0.02)
+        await node.components["ledger"].stop(grace_s=0.1)
+        st, _, raw = await call
+    assert st == 503, raw
+    doc = orjson.loads(raw)
+    assert doc["code"] == "unavailable" and "may or may not" in doc["detail"], doc
+
+
 async def test_a_method_not_allowed_says_which_are(node: Node, api: Api) -> None:
     st, headers, raw = await api.call("DELETE", "/v1/payments")
     assert st == 405 and orjson.loads(raw)["code"] == "method_not_allowed"

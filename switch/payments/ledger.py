@@ -270,10 +270,10 @@ class PostingPath:
             self._tasks = [asyncio.create_task(self._committer(), name=f"committer-{i}")
                            for i in range(self._committers)]
 
-    async def stop(self) -> None:
-        """Finish what is queued, then stop the committers."""
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Finish what is queued (for `grace_s` at most), then stop the committers."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), 10)
+            await asyncio.wait_for(self._queue.join(), grace_s)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
