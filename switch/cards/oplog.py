@@ -41,13 +41,17 @@ def _as_stored(value: Any) -> Any:
     one verification computes from the stored entry. jsonb keeps a number as a decimal: one
     written plainly comes back the same (1.25, 5.0), but an exponent is expanded (1e+16
     comes back 10000000000000000) and -0.0 comes back 0.0; such floats (which only a refused
-    input carries) are logged as text."""
+    input carries) are logged as text. jsonb cannot hold a NUL character at all (a refused
+    path such as /batches/%00/stock-in carries one): it is logged as the six characters
+    `\\u0000`."""
     def plain(v: Any) -> Any:
         if isinstance(v, float):
             text = orjson.dumps(v)
             return v if b"e" not in text and text != b"-0.0" else text.decode()
+        if isinstance(v, str) and "\x00" in v:  # jsonb holds no NUL: logged as the text \u0000
+            return v.replace("\x00", "\\u0000")
         if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
+            return {plain(k): plain(x) for k, x in v.items()}
         if isinstance(v, list):
             return [plain(x) for x in v]
         return v
