@@ -826,6 +826,89 @@ async def test_a_retried_input_is_replayed_though_the_call_moved_to_or_from_the_
     assert (st2, again) == (200, last)
 
 
+async def test_random_walks_through_the_dialog_answer_every_turn(
+        node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
+    # callers pressing anything at any step, retrying with keys old and new, PINs right and
+    # garbled, timeouts and hang-ups: every answer is a turn or a clear problem, never a 5xx,
+    # and no card is ever recharged twice
+    import random
+
+    rng = random.Random(20261126)
+    cards = [await make_card(node) for _ in range(4)]
+    accts = [await account(sims) for _ in range(2)]
+    seen: list[str] = []
+
+    def digits() -> str:
+        serial, _ = rng.choice(cards)
+        return rng.choice([
+            "1", "2", "3", "9", "0", "*", "#", "1#", rng.choice(accts) + "#", serial,
+            serial[:-1] + str((int(serial[-1]) + 1) % 10), "1" * 32,
+            "".join(rng.choice("0123456789*#") for _ in range(rng.randint(1, 32)))])
+
+    for walk in range(40):
+        call_id = f"walk-{walk}"
+        st, _, body = await raw.call("POST", "/ivr/v1/calls", json={
+            "call_id": call_id, "ani": ani(), "dnis": "95598", "lang": rng.choice(["zh", "en"])})
+        assert st == 201, body
+        step = orjson.loads(body)["step"]
+        card = rng.choice(cards)
+        last_key: str | None = None
+        for turn_no in range(14):
+            roll = rng.random()
+            # half the time, what the step asks for (so that walks reach the later steps)
+            expected = {"menu": {"digits": "1"}, "confirm_account": {"digits": "1"},
+                        "enter_account": {"digits": rng.choice(accts) + "#"},
+                        "enter_card_serial": {"digits": card[0]},
+                        "enter_pin": {"pin_block": ivr.pin_block(*card)},
+                        "confirm_recharge": {"digits": "1"}}.get(step)
+            if expected is not None and rng.random() < 0.5:
+                inp: dict[str, str] = expected
+            elif roll < 0.05:
+                st, _, body = await raw.call("DELETE", f"/ivr/v1/calls/{call_id}")
+                assert st == 200 and orjson.loads(body)["hangup"] is True, body
+                break
+            elif roll < 0.6:
+                inp = {"digits": digits()}
+            elif roll < 0.75:
+                serial, pin = rng.choice(cards)
+                inp = {"pin_block": ivr.pin_block(serial, pin if rng.random() < 0.7
+                                                  else new_pin())}
+            elif roll < 0.85:
+                inp = {"pin_block": secrets.token_hex(16)}
+            else:
+                inp = {"event": "timeout"}
+            key = (last_key if last_key and rng.random() < 0.15
+                   else f"{call_id}-{turn_no}" if rng.random() < 0.7 else None)
+            headers = {"Idempotency-Key": key} if key else None
+            st, _, body = await raw.call("POST", f"/ivr/v1/calls/{call_id}/input", json=inp,
+                                         headers=headers)
+            assert st in (200, 409, 422), (st, body)
+            doc = orjson.loads(body)
+            if st != 200:
+                assert doc["code"] in ("call_ended", "idempotency_key_reused",
+                                       "turn_in_progress"), doc
+                if doc["code"] == "call_ended":
+                    break
+                continue
+            assert {"call_id", "step", "prompts", "collect", "hangup"} <= set(doc), doc
+            seen.append(doc["step"])
+            step = doc["step"]
+            last_key = key
+            if doc["hangup"]:
+                break
+    # the walks reached every step, the result included
+    assert {"confirm_account", "enter_card_serial", "enter_pin", "confirm_recharge",
+            "result"} <= set(seen), set(seen)
+    rows = await node.pool.fetch(
+        "SELECT card_serial, count(*) AS n FROM payments WHERE card_serial = ANY($1::text[])"
+        " GROUP BY card_serial", [s for s, _ in cards])
+    assert all(r["n"] == 1 for r in rows), rows
+    redeemed = await node.pool.fetchval(
+        "SELECT count(*) FROM cards WHERE serial = ANY($1::text[]) AND state = 'redeemed'",
+        [s for s, _ in cards])
+    assert redeemed == len(rows)
+
+
 async def test_zz_fenced_node_refuses_the_redemption(node: Node, ivr: IvrSimulator,
                                                      raw: Api, sims: Sims) -> None:
     """Last in the module: the node loses its lease in the middle of a call."""
