@@ -454,6 +454,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _config_first(argv: list[str]) -> list[str]:
+    """`--config FILE` is gridpay's own option, taken before or after the command
+    (`gridpay up --config x.toml` as well as `gridpay --config x.toml up`)."""
+    for i, arg in enumerate(argv):
+        if i and arg == "--config" and i + 1 < len(argv):
+            return [arg, argv[i + 1], *argv[:i], *argv[i + 2:]]
+        if i and arg.startswith("--config="):
+            return [arg, *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the simulators parse their own arguments
@@ -466,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         from switch.cards.manufacturer import main as manufacture
 
         return int(manufacture(rest[2:]))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_config_first(argv))
     if args.command == "clients":
         return cmd_clients(args)
     if args.command == "users":

@@ -4,11 +4,11 @@ problem+json answer that a person can act on."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
 import aiohttp
-import orjson
 from argon2 import PasswordHasher
 
 from switch.node import Node
@@ -18,9 +18,10 @@ _PATH_VALUES = ["x", "0", "-1", "%C2%B2", "a" * 300, "%00", "9" * 40, "1e3", "%2
                 "00000000-0000-0000-0000-000000000000"]
 _QUERY_VALUES = ["", "x", "-1", "%C2%B2", "9" * 40, "%00", "1.5", "2026-13-45"]
 _BODIES = [b"", b"null", b"[]", b'"s"', b"{}", b'{"a": 1}', b"{", b'{"x": "\\u0000"}',
-           b"[" * 5000 + b"]" * 5000, b'{"a": ' + b"9" * 400 + b"}"]
-_FIELD_VALUES: list[Any] = [None, True, -1, 0, 1.5, -0.0, 1e300, "", "x" * 5000, [], {},
-                            "\u0000", "\u00b2", [1, 2], {"a": {"b": []}}]
+           b"[" * 5000 + b"]" * 5000, b'{"a": ' + b"9" * 400 + b"}",
+           b'{"amount": ' + b"9" * 5000 + b"}"]
+_FIELD_VALUES: list[Any] = [None, True, -1, 0, 1.5, -0.0, 1e300, 2**64, "", "x" * 5000, [],
+                            {}, "\u0000", "\u00b2", [1, 2], {"a": {"b": []}}]
 _SLOW = re.compile(r"^/admin/v1/session$")  # argon2 on purpose: a few cases only
 
 
@@ -43,7 +44,7 @@ def _bodies(schema: dict[str, Any], slow: bool) -> list[bytes]:
     base = {name: "x" for name in schema.get("required", props)}
     out = list(_BODIES)
     for name, value in itertools.product(props, _FIELD_VALUES):
-        out.append(orjson.dumps({**base, name: value}))
+        out.append(json.dumps({**base, name: value}).encode())  # orjson writes no 2**64
     return out[:6] if slow else out
 
 

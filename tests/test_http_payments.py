@@ -242,6 +242,9 @@ async def test_concurrent_same_key_without_redis_state(node: Node, api: Api, sim
         ({"amount": True, "method": "cash"}, 400, "invalid_amount_type"),
         ({"amount": 0, "method": "cash"}, 422, "invalid_amount"),
         ({"amount": 5_000_001, "method": "cash"}, 422, "invalid_amount"),
+        # an integer beyond 64 bits is still an integer over the limit (it was read as a float)
+        ({"amount": 2**64, "method": "cash"}, 422, "invalid_amount"),
+        ({"amount": 1e3, "method": "cash"}, 400, "invalid_amount_type"),
         ({"amount": 100, "method": "cheque"}, 400, "invalid_method"),
         ({"amount": 100, "method": "cash", "extra": 1}, 400, "unknown_field"),
         # a NUL cannot be stored as text: it must be refused alone, not fail a whole batch

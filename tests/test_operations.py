@@ -174,6 +174,19 @@ def test_bad_configuration_names_key_and_value(home: Path) -> None:
     assert "listen.http_port" in out.stderr and "99999" in out.stderr
 
 
+def test_the_config_option_is_taken_before_or_after_the_command(home: Path,
+                                                                 tmp_path: Path) -> None:
+    # `gridpay up --config x.toml` was refused ("unrecognized arguments"): only the form
+    # before the command worked
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[business]\nmax_amount = -5\n")
+    for args in (("--config", str(bad), "switch"), ("switch", "--config", str(bad)),
+                 ("switch", f"--config={bad}")):
+        out = _gridpay(*args, home=home, timeout=60)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "business.max_amount = -5" in out.stderr, (args, out.stderr)
+
+
 def test_switch_without_services_says_what_is_missing(home: Path) -> None:
     out = _gridpay("switch", home=home, timeout=60)
     assert out.returncode == 2 and "GRIDPAY_DATABASE_URL" in out.stderr
