@@ -12,11 +12,11 @@ Errors say what the caller may do next:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, Self, get_args
+from typing import Any, Final, Literal, NamedTuple, Self, TypeVar, get_args
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -96,20 +96,23 @@ class AccountSummary:
     account_no: str
     name: str = field(repr=False)
     status: AccountStatus
-    arrears: int
-    prepaid_balance: int
-    bills: tuple[tuple[str, int], ...]
+    # the contract asks the list for number, name and status only: a system that lists
+    # balances too keeps the mirror's fallback answers whole; None when it does not
+    arrears: int | None = None
+    prepaid_balance: int | None = None
+    bills: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         _check_account(self.account_no, self.status, self.arrears, self.prepaid_balance)
 
 
-def _check_account(account_no: str, status: str, arrears: int, prepaid: int) -> None:
+def _check_account(account_no: str, status: str, arrears: int | None,
+                   prepaid: int | None) -> None:
     if not _is_account_no(account_no):
         raise ValueError("account_no must be 10 digits")
     if status not in ACCOUNT_STATUSES:
         raise ValueError(f"unknown account status {status!r}")
-    if arrears < 0 or prepaid < 0:
+    if (arrears or 0) < 0 or (prepaid or 0) < 0:
         raise ValueError("arrears and prepaid balance cannot be negative")
 
 
@@ -214,14 +217,20 @@ def _account(body: Mapping[str, Any]) -> Account:
     )
 
 
+T = TypeVar("T")
+
+
 def _summary(body: Mapping[str, Any]) -> AccountSummary:
+    def opt(name: str, read: Callable[[Any], T]) -> T | None:
+        return None if body.get(name) is None else read(body[name])
+
     return AccountSummary(
         account_no=_str(body["account_no"]),
         name=_str(body["name"]),
         status=body["status"],
-        arrears=_int(body["arrears"]),
-        prepaid_balance=_int(body["prepaid_balance"]),
-        bills=_bills(body["bills"]),
+        arrears=opt("arrears", _int),
+        prepaid_balance=opt("prepaid_balance", _int),
+        bills=opt("bills", _bills),
     )
 
 
@@ -442,11 +451,15 @@ class MarketingClient:
             raise self._refuse(status, raw)
         try:
             body = self._parse(raw)
-            summaries = [_summary(item) for item in body["accounts"]]
-            next_after = body["next_after"]
-            if next_after is not None:
-                next_after = _str(next_after)
-        except (KeyError, TypeError, ValueError) as exc:
+            # the contract fixes what a listed account says, not the page's shape: the list
+            # itself, or an object with "accounts" and (optionally) "next_after"
+            items = body if isinstance(body, list) else body["accounts"]
+            summaries = [_summary(item) for item in items]
+            if isinstance(body, dict) and "next_after" in body:
+                next_after = None if body["next_after"] is None else _str(body["next_after"])
+            else:  # no cursor given: a full page goes on after its last account
+                next_after = summaries[-1].account_no if len(summaries) >= limit else None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed account list") from exc
         return summaries, next_after
 

@@ -473,3 +473,58 @@ async def test_the_lookups_keep_their_own_bound_when_postings_are_pipelined() ->
     async with MarketingClient("http://127.0.0.1:1", connections=64) as client:
         assert client._pool is client._post_pool and client._pool is not None
         assert client._pool.size == 64  # one request per connection: postings need them all
+
+
+async def test_a_cursor_that_does_not_move_on_fails_the_pass_instead_of_looping(
+        pool: asyncpg.Pool) -> None:
+    from switch.marketing_client import MarketingUnavailable
+    from switch.payments.accounts import Accounts
+
+    calls = {"n": 0}
+
+    async def listing(request: web.Request) -> web.Response:
+        # a defective billing system: the same page and the same cursor, however asked
+        calls["n"] += 1
+        return web.json_response({"accounts": [
+            {"account_no": "1000000001", "name": "张三", "status": "active", "arrears": 0,
+             "prepaid_balance": 0, "bills": []}], "next_after": "1000000001"})
+
+    async with _serving([web.get("/accounts", listing)]) as url, MarketingClient(url) as client:
+        mirror = Accounts(pool, client)
+        with pytest.raises(MarketingUnavailable, match="did not move on"):
+            await asyncio.wait_for(mirror.sync_once(page=10), 10)  # it looped for ever
+    assert calls["n"] == 2
+    assert not mirror.synced.is_set()
+
+
+async def test_the_mirror_keeps_in_step_with_a_list_that_gives_only_what_the_contract_asks(
+        pool: asyncpg.Pool) -> None:
+    # the contract's list: accounts in number order with number, name and status, no page
+    # object and no cursor; the switch's mirror used to refuse it (and never synced)
+    from switch.payments.accounts import Accounts
+
+    accounts = [{"account_no": f"{1000000000 + i}", "name": "张三",
+                 "status": "closed" if i == 3 else "active"} for i in range(25)]
+
+    async def listing(request: web.Request) -> web.Response:
+        after = request.query.get("after")
+        limit = int(request.query["limit"])
+        return web.json_response([a for a in accounts
+                                  if after is None or a["account_no"] > after][:limit])
+
+    # balances a live lookup wrote earlier stay: the list says nothing about them
+    await pool.execute(
+        "INSERT INTO account_mirror (account_no, name, status, arrears, prepaid_balance, bills)"
+        " VALUES ('1000000001', '张三', 'active', 4200, 0, '[[\"2026-10\", 4200]]')")
+    async with _serving([web.get("/accounts", listing)]) as url, MarketingClient(url) as client:
+        mirror = Accounts(pool, client)
+        assert await mirror.sync_once(page=10) == 25  # pages of 10, 10, 5
+        assert mirror.synced.is_set()
+        assert await pool.fetchval("SELECT count(*) FROM account_mirror") == 25
+        row = await pool.fetchrow("SELECT status, arrears, bills FROM account_mirror"
+                                  " WHERE account_no = '1000000001'")
+        assert row is not None and row["status"] == "active" and row["arrears"] == 4200, row
+        profile = await mirror.profile("1000000001")
+        assert profile is not None and profile.arrears == 4200
+        closed = await mirror.profile("1000000003")
+        assert closed is not None and closed.status == "closed"

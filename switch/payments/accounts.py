@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import orjson
 
-from switch.marketing_client import MarketingClient, MarketingError
+from switch.marketing_client import MarketingClient, MarketingError, MarketingUnavailable
 
 if TYPE_CHECKING:
     from switch.db import Conn
@@ -73,8 +73,10 @@ SELECT a, n, s, ar, pb, b::jsonb, t
   FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],
               $7::timestamptz[]) AS u(a, n, s, ar, pb, b, t)
 ON CONFLICT (account_no) DO UPDATE
-   SET name = EXCLUDED.name, status = EXCLUDED.status, arrears = EXCLUDED.arrears,
-       prepaid_balance = EXCLUDED.prepaid_balance, bills = EXCLUDED.bills,
+   SET name = EXCLUDED.name, status = EXCLUDED.status,
+       arrears = coalesce(EXCLUDED.arrears, account_mirror.arrears),
+       prepaid_balance = coalesce(EXCLUDED.prepaid_balance, account_mirror.prepaid_balance),
+       bills = coalesce(EXCLUDED.bills, account_mirror.bills),
        refreshed_at = EXCLUDED.refreshed_at
 """
 
@@ -84,7 +86,9 @@ MIRROR_REWRITE_S = 30.0
 #: how long a live lookup's refresh may wait to be written with the others
 MIRROR_FLUSH_S = 0.2
 
-_Row = tuple[str, str, str, int, int, tuple[tuple[str, int], ...]]
+# account, name, status, arrears, prepaid balance, bills: the last three None when the
+# marketing system's list does not give them (the contract asks it for the first three only)
+_Row = tuple[str, str, str, int | None, int | None, tuple[tuple[str, int], ...] | None]
 
 
 class Accounts:
@@ -217,11 +221,15 @@ class Accounts:
         await (con or self.pool).execute(
             _UPSERT, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
             [r[3] for r in rows], [r[4] for r in rows],
-            [orjson.dumps([list(b) for b in r[5]]).decode() for r in rows],
+            [None if r[5] is None else orjson.dumps([list(b) for b in r[5]]).decode()
+             for r in rows],
             [now] * len(rows))
         mono = time.monotonic()
         for r in rows:
-            self._profiles[r[0]] = (MirrorProfile(r[2], r[1], r[3]), mono)
+            if r[3] is None:  # the arrears kept in the table are the ones to go by
+                self._profiles.pop(r[0], None)
+            else:
+                self._profiles[r[0]] = (MirrorProfile(r[2], r[1], r[3]), mono)
 
     async def sync_once(self, page: int = 1000) -> int:
         """One full pass over the marketing system's accounts; returns how many."""
@@ -241,6 +249,12 @@ class Accounts:
             n += len(accounts)
             if nxt is None or not accounts:
                 break
+            if after is not None and nxt <= after:
+                # the list is in account-number order: a cursor that does not move on would
+                # walk the same page for ever (a billing system's defect); this pass fails and
+                # the next one starts again from the beginning
+                raise MarketingUnavailable(
+                    f"the marketing system's account list did not move on after {after!r}")
             after = nxt
         await self.pool.execute("UPDATE mirror_sync SET completed_at = now(), last_after = NULL")
         self.synced.set()
