@@ -12,6 +12,7 @@ Errors say what the caller may do next:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -23,6 +24,8 @@ import aiohttp
 import orjson
 
 from switch.keepalive import AnswerTooLarge, KeepAlivePool
+
+log = logging.getLogger("gridpay.marketing")
 
 PostingKind = Literal["payment", "card_recharge", "reversal"]
 AccountStatus = Literal["active", "closed"]
@@ -185,8 +188,10 @@ class PostingRecord:
 
     posting: Posting
     business_date: date
-    arrears_after: int
-    prepaid_balance_after: int
+    # the contract fixes no more of a listed posting than the posting itself: None when a
+    # system leaves its balances out
+    arrears_after: int | None = None
+    prepaid_balance_after: int | None = None
 
 
 def _bills(raw: Any) -> tuple[tuple[str, int], ...]:
@@ -234,8 +239,9 @@ def _summary(body: Mapping[str, Any]) -> AccountSummary:
     )
 
 
-def _record(body: Mapping[str, Any]) -> PostingRecord:
+def _record(body: Mapping[str, Any], listed_for: date) -> PostingRecord:
     original = body.get("original_posting_id")
+    day = body.get("business_date")
     return PostingRecord(
         posting=Posting(
             posting_id=_str(body["posting_id"]),
@@ -246,9 +252,11 @@ def _record(body: Mapping[str, Any]) -> PostingRecord:
             channel=_str(body["channel"]),
             occurred_at=datetime.fromisoformat(_str(body["occurred_at"])),
         ),
-        business_date=date.fromisoformat(_str(body["business_date"])),
-        arrears_after=_int(body["arrears_after"]),
-        prepaid_balance_after=_int(body["prepaid_balance_after"]),
+        business_date=listed_for if day is None else date.fromisoformat(_str(day)),
+        arrears_after=None if body.get("arrears_after") is None
+        else _int(body["arrears_after"]),
+        prepaid_balance_after=None if body.get("prepaid_balance_after") is None
+        else _int(body["prepaid_balance_after"]),
     )
 
 
@@ -528,6 +536,24 @@ class MarketingClient:
             raise self._refuse(status, raw)
         try:
             body = self._parse(raw)
-            return [_record(item) for item in body["postings"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # the list itself, or an object with "postings" (the contract fixes no shape)
+            items = body if isinstance(body, list) else body["postings"]
+            iter(items)
+        except (KeyError, TypeError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed posting list") from exc
+        out: list[PostingRecord] = []
+        unread = 0
+        for item in items:
+            # a record that cannot be read (another system's posting, with an id or a kind of
+            # its own) is left out, not the whole day: left out, one of ours would only be
+            # reported missing and sent again, which the posting id makes harmless
+            try:
+                out.append(_record(item, business_date))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                unread += 1
+        if unread and not out:  # nothing readable at all: not a list of postings
+            raise MarketingUnavailable("marketing system sent a malformed posting list")
+        if unread:
+            log.warning("postings of the marketing system's list left out: unreadable",
+                        extra={"business_date": business_date.isoformat(), "count": unread})
+        return out

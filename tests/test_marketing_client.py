@@ -528,3 +528,20 @@ async def test_the_mirror_keeps_in_step_with_a_list_that_gives_only_what_the_con
         assert profile is not None and profile.arrears == 4200
         closed = await mirror.profile("1000000003")
         assert closed is not None and closed.status == "closed"
+
+
+async def test_a_posting_list_in_the_contracts_terms_is_read_and_a_foreign_record_left_out(
+        ) -> None:
+    # a bare list; one of the postings gives only what the posting itself is (no business
+    # date, no balances); another is some other system's (an id and a kind of its own)
+    ours = {"posting_id": "P2026112600000001", "account_no": "1000000001", "amount": 500,
+            "kind": "payment", "channel": "bank", "occurred_at": "2026-11-26T10:00:00+08:00"}
+    foreign = {**ours, "posting_id": "ADJ-" + "9" * 80, "kind": "adjustment"}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response([foreign, ours])
+
+    async with _serving([web.get("/postings", listing)]) as url, MarketingClient(url) as client:
+        got = await client.postings_for_date(date(2026, 11, 26))
+    assert [r.posting.posting_id for r in got] == ["P2026112600000001"]
+    assert got[0].business_date == date(2026, 11, 26) and got[0].arrears_after is None
