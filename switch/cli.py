@@ -471,13 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv
     if rest and rest[0] == "--config":
         rest = rest[2:]
+    elif rest and rest[0].startswith("--config="):
+        rest = rest[1:]
     if rest and rest[0] in ("hsm", "marketing"):
         return (cmd_hsm if rest[0] == "hsm" else cmd_marketing)(rest[1:])
     if "cards" in rest[:1] and "manufacture" in rest[1:2]:
         from switch.cards.manufacturer import main as manufacture
 
         return int(manufacture(rest[2:]))
-    args = build_parser().parse_args(_config_first(argv))
+    argv = _config_first(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "clients":
         return cmd_clients(args)
     if args.command == "users":

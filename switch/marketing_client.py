@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -26,6 +27,10 @@ import orjson
 from switch.keepalive import AnswerTooLarge, KeepAlivePool
 
 log = logging.getLogger("gridpay.marketing")
+
+#: the shape of the posting ids this switch makes (other systems post to the billing system
+#: too): P payment, C card recharge, R reversal, then the 18-digit receipt number
+OUR_POSTING_IDS: Final = re.compile(r"^[PCR][0-9]{18}$")
 
 PostingKind = Literal["payment", "card_recharge", "reversal"]
 AccountStatus = Literal["active", "closed"]
@@ -465,9 +470,15 @@ class MarketingClient:
             summaries = [_summary(item) for item in items]
             if isinstance(body, dict) and "next_after" in body:
                 next_after = None if body["next_after"] is None else _str(body["next_after"])
-            else:  # no cursor given: a full page goes on after its last account
-                next_after = summaries[-1].account_no if len(summaries) >= limit else None
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+                if next_after is not None and not _is_account_no(next_after):
+                    raise ValueError("next_after is not an account number")
+            elif summaries and len(summaries) <= limit:
+                # no cursor given: go on after the last account until a page comes back empty
+                # (a system may cap its pages below our limit: a short page is no end)
+                next_after = summaries[-1].account_no
+            else:  # empty: the end; longer than asked: a system that does not page at all
+                next_after = None
+        except (KeyError, TypeError, ValueError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed account list") from exc
         return summaries, next_after
 
@@ -544,12 +555,17 @@ class MarketingClient:
         out: list[PostingRecord] = []
         unread = 0
         for item in items:
-            # a record that cannot be read (another system's posting, with an id or a kind of
-            # its own) is left out, not the whole day: left out, one of ours would only be
-            # reported missing and sent again, which the posting id makes harmless
+            # a record that cannot be read is left out when it is another system's posting
+            # (an id or a kind of its own), not the whole day; one that carries an id of our
+            # shape refuses the list, as any malformed list is (reconciling without it would
+            # report it missing, or hide a stray)
             try:
                 out.append(_record(item, business_date))
-            except (KeyError, TypeError, ValueError, AttributeError):
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                pid = item.get("posting_id") if isinstance(item, dict) else None
+                if not isinstance(pid, str) or OUR_POSTING_IDS.fullmatch(pid):
+                    raise MarketingUnavailable(
+                        "marketing system sent a malformed posting list") from exc
                 unread += 1
         if unread and not out:  # nothing readable at all: not a list of postings
             raise MarketingUnavailable("marketing system sent a malformed posting list")

@@ -224,6 +224,27 @@ async def test_reversal_cases(bank: BankClient, node: Node, sims: Sims) -> None:
     assert await _payments(node) == 1
 
 
+async def test_a_payment_cut_short_by_the_switch_stopping_is_not_answered(
+        bank: BankClient, node: Node, sims: Sims) -> None:
+    # its commit may have happened: a 96 would tell the bank "declined" of a credited
+    # payment; no answer lets the bank retransmit or reverse, and the books agree either way
+    acct = await active_account(sims.marketing)
+    async with node.pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM node_lease WHERE id = 1 FOR UPDATE")
+        answer = asyncio.ensure_future(bank.request(bank.payment(acct, 100)))
+        for _ in range(250):  # until the committer's statement waits on the lock
+            if await node.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the commit never waited on the lease row")
+        await node.components["ledger"].stop(grace_s=0.1)
+        done, _ = await asyncio.wait({answer}, timeout=1.0)
+        answer.cancel()
+    assert not done, answer.result()  # was a 0210 with 39 = 96
+
+
 async def test_reversal_of_another_business_date_is_12(bank: BankClient, node: Node,
                                                        sims: Sims) -> None:
     acct = await active_account(sims.marketing)

@@ -501,14 +501,14 @@ async def test_the_mirror_keeps_in_step_with_a_list_that_gives_only_what_the_con
         pool: asyncpg.Pool) -> None:
     # the contract's list: accounts in number order with number, name and status, no page
     # object and no cursor; the switch's mirror used to refuse it (and never synced)
-    from switch.payments.accounts import Accounts
+    from switch.payments.accounts import Accounts, AccountsUnavailable
 
     accounts = [{"account_no": f"{1000000000 + i}", "name": "张三",
                  "status": "closed" if i == 3 else "active"} for i in range(25)]
 
     async def listing(request: web.Request) -> web.Response:
         after = request.query.get("after")
-        limit = int(request.query["limit"])
+        limit = min(int(request.query["limit"]), 7)  # its own cap, below what is asked
         return web.json_response([a for a in accounts
                                   if after is None or a["account_no"] > after][:limit])
 
@@ -516,9 +516,14 @@ async def test_the_mirror_keeps_in_step_with_a_list_that_gives_only_what_the_con
     await pool.execute(
         "INSERT INTO account_mirror (account_no, name, status, arrears, prepaid_balance, bills)"
         " VALUES ('1000000001', '张三', 'active', 4200, 0, '[[\"2026-10\", 4200]]')")
-    async with _serving([web.get("/accounts", listing)]) as url, MarketingClient(url) as client:
+    async def down(request: web.Request) -> web.Response:  # live look-ups fail meanwhile
+        return web.Response(status=503)
+
+    async with _serving([web.get("/accounts", listing),
+                         web.get("/accounts/{account_no}", down)]) as url, \
+            MarketingClient(url) as client:
         mirror = Accounts(pool, client)
-        assert await mirror.sync_once(page=10) == 25  # pages of 10, 10, 5
+        assert await mirror.sync_once(page=10) == 25  # pages of 7, 7, 7, 4, then none
         assert mirror.synced.is_set()
         assert await pool.fetchval("SELECT count(*) FROM account_mirror") == 25
         row = await pool.fetchrow("SELECT status, arrears, bills FROM account_mirror"
@@ -528,20 +533,36 @@ async def test_the_mirror_keeps_in_step_with_a_list_that_gives_only_what_the_con
         assert profile is not None and profile.arrears == 4200
         closed = await mirror.profile("1000000003")
         assert closed is not None and closed.status == "closed"
+        # with the billing system not answering: the balance kept is served (stale), but an
+        # account whose balances the mirror never had is not answered with a guessed 0
+        stale = await mirror.lookup("1000000001")
+        assert stale is not None and stale.stale and stale.arrears == 4200
+        with pytest.raises(AccountsUnavailable):
+            await mirror.lookup("1000000002")
+        payable = await mirror.profile("1000000002")  # its status still decides a payment
+        assert payable is not None and payable.status == "active"
 
 
 async def test_a_posting_list_in_the_contracts_terms_is_read_and_a_foreign_record_left_out(
         ) -> None:
     # a bare list; one of the postings gives only what the posting itself is (no business
     # date, no balances); another is some other system's (an id and a kind of its own)
-    ours = {"posting_id": "P2026112600000001", "account_no": "1000000001", "amount": 500,
+    ours = {"posting_id": "P202611260000000001", "account_no": "1000000001", "amount": 500,
             "kind": "payment", "channel": "bank", "occurred_at": "2026-11-26T10:00:00+08:00"}
     foreign = {**ours, "posting_id": "ADJ-" + "9" * 80, "kind": "adjustment"}
 
-    async def listing(request: web.Request) -> web.Response:
-        return web.json_response([foreign, ours])
+    ours_malformed = {**ours, "posting_id": "P202611260000000002", "amount": "five"}
+    answers = [[foreign, ours], [foreign, ours_malformed, ours]]
 
-    async with _serving([web.get("/postings", listing)]) as url, MarketingClient(url) as client:
+    async def listing2(request: web.Request) -> web.Response:
+        return web.json_response(answers.pop(0))
+
+    async with _serving([web.get("/postings", listing2)]) as url, \
+            MarketingClient(url) as client:
         got = await client.postings_for_date(date(2026, 11, 26))
-    assert [r.posting.posting_id for r in got] == ["P2026112600000001"]
-    assert got[0].business_date == date(2026, 11, 26) and got[0].arrears_after is None
+        assert [r.posting.posting_id for r in got] == ["P202611260000000001"]
+        assert got[0].business_date == date(2026, 11, 26) and got[0].arrears_after is None
+        # one of ours that cannot be read still refuses the list: reconciled without it,
+        # it would be reported missing
+        with pytest.raises(MarketingUnavailable, match="malformed"):
+            await client.postings_for_date(date(2026, 11, 26))

@@ -136,6 +136,12 @@ def test_up_ready_health_and_graceful_stop(home: Path) -> None:
     out = _gridpay("users", "add", "alice", "--role", "card_admin", "--password-stdin",
                    home=home, stdin="correct horse battery staple\n")
     assert out.returncode == 0, out.stderr
+    # gridpay's --config after the command's own options (it was passed on to them)
+    conf = home / "extra.toml"
+    conf.write_text("[business]\nmax_amount = 400000\n")
+    out = _gridpay("users", "add", "carol", "--role", "auditor", "--password-stdin",
+                   "--config", str(conf), home=home, stdin="correct horse battery staple\n")
+    assert out.returncode == 0, out.stderr
 
     started = time.monotonic()
     assert up.stop() == 0
@@ -181,7 +187,9 @@ def test_the_config_option_is_taken_before_or_after_the_command(home: Path,
     bad = tmp_path / "bad.toml"
     bad.write_text("[business]\nmax_amount = -5\n")
     for args in (("--config", str(bad), "switch"), ("switch", "--config", str(bad)),
-                 ("switch", f"--config={bad}")):
+                 ("switch", f"--config={bad}"),
+                 ("users", "add", "bob", "--role", "cashier", "--hall", "H1",
+                  "--password-stdin", "--config", str(bad))):
         out = _gridpay(*args, home=home, timeout=60)
         assert out.returncode == 2, (args, out.stderr)
         assert "business.max_amount = -5" in out.stderr, (args, out.stderr)

@@ -38,6 +38,7 @@ from switch.hsm_client import HsmError
 from switch.links import iso_dedup_key
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.ledger import (
+    CommitInterrupted,
     Committed,
     Duplicate,
     Fenced,
@@ -135,6 +136,10 @@ class Link:
         return True
 
 
+class _Unanswered(Exception):
+    """A request to leave without an answer: its outcome is not known (see `_payment`)."""
+
+
 class Decline(Exception):  # noqa: N818 - a decision, not a failure
     """Answer with this response code (and nothing posted)."""
 
@@ -228,6 +233,10 @@ class LinkService:
             resp = self._response(msg, d.code)
             log.info("request declined", extra={"mti": msg.mti, "response_code": d.code,
                                                 "reason": d.reason, "stan": msg.fields.get(11)})
+        except _Unanswered as u:
+            log.warning("request not answered: its outcome is not known",
+                        extra={"mti": msg.mti, "stan": msg.fields.get(11), "reason": str(u)})
+            return None
         except Exception as e:
             # anything unforeseen (a database error, ...) is a system malfunction, answered as
             # one: what failed before its commit recorded nothing
@@ -482,6 +491,12 @@ class LinkService:
         except Fenced:
             return await self._decline(key, msg, req_hash, "91",
                                        "this node is no longer active")
+        except CommitInterrupted:
+            # the switch stopped while the commit was under way: it may have happened, so a 96
+            # could tell the bank "declined" of a payment that is credited. Say nothing: the
+            # bank retransmits (answered from the ledger by the node that carries on) or
+            # reverses on its timeout, and either way the books agree.
+            raise _Unanswered("the commit was cut short by the switch stopping") from None
         except LedgerError:
             return await self._decline(key, msg, req_hash, "96",
                                        "the payment could not be recorded")

@@ -154,9 +154,14 @@ class Accounts:
             # The marketing system did not answer and the mirror has never seen this account:
             # it may be new since the last pass, so "unknown" would be a guess. Say we cannot.
             raise AccountsUnavailable("marketing system unavailable; account not in the mirror")
+        if row["arrears"] is None or row["prepaid_balance"] is None:
+            # mirrored from a list that gives no balances and never looked up live: 0 owed
+            # would be a guess too
+            raise AccountsUnavailable("marketing system unavailable; the mirror has no balances "
+                                      "for this account")
         bills = tuple((str(b[0]), int(b[1])) for b in (row["bills"] or []))
         return AccountView(account_no=row["account_no"], name=row["name"], status=row["status"],
-                           arrears=row["arrears"] or 0, prepaid_balance=row["prepaid_balance"] or 0,
+                           arrears=row["arrears"], prepaid_balance=row["prepaid_balance"],
                            bills=bills, as_of=row["refreshed_at"], stale=True)
 
     async def status(self, account_no: str) -> str | None:
@@ -171,13 +176,20 @@ class Accounts:
             return hit[0]
         row = await self.pool.fetchrow(
             "SELECT status, name, arrears FROM account_mirror WHERE account_no = $1", account_no)
-        if row is None:
-            view = await self.lookup(account_no)  # not mirrored yet: ask live
+        if row is None or row["arrears"] is None:
+            # not mirrored yet, or mirrored without balances (the arrears an approval reports
+            # must not be a guessed 0): ask live; with no answer, the mirror's status stands
+            try:
+                view = await self.lookup(account_no)
+            except AccountsUnavailable:
+                if row is None:
+                    raise
+                return MirrorProfile(row["status"], row["name"], 0)
             if view is None:
                 return None
             prof = MirrorProfile(view.status, view.name, view.arrears)
         else:
-            prof = MirrorProfile(row["status"], row["name"], row["arrears"] or 0)
+            prof = MirrorProfile(row["status"], row["name"], row["arrears"])
         if len(self._profiles) > 2_000_000:
             self._profiles.clear()
         mono = time.monotonic()

@@ -9,14 +9,13 @@ forwarding; differences and unknown extras are reported for a person to look at.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import date
 
 import asyncpg
 
 from switch.business import BusinessCalendar, filing_dates
-from switch.marketing_client import MarketingClient
+from switch.marketing_client import OUR_POSTING_IDS, MarketingClient
 
 
 @dataclass(slots=True)
@@ -42,7 +41,7 @@ class ReconReport:
 
 
 #: the shape of the posting ids this switch makes (others post to the marketing system too)
-OUR_IDS = re.compile(r"^[PCR][0-9]{18}$")
+OUR_IDS = OUR_POSTING_IDS
 
 _OURS = """
 SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state

@@ -174,11 +174,13 @@ async def create_payment(request: web.Request) -> web.Response:
     client = await authenticate(request, PAYMENT_CHANNELS)
     key = _idempotency_key(request)
     body = await json_body(request, fields_checked=True)  # NUL: invalid_reference, say
-    if isinstance(body.get("amount"), float):
+    amount_read = body.get("amount")
+    if isinstance(amount_read, float) and abs(amount_read) >= 2**63:
         # orjson reads an integer beyond 64 bits as a float: read the body again exactly, so
         # that such an amount is judged an integer over the limit (422), and only a number
-        # written with a fraction or an exponent is refused as no integer (400)
-        with contextlib.suppress(ValueError):  # over Python's 4 300 digits: stays a 400
+        # written with a fraction or an exponent is refused as no integer (400). A body
+        # nested deeper than Python's json takes (orjson takes 1 024 levels) stays a 400.
+        with contextlib.suppress(ValueError, RecursionError):
             body = json.loads(await request.read())
     account, amount, method, ref = _validate_payment(body)
     if amount >= 2**63:  # beyond what any limit or the ledger's bigint can be: no payment
