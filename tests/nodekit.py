@@ -135,3 +135,13 @@ async def closed_account(marketing: MarketingSim) -> str:
         if a["status"] == "closed":
             return str(a["account_no"])
     raise AssertionError("no closed account")
+
+
+async def until_a_statement_waits_on_a_lock(pool: asyncpg.Pool, within_s: float = 5.0) -> None:
+    """Return once some statement waits on a lock (one a test holds), or fail."""
+    for _ in range(int(within_s / 0.02)):
+        if await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no statement waited on the lock")

@@ -22,6 +22,7 @@ from tests.nodekit import (
     api_key,
     closed_account,
     running_node,
+    until_a_statement_waits_on_a_lock,
 )
 
 
@@ -464,13 +465,7 @@ async def test_a_commit_cut_short_by_the_switch_stopping_is_an_unknown_outcome(
         call = asyncio.ensure_future(api.call(
             "POST", "/v1/payments", idem="cut",
             json={"account_no": acct, "amount": 100, "method": "cash"}))
-        for _ in range(250):  # until the committer's statement waits on the lock
-            if await node.pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the commit never waited on the lease row")
+        await until_a_statement_waits_on_a_lock(node.pool)
         await node.components["ledger"].stop(grace_s=0.1)
         st, _, raw = await call
     assert st == 503, raw

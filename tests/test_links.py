@@ -15,7 +15,14 @@ from protocols.iso8583 import Message, Tlv
 from switch.keys import load_dev_keys
 from switch.links.client import BankClient, LinkClosed
 from switch.node import Node
-from tests.nodekit import Sims, active_account, closed_account, running_node, simulators
+from tests.nodekit import (
+    Sims,
+    active_account,
+    closed_account,
+    running_node,
+    simulators,
+    until_a_statement_waits_on_a_lock,
+)
 
 BANK, POST = "01020000", "01000000"
 KEYS = dict(load_dev_keys().institution_mac)
@@ -232,13 +239,7 @@ async def test_a_payment_cut_short_by_the_switch_stopping_is_not_answered(
     async with node.pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("SELECT 1 FROM node_lease WHERE id = 1 FOR UPDATE")
         answer = asyncio.ensure_future(bank.request(bank.payment(acct, 100)))
-        for _ in range(250):  # until the committer's statement waits on the lock
-            if await node.pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the commit never waited on the lease row")
+        await until_a_statement_waits_on_a_lock(node.pool)
         await node.components["ledger"].stop(grace_s=0.1)
         done, _ = await asyncio.wait({answer}, timeout=1.0)
         answer.cancel()
