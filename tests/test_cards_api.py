@@ -346,6 +346,13 @@ async def test_large_batches_run_as_jobs(admin_api: Api, tmp_path: Path,
     job = await _ended(a, doc["job"]["id"])
     assert job["state"] == "succeeded" and job["done"] == job["total"] == 2500
     assert job["progress"].startswith("[####")
+    # the log said "accepted" at the start; how the job ended is logged too
+    logged = await a.call("GET", "/operation-log?limit=100", "aud", expect=200)
+    ended = [e for e in logged["entries"] if e["action"] == "job.finished"]
+    assert [e["objects"]["job_id"] for e in ended] == [doc["job"]["id"]], ended
+    assert ended[0]["actor"] == "admin" and ended[0]["result"]["ok"] is True
+    assert ended[0]["result"]["done"] == 2500
+    assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
     view = await a.call("GET", f"/batches/{doc['batch_id']}", "admin", expect=200)
     assert view["counts"]["ordered"] == 2500 and view["status"] == "ordered"
     assert await a.pool.fetchval("SELECT count(DISTINCT tag) FROM cards") == 2500

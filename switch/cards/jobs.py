@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from switch import db
+from switch.cards import oplog
 from switch.cards.errors import CardError, NotFound
 
 log = logging.getLogger("gridpay.cards.jobs")
@@ -163,10 +164,29 @@ class JobRunner:
 
     async def _finish(self, job_id: uuid.UUID, p: Progress, state: str, *,
                       error: str | None = None, result: Mapping[str, Any] | None = None) -> None:
-        await self._pool.execute(
+        row = await self._pool.fetchrow(
             "UPDATE card_jobs SET state = $2, done = $3, error = $4, result = $5,"
-            " updated_at = now(), finished_at = now() WHERE id = $1",
+            " updated_at = now(), finished_at = now() WHERE id = $1"
+            " RETURNING kind, object_id, created_by",
             job_id, state, p.done, error, None if result is None else dict(result))
+        if row is None:
+            return
+        # The operation log said "accepted" when the job began; how it ended goes there too
+        # (counts and codes: the whole report stays with the job). Not logged is not lost:
+        # the job's own record holds it.
+        try:
+            async with self._pool.acquire() as con:
+                await oplog.append(
+                    con, actor=row["created_by"], action="job.finished",
+                    objects={"job_id": str(job_id), "kind": row["kind"],
+                             "object_id": row["object_id"]},
+                    result={"ok": state == "succeeded", "state": state, "done": p.done,
+                            **({"error": error} if error else {}),
+                            **{k: v for k, v in (result or {}).items()
+                               if isinstance(v, str | int | float | bool)}})
+        except Exception as e:
+            log.warning("a card job's end was not written to the operation log",
+                        extra={"job": str(job_id), "error": type(e).__name__})
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
