@@ -22,6 +22,7 @@ from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
+from switch.cards.serials import digits
 from switch.cards.states import Conn
 from switch.cards.users import User, authenticate, login, logout
 from switch.web.app import NODE, node_of, require_active
@@ -164,7 +165,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
 
 def _int_id(ctx: Ctx, name: str = "id") -> int:
     raw = ctx.request.match_info[name]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²" is a digit to isdigit
+    if not digits(raw) or len(raw) > 18:
         raise InvalidInput(f"{name} must be a positive integer", code="invalid_id")
     return int(raw)
 
@@ -549,7 +550,7 @@ def _query_int(ctx: Ctx, name: str, default: int, hi: int) -> int:
     raw = ctx.request.query.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= hi:
+    if not digits(raw) or not 0 <= int(raw) <= hi:
         raise InvalidInput(f"{name} must be an integer from 0 to {hi}", code="invalid_query")
     return int(raw)
 

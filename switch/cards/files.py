@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from switch.cards.errors import InvalidInput
-from switch.cards.serials import luhn_digit, make_serial
+from switch.cards.serials import digits, luhn_digit, make_serial
 
 NEW_CARD_MAGIC = "GRIDPAY-NEWCARD"
 CARD_BACK_MAGIC = "GRIDPAY-CARDBACK"
@@ -35,7 +35,7 @@ def _bad(line_no: int, what: str, code: str = "malformed_card_back_file") -> Inv
 
 def _num(text: str) -> bool:
     """A number field of a card file: ASCII digits, at most 18 (int() refuses over 4300)."""
-    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+    return 0 < len(text) <= 18 and digits(text)
 
 
 # --- new-card file ----------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class CardBackParser:
         if len(parts) != 6 or parts[0] != "D":
             raise _bad(self._line, "malformed record")
         serial, box, pack, status, face = parts[1:]
-        if len(serial) != 16 or not (serial.isascii() and serial.isdigit()) or not _num(box) \
+        if len(serial) != 16 or not digits(serial) or not _num(box) \
                 or not _num(pack) or not _num(face) \
                 or status not in (PRINT_OK, PRINT_DAMAGED):
             raise _bad(self._line, "malformed record")

@@ -26,15 +26,21 @@ def luhn_digit(body: str) -> str:
     return str((10 - total % 10) % 10)
 
 
+def digits(text: str) -> bool:
+    """Whether `text` is ASCII digits only: `str.isdigit` also takes "²", which int() and
+    the serial arithmetic refuse."""
+    return text.isascii() and text.isdigit()
+
+
 def valid_serial(s: str) -> bool:
     """Whether `s` is 16 ASCII digits with a correct Luhn check digit."""
-    return (isinstance(s, str) and len(s) == SERIAL_LEN and s.isascii() and s.isdigit()
+    return (isinstance(s, str) and len(s) == SERIAL_LEN and digits(s)
             and luhn_digit(s[:15]) == s[15])
 
 
 def make_serial(prefix: str, seq: int) -> str:
     """The serial of sequence number `seq` under a 6-digit prefix (issuer + year)."""
-    if len(prefix) != 6 or not (prefix.isascii() and prefix.isdigit()):
+    if len(prefix) != 6 or not digits(prefix):
         raise InvalidInput(f"serial prefix {prefix!r} must be 6 digits")
     if not 0 <= seq <= MAX_SEQ:
         raise InvalidInput(f"serial sequence {seq} is out of range")
