@@ -230,23 +230,25 @@ def _account(body: Mapping[str, Any]) -> Account:
 T = TypeVar("T")
 
 
-def _summary(body: Mapping[str, Any]) -> AccountSummary:
-    def opt(name: str, read: Callable[[Any], T]) -> T | None:
-        return None if body.get(name) is None else read(body[name])
+def _opt(body: Mapping[str, Any], name: str, read: Callable[[Any], T]) -> T | None:
+    """A field the contract does not require: read when present, else None."""
+    return None if body.get(name) is None else read(body[name])
 
+
+def _summary(body: Mapping[str, Any]) -> AccountSummary:
     return AccountSummary(
         account_no=_str(body["account_no"]),
         name=_str(body["name"]),
         status=body["status"],
-        arrears=opt("arrears", _int),
-        prepaid_balance=opt("prepaid_balance", _int),
-        bills=opt("bills", _bills),
+        arrears=_opt(body, "arrears", _int),
+        prepaid_balance=_opt(body, "prepaid_balance", _int),
+        bills=_opt(body, "bills", _bills),
     )
 
 
 def _record(body: Mapping[str, Any], listed_for: date) -> PostingRecord:
     original = body.get("original_posting_id")
-    day = body.get("business_date")
+    day = _opt(body, "business_date", lambda v: date.fromisoformat(_str(v)))
     return PostingRecord(
         posting=Posting(
             posting_id=_str(body["posting_id"]),
@@ -257,11 +259,9 @@ def _record(body: Mapping[str, Any], listed_for: date) -> PostingRecord:
             channel=_str(body["channel"]),
             occurred_at=datetime.fromisoformat(_str(body["occurred_at"])),
         ),
-        business_date=listed_for if day is None else date.fromisoformat(_str(day)),
-        arrears_after=None if body.get("arrears_after") is None
-        else _int(body["arrears_after"]),
-        prepaid_balance_after=None if body.get("prepaid_balance_after") is None
-        else _int(body["prepaid_balance_after"]),
+        business_date=listed_for if day is None else day,
+        arrears_after=_opt(body, "arrears_after", _int),
+        prepaid_balance_after=_opt(body, "prepaid_balance_after", _int),
     )
 
 
@@ -547,9 +547,9 @@ class MarketingClient:
             raise self._refuse(status, raw)
         try:
             body = self._parse(raw)
-            # the list itself, or an object with "postings" (the contract fixes no shape)
-            items = body if isinstance(body, list) else body["postings"]
-            iter(items)
+            # the list itself, or an object with "postings" (the contract fixes no shape);
+            # anything that cannot be listed is a malformed answer
+            items = list(body if isinstance(body, list) else body["postings"])
         except (KeyError, TypeError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed posting list") from exc
         out: list[PostingRecord] = []

@@ -40,9 +40,6 @@ class ReconReport:
                 "clean": self.clean}
 
 
-#: the shape of the posting ids this switch makes (others post to the marketing system too)
-OUR_IDS = OUR_POSTING_IDS
-
 _OURS = """
 SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state
   FROM outbox o JOIN payments p ON p.id = o.payment_id
@@ -78,7 +75,8 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     # looks like ours, not of this date's outbox: is it in the outbox at all? A stray is
     # judged on the business date of its time (by the calendar date of the time, one posted in
     # the hours where the two differ would be looked at by no date's run)
-    candidates = [pid for pid, p in theirs.items() if pid not in ours and OUR_IDS.fullmatch(pid)
+    candidates = [pid for pid, p in theirs.items()
+                  if pid not in ours and OUR_POSTING_IDS.fullmatch(pid)
                   and calendar.date_at(p.occurred_at) == day]
     known = {r["posting_id"] for r in await pool.fetch(
         "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
