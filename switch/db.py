@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -88,22 +89,16 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         for m in migrations():
             if m.version in done:
                 continue
-            if m.sql.startswith(CONCURRENT):
-                # statements that must not hold a table's writers for their length (an index
-                # built over the whole outbox, say): each on its own, outside a transaction,
-                # written so that a retry after an interruption redoes them safely
-                for statement in _statements(m.sql):
+            concurrent = m.sql.startswith(CONCURRENT)
+            # statements that must not hold a table's writers for their length (an index
+            # built over the whole outbox, say) run each on its own, outside a transaction,
+            # written so that a retry after an interruption redoes them safely
+            async with contextlib.nullcontext() if concurrent else conn.transaction():
+                for statement in _statements(m.sql) if concurrent else [m.sql]:
                     await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     m.version, m.name)
-            else:
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        m.version, m.name,
-                    )
             log.info("migration applied", extra={"version": m.version, "migration": m.name})
             applied_now.append(m.version)
     finally:

@@ -85,10 +85,9 @@ MAX_BATCHES_PER_ROUND = 8
 # same way as for the due read (never analyzed, or analyzed with the queue empty), and then
 # reads every pending row off `outbox_pending` (into a hash, or once per id named) to mark a
 # handful: 2.5-4 ms for a mark of 4 postings with 10 000 pending, 11 ms for 256 (measured),
-# growing with the backlog. This way
-# the plan is the same in every statistics state (a nested loop over the named ids into
-# `outbox_pkey`) and costs what the plain form costs when the statistics are right;
-# tests/test_relay_queue.py checks the plan in the bad states.
+# growing with the backlog. This way the plan is the same in every statistics state (a
+# nested loop over the named ids into `outbox_pkey`) and costs what the plain form costs
+# when the statistics are right; tests/test_relay_queue.py checks the plan in the bad states.
 
 # every posting of a round that the marketing system accepted, marked in one statement
 # (one round trip, its own transaction), fenced by this node's epoch

@@ -262,8 +262,8 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
         return await svc.ledger.submit(preq)
     except Fenced:
         raise no_longer_active() from None
-    except CommitInterrupted:  # the switch stopped while the commit was under way
-        raise _outcome_unknown("payment") from None
+    except CommitInterrupted as e:  # the switch stopped while the commit was under way
+        raise _outcome_unknown("payment", e) from None
     except LedgerError:
         raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
                       "charged; retry with the same Idempotency-Key",
@@ -272,14 +272,14 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
         if not db.unavailable(e):
             raise
         # the database failed or went away under the commit: it may have happened
-        log.warning("payment not confirmed: the database is unavailable",
-                    extra={"error": type(e).__name__})
-        raise _outcome_unknown("payment") from None
+        raise _outcome_unknown("payment", e) from None
 
 
-def _outcome_unknown(what: str) -> Problem:
-    """The 503 for a write whose commit may or may not have happened: repeating the same
-    request is safe (a payment's key, a reversal's payment id) and gets its answer."""
+def _outcome_unknown(what: str, error: BaseException) -> Problem:
+    """The 503 for a write whose commit may or may not have happened (logged): repeating the
+    same request is safe (a payment's key, a reversal's payment id) and gets its answer."""
+    log.warning("write not confirmed: its outcome is not known",
+                extra={"write": what, "error": type(error).__name__})
     again = ("send the same request again with the same Idempotency-Key"
              if what == "payment" else "send the same reversal again")
     return Problem(503, "unavailable",
@@ -351,9 +351,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
             await node.fenced()
             raise no_longer_active() from None
         if db.unavailable(e):
-            log.warning("reversal not confirmed: the database is unavailable",
-                        extra={"error": type(e).__name__})
-            raise _outcome_unknown("reversal") from None
+            raise _outcome_unknown("reversal", e) from None
         raise
     if done:
         node.metrics.child(node.metrics.reversals, client.channel).inc()
