@@ -37,30 +37,18 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _BYTES_REPR = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
 _KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|key|mac|cvv)"
                  r"(\s*[=:]\s*)(\S+)")
-# the password of a URL: scheme://user:PASSWORD@host
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
+# the password of a URL: scheme://user:PASSWORD@host, up to the last `@` before the path,
+# query or fragment (an `@` in the password hides none of it)
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/?#\s]*@")
+# a password given in a URL's query (libpq takes `password` and `sslpassword` there)
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
-_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
-
-
 def mask_url(url: str) -> str:
-    """`url` with its passwords masked: the user's (scheme://user:***@host, split at the last
-    `@` before the path, so that an `@` in the password hides nothing), and a `password` or
+    """`url` with its passwords masked: the user's (as in log text) and a `password` or
     `sslpassword` parameter of the query (libpq takes both)."""
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        end = len(rest)
-        for ch in "/?#":
-            i = rest.find(ch, rest.rfind("@") + 1)
-            if i != -1:
-                end = min(end, i)
-        userinfo, at, hosts = rest[:end].rpartition("@")
-        if at and ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        url = scheme + sep + (userinfo + at if at else "") + hosts + rest[end:]
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 def mask_text(text: str) -> str:

@@ -71,6 +71,8 @@ def test_url_passwords_and_more_secret_words_are_masked() -> None:
     masked = mask_text(text)
     assert "Hunter2pw" not in masked and "123" not in masked
     assert "postgresql://gridpay:***@db:5432/gridpay" in masked
+    # an '@' in the password: log text is masked up to the last '@', as the READY line is
+    assert mask_text("to redis://:Hun@ter2@r:6379/0") == "to redis://:***@r:6379/0"
 
 
 def test_a_url_printed_for_operators_shows_no_password() -> None:
