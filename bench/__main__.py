@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sustained", action="store_true",
                    help="bank: also find the highest rate whose forwarding to the billing "
                         "system keeps up (open-loop steps from 70 %% of the peak)")
+    p.add_argument("--wal-segments", type=int, default=None, metavar="N",
+                   help="WAL segments the fresh cluster gets ready for reuse before measuring, "
+                        "as a server in service has them (default 48; 0: measure the fresh "
+                        "cluster creating segments as it goes)")
     p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop phase")
     p.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     p.add_argument("--plot", metavar="PNG", help="bank: also draw the throughput-latency curve")
@@ -67,13 +71,15 @@ def _run_one(name: str, args: argparse.Namespace, rest: list[str]) -> tuple[dict
         return _failover(args, rest)
     import uvloop
 
-    from bench.scenarios import Options, run_scenario
+    from bench.scenarios import WAL_SEGMENTS, Options, run_scenario
 
     opts = Options(duration_s=args.duration, connections=args.connections, rate=args.rate,
                    depth=args.depth, customers=args.customers, workers=args.workers,
                    pgbench_clients=args.pgbench_clients, skip_open_loop=args.no_open_loop,
                    skip_baseline=args.no_baseline, switch_nice=args.switch_nice,
-                   sustained=args.sustained)
+                   sustained=args.sustained,
+                   wal_segments=(WAL_SEGMENTS if args.wal_segments is None
+                                 else args.wal_segments))
     if name == "bank" and args.plot:
         from bench.curve import run_curve
 

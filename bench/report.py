@@ -89,6 +89,9 @@ def format_table(report: dict[str, Any]) -> str:
     if nice:
         lines.append(f"(the switch ran at nice {nice}, ahead of the rest of the test bed: not "
                      "the default figures)")
+    if report.get("options", {}).get("wal_segments") == 0:
+        lines.append("(a fresh cluster's WAL: new segments are created during the phases, "
+                     "which a cluster in service would reuse; not the default figures)")
     phases = report.get("phases", {})
     if phases:
         cols = ("tps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "error_rate",
@@ -107,7 +110,11 @@ def format_table(report: dict[str, Any]) -> str:
                 vac = _vacuum(db)
                 per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
                           if db.get("wal_bytes_per_tx") is not None else "")
-                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}, {ckpt}{vac}")
+                created = db.get("wal_segments_created")
+                segs = ("" if created is None else
+                        f", {created} new WAL segment{'' if created == 1 else 's'}")
+                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}{segs}, "
+                             f"{ckpt}{vac}")
                 if "relay_backlog" in db:
                     first, last = db["relay_backlog"]
                     rate = (f"; forwarded meanwhile about {_fmt(fig['forwarded_tps'])}/s"

@@ -18,8 +18,9 @@ from bench.report import format_table, summarise
 from bench.scenarios import Harness, Options, baseline_server
 
 # nice 1: that --switch-nice reaches the switch (a positive value needs no privilege)
+# 20 WAL segments: the cluster keeps 16 of them behind (`wal_keep_size`), the rest are recycled
 OPTS = Options(duration_s=1.0, customers=500, depth=4, skip_open_loop=True, skip_baseline=True,
-               switch_nice=1)
+               switch_nice=1, wal_segments=20)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,31 @@ async def test_open_loop_against_the_baseline_handler() -> None:
     assert "idle" in cpu_split(before, after, pool.pids)
 
 
+async def test_the_fresh_cluster_gets_wal_segments_ready_and_reuses_them(
+        harness: Harness) -> None:
+    from bench.scenarios import _DB_STATS
+
+    assert harness.wal_ready >= 3
+    con = await asyncpg.connect(harness.db)
+    try:
+        created = await con.fetchval(f"SELECT wal_created FROM ({_DB_STATS}) s")
+        for _ in range(3):  # three segment switches: into segments made ready, none created
+            await con.execute("SELECT pg_logical_emit_message(false, 'test', 'x')")
+            await con.execute("SELECT pg_switch_wal()")
+        await con.execute("SELECT pg_stat_force_next_flush()")
+        await con.execute("SELECT 1")  # the flush happens at the end of a statement
+        assert await con.fetchval(f"SELECT wal_created FROM ({_DB_STATS}) s") == created
+        # past the segments made ready, the same switches create segments (the test's check)
+        for _ in range(harness.wal_ready):
+            await con.execute("SELECT pg_logical_emit_message(false, 'test', 'x')")
+            await con.execute("SELECT pg_switch_wal()")
+        await con.execute("SELECT pg_stat_force_next_flush()")
+        await con.execute("SELECT 1")
+        assert await con.fetchval(f"SELECT wal_created FROM ({_DB_STATS}) s") > created
+    finally:
+        await con.close()
+
+
 async def test_a_checkpoint_during_a_phase_is_reported(harness: Harness) -> None:
     async def checkpoint_soon() -> None:
         await asyncio.sleep(0.4)  # inside the 1 s window
@@ -217,7 +243,8 @@ def test_phase_db_activity_from_two_readings() -> None:
                               "vacuuming": 0, "pending": 0, "tables": {"outbox": (2, 5)}}
     after = {**before, "wal": 3_000_000, "pending": 40}
     quiet = db_activity(before, after, 1000)
-    assert quiet == {"wal_mb": 2.0, "wal_bytes_per_tx": 2000, "checkpoints_started": 0,
+    assert quiet == {"wal_mb": 2.0, "wal_bytes_per_tx": 2000, "wal_segments_created": None,
+                     "checkpoints_started": 0,
                      "checkpoint_buffers_written": 0, "checkpoint_running": False,
                      "autovacuum_running": False, "relay_backlog": [0, 40],
                      "autovacuumed": [], "autoanalyzed": []}
@@ -231,6 +258,11 @@ def test_phase_db_activity_from_two_readings() -> None:
     assert db_activity(before, analysed, 1000)["autovacuum_running"] is True
     assert db_activity(before, {**after, "vacuuming": 1}, 1000)["autovacuum_running"] is True
     assert db_activity(None, before, 10) == {}
+    created = db_activity({**before, "wal_created": 7}, {**after, "wal_created": 10}, 1000)
+    assert created["wal_segments_created"] == 3
+    table = format_table({"scenario": "bank", "status": "pass", "phases": {"p": {
+        "tps": 1, "db": created}}})
+    assert "3 new WAL segments" in table
 
 
 def test_a_phase_keeps_up_when_the_relay_queue_grew_by_at_most_two_percent() -> None:
