@@ -80,10 +80,11 @@ def session_dsn(url: str, node_id: str) -> str:
 # that was asked to hand it over, which may still be draining), handed to a named node that
 # has not taken it within a quarter of a ttl (it is down, or no such node: anyone, so that the
 # pair is not left without an active node for a whole ttl), or expired for more than a whole
-# ttl whatever was planned.
+# ttl whatever was planned. `$2` is cast: PostgreSQL would type it from `$2 / 4` as an integer,
+# and a ttl of 1.5 s would become a lease of 1 s and a quarter ttl of nothing.
 _ACQUIRE = """
 UPDATE node_lease
-   SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2),
+   SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2::float8),
        handover_to = NULL, updated_at = now()
  WHERE id = 1
    AND (handover_to = $1
@@ -92,8 +93,8 @@ UPDATE node_lease
             AND (handover_to IS NULL
                  OR (handover_to LIKE '?%' AND holder IS DISTINCT FROM $1)))
         OR (handover_to NOT LIKE '?%' AND handover_to <> '*'
-            AND expires_at < now() - make_interval(secs => $2 / 4))
-        OR expires_at < now() - make_interval(secs => $2))
+            AND expires_at < now() - make_interval(secs => $2::float8 / 4))
+        OR expires_at < now() - make_interval(secs => $2::float8))
 RETURNING epoch
 """
 _RENEW = """

@@ -178,6 +178,10 @@ async def wait_for_holder(con: asyncpg.Connection, *, above_epoch: int, timeout_
                 holder is None or st.holder == holder):
             return st
         if time.monotonic() >= deadline:
+            if holder is not None and st.holder is not None and st.epoch > above_epoch:
+                raise SwitchoverTimeout(  # a node named is down: another one took over
+                    f"{holder} did not take the lease within {timeout_s}s; {st.holder} holds "
+                    f"it (epoch {st.epoch})")
             raise SwitchoverTimeout(
                 f"no node took the lease above epoch {above_epoch} within {timeout_s}s")
         await asyncio.sleep(poll_s)
