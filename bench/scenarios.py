@@ -252,6 +252,7 @@ class Harness:
         return {"wal": int(row["wal"]), "started": int(row["started"]),
                 "written": int(row["written"]),
                 "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"]),
+                "wal_created": row["wal_created"],
                 "tables": {r["relname"]: (int(r["autovacuum_count"]),
                                           int(r["autoanalyze_count"])) for r in tables}}
 

@@ -38,6 +38,7 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     assert cpu["switch"] > 0 and "loadgen" in cpu
     # what PostgreSQL wrote meanwhile: the ledger's rows cost WAL, a few hundred bytes at least
     assert bank["db"]["wal_mb"] > 0 and bank["db"]["wal_bytes_per_tx"] > 300
+    assert bank["db"]["wal_segments_created"] == 0  # it had segments ready to reuse
     books = await harness.books()
     assert books["ok"], books["problems"]
     assert books["ledger_payments"] == books["approved_responses"] == bank["approved"]
