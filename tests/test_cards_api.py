@@ -220,6 +220,13 @@ async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None
     assert card["history"][3]["document"] == {"type": "request", "id": str(req["id"])}
     inv = await a.call("GET", "/inventory", "aud", expect=200)
     assert inv["by_state"]["sold"] == first["count"] and inv["total"] == 40
+    # a sold card past its date counts as expired at once, before any sweep marks it so
+    past = "UPDATE cards SET expiry = expiry + $2::int WHERE serial = $1"
+    await a.pool.execute(past, first["first"], -2000)
+    inv = await a.call("GET", "/inventory", "aud", expect=200)
+    assert inv["by_state"]["sold"] == first["count"] - 1 and inv["by_state"]["expired"] == 1
+    assert inv["total"] == 40
+    await a.pool.execute(past, first["first"], 2000)
     halls = await a.call("GET", "/reports/halls", "aud", expect=200)
     assert halls["sales"][0]["hall"] == "H1"
 

@@ -13,7 +13,7 @@ from switch import db
 from switch.cards import states
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, valid_serial
-from switch.cards.states import CardState, Document
+from switch.cards.states import UNREDEEMED, CardState, Document
 from switch.cards.users import HALL_ROLES, Role, User
 
 #: Called with the connection and the action's result as the last step of the action's own
@@ -338,10 +338,14 @@ async def card_history(pool: asyncpg.Pool, user: User, serial: str) -> dict[str,
 
 async def inventory(pool: asyncpg.Pool, user: User) -> dict[str, Any]:
     hall = user.hall if user.role in HALL_ROLES else None
+    # a card past its expiry date is counted as expired before the sweep has marked it so,
+    # as a card's own view shows it
     rows = await pool.fetch(
-        "SELECT state, face_value, location, count(*) AS n FROM cards"
+        "SELECT CASE WHEN state = ANY($2::text[]) AND expiry < current_date THEN 'expired'"
+        "            ELSE state END AS state, face_value, location, count(*) AS n FROM cards"
         " WHERE $1::text IS NULL OR location = $1"
-        " GROUP BY state, face_value, location ORDER BY state, face_value, location", hall)
+        " GROUP BY 1, face_value, location ORDER BY 1, face_value, location",
+        hall, sorted(s.value for s in UNREDEEMED))
     items = [{"state": r["state"], "face_value": r["face_value"], "location": r["location"],
               "count": int(r["n"])} for r in rows]
     by_state: dict[str, int] = {}
