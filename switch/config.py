@@ -164,6 +164,7 @@ class IvrSettings:
     pin_tries_per_card: int
     ani_failures_per_day: int
     call_idle_s: int
+    account_tries_per_call: int = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,6 +383,8 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
             ani_failures_per_day=_int(ivr, "ani_failures_per_day", "ivr.ani_failures_per_day",
                                       1, 1000),
             call_idle_s=_int(ivr, "call_idle_s", "ivr.call_idle_s", 10, 86400),
+            account_tries_per_call=_int(ivr, "account_tries_per_call",
+                                        "ivr.account_tries_per_call", 1, 10),
         ),
         cards=CardSettings(
             issuer=_str(cards, "issuer", "cards.issuer", r"[0-9]{4}", "4 digits"),

@@ -278,6 +278,20 @@ async def test_card_state_branches(node: Node, ivr: IvrSimulator, sims: Sims, st
                                     serial) == 0
 
 
+async def test_a_card_that_expired_before_its_confirmation_is_marked_expired(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
+    await node.pool.execute("UPDATE cards SET expiry = current_date - 1 WHERE serial = $1",
+                            serial)
+    t = await ivr.send_digits(call_id, "1")
+    assert "card_expired" in ids(t), t
+    assert (await card_row(node, serial))["state"] == "expired"
+    assert await node.pool.fetchval(
+        "SELECT actor FROM card_events WHERE serial = $1 AND to_state = 'expired'",
+        serial) == "ivr"
+
+
 # --- limits ------------------------------------------------------------------------------------
 
 async def test_three_wrong_pins_end_the_call(node: Node, ivr: IvrSimulator, sims: Sims) -> None:
@@ -824,6 +838,58 @@ async def test_a_retried_input_is_replayed_though_the_call_moved_to_or_from_the_
     assert st1 == 200 and orjson.loads(last)["hangup"] is True
     st2, _, again = await raw.call("POST", path, json={"digits": "12#"}, idem="d2")
     assert (st2, again) == (200, last)
+
+
+async def test_a_late_retry_of_an_earlier_input_is_replayed_not_taken_as_new(
+        node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
+    """A delayed copy of the "1" that confirmed the account, arriving at the recharge's
+    confirmation, must not confirm the recharge: it gets the turn it got the first time."""
+    serial, pin = await make_card(node)
+    acct = await account(sims)
+    t = await ivr.start(ani(), "zh")
+    path = f"/ivr/v1/calls/{t['call_id']}/input"
+    steps = [({"digits": "1"}, "A", "enter_account"),
+             ({"digits": acct + "#"}, "B", "confirm_account"),
+             ({"digits": "1"}, "C", "enter_card_serial"),
+             ({"digits": serial + "#"}, "D", "enter_pin"),
+             ({"pin_block": ivr.pin_block(serial, pin)}, "E", "confirm_recharge")]
+    answers: dict[str, bytes] = {}
+    for body, key, step in steps:
+        st, _, b = await raw.call("POST", path, json=body, idem=key)
+        assert st == 200 and orjson.loads(b)["step"] == step, b
+        answers[key] = b
+    st, h, b = await raw.call("POST", path, json={"digits": "1"}, idem="C")
+    assert (st, b) == (200, answers["C"]) and h.get("Idempotent-Replayed") == "true"
+    st, _, b = await raw.call("POST", path, json={"digits": "2"}, idem="A")  # other input
+    assert st == 422 and orjson.loads(b)["code"] == "idempotency_key_reused"
+    # the PIN block again, without its key: a retry of that input, not a new PIN
+    st, h, b = await raw.call("POST", path, json=steps[4][0])
+    assert (st, b) == (200, answers["E"]) and h.get("Idempotent-Replayed") == "true"
+    assert (await card_row(node, serial))["state"] == "sold"  # nothing was confirmed
+    st, _, b = await raw.call("POST", path, json={"digits": "1"}, idem="F")
+    assert st == 200 and orjson.loads(b)["step"] == "result"  # the real confirmation
+    assert (await card_row(node, serial))["state"] == "redeemed"
+
+
+async def test_a_wrong_pin_block_sent_again_later_in_the_call_counts_once(
+        node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
+    serial, _ = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "enter_pin", serial)
+    path = f"/ivr/v1/calls/{call_id}/input"
+    wrong = {"pin_block": ivr.pin_block(serial, "555555555555")}
+    st, _, first = await raw.call("POST", path, json=wrong)
+    assert st == 200 and "pin_wrong" in ids(orjson.loads(first))
+    for _ in range(2):  # a timeout, then the same block again: the same answer, not counted
+        st, _, _ = await raw.call("POST", path, json={"event": "timeout"})
+        assert st == 200
+        st, h, again = await raw.call("POST", path, json=wrong)
+        assert (st, again) == (200, first) and h.get("Idempotent-Replayed") == "true"
+    # the call goes on: a second, different wrong PIN is the second of three
+    st, _, b = await raw.call("POST", path, json={"pin_block": ivr.pin_block(serial,
+                                                                           "666666666666")})
+    turn = orjson.loads(b)
+    assert st == 200 and "pin_wrong" in ids(turn) and not turn["hangup"], turn
+    assert (await card_row(node, serial))["failed_pin_count"] == 2
 
 
 async def test_random_walks_through_the_dialog_answer_every_turn(

@@ -301,6 +301,27 @@ def test_account_failures_three_times_then_goodbye(fact: dialog.Fact, prompt: st
     assert ids(turn) == [prompt, "too_many_attempts", "goodbye"] and turn.hangup and call.ended
 
 
+def test_the_third_unknown_or_closed_account_of_a_call_ends_it_in_a_row_or_not() -> None:
+    closed = AccountFact(account_no=ACCT, name="李*", status="closed", arrears=0, prepaid=0)
+    call, _ = start(new_call())
+    call, _ = step(call, Digits("1"))
+    call, turn = advance(call, Digits(ACCT), NotFound(), LIMITS)
+    assert ids(turn) == ["account_unknown", "enter_account"] and call.account_failures == 1
+    call, _ = advance(call, Digits(ACCT), active(), LIMITS)  # found: a good input
+    assert call.step is Step.CONFIRM_ACCOUNT and call.strikes == 0
+    call, _ = step(call, Digits("2"))  # another account
+    call, turn = advance(call, Digits(ACCT), closed, LIMITS)
+    assert ids(turn) == ["account_closed", "enter_account"] and not call.ended
+    call, turn = advance(call, Digits(ACCT), NotFound(), LIMITS)
+    assert ids(turn) == ["account_unknown", "too_many_attempts", "goodbye"]
+    assert call.ended and turn.hangup and call.account_failures == 3
+    # the limit is a setting
+    call, _ = start(new_call())
+    call, _ = step(call, Digits("2"))  # balance: the same step, the same count
+    call, turn = advance(call, Digits(ACCT), NotFound(), Limits(account_tries=1))
+    assert call.ended and ids(turn)[-1] == "goodbye"
+
+
 def test_strikes_reset_after_a_good_input() -> None:
     call, _ = start(new_call())
     call, _ = step(call, Digits("5"))

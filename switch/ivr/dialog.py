@@ -255,9 +255,11 @@ class Limits:
     pin_tries_per_call: int = 3
     pin_tries_per_card: int = 5
     strikes: int = 3  # bad or missing inputs in a row before the call ends
+    account_tries: int = 3  # unknown or closed accounts in one call before it ends
 
     def __post_init__(self) -> None:
-        if min(self.pin_tries_per_call, self.pin_tries_per_card, self.strikes) < 1:
+        if min(self.pin_tries_per_call, self.pin_tries_per_card, self.strikes,
+               self.account_tries) < 1:
             raise DialogError("limits are at least 1")
 
 
@@ -298,6 +300,7 @@ class Call:
     face_value: int | None = None
     pin_failures: int = 0
     card_failures: int = 0
+    account_failures: int = 0  # unknown or closed accounts entered in this call
     result: ResultInfo | None = None
     turns: int = 0
     ended: bool = False
@@ -539,14 +542,16 @@ def _outcome(call: Call, spec: StepSpec, kind: str, value: str | None, fact: Fac
         if isinstance(fact, NotFound):
             assert value is not None
             return "unknown", dataclasses.replace(
-                call, account=AccountInfo(account_no=value, name="", arrears=0, prepaid=0))
+                call, account=AccountInfo(account_no=value, name="", arrears=0, prepaid=0),
+                account_failures=call.account_failures + 1)
         if not isinstance(fact, AccountFact):
             raise DialogError("an account lookup answers an account")
         info = AccountInfo(account_no=fact.account_no, name=fact.name, arrears=fact.arrears,
                            prepaid=fact.prepaid)
         call = dataclasses.replace(call, account=info)
         if fact.status != "active":
-            return "closed", call
+            return "closed", dataclasses.replace(
+                call, account_failures=call.account_failures + 1)
         return ("ok_balance" if call.purpose == "balance" else "ok_recharge"), call
     if spec.entry == "serial":
         if fact is None:
@@ -609,7 +614,11 @@ def advance(call: Call, inp: Input, fact: Fact | None,
                                          limits.pin_tries_per_card - call.card_failures))
     strikes = call.strikes + 1 if go.strike else 0
     turns = call.turns + 1
-    if go.strike and strikes >= limits.strikes:
+    # the third unknown or closed account of the call ends it, in a row or not: each account
+    # found reads out a name and balances, so a caller may not try numbers without end
+    too_many_accounts = (spec.entry == "account" and outcome in ("unknown", "closed")
+                         and call.account_failures >= limits.account_tries)
+    if (go.strike and strikes >= limits.strikes) or too_many_accounts:
         done = dataclasses.replace(call, step=Step.GOODBYE, strikes=strikes, ended=True,
                                    turns=turns)
         return done, _turn(done, (*go.say, *_STRIKE_LIMIT_GO.say, *STEPS[Step.GOODBYE].prompts))

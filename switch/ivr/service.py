@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from switch import db
 from switch.cards.states import (
     CARD_COLUMNS,
@@ -43,6 +45,7 @@ from switch.cards.states import (
     CardState,
     card_status,
     card_view,
+    expire_touched,
     record_wrong_pin,
     redemption_refused,
 )
@@ -190,6 +193,19 @@ def _input_hash(inp: Input, step: Step) -> str:
     return _sha("d:" + inp.value)
 
 
+# Every input of a call is remembered beside it, under its Idempotency-Key and (a PIN block)
+# under its hash, with the step it was answered at and the turn it got: a late retry of an
+# earlier input, after the call has moved on, gets that turn again instead of being taken
+# as a new input (a "1" that once confirmed an account must not confirm a recharge later).
+# They expire with the call.
+def _key_field(key: str | None) -> str | None:
+    return None if key is None else f"k:{key}"
+
+
+def _pin_field(inp: Input) -> str | None:
+    return f"p:{_input_hash(inp, Step.ENTER_PIN)}" if isinstance(inp, PinBlock) else None
+
+
 def hangup_turn(call_id: str) -> dict[str, Any]:
     return {"call_id": call_id, "step": Step.GOODBYE.value, "prompts": [],
             "collect": dialog.NOTHING.as_json(), "hangup": True}
@@ -203,7 +219,8 @@ class IvrService:
         self.node = node
         s = node.settings.ivr
         self.limits = Limits(pin_tries_per_call=s.pin_tries_per_call,
-                             pin_tries_per_card=s.pin_tries_per_card)
+                             pin_tries_per_card=s.pin_tries_per_card,
+                             account_tries=s.account_tries_per_call)
         self.ani_limit = s.ani_failures_per_day
         self.store = CallStore(node.redis_pipe, idle_s=s.call_idle_s)
         self.effect_timeout_s = effect_timeout_s
@@ -232,11 +249,16 @@ class IvrService:
             return TurnAnswer(doc)
 
     async def send(self, call_id: str, inp: Input, idempotency_key: str | None) -> TurnAnswer:
-        async with self._held(call_id) as held:
+        # what this input was answered with, if it came before: by its key, and a PIN block
+        # by itself (never the same twice: 8 random bytes), whichever input of the call it was
+        pin_field = _pin_field(inp)
+        asked = tuple(f for f in (_key_field(idempotency_key), pin_field) if f is not None)
+        async with self._held(call_id, asked) as held:
             stored = held.stored
             if stored is None:
                 raise CallNotFound(call_id)
             ihash = _input_hash(inp, stored.call.step)
+            earlier = dict(zip(asked, held.fields, strict=True))
             if idempotency_key is not None and stored.input_key == idempotency_key:
                 # the same input is judged as it was when first answered (the call has moved
                 # on since, and digits hash differently at the PIN step)
@@ -244,9 +266,18 @@ class IvrService:
                 if stored.input_hash != _input_hash(inp, at):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(stored.turn, replayed=True)
-            if isinstance(inp, PinBlock) and stored.input_hash == ihash:
-                # a PIN block is never the same twice (8 random bytes): this is a retry
-                return TurnAnswer(stored.turn, replayed=True)
+            keyed = earlier.get(_key_field(idempotency_key) or "")
+            if keyed is not None:  # an earlier input's key: that input again, late
+                prior = orjson.loads(keyed)
+                if prior["h"] != _input_hash(inp, Step(prior["s"])):
+                    raise InputKeyReused(call_id)
+                return TurnAnswer(prior["t"], replayed=True)
+            if isinstance(inp, PinBlock):
+                if stored.input_hash == ihash:  # a retry of the last input
+                    return TurnAnswer(stored.turn, replayed=True)
+                pinned = earlier.get(pin_field or "")
+                if pinned is not None:  # a retry of an earlier one
+                    return TurnAnswer(orjson.loads(pinned)["t"], replayed=True)
             if stored.call.ended:
                 raise CallEnded(call_id)
             call = stored.call
@@ -254,10 +285,13 @@ class IvrService:
             fact = await self._perform(effect, call, ihash) if effect is not None else None
             call, turn = dialog.advance(call, inp, fact, self.limits)
             doc = turn.as_json(call_id)
+            step = stored.call.step.value
             new = dataclasses.replace(stored, call=call, turn=doc, input_key=idempotency_key,
-                                      input_hash=ihash, input_step=stored.call.step.value)
+                                      input_hash=ihash, input_step=step)
+            answer = orjson.dumps({"h": ihash, "s": step, "t": doc})
+            fields = tuple((f, answer) for f in asked)
             try:
-                await self.store.save(new, release=held)
+                await self.store.save(new, release=held, fields=fields)
             except StoreConflict:
                 if not (isinstance(fact, RedeemFact) and fact.outcome == "ok"):
                     raise CallBusy(call_id) from None
@@ -266,7 +300,7 @@ class IvrService:
                 log.warning("call state lost after a committed recharge; answering anyway",
                             extra={"call_id": call_id})
                 with contextlib.suppress(Exception):
-                    await self.store.save(dataclasses.replace(new, version=0))
+                    await self.store.save(dataclasses.replace(new, version=0), fields=fields)
             self.node.metrics.child(self.node.metrics.ivr_turns, turn.step.value).inc()
             return TurnAnswer(doc)
 
@@ -286,11 +320,13 @@ class IvrService:
     # -- plumbing -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _held(self, call_id: str) -> AsyncIterator[HeldCall]:
-        """The call's turn lock, and the call read under it (`CallBusy` if another turn does
-        not finish in time). Turns of one call run one at a time."""
+    async def _held(self, call_id: str, fields: tuple[str, ...] = ()
+                    ) -> AsyncIterator[HeldCall]:
+        """The call's turn lock, and the call (and `fields` beside it) read under it
+        (`CallBusy` if another turn does not finish in time). Turns of one call run one at a
+        time."""
         try:
-            held = await self.store.hold(call_id, self.turn_wait_s)
+            held = await self.store.hold(call_id, self.turn_wait_s, fields=fields)
         except LockNotAcquired:
             raise CallBusy(call_id) from None
         try:
@@ -500,6 +536,8 @@ class IvrService:
                                               effect.face_value, "ivr")
             if outcome is None:  # the card was not redeemable: nothing written
                 refused = await redemption_refused(con, effect.serial)
+                if refused.reason == "expired":  # marked so when a redemption touches it
+                    await expire_touched(con, [effect.serial], "ivr")
                 said = _REDEEM_OUTCOMES.get(refused.reason, "busy")
                 return Busy() if said == "busy" else RedeemFact(outcome=said)
             if not isinstance(outcome, Committed):

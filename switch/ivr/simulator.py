@@ -13,6 +13,7 @@ with the card serial as the PAN, exactly as a real IVR does. Every input carries
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +75,7 @@ class IvrSimulator:
         self._timeout_s = timeout_s
         self.dnis = dnis
         self.retries = retries
-        self._seq: dict[str, int] = {}
+        self._inputs = itertools.count(1)  # keys never repeat, within a call or across calls
 
     def __repr__(self) -> str:
         return f"IvrSimulator({self.base!r}, <key masked>)"
@@ -134,8 +135,7 @@ class IvrSimulator:
             return r.status, await r.read()
 
     def _next_key(self, call_id: str) -> str:
-        n = self._seq.get(call_id, 0) + 1
-        self._seq[call_id] = n
+        n = next(self._inputs)
         return f"{call_id.replace('.', '_').replace(':', '_')}-{n}"[-64:]
 
     # -- the lower-level steps ------------------------------------------------------------
@@ -165,7 +165,6 @@ class IvrSimulator:
                                    {"event": "timeout"}, key=self._next_key(call_id))
 
     async def hangup(self, call_id: str) -> dict[str, Any]:
-        self._seq.pop(call_id, None)
         return await self._request("DELETE", f"/ivr/v1/calls/{call_id}")
 
     # -- a whole dialog -------------------------------------------------------------------

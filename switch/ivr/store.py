@@ -53,12 +53,17 @@ return 0
 """
 
 # KEYS: the call, its turn lock; ARGV: version read, new version, doc, idle s, lock token
-# ('' to keep the lock). The compare-and-set save and the lock's release in one round trip.
+# ('' to keep the lock), then any number of field, value pairs saved beside the doc (the
+# answers to earlier inputs, see `CallStore.save`). The compare-and-set save and the lock's
+# release in one round trip.
 _SAVE = """
 local saved = 0
 local v = redis.call('HGET', KEYS[1], 'v')
 if (v or '0') == ARGV[1] then
     redis.call('HSET', KEYS[1], 'v', ARGV[2], 'doc', ARGV[3])
+    for i = 6, #ARGV, 2 do
+        redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
     saved = 1
 end
@@ -68,11 +73,14 @@ end
 return saved
 """
 
-# KEYS: the turn lock, the call; ARGV: token, lock ttl ms. Takes the lock and, only then,
-# reads the call: {1, version, doc} (nil fields for no call), or {0} when the lock is held.
+# KEYS: the turn lock, the call; ARGV: token, lock ttl ms, then any fields to read beside
+# the call. Takes the lock and, only then, reads the call: {1, version, doc, fields...} (nil
+# for what is not there), or {0} when the lock is held.
 _HOLD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {1, redis.call('HGET', KEYS[2], 'v'), redis.call('HGET', KEYS[2], 'doc')}
+    local got = redis.call('HMGET', KEYS[2], 'v', 'doc', unpack(ARGV, 3))
+    table.insert(got, 1, 1)
+    return got
 end
 return {0}
 """
@@ -173,6 +181,7 @@ class HeldCall:
     call_id: str
     token: str
     stored: StoredCall | None
+    fields: tuple[bytes | None, ...] = ()  # the fields asked for beside the call, in order
     released: bool = False
 
 
@@ -192,15 +201,19 @@ class CallStore:
     def lock_key(call_id: str) -> str:
         return f"ivr:call-lock:{call_id}"
 
-    async def hold(self, call_id: str, wait_s: float, poll_s: float = 0.01) -> HeldCall:
+    async def hold(self, call_id: str, wait_s: float, poll_s: float = 0.01, *,
+                   fields: tuple[str, ...] = ()) -> HeldCall:
         """Take the call's turn lock within `wait_s` (else `LockNotAcquired`) and read the call,
-        in one round trip when the lock is free."""
+        and any `fields` saved beside it, in one round trip when the lock is free."""
         token = _token()
         keys = [self.lock_key(call_id), self.key(call_id)]
+        args: list[str | int] = [token, self.lock_ttl_ms, *fields]
 
         async def attempt() -> HeldCall | None:
-            r = await self._hold(keys=keys, args=[token, self.lock_ttl_ms])
-            return HeldCall(call_id, token, _stored(r[1], r[2])) if r[0] == 1 else None
+            r = await self._hold(keys=keys, args=args)
+            if r[0] != 1:
+                return None
+            return HeldCall(call_id, token, _stored(r[1], r[2]), tuple(r[3:]))
 
         return await _take(attempt, keys[0], wait_s, poll_s)
 
@@ -216,16 +229,19 @@ class CallStore:
         version, doc = await self.redis.hmget(self.key(call_id), ["v", "doc"])
         return _stored(version, doc)
 
-    async def save(self, stored: StoredCall, *, release: HeldCall | None = None
-                   ) -> StoredCall:
-        """Write `stored` over the version it was read at (0: a new call); returns it with its
-        new version, or raises `StoreConflict`. With `release`, gives that turn lock back in
-        the same round trip (saved or not)."""
+    async def save(self, stored: StoredCall, *, release: HeldCall | None = None,
+                   fields: tuple[tuple[str, bytes], ...] = ()) -> StoredCall:
+        """Write `stored` over the version it was read at (0: a new call), and `fields` (name,
+        value) beside it; returns it with its new version, or raises `StoreConflict`. With
+        `release`, gives that turn lock back in the same round trip (saved or not)."""
         new = stored.version + 1
         call_id = stored.call.call_id
-        ok = await self._save(keys=[self.key(call_id), self.lock_key(call_id)],
-                              args=[str(stored.version), str(new), stored.doc(), self.idle_s,
-                                    release.token if release is not None else ""])
+        args: list[str | int | bytes] = [str(stored.version), str(new), stored.doc(),
+                                         self.idle_s,
+                                         release.token if release is not None else ""]
+        for name, value in fields:
+            args += (name, value)
+        ok = await self._save(keys=[self.key(call_id), self.lock_key(call_id)], args=args)
         if release is not None:
             release.released = True
         if not ok:
