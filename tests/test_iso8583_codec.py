@@ -491,6 +491,11 @@ def test_validate_required() -> None:
         (_payment().evolve(set_fields={48: Tlv.of(("02", "x"))}), 48, "30"),
         (_payment().evolve(set_fields={3: "990000"}), 3, "12"),
         (_payment().evolve(set_fields={70: "001"}), 70, "30"),
+        (_payment().evolve(set_fields={7: "1399250000"}), 7, "30"),
+        (_payment().evolve(set_fields={7: "1126246000"}), 7, "30"),
+        (_payment().evolve(set_fields={12: "256199"}), 12, "30"),
+        (_payment().evolve(set_fields={13: "0230"}), 13, "30"),
+        (_payment().evolve(set_fields={13: "0001"}), 13, "30"),
         (Message("0100", {}), None, "12"),
     ]
     for msg, field, code in cases:
@@ -505,6 +510,14 @@ def test_validate_required() -> None:
         validate_required(declined.evolve(set_fields={39: "00"}), "response")
     sign_on_reply = SIGN_ON.evolve("0810", set_fields={15: "1126", 39: "00"})
     validate_required(sign_on_reply, "response")
+    # network management carries no MAC: one there is a foreign field (in 128, as 70 needs
+    # the secondary bitmap)
+    validate_required(SIGN_ON)
+    validate_required(_payment().evolve(set_fields={7: "0229235959", 12: "000000",
+                                                    13: "1231"}))
+    with pytest.raises(ValidationError) as info:
+        validate_required(SIGN_ON.evolve(set_fields={128: b"12345678"}))
+    assert (info.value.field, info.value.response_code) == (128, "30")
 
 
 def test_original_data_elements() -> None:

@@ -66,6 +66,11 @@ async def test_sign_on_echo_and_sign_off(node: Node, sims: Sims) -> None:
         assert (await c.request(c.inquiry(acct))).fields[39] == "00"
         assert (await c.sign_off()).fields[39] == "00"
         assert (await c.request(c.payment(acct, 100))).fields[39] == "91"
+        # a declined 0810 carries 15 as well; an 0800 carrying a MAC has a foreign field
+        r = await c.request(c.network("999"))
+        assert (r.mti, r.fields[39], len(str(r.fields[15]))) == ("0810", "12", 4)
+        r = await c.request(c.network("301").evolve(set_fields={128: b"\x00" * 8}))
+        assert (r.fields[39], len(str(r.fields[15]))) == ("30", 4)
     assert await _payments(node) == 0
 
 
@@ -170,6 +175,11 @@ async def test_field_32_must_match_the_link(node: Node, sims: Sims) -> None:
         c.institution = "09990000"
         r = await c.request(c.payment(acct, 100))
         assert r.fields[39] == "58"
+        # the configured id exactly, not another spelling of the same number
+        for other in ("1020000", "001020000"):
+            c.institution = other
+            r = await c.request(c.payment(acct, 100))
+            assert r.fields[39] == "58", other
     assert await _payments(node) == 0
 
 

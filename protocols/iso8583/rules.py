@@ -197,7 +197,8 @@ def validate_required(msg: Message, direction: Direction = "request", *, mac: bo
     present = set(msg.fields)
     # any field above 64 (128 itself included) means a secondary bitmap: the MAC goes in 128
     mac_field = 128 if any(n > 64 for n in present) else 64
-    present.discard(mac_field)
+    if rule.mac:  # a message without a MAC (0800, 0810) carrying one has a foreign field
+        present.discard(mac_field)
     full = direction == "request" or msg.fields.get(39) == "00"
     extra = present - rule.allowed
     if extra:
@@ -216,12 +217,40 @@ def validate_required(msg: Message, direction: Direction = "request", *, mac: bo
         raise ValidationError(mac_field, f"MAC (field {mac_field}) missing in a {rule.kind}")
     if 49 in msg.fields and msg.fields[49] != "156":
         raise ValidationError(49, "currency must be 156")
+    if direction == "request":
+        for number, check, what in _DATES_AND_TIMES:
+            value = msg.fields.get(number)
+            if isinstance(value, str) and not check(value):
+                raise ValidationError(number, f"field {number} is not a {what}")
     tlv = msg.fields.get(48)
     if tlv is not None:
         if not isinstance(tlv, Tlv):
             raise ValidationError(48, "field 48 must be TLV")
         _check_tlv(tlv, rule.tlv_tags if full else ())
     return rule
+
+
+# days per month, 29 for February: an MMDD carries no year
+_MONTH_DAYS: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _mmdd(text: str) -> bool:
+    month, day = int(text[:2]), int(text[2:4])
+    return 1 <= month <= 12 and 1 <= day <= _MONTH_DAYS[month - 1]
+
+
+def _hhmmss(text: str) -> bool:
+    return int(text[:2]) <= 23 and int(text[2:4]) <= 59 and int(text[4:6]) <= 59
+
+
+# the request fields that are dates or times: (field, check, what it must be). Their digits
+# and lengths the codec has checked already; these are the values a clock can show.
+_DATES_AND_TIMES: Final = (
+    (7, lambda v: _mmdd(v[:4]) and _hhmmss(v[4:]), "date and time MMDDhhmmss"),
+    (12, _hhmmss, "time hhmmss"),
+    (13, _mmdd, "date MMDD"),
+    (15, _mmdd, "date MMDD"),
+)
 
 
 def _check_tlv(tlv: Tlv, required: tuple[str, ...]) -> None:

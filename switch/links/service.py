@@ -320,7 +320,7 @@ class LinkService:
         if req.mti == "0500":
             if 15 in req.fields:  # the 0510 echoes the date asked about, declined or not
                 fields[15] = req.fields[15]
-        elif req.mti != "0800":
+        else:  # an 0810 too, declined or not: 15 is mandatory there
             cal = self.ctx.calendar
             fields[15] = cal.settlement_mmdd(day or cal.today())
         return Message(RESPONSE_MTI[req.mti], fields)
@@ -354,7 +354,7 @@ class LinkService:
         if not isinstance(f32, str):
             raise Decline("30", "field 32 missing")
         if link.institution is not None:
-            if link.institution.id.zfill(11) != f32.zfill(11):
+            if link.institution.id != f32:
                 raise Decline("58", "field 32 does not match this link's institution")
             return link.institution
         raise Decline("58", "this link has no institution")
@@ -384,13 +384,13 @@ class LinkService:
         f32 = msg.fields.get(32)
         assert isinstance(code, str) and isinstance(f32, str)
         if link.institution is None:
-            match = [i for i in link.candidates if i.id.zfill(11) == f32.zfill(11)]
+            match = [i for i in link.candidates if i.id == f32]
             if not match:
                 raise Decline("58", "field 32 names no institution allowed on this link")
             if not link.bind(match[0]):
                 raise Decline("58", "the institution is at its connection limit")
             link.institution = match[0]
-        elif link.institution.id.zfill(11) != f32.zfill(11):
+        elif link.institution.id != f32:
             raise Decline("58", "field 32 does not match this link's institution")
         if code == "301":
             resp = self._response(msg, "00")
@@ -400,7 +400,6 @@ class LinkService:
             resp = self._response(msg, "00")
         else:
             raise Decline("12", f"unknown network management code {code}")
-        resp.fields[15] = self.ctx.calendar.settlement_mmdd(self.ctx.calendar.today())
         return resp
 
     # -- inquiry --------------------------------------------------------------------------
