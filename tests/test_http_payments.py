@@ -350,6 +350,25 @@ async def test_reversal_same_day_repeatable_and_forwarded_after_original(
     assert [r["kind"] for r in rows] == ["payment", "reversal"]
     st, _, _ = await api.call("POST", f"/v1/payments/{pid}/reversal")
     assert st == 400
+    # the same key once the reversal is forwarded: the first answer, byte for byte (not the
+    # payment as it is now); another key: the payment as it is now
+    st, h, r3 = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="rv-1")
+    assert (st, r3) == (200, r1) and h.get("Idempotent-Replayed") == "true"
+    st, _, r4 = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="rv-2")
+    assert st == 200 and orjson.loads(r4)["reversed_at"] == d1["reversed_at"]
+    # the key of this reversal, for another payment: refused, and that payment stands
+    _, _, raw = await api.call("POST", "/v1/payments", idem="rv-other",
+                               json={"account_no": acct, "amount": 300, "method": "cash"})
+    other = orjson.loads(raw)["payment_id"]
+    st, _, r5 = await api.call("POST", f"/v1/payments/{other}/reversal", idem="rv-1")
+    assert st == 422 and orjson.loads(r5)["code"] == "idempotency_key_reused"
+    st, _, r6 = await api.call("GET", f"/v1/payments/{other}")
+    assert st == 200 and "reversed_at" not in orjson.loads(r6)
+    # two keys in one request: refused, not one of them picked
+    two = [*api.headers().items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    async with api.session.post(f"{api.base}/v1/payments/{other}/reversal",
+                                headers=two) as r:
+        assert r.status == 400 and (await r.json())["code"] == "idempotency_key_missing"
 
 
 async def test_reversal_of_another_business_date_is_refused(node: Node, api: Api,

@@ -115,7 +115,11 @@ def parse_input(body: dict[str, object]) -> Input:
 
 
 def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
+    keys = request.headers.getall("Idempotency-Key", [])
+    if len(keys) > 1:
+        raise Problem(400, "idempotency_key_invalid",
+                      "send one Idempotency-Key header, not several")
+    key = keys[0] if keys else None
     if key is not None and not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_invalid",
                       "Idempotency-Key must be 1 to 64 characters of [A-Za-z0-9_-]")

@@ -82,6 +82,8 @@ def document(node: Node | None = None) -> dict[str, Any]:
                     "403": _err("Key of another channel"),
                     "404": _err("Unknown account"),
                     "409": _err("The same key is still being processed"),
+                    "413": _err("Body over the size limit"),
+                    "415": _err("Body not application/json"),
                     "422": _err("Closed account, invalid amount, or key reused with another "
                                 "body"),
                     "503": _err("Standby node or temporarily unavailable"),
@@ -96,20 +98,26 @@ def document(node: Node | None = None) -> dict[str, Any]:
                     "401": _err("Missing or unknown API key"),
                     "403": _err("Key of another channel"),
                     "404": _err("No such payment for this channel"),
+                    "503": _err("Standby node or temporarily unavailable"),
                 }}},
             "/v1/payments/{payment_id}/reversal": {"post": {
                 "operationId": "reversePayment", "summary": "Reverse a same-day payment",
                 "parameters": [{"name": "payment_id", "in": "path", "required": True,
                                 "schema": {"type": "string", "format": "uuid"}}, _IDEM_HEADER],
                 "responses": {
-                    "200": {"description": "The reversed payment", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Payment"}}}},
+                    "200": {"description": "The reversed payment (the same key again: the same "
+                                           "answer, byte for byte)",
+                            "headers": {"Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]}}},
+                            "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Payment"}}}},
                     "400": _err("Missing Idempotency-Key"),
                     "401": _err("Missing or unknown API key"),
                     "403": _err("Key of another channel"),
                     "404": _err("No such payment for this channel"),
                     "409": _err("Another business date: not reversible"),
-                    "503": _err("Standby node"),
+                    "422": _err("Idempotency-Key used to reverse another payment"),
+                    "503": _err("Standby node or temporarily unavailable"),
                 }}},
             "/v1/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document", "security": [],
@@ -131,7 +139,8 @@ def document(node: Node | None = None) -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Problem": {"type": "object", "required": ["type", "title", "status", "code"],
+                "Problem": {"type": "object",
+                            "required": ["type", "title", "status", "detail", "code"],
                             "properties": {"type": {"type": "string"},
                                            "title": {"type": "string"},
                                            "status": {"type": "integer"},

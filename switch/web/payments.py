@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -107,7 +108,11 @@ def payment_doc(rec: PaymentRecord) -> dict[str, object]:
 
 
 def _idempotency_key(request: web.Request) -> str:
-    key = request.headers.get("Idempotency-Key")
+    keys = request.headers.getall("Idempotency-Key", [])
+    if len(keys) > 1:
+        raise Problem(400, "idempotency_key_missing",
+                      "send one Idempotency-Key header, not several")
+    key = keys[0] if keys else None
     if key is None or not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_missing",
                       "send an Idempotency-Key header of 1 to 64 characters of [A-Za-z0-9_-]")
@@ -331,7 +336,7 @@ async def get_payment(request: web.Request) -> web.Response:
 async def reverse_payment(request: web.Request) -> web.Response:
     node = require_active(request)
     client = await authenticate(request, PAYMENT_CHANNELS)
-    _idempotency_key(request)
+    key = _idempotency_key(request)
     pid = _payment_id(request)
     cal = node.components["calendar"]
     try:
@@ -340,8 +345,17 @@ async def reverse_payment(request: web.Request) -> web.Response:
             owner = await con.fetchval("SELECT channel FROM payments WHERE id = $1", pid)
             if owner is None or owner != client.channel:
                 raise Problem(404, "payment_not_found", "no such payment")
+            prior = await con.fetchrow(_REVERSAL_KEY, client.id, key)
+            if prior is not None:
+                return _reversal_replayed(prior, pid)
             rec, done = await reverse_in(con, pid, today=cal.today(), channel=client.channel,
                                          epoch=node.epoch)
+            body = orjson.dumps(payment_doc(rec))
+            if not await con.fetchval(_REVERSAL_KEY_TAKE, client.id, key, pid, body):
+                # the same key in a request that committed meanwhile: its answer
+                prior = await con.fetchrow(_REVERSAL_KEY, client.id, key)
+                assert prior is not None
+                return _reversal_replayed(prior, pid)
     except NotReversible as e:
         raise Problem(409, "not_reversible", e.reason) from None
     except Problem:
@@ -358,7 +372,23 @@ async def reverse_payment(request: web.Request) -> web.Response:
         fwd = node.components.get("forwarder")
         if fwd is not None:
             fwd.wake()
-    return json_response(payment_doc(rec))
+    return web.Response(body=body, content_type="application/json")
+
+
+# A reversal's Idempotency-Key, with the answer it got (`reversal_keys`): the same key again
+# gets that answer byte for byte, and the same key for another payment is refused
+_REVERSAL_KEY = "SELECT payment_id, response FROM reversal_keys WHERE client_id = $1 AND key = $2"
+_REVERSAL_KEY_TAKE = """
+INSERT INTO reversal_keys (client_id, key, payment_id, response) VALUES ($1, $2, $3, $4)
+ON CONFLICT DO NOTHING RETURNING true"""
+
+
+def _reversal_replayed(prior: asyncpg.Record, pid: uuid.UUID) -> web.Response:
+    if prior["payment_id"] != pid:
+        raise Problem(422, "idempotency_key_reused",
+                      "this Idempotency-Key was used to reverse another payment")
+    return web.Response(body=bytes(prior["response"]), content_type="application/json",
+                        headers={"Idempotent-Replayed": "true"})
 
 
 async def get_account(request: web.Request) -> web.Response:
