@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from protocols.iso8583 import Message, Tlv
@@ -103,6 +104,28 @@ async def test_payment_retransmission_and_conflict(bank: BankClient, node: Node,
     r3 = await bank.request(other)  # same identity, different content
     assert r3.fields[39] == "94"
     assert await _payments(node) == 1
+
+
+async def test_each_approval_reports_the_arrears_before_it(bank: BankClient, node: Node,
+                                                          sims: Sims) -> None:
+    """Tag 03 is the arrears before this payment: the payments approved since the account was
+    last read are taken off, not reported as still owed."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sims.marketing.url + "/accounts", params={"limit": "500"}) as r:
+            listed = (await r.json())["accounts"]
+        for a in listed[40:]:
+            if a["status"] != "active":
+                continue
+            async with s.get(f"{sims.marketing.url}/accounts/{a['account_no']}") as r:
+                owed = int((await r.json())["arrears"])
+            if owed >= 3000:
+                acct = str(a["account_no"])
+                break
+        else:
+            raise AssertionError("no account with arrears")
+    await bank.request(bank.inquiry(acct))  # read now: the figure the first payment starts from
+    before = [int(_tlv(await bank.request(bank.payment(acct, 1000)))["03"]) for _ in range(3)]
+    assert before == [owed, owed - 1000, owed - 2000]
 
 
 @pytest.mark.parametrize(("amount", "code"), [(0, "13"), (5_000_001, "13")])

@@ -503,6 +503,7 @@ class LinkService:
             return await self._replay(msg, outcome, req_hash)
         rec = outcome.record
         self.ctx.on_posted()
+        self.ctx.accounts.paid(acct, amount)
         for numbered_rec, signed in signing:
             if numbered_rec is rec:
                 return signed
@@ -575,6 +576,8 @@ class LinkService:
                             epoch=self.ctx.epoch(), amount=amount, institution_id=inst.id,
                             stan=str(f[11]), transmitted=str(f[7]))
                         receipt = rec.receipt_no
+                        if done:
+                            self.ctx.accounts.forget(rec.account_no)
         except NotReversible as e:
             raise Decline("12", e.reason) from None
         except Exception as e:

@@ -169,6 +169,22 @@ class Accounts:
         prof = await self.profile(account_no)
         return prof.status if prof else None
 
+    def paid(self, account_no: str, amount: int) -> None:
+        """A payment of `amount` to `account_no` was approved: the arrears it pays (oldest
+        bills first, the rest is prepaid) are no longer owed in the cached profile, so that
+        the next approval reports the arrears before it, not those of the last refresh. The
+        billing system's own figures replace it at the next live lookup or mirror pass."""
+        hit = self._profiles.get(account_no)
+        if hit is not None and hit[0].arrears > 0:
+            prof, at = hit
+            self._profiles[account_no] = (
+                MirrorProfile(prof.status, prof.name, max(0, prof.arrears - amount)), at)
+
+    def forget(self, account_no: str) -> None:
+        """The cached profile of `account_no` no longer holds (a payment was reversed): the
+        next read goes to the mirror."""
+        self._profiles.pop(account_no, None)
+
     async def profile(self, account_no: str) -> MirrorProfile | None:
         """The mirrored name, status and last known arrears (no remote call when mirrored)."""
         hit = self._profiles.get(account_no)

@@ -240,6 +240,7 @@ async def create_payment(request: web.Request) -> web.Response:
     if not isinstance(outcome, Committed):
         return await _answer_stored(svc, scope, outcome, req_hash)
     assert outcome.status_code is not None and outcome.response is not None
+    svc.accounts.paid(account, amount)
     # not waited for (a Redis round trip less per payment): queued ahead of any retry's claim
     if not svc.idempotency.complete_soon(scope, req_hash, outcome.status_code,
                                          outcome.response):
@@ -368,6 +369,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
             raise _outcome_unknown("reversal", e) from None
         raise
     if done:
+        _svc(node).accounts.forget(rec.account_no)
         node.metrics.child(node.metrics.reversals, client.channel).inc()
         fwd = node.components.get("forwarder")
         if fwd is not None:
