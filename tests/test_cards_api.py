@@ -289,8 +289,14 @@ async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> 
     batch, _, _ = await _stocked_batch(a, tmp_path, 12)
     req = await a.call("POST", "/requests", "hm1", json={"face_value": 10000, "quantity": 4},
                        expect=201)
-    # hall roles see only their hall
+    # hall roles see only their hall, and request for it only (the hall named is not ignored)
     await a.call("GET", f"/requests/{req['id']}", "hm2", expect=403)
+    other = await a.call("POST", "/requests", "hm1", expect=403,
+                         json={"face_value": 10000, "quantity": 4, "hall": "H2"})
+    assert other["code"] == "forbidden_hall"
+    own = await a.call("POST", "/requests", "hm1", expect=201,
+                       json={"face_value": 10000, "quantity": 1, "hall": "H1"})
+    await a.call("POST", f"/requests/{own['id']}/reject", "appr", expect=200)
     assert (await a.call("POST", "/stocktakes", "hm1", json={"location": "H2"},
                          expect=403))["code"] == "forbidden_hall"
     # maker-checker: the requester, later made an approver, still cannot approve it
@@ -533,6 +539,10 @@ async def test_a_card_voided_before_its_card_back_file_does_not_block_the_batch(
     view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
     assert view["status"] == "reconciled"
     assert view["counts"]["produced"] == 4 and view["counts"]["voided"] == 1
+    # the report counts the voided card as voided before the file, not as matched
+    report = await a.pool.fetchval("SELECT reconciliation FROM card_batches WHERE id = $1",
+                                   batch["id"])
+    assert (report["matched"], report["voided_before"]) == (4, 1)
 
 
 async def test_a_card_back_file_with_an_absurd_number_is_a_422(admin_api: Api) -> None:

@@ -14,12 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from switch import db
 from switch.cards import batches, jobs, oplog, workflow
-from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
+from switch.cards.errors import CardError, Conflict, Forbidden, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
 from switch.cards.serials import digits
@@ -457,6 +458,10 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
     ctx.objects.update(face_value=doc.get("face_value"), quantity=doc.get("quantity"),
                        hall=ctx.user.hall)
+    hall = doc.get("hall")  # optional: a hall role asks for its own hall, and only for it
+    if hall is not None and hall != ctx.user.hall:
+        raise Forbidden(f"user {ctx.user.username} requests cards for hall {ctx.user.hall} "
+                        "only", code="forbidden_hall")
     out = await workflow.create_request(
         ctx.pool, ctx.user, doc.get("face_value"), doc.get("quantity"),
         ctx.node.settings.cards.face_values, epoch=ctx.node.epoch,
@@ -541,8 +546,9 @@ async def get_hall_report(ctx: Ctx) -> web.StreamResponse:
 
 @_handler("recharges.read", changes=False)
 async def get_recharges(ctx: Ctx) -> web.StreamResponse:
-    day = ctx.request.query.get("date") or dt.date.today().isoformat()
     tz = str(ctx.node.settings.business.timezone)
+    # by default today, in the business's time zone (the ledger's days are counted in it)
+    day = ctx.request.query.get("date") or dt.datetime.now(ZoneInfo(tz)).date().isoformat()
     return json_response(await workflow.recharges(ctx.pool, day, tz))
 
 

@@ -9,6 +9,7 @@ resumed: chunks already written are skipped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -287,14 +288,18 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)
         locked = await conn.fetchval(
-            "UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
-            " WHERE id = $1 AND status = 'ordered' RETURNING id", batch_id, rec.as_dict())
+            "SELECT id FROM card_batches WHERE id = $1 AND status = 'ordered' FOR UPDATE",
+            batch_id)
         if locked is None:
             raise Conflict(f"batch {batch_id} was reconciled meanwhile", code="batch_state")
         # cards voided before the file came (a void of an ordered card is allowed) stay voided:
         # neither voided again nor counted among the cards the file matches
         already = {r["serial"] for r in await conn.fetch(
             "SELECT serial FROM cards WHERE batch_id = $1 AND state = 'voided'", batch_id)}
+        before = len(already - to_void.keys())
+        rec = dataclasses.replace(rec, matched=rec.matched - before, voided_before=before)
+        await conn.execute("UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
+                           " WHERE id = $1", batch_id, rec.as_dict())
         for kind, serials in sorted(by_kind.items()):
             todo = [s for s in serials if s not in already]
             if todo:
@@ -304,7 +309,7 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
         moved = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
             reason="reconciled with the card-back file", exclude=list(to_void))
-        if moved != rec.matched - len(already - to_void.keys()):
+        if moved != rec.matched:
             raise Conflict(f"batch {batch_id}: {moved} cards matched in the database, "
                            f"{rec.matched} in the file", code="reconciliation_mismatch")
     if progress is not None:

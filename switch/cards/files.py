@@ -237,6 +237,7 @@ class Reconciliation:
     received: int
     matched: int
     discrepancies: tuple[Discrepancy, ...]
+    voided_before: int = 0  # cards of the batch voided before the file came (not matched)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(KINDS, 0)
@@ -254,7 +255,8 @@ class Reconciliation:
 
     def as_dict(self) -> dict[str, object]:
         return {"batch_id": self.batch_id, "expected": self.expected,
-                "received": self.received, "matched": self.matched, "counts": self.counts(),
+                "received": self.received, "matched": self.matched,
+                "voided_before": self.voided_before, "counts": self.counts(),
                 "discrepancies": [d.as_dict() for d in self.discrepancies]}
 
 
