@@ -87,6 +87,11 @@ class Node:
         return not self._stopping and self.lease.is_active
 
     @property
+    def stopping(self) -> bool:
+        """Stopping: it takes no new work, whatever its role was."""
+        return self._stopping
+
+    @property
     def epoch(self) -> int:
         return self.lease.epoch
 

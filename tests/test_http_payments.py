@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -736,8 +737,9 @@ async def test_a_key_that_is_not_utf8_is_a_401(node: Node, sims: Sims) -> None:
 
 
 async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_nothing(
-        node: Node) -> None:
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
     key = await api_key(node.pool, "internet")
+    caplog.set_level(logging.WARNING)
     for tail in (b"\x01", b" " + b"x" * 9000):  # a forbidden byte; a header line over the limit
         r, w = await asyncio.open_connection("127.0.0.1", node.ports.http)
         w.write(b"GET /v1/payments/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
@@ -749,6 +751,10 @@ async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_no
         assert status.startswith(b"4") and b"application/problem+json" in head, head
         assert key.encode() not in data and key[:12].encode() not in data
         assert orjson.loads(body)["code"] == "bad_request"
+    # the client's mistake is a warning of one line, not an error with a traceback
+    refused = [r for r in caplog.records if "malformed HTTP" in r.getMessage()]
+    assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_an_expectation_the_server_cannot_meet_is_problem_json(node: Node) -> None:

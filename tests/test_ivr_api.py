@@ -871,6 +871,17 @@ async def test_a_late_retry_of_an_earlier_input_is_replayed_not_taken_as_new(
     assert (await card_row(node, serial))["state"] == "redeemed"
 
 
+async def test_two_idempotency_keys_on_one_input_are_refused(
+        node: Node, raw: Api, ivr: IvrSimulator) -> None:
+    t = await ivr.start(ani(), "zh")
+    two = [*raw.headers().items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    async with raw.session.post(f"{raw.base}/ivr/v1/calls/{t['call_id']}/input",
+                                json={"digits": "1"}, headers=two) as r:
+        assert r.status == 400 and (await r.json())["code"] == "idempotency_key_invalid"
+    turn = await ivr.send_digits(t["call_id"], "1")  # nothing was taken: still at the menu
+    assert turn["step"] == "enter_account"
+
+
 async def test_a_wrong_pin_block_sent_again_later_in_the_call_counts_once(
         node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
     serial, _ = await make_card(node)

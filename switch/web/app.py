@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -13,6 +14,8 @@ from switch.web.problems import Problem, json_response, problem_for
 
 if TYPE_CHECKING:
     from switch.node import Node
+
+log = logging.getLogger("gridpay.http")
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 
@@ -90,8 +93,9 @@ async def metrics(request: web.Request) -> web.Response:
 def require_active(request: web.Request) -> Node:
     node = node_of(request)
     if not node.is_active:
-        raise Problem(503, "standby", "this node is the standby; send the request to the active "
-                      "node", headers={"Retry-After": "1"})
+        said = "is stopping" if node.stopping else "is the standby"
+        raise Problem(503, "standby", f"this node {said}; send the request to the active node",
+                      headers={"Retry-After": "1"})
     return node
 
 
@@ -118,7 +122,14 @@ class _ProblemHandler(web_protocol.RequestHandler):
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, None)  # logs, and refuses a half-sent answer
+        if status >= 500:
+            super().handle_error(request, status, exc, None)  # logged with its traceback
+        else:  # the client's mistake: one warning line, not an error with a traceback
+            log.warning("malformed HTTP request refused",
+                        extra={"status": status, "peer": request.remote,
+                               "error": type(exc).__name__ if exc is not None else None})
+            if request.writer.output_size > 0:  # as aiohttp does: no second answer
+                raise ConnectionError("a response was sent already")
         problem = (Problem(500, "internal_error", "the request could not be completed")
                    if status >= 500 else
                    Problem(status, "bad_request", "the request is not well-formed HTTP/1.1 (a "
