@@ -47,6 +47,7 @@ class StandInNode:
     components: dict[str, Any] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     is_active: bool = True
+    stopping: bool = False
     epoch: int = 0  # the lease row's epoch in a clean database
 
     async def fenced(self) -> None:
