@@ -70,7 +70,7 @@ _MAC_HEX = 32
 _MAX_LENGTH = 9999
 _ALNUM2 = re.compile(r"[0-9A-Z]{2}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
-_HEX = re.compile(r"[0-9A-Fa-f]*")
+_HEX = re.compile(r"[0-9A-F]*")  # upper case only: the block is compared as text
 
 
 def _code(value: str, table: MappingProxyType[str, str], field: str) -> None:

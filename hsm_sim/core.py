@@ -166,6 +166,17 @@ def _check_profile(header: KeyBlockHeader, key: bytes) -> None:
         raise _Refused("10")
 
 
+def _check_key(header: KeyBlockHeader, key: bytes) -> None:
+    """A key under the LMK that this HSM can work with: every key it holds is an AES key or
+    an HMAC key (whose check value is an AES-CMAC too), so 16, 24 or 32 bytes. An authentic
+    block with another algorithm (single DES, say) or length gets its refusal here, not an
+    internal error from the first command that uses the key."""
+    if header.algorithm not in ("A", "H"):
+        raise _Refused("A7")
+    if len(key) not in (16, 24, 32):
+        raise _Refused("10")
+
+
 Handler = Callable[["HsmCore", FieldReader], tuple[str, bytes]]
 
 
@@ -242,6 +253,7 @@ class HsmCore:
         working = cache.get(block)
         if working is None:
             working = _WorkingKey(*self._lmk.unwrap(block))
+            _check_key(working.header, working.key)
             cache[block] = working
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
@@ -382,9 +394,14 @@ class HsmCore:
         try:
             pin = pin_key.format4().decipher(pin_block, serial)
         except PinBlockError:
-            # A block that does not decode is simply not the card's PIN: no oracle.
+            # A block that does not decode is simply not the card's PIN: no oracle, neither in
+            # the answer nor in the time it takes (the tag is computed all the same)
+            voucher_tag_matches(vvk, serial, _NO_PIN, tag)
             return "01", b""
         return ("00" if voucher_tag_matches(vvk, serial, pin, tag) else "01"), b""
+
+
+_NO_PIN = "000000000000"  # the stand-in whose tag a block that does not decode costs
 
 
 def _printable(command: bytes) -> str:

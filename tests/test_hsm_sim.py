@@ -216,6 +216,16 @@ async def test_bu_and_key_block_field_errors(raw: Raw) -> None:
     assert await raw.code("BU", KB(wrap(bytes(32), KeyBlockHeader(
         key_usage="M6", algorithm="A", mode_of_use="C"), MAC_KEY))) == "10"  # other LMK
     assert await raw.code("BU", b"SX0016P0AB00N0000") == "A4"
+    # authentic blocks of keys this HSM cannot hold: a refusal, not an internal error
+    assert await raw.code("BU", KB(lmk_block("D0", "D", "B", bytes(8)))) == "A7"
+    assert await raw.code("BU", KB(lmk_block("V0", "H", "C", bytes(20)))) == "10"
+    assert await raw.code("A8", KB(KEK_E) + KB(lmk_block("V0", "H", "C", bytes(20),
+                                                          export="E"))) == "10"
+    # the block is text: a block in lower case is not the block that was issued
+    body = MAC_C[1:] if MAC_C.startswith("S") else MAC_C
+    lower = body[:16] + body[16:].lower()
+    assert lower != body and await raw.code("BU", b"S" + lower.encode()) == "15"
+    assert (await raw.call("B2", data_field(b"ok")))[0] == "00"  # the connection carries on
 
 
 async def test_m6_m8_mac(raw: Raw) -> None:
