@@ -202,7 +202,9 @@ class MarketingSim:
         self._faults = self._faults.updated(changes)
         return "down" in changes
 
-    async def apply_down(self, changed: bool) -> None:
+    async def apply_down(self, changed: bool, *, keep: Connection | None = None) -> None:
+        """Listen or not, as ``down`` now says. Going down closes every connection but `keep`
+        (the one that asked for it, which stays open for ``/_faults`` alone)."""
         if not changed:
             return
         async with self._listen_lock:
@@ -220,7 +222,7 @@ class MarketingSim:
                 return
             if http.listening:
                 http.stop_listening()
-                http.close_connections()
+                http.close_connections(keep)
                 log.info("marketing simulator down (port %d closed)", self._port)
             if down > 0:
                 self._up_timer = asyncio.get_running_loop().call_later(down, self._come_back)
@@ -308,6 +310,10 @@ class MarketingSim:
         """Faults first (except for ``/_faults``), then the route."""
         if request.path.startswith("/_faults"):
             return self._route(request, connection)
+        if self._faults.down is not None:
+            # down: only the connection that asked for it is still open, for /_faults alone
+            connection.drop()
+            return None
         if self._broken:
             return _BROKEN
         faults = self._faults
@@ -362,7 +368,7 @@ class MarketingSim:
             if method in _GET:
                 return json_reply(200, self._faults.to_json())
             if method == b"POST":
-                return self._post_faults(request)
+                return self._post_faults(request, connection)
             if method == b"DELETE":
                 return self._delete_faults()
             return _not_allowed("DELETE,GET,HEAD,POST")
@@ -426,15 +432,17 @@ class MarketingSim:
             },
         )
 
-    def _post_faults(self, request: Request) -> Outcome:
+    def _post_faults(self, request: Request, connection: Connection) -> Outcome:
         changes = _read_json(request.body)
         if not isinstance(changes, dict):
             return problem(400, "invalid_fault", "the body must be a JSON object")
         down_changed = self.update_faults(changes)
         reply = json_reply(200, self._faults.to_json())
         if down_changed:
-            # Answer first, then stop listening (which also drops this connection).
-            return ReplyThen(reply, self.apply_down(True))
+            # Answer first, then stop listening. This connection stays open, for /_faults
+            # alone, so that the client that took the simulator down can bring it back with
+            # DELETE /_faults on it: the port itself refuses connections.
+            return ReplyThen(reply, self.apply_down(True, keep=connection))
         return reply
 
     async def _delete_faults(self) -> Outcome:

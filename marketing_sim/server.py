@@ -750,10 +750,12 @@ class HttpServer:
             self._server.close()
             self._server = None
 
-    def close_connections(self) -> None:
-        """Close every connection; one whose client does not read what was sent is aborted."""
+    def close_connections(self, keep: Connection | None = None) -> None:
+        """Close every connection (but `keep`); one whose client does not read what was sent
+        is aborted."""
         for connection in list(self.connections):
-            connection.drop()
+            if connection is not keep:
+                connection.drop()
 
     def _sweep(self) -> None:
         # Idle ones, and those whose client has read nothing of what was sent for as long.

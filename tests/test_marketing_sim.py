@@ -510,6 +510,31 @@ async def test_fault_down(sim: MarketingSim, http: aiohttp.ClientSession) -> Non
     assert faults["down"] is False
 
 
+async def test_the_client_that_took_it_down_brings_it_back_over_http(sim: MarketingSim) -> None:
+    """The port refuses connections while down, but the connection that asked for it stays
+    open for /_faults alone: DELETE /_faults on it brings the simulator back."""
+    account_no = find(sim.ledger.book).account_no
+    url = f"{sim.url}/accounts/{account_no}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as control:
+        async with control.post(f"{sim.url}/_faults", json={"down": True}) as response:
+            assert response.status == 200
+        assert refused(sim.port)
+        async with control.get(f"{sim.url}/_faults") as response:  # the same connection
+            assert response.status == 200 and (await response.json())["down"] is True
+        async with control.delete(f"{sim.url}/_faults") as response:
+            assert response.status == 200 and (await response.json())["down"] is False
+    assert not refused(sim.port)
+    async with aiohttp.ClientSession() as http:
+        assert (await get(http, url))[0] == 200
+    # while down, anything but /_faults on that connection closes it unanswered
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as control:
+        async with control.post(f"{sim.url}/_faults", json={"down": True}) as response:
+            assert response.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get(control, url)
+    await sim.clear_faults()
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
