@@ -454,21 +454,21 @@ async def test_a_switchover_to_a_node_that_never_comes_leaves_no_gap_of_a_ttl(
 async def test_the_lease_lasts_its_ttl_and_a_named_node_gets_a_quarter_ttl_first(
         clean_db: str) -> None:
     """The ttl is seconds with a fraction: a lease taken lasts exactly it, and a lease handed
-    to a named node is that node's alone for a quarter of it (0.375 s here)."""
+    to a named node is that node's alone for a quarter of it."""
     from switch import db as gdb
 
     pool = await gdb.create_pool(session_dsn(clean_db, "node-c"), min_size=1, max_size=2)
     try:
-        c = Lease(pool, "node-c", ttl_s=1.5, renew_s=0.2, on_active=_nothing,
+        c = Lease(pool, "node-c", ttl_s=4.5, renew_s=0.2, on_active=_nothing,
                   on_standby=_nothing)
         assert await c._acquire() is not None
         lasts = await pool.fetchval("SELECT expires_at - updated_at FROM node_lease")
-        assert lasts.total_seconds() == 1.5
+        assert lasts.total_seconds() == 4.5
         # node-a hands the lease to node-b (as its drained switchover writes it)
         await pool.execute("UPDATE node_lease SET holder = 'node-a', handover_to = 'node-b',"
                            " expires_at = now()")
-        assert await c._acquire() is None  # node-b's turn
-        await asyncio.sleep(0.375 + 0.1)
+        assert await c._acquire() is None  # node-b's turn, for a quarter ttl (1.125 s)
+        await asyncio.sleep(1.125 + 0.1)
         assert await c._acquire() is not None  # node-b never came: anyone may
     finally:
         await pool.close()

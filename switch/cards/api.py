@@ -20,7 +20,7 @@ from aiohttp import web
 
 from switch import db
 from switch.cards import batches, jobs, oplog, workflow
-from switch.cards.errors import CardError, Conflict, Forbidden, HsmUnavailable, InvalidInput
+from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
 from switch.cards.serials import digits
@@ -459,9 +459,8 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
     ctx.objects.update(face_value=doc.get("face_value"), quantity=doc.get("quantity"),
                        hall=ctx.user.hall)
     hall = doc.get("hall")  # optional: a hall role asks for its own hall, and only for it
-    if hall is not None and hall != ctx.user.hall:
-        raise Forbidden(f"user {ctx.user.username} requests cards for hall {ctx.user.hall} "
-                        "only", code="forbidden_hall")
+    if hall is not None:
+        ctx.user.require_hall(str(hall))
     out = await workflow.create_request(
         ctx.pool, ctx.user, doc.get("face_value"), doc.get("quantity"),
         ctx.node.settings.cards.face_values, epoch=ctx.node.epoch,

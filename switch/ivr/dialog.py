@@ -318,7 +318,9 @@ class Call:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Call:
-        d = dict(doc)
+        # what a later version may have added is left out: a node that has not been upgraded
+        # yet (the pair is upgraded one node at a time) still reads the calls the other wrote
+        d = {k: v for k, v in doc.items() if k in _CALL_FIELDS}
         d["step"] = Step(d["step"])
         if d.get("account") is not None:
             d["account"] = AccountInfo(**d["account"])
@@ -341,6 +343,9 @@ class Call:
                        arrears_after=self.result.arrears_after,
                        prepaid_after=self.result.prepaid_after)
         return out
+
+
+_CALL_FIELDS = frozenset(f.name for f in dataclasses.fields(Call))
 
 
 # --- effects (asked of the shell) and facts (its answers) ------------------------------------

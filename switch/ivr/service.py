@@ -537,7 +537,9 @@ class IvrService:
             if outcome is None:  # the card was not redeemable: nothing written
                 refused = await redemption_refused(con, effect.serial)
                 if refused.reason == "expired":  # marked so when a redemption touches it
-                    await expire_touched(con, [effect.serial], "ivr")
+                    async with con.transaction():
+                        await db.fence(con, node.epoch)
+                        await expire_touched(con, [effect.serial], "ivr")
                 said = _REDEEM_OUTCOMES.get(refused.reason, "busy")
                 return Busy() if said == "busy" else RedeemFact(outcome=said)
             if not isinstance(outcome, Committed):
@@ -547,6 +549,7 @@ class IvrService:
         rec = outcome.record
         fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
         node.metrics.redemptions.inc()
+        node.components["accounts"].paid(effect.account_no, rec.amount)
         node.components["forwarder"].wake()
         log.info("card redeemed", extra={"call_id": call.call_id, "receipt_no": rec.receipt_no,
                                          "amount": rec.amount})

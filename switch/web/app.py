@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_request import BaseRequest
 
 from switch.web.problems import Problem, json_response, problem_for
@@ -125,9 +126,13 @@ class _ProblemHandler(web_protocol.RequestHandler):
         if status >= 500:
             super().handle_error(request, status, exc, None)  # logged with its traceback
         else:  # the client's mistake: one warning line, not an error with a traceback
-            log.warning("malformed HTTP request refused",
-                        extra={"status": status, "peer": request.remote,
-                               "error": type(exc).__name__ if exc is not None else None})
+            # (not even that for what is not HTTP at all on a connection's first request: TLS
+            # or a port scanner, as aiohttp itself has it)
+            level = (logging.DEBUG if self._request_count == 1
+                     and isinstance(exc, BadHttpMethod) else logging.WARNING)
+            log.log(level, "malformed HTTP request refused",
+                    extra={"status": status, "peer": request.remote,
+                           "error": type(exc).__name__ if exc is not None else None})
             if request.writer.output_size > 0:  # as aiohttp does: no second answer
                 raise ConnectionError("a response was sent already")
         problem = (Problem(500, "internal_error", "the request could not be completed")
