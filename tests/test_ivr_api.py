@@ -735,9 +735,14 @@ async def test_standby_node_answers_503(node: Node, sims: Sims, ivr_key: str, ra
         st, h, body = await standby.call("POST", f"/ivr/v1/calls/{t['call_id']}/input",
                                          json={"digits": "1"})
         assert st == 503 and orjson.loads(body)["code"] == "standby"
-        st, _, body = await standby.call("POST", "/ivr/v1/calls", json={
+        assert h.get("Retry-After") == "1"
+        st, h, body = await standby.call("POST", "/ivr/v1/calls", json={
             "call_id": "on-standby", "ani": "1", "dnis": "2", "lang": "en"})
         assert st == 503 and orjson.loads(body)["code"] == "standby"
+        assert h.get("Retry-After") == "1"
+        st, h, body = await standby.call("DELETE", f"/ivr/v1/calls/{t['call_id']}")
+        assert st == 503 and orjson.loads(body)["code"] == "standby"
+        assert h.get("Retry-After") == "1"
     # the call goes on at the active node, where it was left
     t = await ivr.send_digits(t["call_id"], "1")
     assert t["step"] == "enter_account"
@@ -868,6 +873,27 @@ async def test_a_late_retry_of_an_earlier_input_is_replayed_not_taken_as_new(
     assert (await card_row(node, serial))["state"] == "sold"  # nothing was confirmed
     st, _, b = await raw.call("POST", path, json={"digits": "1"}, idem="F")
     assert st == 200 and orjson.loads(b)["step"] == "result"  # the real confirmation
+    assert (await card_row(node, serial))["state"] == "redeemed"
+
+
+async def test_a_takeover_drops_the_turn_and_card_locks_the_old_node_left(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """A node killed during a turn leaves the call's turn lock (15 s) and the card's lock
+    behind: the node that takes over drops them, so the call goes on at once."""
+    from switch.standby import on_takeover
+
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
+    await node.redis.set(f"ivr:call-lock:{call_id}", "dead-node-token", px=15000)
+    await node.redis.set(f"ivr:card-lock:{serial}", "dead-node-token", px=10000)
+    await on_takeover(node)
+    await asyncio.wait_for(node.components["drop_abandoned_claims"], 10)
+    started = asyncio.get_running_loop().time()
+    t = await ivr.send_digits(call_id, "1")
+    # at once: the turn lock left would have held the turn 5 s, then answered 409 (whose
+    # retries the simulator would have spent waiting for it to expire)
+    assert asyncio.get_running_loop().time() - started < 3.0
+    assert t["step"] == "result", t
     assert (await card_row(node, serial))["state"] == "redeemed"
 
 
