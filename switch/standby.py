@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -116,15 +117,23 @@ async def drop_abandoned_claims(redis: Any, prefix: str, *, batch: int = 500,
     kept. Redis is only the fast path: the database's key still decides.
     """
     script = redis.register_script(_DROP_INFLIGHT)
+    return await _each_batch(redis, prefix, lambda keys: script(keys=keys), batch=batch,
+                             within_s=within_s)
+
+
+async def _each_batch(redis: Any, prefix: str, act: Callable[[list[Any]], Awaitable[Any]], *,
+                      batch: int, within_s: float) -> int:
+    """`act` on the keys under `prefix`, `batch` at a time (SCAN, never KEYS), for `within_s`
+    at most; the sum of what it returns."""
     deadline = time.monotonic() + within_s
-    dropped = 0
+    done = 0
     cursor: int = 0
     while True:
         cursor, keys = await redis.scan(cursor, match=prefix + "*", count=batch)
         if keys:
-            dropped += int(await script(keys=list(keys)))
+            done += int(await act(list(keys)))
         if cursor == 0 or time.monotonic() > deadline:
-            return dropped
+            return done
 
 
 #: The IVR's short locks (a call's turn, a card's redemption), dropped at a takeover: those
@@ -138,15 +147,8 @@ IVR_LOCK_PREFIXES = ("ivr:call-lock:", "ivr:card-lock:")
 async def drop_locks(redis: Any, prefix: str, *, batch: int = 500,
                      within_s: float = 60.0) -> int:
     """Delete every key under `prefix` (short locks only); how many."""
-    deadline = time.monotonic() + within_s
-    dropped = 0
-    cursor: int = 0
-    while True:
-        cursor, keys = await redis.scan(cursor, match=prefix + "*", count=batch)
-        if keys:
-            dropped += int(await redis.delete(*keys))
-        if cursor == 0 or time.monotonic() > deadline:
-            return dropped
+    return await _each_batch(redis, prefix, lambda keys: redis.delete(*keys), batch=batch,
+                             within_s=within_s)
 
 
 async def on_takeover(node: Node) -> None:
