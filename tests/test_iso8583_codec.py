@@ -303,23 +303,6 @@ def test_bad_bcd_digit_in_bank_field() -> None:
     assert partial.fields == {7: "1126101530", 11: "000123", 32: "10300001"}
 
 
-def test_a_length_prefix_over_the_maximum_stops_the_decoding() -> None:
-    """Which of the prefix and the field is wrong cannot be told, so nothing after it is read:
-    an echo of 37 made of the next fields' bytes would be worse than none."""
-    msg = POST_0200.evolve(set_fields={7: "1126101530", 11: "000123", 32: "01000000",
-                                       37: "R23241523329"})
-    body = bytearray(POST_CODEC.encode(msg))
-    at = body.index(b"0801000000")  # field 32: LL "08", then the id
-    body[at:at + 2] = b"12"  # more than its 11, and the bytes that follow still suffice
-    with pytest.raises(DecodeError) as info:
-        POST_CODEC.decode(bytes(body))
-    assert info.value.field == 32 and info.value.response_code == "30"
-    partial = info.value.partial
-    assert partial is not None and partial.fields[7] == "1126101530"
-    assert partial.fields[11] == "000123" and 32 not in partial.fields
-    assert 37 not in partial.fields
-
-
 def test_truncation_keeps_the_fields_before_it() -> None:
     body = BANK_0200_BODY[:-3]
     with pytest.raises(DecodeError) as info:

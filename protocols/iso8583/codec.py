@@ -293,8 +293,8 @@ def _numeric_decoder(dialect: Dialect, spec: FieldSpec) -> _Decoder:
             end = start + (count + 1) // 2
             if end > len(body):
                 raise _Bad("truncated")
-            if count > maximum:  # structural: see `variable` below
-                raise _Bad(f"{count} digits, more than {maximum}")
+            if count > maximum:
+                raise _Bad(f"{count} digits, more than {maximum}", end)
             if count == 0:
                 raise _Bad("empty numeric field", end)
             digits = body[start:end].hex()
@@ -316,8 +316,8 @@ def _numeric_decoder(dialect: Dialect, spec: FieldSpec) -> _Decoder:
         end = start + count
         if end > len(body):
             raise _Bad("truncated")
-        if count > maximum:  # structural: see `variable` below
-            raise _Bad(f"{count} digits, more than {maximum}")
+        if count > maximum:
+            raise _Bad(f"{count} digits, more than {maximum}", end)
         raw = body[start:end]
         if not raw.isdigit():
             raise _Bad("numeric field holds a non-digit" if raw else "empty numeric field", end)
@@ -369,10 +369,7 @@ def _field_decoder(dialect: Dialect, spec: FieldSpec) -> _Decoder:
         if end > len(body):
             raise _Bad("truncated")
         if count > maximum:
-            # a length prefix out of bounds: structural, as the numeric fields have it. Read
-            # on from it, and the fields after come from bytes that are not theirs (an echo
-            # of 37 made of the next fields' bytes)
-            raise _Bad(f"{count} bytes, more than {maximum}")
+            raise _Bad(f"{count} bytes, more than {maximum}", end)
         try:
             out[number] = value_of(body[start:end])
             return end
