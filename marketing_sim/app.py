@@ -218,6 +218,9 @@ class MarketingSim:
             if down is None:
                 if not http.listening and not self._closing.is_set():
                     await self._listen()
+                    if self._closing.is_set():  # close() ran meanwhile: it stays closed
+                        await http.close(0)
+                        return
                     log.info("marketing simulator listening again on port %d", self._port)
                 return
             if http.listening:

@@ -724,6 +724,7 @@ class HttpServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.kept: Connection | None = None  # left open while not listening (see below)
 
     @property
     def listening(self) -> bool:
@@ -739,6 +740,7 @@ class HttpServer:
             backlog=_BACKLOG,
         )
         self._server = server
+        self.kept = None
         self.port = server.sockets[0].getsockname()[1]
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(_SWEEP_EVERY_S, self._sweep)
@@ -751,8 +753,10 @@ class HttpServer:
             self._server = None
 
     def close_connections(self, keep: Connection | None = None) -> None:
-        """Close every connection (but `keep`); one whose client does not read what was sent
+        """Close every connection (but `keep`, which the sweeper then leaves open however
+        idle, until the server listens again); one whose client does not read what was sent
         is aborted."""
+        self.kept = keep
         for connection in list(self.connections):
             if connection is not keep:
                 connection.drop()
@@ -761,6 +765,8 @@ class HttpServer:
         # Idle ones, and those whose client has read nothing of what was sent for as long.
         deadline = self.loop.time() - KEEPALIVE_TIMEOUT_S
         for connection in list(self.connections):
+            if connection is self.kept and not connection.closed:
+                continue
             if connection.last_active < deadline and (
                 not connection.busy or connection.stalled or connection.closed
             ):

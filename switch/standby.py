@@ -158,15 +158,18 @@ async def on_takeover(node: Node) -> None:
     prefix = getattr(idem, "prefix", None)
 
     async def run() -> None:
+        n = locks = 0
         try:
-            n = await drop_abandoned_claims(node.redis, prefix) if isinstance(prefix, str) else 0
-            locks = 0
+            if isinstance(prefix, str):
+                n = await drop_abandoned_claims(node.redis, prefix)
+        except Exception as e:  # Redis down: the claims expire by themselves
+            log.warning("could not clear abandoned claims", extra={"error": type(e).__name__})
+        try:
             if "ivr" in node.components:
                 for lock_prefix in IVR_LOCK_PREFIXES:
                     locks += await drop_locks(node.redis, lock_prefix)
-        except Exception as e:  # Redis down: the claims and locks expire by themselves
-            log.warning("could not clear abandoned claims", extra={"error": type(e).__name__})
-            return
+        except Exception as e:  # the same: the locks expire by themselves
+            log.warning("could not clear abandoned IVR locks", extra={"error": type(e).__name__})
         if n or locks:
             log.info("abandoned in-flight claims cleared", extra={"claims": n, "locks": locks})
 

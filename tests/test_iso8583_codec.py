@@ -303,6 +303,21 @@ def test_bad_bcd_digit_in_bank_field() -> None:
     assert partial.fields == {7: "1126101530", 11: "000123", 32: "10300001"}
 
 
+def test_a_field_over_its_maximum_length_is_read_past() -> None:
+    """A PAN of 20 digits (field 2 is at most 19) is a content error: 7 and 11, which come
+    after it, are still read, so the answer (30) can echo them."""
+    msg = POST_0200.evolve(set_fields={7: "1126101530", 11: "000123"})
+    body = bytearray(POST_CODEC.encode(msg))
+    at = body.index(b"1712345678901234567")  # field 2: LL "17", then the PAN
+    body[at:at + 19] = b"2012345678901234567890"
+    with pytest.raises(DecodeError) as info:
+        POST_CODEC.decode(bytes(body))
+    assert info.value.field == 2 and info.value.response_code == "30"
+    partial = info.value.partial
+    assert partial is not None and 2 not in partial.fields
+    assert partial.fields[7] == "1126101530" and partial.fields[11] == "000123"
+
+
 def test_truncation_keeps_the_fields_before_it() -> None:
     body = BANK_0200_BODY[:-3]
     with pytest.raises(DecodeError) as info:

@@ -408,6 +408,10 @@ def test_call_state_round_trips_and_is_validated() -> None:
     assert Call.from_json(call.as_json()) == call
     # a call saved by a later version (a field this one does not know) is still read
     assert Call.from_json({**call.as_json(), "added_later": 1}) == call
+    later = call.as_json()
+    assert later["account"] is not None
+    later["account"] = {**later["account"], "added_later": 2}
+    assert Call.from_json(later) == call
     for bad in ({"call_id": "a b"}, {"ani": "+1"}, {"lang": "fr"}, {"dnis": ""}):
         with pytest.raises(DialogError):
             dataclasses.replace(new_call(), **bad)  # type: ignore[arg-type]

@@ -519,6 +519,11 @@ async def test_the_client_that_took_it_down_brings_it_back_over_http(sim: Market
         async with control.post(f"{sim.url}/_faults", json={"down": True}) as response:
             assert response.status == 200
         assert refused(sim.port)
+        # the idle sweep leaves it open, however long the simulator stays down
+        server = sim._http
+        assert server is not None and server.kept is not None
+        server.kept.last_active = -1e9
+        server._sweep()
         async with control.get(f"{sim.url}/_faults") as response:  # the same connection
             assert response.status == 200 and (await response.json())["down"] is True
         async with control.delete(f"{sim.url}/_faults") as response:

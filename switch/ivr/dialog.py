@@ -320,12 +320,12 @@ class Call:
     def from_json(cls, doc: Mapping[str, Any]) -> Call:
         # what a later version may have added is left out: a node that has not been upgraded
         # yet (the pair is upgraded one node at a time) still reads the calls the other wrote
-        d = {k: v for k, v in doc.items() if k in _CALL_FIELDS}
+        d = _known(cls, doc)
         d["step"] = Step(d["step"])
         if d.get("account") is not None:
-            d["account"] = AccountInfo(**d["account"])
+            d["account"] = AccountInfo(**_known(AccountInfo, d["account"]))
         if d.get("result") is not None:
-            d["result"] = ResultInfo(**d["result"])
+            d["result"] = ResultInfo(**_known(ResultInfo, d["result"]))
         return cls(**d)
 
     def values(self) -> dict[str, object]:
@@ -345,7 +345,11 @@ class Call:
         return out
 
 
-_CALL_FIELDS = frozenset(f.name for f in dataclasses.fields(Call))
+def _known(cls: type, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The members of `doc` that are fields of dataclass `cls`: a call saved by a later
+    version, with fields added (which must default safely), is still read by this one."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in doc.items() if k in names}
 
 
 # --- effects (asked of the shell) and facts (its answers) ------------------------------------
