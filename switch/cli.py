@@ -258,12 +258,12 @@ def cmd_cards(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from datetime import date
+    from switch.cards.workflow import iso_date
 
     settings = _settings(args)
     logs.configure("WARNING")
     try:
-        day = date.fromisoformat(args.date)
+        day = iso_date(args.date)
     except ValueError:
         print(f"gridpay recon: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
         return 2
@@ -282,8 +282,14 @@ def cmd_recon(args: argparse.Namespace) -> int:
             return 0
 
         rc = _with_db(settings, run)
+        if rc != 0 or not out:
+            return rc
         if args.out:
-            Path(args.out).write_text(out[0], encoding="utf-8")
+            try:
+                Path(args.out).write_text(out[0], encoding="utf-8")
+            except OSError as e:
+                print(f"gridpay recon: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+                return 2
             print(f"written {args.out}")
         else:
             sys.stdout.write(out[0])

@@ -228,6 +228,11 @@ async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None
     assert inv["by_state"]["sold"] == first["count"] - 1 and inv["by_state"]["expired"] == 1
     assert inv["total"] == 40
     await a.pool.execute(past, first["first"], 2000)
+    for bad in ("20261127", "2026-W48-5", "2026-02-30", "yesterday"):  # YYYY-MM-DD only
+        refused = await a.call("GET", f"/recharges?date={bad}", "aud", expect=422)
+        assert refused["code"] == "invalid_date"
+    ledger = await a.call("GET", "/recharges", "aud", expect=200)  # today's business date
+    assert ledger["count"] == 0 and len(ledger["date"]) == 10
     halls = await a.call("GET", "/reports/halls", "aud", expect=200)
     assert halls["sales"][0]["hall"] == "H1"
 

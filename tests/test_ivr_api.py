@@ -220,6 +220,25 @@ async def test_recharge_is_credited_once(node: Node, ivr: IvrSimulator, sims: Si
     assert line is not None and line["txn_no"] == pay["receipt_no"]
     assert line["account_no"] == acct and line["payment_id"] == pay["id"]
     assert redemptions(node) == redeemed_before + 1
+    # the recharge ledger of a day goes by business date (which moves at the cut-over): a
+    # recharge whose payment belongs to the next business date is in that day's ledger
+    from switch.cards.workflow import recharges
+
+    tz = str(node.settings.business.timezone)
+    bdate = await node.pool.fetchval("SELECT business_date FROM payments WHERE id = $1",
+                                     pay["id"])
+    listed = await recharges(node.pool, bdate.isoformat(), tz)
+    assert serial in [r["serial"] for r in listed["recharges"]]
+    await node.pool.execute("UPDATE payments SET business_date = business_date + 1"
+                            " WHERE id = $1", pay["id"])
+    try:
+        later = await recharges(node.pool, (bdate + dt.timedelta(days=1)).isoformat(), tz)
+        assert serial in [r["serial"] for r in later["recharges"]]
+        assert serial not in [r["serial"] for r in
+                              (await recharges(node.pool, bdate.isoformat(), tz))["recharges"]]
+    finally:
+        await node.pool.execute("UPDATE payments SET business_date = business_date - 1"
+                                " WHERE id = $1", pay["id"])
     await drain(node)
     posting = await node.pool.fetchval(
         "SELECT posting_id FROM outbox WHERE payment_id = $1", pay["id"])

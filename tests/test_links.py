@@ -326,6 +326,25 @@ async def test_reconciliation_agree_and_disagree(bank: BankClient, node: Node,
     assert r.mti == "0510" and r.fields[39] == "30" and r.fields[15] == "1399"
 
 
+async def test_the_reconciliation_file_carries_37_as_it_came(bank: BankClient, node: Node,
+                                                              sims: Sims) -> None:
+    from switch.links.recon import export
+
+    acct = await active_account(sims.marketing)
+    spaced = bank.payment(acct, 700)
+    spaced.fields[37] = "  RRN 42    "
+    assert (await bank.request(spaced)).fields[39] == "00"
+    piped = bank.payment(acct, 800)
+    piped.fields[37] = "AB|CD|EF|GHI"  # the file's separator: refused, nothing posted
+    assert (await bank.request(piped)).fields[39] == "30"
+    day = node.components["calendar"].today()
+    text = await export(node.pool, bank.institution, day)
+    lines = [line.split("|") for line in text.splitlines() if line.startswith("D|")]
+    assert all(len(parts) == 10 for parts in lines)
+    assert [p for p in lines if p[1] == spaced.fields[11]][0][3] == "  RRN 42    "
+    assert not [p for p in lines if p[1] == piped.fields[11]]
+
+
 async def test_inquiry_with_marketing_down_uses_mirror_or_91(bank: BankClient, node: Node,
                                                              sims: Sims) -> None:
     acct = await active_account(sims.marketing, start=11)

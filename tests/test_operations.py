@@ -128,6 +128,13 @@ def test_up_ready_health_and_graceful_stop(home: Path) -> None:
     assert out.returncode == 0 and out.stdout.startswith("H|01020000|")
     out = _gridpay("recon", "export", "--institution", "99", "--date", day, home=home)
     assert out.returncode == 2 and "no institution" in out.stderr
+    out = _gridpay("recon", "export", "--institution", "01020000", "--date",
+                   day.replace("-", ""), home=home)  # YYYY-MM-DD only
+    assert out.returncode == 2 and "is not YYYY-MM-DD" in out.stderr
+    out = _gridpay("recon", "export", "--institution", "01020000", "--date", day,
+                   "--out", str(home / "no-such-dir" / "recon.txt"), home=home)
+    assert out.returncode == 2 and "cannot write" in out.stderr
+    assert "Traceback" not in out.stderr
     # a marketing system that cannot be read is not "differences found" (1): 2, and why
     out = _gridpay("recon", "marketing", "--date", day, "--dry-run",
                    "--marketing-url", "http://127.0.0.1:9", home=home)

@@ -9,16 +9,15 @@ refused ones included.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from switch import db
+from switch.business import BusinessCalendar
 from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
@@ -546,8 +545,10 @@ async def get_hall_report(ctx: Ctx) -> web.StreamResponse:
 @_handler("recharges.read", changes=False)
 async def get_recharges(ctx: Ctx) -> web.StreamResponse:
     tz = str(ctx.node.settings.business.timezone)
-    # by default today, in the business's time zone (the ledger's days are counted in it)
-    day = ctx.request.query.get("date") or dt.datetime.now(ZoneInfo(tz)).date().isoformat()
+    # by default today's business date (it moves at the cut-over, as the ledger's dates do)
+    b = ctx.node.settings.business
+    day = (ctx.request.query.get("date")
+           or BusinessCalendar(b.timezone, b.cutover).today().isoformat())
     return json_response(await workflow.recharges(ctx.pool, day, tz))
 
 

@@ -4,6 +4,7 @@ unlocks; and the reports (a card's history, inventory, the recharge ledger)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -354,15 +355,36 @@ async def inventory(pool: asyncpg.Pool, user: User) -> dict[str, Any]:
     return {"items": items, "by_state": by_state, "total": sum(by_state.values())}
 
 
+def iso_date(text: str) -> dt.date:
+    """A date written YYYY-MM-DD, and only so (`date.fromisoformat` also takes 20261127 and
+    2026-W48-5); ValueError otherwise."""
+    if not _ISO_DATE.fullmatch(text):
+        raise ValueError(f"not a YYYY-MM-DD date: {text!r}")
+    return dt.date.fromisoformat(text)
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+# The recharges of a business date: each belongs to the date of its payment (the business date
+# in force when it was approved, which moves at the cut-over, not at midnight). The `at` range
+# (the day before to the day after, local time) only lets the index narrow the search; a
+# recharge recorded without a payment goes by its local date.
+_RECHARGES_OF = """
+SELECT r.serial, r.account_no, r.amount, r.at, r.channel, r.caller, r.txn_no, r.payment_id
+  FROM card_recharges r LEFT JOIN payments p ON p.id = r.payment_id
+ WHERE r.at >= ($1::date - 1)::timestamp AT TIME ZONE $2
+   AND r.at < ($1::date + 2)::timestamp AT TIME ZONE $2
+   AND coalesce(p.business_date, (r.at AT TIME ZONE $2)::date) = $1
+ ORDER BY r.at, r.id"""
+
+
 async def recharges(pool: asyncpg.Pool, day: str, tz: str = "UTC") -> dict[str, Any]:
+    """The recharge ledger of business date `day` (YYYY-MM-DD)."""
     try:
-        date = dt.date.fromisoformat(day)
+        date = iso_date(day)
     except ValueError:
         raise InvalidInput("date must be YYYY-MM-DD", code="invalid_date") from None
-    rows = await pool.fetch(
-        "SELECT serial, account_no, amount, at, channel, caller, txn_no, payment_id"
-        " FROM card_recharges WHERE (at AT TIME ZONE $2)::date = $1 ORDER BY at, id",
-        date, tz)
+    rows = await pool.fetch(_RECHARGES_OF, date, tz)
     lines = [{"serial": r["serial"], "account_no": r["account_no"], "amount": r["amount"],
               "at": r["at"].isoformat(), "channel": r["channel"], "caller": r["caller"],
               "transaction_no": r["txn_no"],

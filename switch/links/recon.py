@@ -33,7 +33,7 @@ async def export(pool: asyncpg.Pool, institution: str, day: date) -> str:
     for r in rows:
         status = "reversed" if r["reversed_at"] is not None else "approved"
         lines.append("|".join([
-            "D", r["stan"] or "", r["transmitted"] or "", (r["rrn"] or "").strip(),
+            "D", r["stan"] or "", r["transmitted"] or "", r["rrn"] or "",
             r["account_no"], str(r["amount"]), r["receipt_no"], r["approval_code"] or "",
             status, r["created_at"].isoformat(timespec="seconds")]))
     lines.append(f"T|{len(rows)}")

@@ -336,6 +336,10 @@ class LinkService:
         if inst.mac:
             await self._verify_mac(inst, msg, mac_input)
         _validate(msg, mac=inst.mac)
+        rrn = msg.fields.get(37)
+        if isinstance(rrn, str) and "|" in rrn:
+            # the daily reconciliation file carries 37 as it came, between '|' separators
+            raise Decline("30", "field 37 holds '|', which the reconciliation file cannot carry")
         kind = _tx_kind(msg)
         if kind is None:
             raise Decline("12", "unknown transaction")
