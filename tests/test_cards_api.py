@@ -554,11 +554,37 @@ async def test_a_card_voided_before_its_card_back_file_does_not_block_the_batch(
 async def test_a_card_back_file_with_an_absurd_number_is_a_422(admin_api: Api) -> None:
     a = admin_api
     batch = await _order(a, 3)
-    body = (f"H|GRIDPAY-CARDBACK|1|{batch['id']}|1|acme|x\n").encode() + \
-        b"D|" + batch["first_serial"].encode() + b"|" + b"9" * 5000 + b"|1|OK|10000\n"
+    head = f"H|GRIDPAY-CARDBACK|1|{batch['id']}|1|acme|2026-11-26T10:00:00+00:00\n"
+    body = head.encode() + \
+        b"D|" + batch["first_serial"].encode() + b"|" + b"9" * 3000 + b"|1|OK|10000\n"
     refused = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
                            data=body, expect=422)
     assert refused["code"] == "malformed_card_back_file" and "line 2" in refused["detail"]
+
+
+async def test_a_card_back_file_of_another_maker_or_without_lines_is_refused(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch = await _order(a, 3)
+    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    (tmp_path / "b.ncf").write_bytes(ncf)
+    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=1)
+    good = (tmp_path / "b.cbf").read_bytes()
+    head, _, rest = good.partition(b"\n")
+    fields = head.split(b"|")
+    url = f"/batches/{batch['id']}/card-back-file"
+    other = b"|".join([*fields[:5], b"evilco", fields[6]]) + b"\n" + rest
+    refused = await a.call("POST", url, "admin", data=other, expect=422)
+    assert refused["code"] == "wrong_manufacturer"
+    undated = b"|".join([*fields[:6], b"not-a-date"]) + b"\n" + rest
+    refused = await a.call("POST", url, "admin", data=undated, expect=422)
+    assert refused["code"] == "malformed_card_back_file" and "line 1" in refused["detail"]
+    endless = b"9" * (512 << 10)  # no newline: refused at the first long line
+    refused = await a.call("POST", url, "admin", data=endless, expect=422)
+    assert refused["code"] == "malformed_card_back_file" and "longer than" in refused["detail"]
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["status"] == "ordered"  # nothing changed
+    await a.call("POST", url, "admin", data=good, expect=200)  # the real file still goes in
 
 
 async def test_odd_input_gets_a_clear_answer_and_leaves_the_log_verifiable(

@@ -242,6 +242,8 @@ def test_manufacturer_defects_are_reconciled_exactly(tmp_path: Path) -> None:
     out = tmp_path / "b.cbf"
     summary = manufacture(ncf, out, missing=3, unexpected=2, damaged=4, changed_face=5, seed=7)
     assert summary.delivered == 250 - 3 + 2
+    with pytest.raises(ValueError, match="at most 1000 unexpected"):  # not gigabytes of strays
+        manufacture(ncf, tmp_path / "x.cbf", unexpected=5_000_000_000)
     cbf = parse_card_back(out.read_bytes())
     # a duplicate, made by hand
     records = [*cbf.records, cbf.records[10]]

@@ -309,6 +309,9 @@ async def get_new_card_file(ctx: Ctx) -> web.StreamResponse:
     return resp
 
 
+MAX_CARD_BACK_LINE = 4096  # a record is about 40 bytes, the header under 100
+
+
 async def _read_card_back(request: web.Request) -> CardBackParser:
     parser = CardBackParser()
     size = 0
@@ -318,8 +321,16 @@ async def _read_card_back(request: web.Request) -> CardBackParser:
         if size > MAX_CARD_BACK_BYTES:
             raise Problem(413, "payload_too_large",
                           f"a card-back file is at most {MAX_CARD_BACK_BYTES} bytes")
-        data = rest + chunk
-        lines = data.split(b"\n")
+        if b"\n" not in chunk:
+            # an unfinished line only grows: copied once per chunk, the cost would grow with
+            # the square of its length (a file without newlines)
+            rest += chunk
+            if len(rest) > MAX_CARD_BACK_LINE:
+                raise InvalidInput(f"a line of the card-back file is longer than "
+                                   f"{MAX_CARD_BACK_LINE} bytes",
+                                   code="malformed_card_back_file")
+            continue
+        lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         for line in lines:
             parser.feed(line + b"\n")
@@ -340,6 +351,10 @@ async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
     if cbf.batch_id != batch_id:
         raise InvalidInput(f"the card-back file is for batch {cbf.batch_id}, not {batch_id}",
                            code="wrong_batch")
+    if cbf.manufacturer != row["manufacturer"]:
+        raise InvalidInput(f"the card-back file is from manufacturer {cbf.manufacturer!r}; "
+                           f"batch {batch_id} was ordered from {row['manufacturer']!r}",
+                           code="wrong_manufacturer")
     pool, user, epoch = ctx.pool, ctx.user.username, ctx.node.epoch
 
     async def body(p: jobs.Progress) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Card-back file (manufacturer → switch):
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,14 @@ PRINT_DAMAGED = "DAMAGED"
 
 def _bad(line_no: int, what: str, code: str = "malformed_card_back_file") -> InvalidInput:
     return InvalidInput(f"line {line_no}: {what}", code=code)
+
+
+def _timestamp(text: str) -> bool:
+    """An ISO 8601 date and time with its offset (as the manufacturer writes `created`)."""
+    try:
+        return dt.datetime.fromisoformat(text).tzinfo is not None and "T" in text
+    except ValueError:
+        return False
 
 
 def _num(text: str) -> bool:
@@ -165,6 +174,9 @@ class CardBackParser:
             if len(parts) != 7 or parts[:3] != ["H", CARD_BACK_MAGIC, FORMAT_VERSION] \
                     or not _num(parts[3]) or not _num(parts[4]):
                 raise _bad(self._line, "not a card-back file header")
+            if not _timestamp(parts[6]):
+                raise _bad(self._line, "the header's creation time is not an ISO 8601 time "
+                           "with its offset")
             self._header = parts
             return
         if parts[0] == "T":

@@ -65,6 +65,8 @@ def manufacture(new_card_file: Path, out: Path, *, missing: int = 0, unexpected:
         raise ValueError("defect counts cannot be negative")
     if missing + damaged + changed_face > n:
         raise ValueError(f"more defects than the {n} cards of the file")
+    if unexpected > max(n, 1000):  # a few strays; not a second production run in memory
+        raise ValueError(f"at most {max(n, 1000)} unexpected cards for a file of {n}")
     rng = random.Random(seed)
     chosen = rng.sample(range(n), missing + damaged + changed_face)
     miss = set(chosen[:missing])
