@@ -124,14 +124,23 @@ async def _order(api_: Api, quantity: int, face: int = 10000) -> dict[str, Any]:
     return doc
 
 
+async def _card_back(api_: Api, tmp: Path, batch: dict[str, Any], seed: int = 3
+                     ) -> tuple[bytes, Any]:
+    """The batch's new-card file through the manufacturer simulator: (card-back file, its
+    summary)."""
+    ncf = await api_.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
+    (tmp / "b.ncf").write_bytes(ncf)
+    summary = manufacture(tmp / "b.ncf", tmp / "b.cbf", seed=seed)
+    return (tmp / "b.cbf").read_bytes(), summary
+
+
 async def _stocked_batch(api_: Api, tmp: Path, quantity: int
                          ) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     batch = await _order(api_, quantity)
     ncf = await api_.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
-    (tmp / "b.ncf").write_bytes(ncf)
-    summary = manufacture(tmp / "b.ncf", tmp / "b.cbf", seed=3)
+    cbf, summary = await _card_back(api_, tmp, batch)
     report = await api_.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
-                             data=(tmp / "b.cbf").read_bytes(), expect=200)
+                             data=cbf, expect=200)
     await api_.call("POST", f"/batches/{batch['id']}/stock-in", "admin", expect=200)
     return batch, ncf, {"summary": summary.as_dict(), "report": report}
 
@@ -480,11 +489,9 @@ async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(
         admin_api: Api, tmp_path: Path) -> None:
     a = admin_api
     batch = await _order(a, 6)
-    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
-    (tmp_path / "b.ncf").write_bytes(ncf)
-    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=5)
-    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
-                 data=(tmp_path / "b.cbf").read_bytes(), expect=200)
+    cbf, _ = await _card_back(a, tmp_path, batch, seed=5)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=cbf,
+                 expect=200)
     logged = await a.pool.fetchval("SELECT count(*) FROM card_oplog")
     jobs_before = await a.pool.fetchval("SELECT count(*) FROM card_jobs")
     await a.pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
@@ -537,11 +544,9 @@ async def test_a_card_voided_before_its_card_back_file_does_not_block_the_batch(
     batch = await _order(a, 5)
     await a.call("POST", "/voids", "admin",
                  json={"serials": [batch["first_serial"]], "reason": "damaged"}, expect=200)
-    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
-    (tmp_path / "b.ncf").write_bytes(ncf)
-    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=1)
-    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
-                 data=(tmp_path / "b.cbf").read_bytes(), expect=200)
+    cbf, _ = await _card_back(a, tmp_path, batch, seed=1)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=cbf,
+                 expect=200)
     view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
     assert view["status"] == "reconciled"
     assert view["counts"]["produced"] == 4 and view["counts"]["voided"] == 1
@@ -566,10 +571,7 @@ async def test_a_card_back_file_of_another_maker_or_without_lines_is_refused(
         admin_api: Api, tmp_path: Path) -> None:
     a = admin_api
     batch = await _order(a, 3)
-    ncf = await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin", expect=200)
-    (tmp_path / "b.ncf").write_bytes(ncf)
-    manufacture(tmp_path / "b.ncf", tmp_path / "b.cbf", seed=1)
-    good = (tmp_path / "b.cbf").read_bytes()
+    good, _ = await _card_back(a, tmp_path, batch, seed=1)
     head, _, rest = good.partition(b"\n")
     fields = head.split(b"|")
     url = f"/batches/{batch['id']}/card-back-file"
