@@ -916,6 +916,42 @@ async def test_a_takeover_drops_the_turn_and_card_locks_the_old_node_left(
     assert (await card_row(node, serial))["state"] == "redeemed"
 
 
+async def test_a_retry_after_the_hang_up_still_hears_what_its_input_was_answered(
+        node: Node, raw: Api, ivr: IvrSimulator, sims: Sims) -> None:
+    """The caller confirmed and hung up; the IVR never got the confirmation's answer and
+    retries it: it hears the result (with its transaction number), not the closing turn."""
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "enter_pin", serial)
+    path = f"/ivr/v1/calls/{call_id}/input"
+    block = {"pin_block": ivr.pin_block(serial, pin)}
+    st, _, pinned = await raw.call("POST", path, json=block)  # no key: known by its hash
+    assert st == 200 and orjson.loads(pinned)["step"] == "confirm_recharge"
+    key = f"{call_id}-9"  # the recommended form, '.' and ':' included when the id has them
+    st, _, confirmed = await raw.call("POST", path, json={"digits": "1"}, idem=key)
+    assert st == 200 and orjson.loads(confirmed)["step"] == "result"
+    st, _, _ = await raw.call("DELETE", f"/ivr/v1/calls/{call_id}")
+    assert st == 200
+    st, h, again = await raw.call("POST", path, json={"digits": "1"}, idem=key)
+    assert (st, again) == (200, confirmed) and h.get("Idempotent-Replayed") == "true"
+    st, h, again = await raw.call("POST", path, json=block)
+    assert (st, again) == (200, pinned) and h.get("Idempotent-Replayed") == "true"
+    st, _, body = await raw.call("POST", path, json={"digits": "1"}, idem=f"{call_id}-10")
+    assert st == 409 and orjson.loads(body)["code"] == "call_ended"  # a new input: refused
+
+
+async def test_a_key_of_the_call_ids_own_characters_is_taken(
+        node: Node, raw: Api) -> None:
+    call_id = f"sip.trunk:7-{next(_SEQ)}"
+    st, _, _ = await raw.call("POST", "/ivr/v1/calls", json={
+        "call_id": call_id, "ani": ani(), "dnis": "95598", "lang": "en"})
+    assert st == 201
+    path = f"/ivr/v1/calls/{call_id}/input"
+    st, _, body = await raw.call("POST", path, json={"digits": "2"}, idem=f"{call_id}-1")
+    assert st == 200 and orjson.loads(body)["step"] == "enter_account"
+    st, _, body = await raw.call("POST", path, json={"digits": "2"}, idem="k" * 101)
+    assert st == 400 and orjson.loads(body)["code"] == "idempotency_key_invalid"
+
+
 async def test_two_idempotency_keys_on_one_input_are_refused(
         node: Node, raw: Api, ivr: IvrSimulator) -> None:
     t = await ivr.start(ani(), "zh")

@@ -50,7 +50,8 @@ _CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _NUMBER = re.compile(r"^[0-9]{1,20}$")
 _DIGITS = re.compile(r"^[0-9*#]{1,32}$")
 _PIN_BLOCK = re.compile(r"^[0-9A-Fa-f]{32}$")
-_IDEM_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# wide enough for the recommended `<call_id>-<n>` with any call_id (up to 64 characters)
+_IDEM_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 _MAX_BODY = 4096
 
 T = TypeVar("T")
@@ -122,7 +123,8 @@ def _idempotency_key(request: web.Request) -> str | None:
     key = keys[0] if keys else None
     if key is not None and not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_invalid",
-                      "Idempotency-Key must be 1 to 64 characters of [A-Za-z0-9_-]")
+                      "Idempotency-Key must be 1 to 100 characters of A-Z, a-z, 0-9, '.', "
+                      "'_', ':', '-'")
     return key
 
 

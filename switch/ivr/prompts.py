@@ -80,7 +80,7 @@ PROMPTS: Mapping[str, PromptText] = MappingProxyType({
     "enter_pin": P("请刮开密码区，输入十二位密码，以井号键结束。",
                    "Please scratch the panel and enter the twelve-digit PIN, then the hash key."),
     "pin_wrong": P("密码错误，您还可以尝试{tries_left}次。",
-                   "Wrong PIN. You have {tries_left} attempts left."),
+                   "Wrong PIN. Attempts left: {tries_left}."),
     "pin_too_many": P("密码错误次数过多，本次通话结束。",
                       "Too many wrong PINs. This call will now end."),
     "card_locked_now": P("密码错误次数过多，这张充值卡已被锁定，请到营业厅办理解锁。",

@@ -259,25 +259,29 @@ class IvrService:
                 raise CallNotFound(call_id)
             ihash = _input_hash(inp, stored.call.step)
             earlier = dict(zip(asked, held.fields, strict=True))
+            # An input answered before gets the turn it got then. Its answer kept beside the
+            # call comes first: the call's own last turn may have moved on since (a hang-up
+            # replaces it with the closing turn, and a confirmation's retry must still hear
+            # its result).
+            keyed = earlier.get(_key_field(idempotency_key) or "")
+            if keyed is not None:
+                prior = orjson.loads(keyed)
+                # judged as it was when first answered (digits hash differently at the PIN
+                # step)
+                if prior["h"] != _input_hash(inp, Step(prior["s"])):
+                    raise InputKeyReused(call_id)
+                return TurnAnswer(prior["t"], replayed=True)
+            pinned = earlier.get(pin_field or "")
+            if pinned is not None:
+                return TurnAnswer(orjson.loads(pinned)["t"], replayed=True)
+            # a call saved by a version that kept only its last input's answer
             if idempotency_key is not None and stored.input_key == idempotency_key:
-                # the same input is judged as it was when first answered (the call has moved
-                # on since, and digits hash differently at the PIN step)
                 at = Step(stored.input_step) if stored.input_step else stored.call.step
                 if stored.input_hash != _input_hash(inp, at):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(stored.turn, replayed=True)
-            keyed = earlier.get(_key_field(idempotency_key) or "")
-            if keyed is not None:  # an earlier input's key: that input again, late
-                prior = orjson.loads(keyed)
-                if prior["h"] != _input_hash(inp, Step(prior["s"])):
-                    raise InputKeyReused(call_id)
-                return TurnAnswer(prior["t"], replayed=True)
-            if isinstance(inp, PinBlock):
-                if stored.input_hash == ihash:  # a retry of the last input
-                    return TurnAnswer(stored.turn, replayed=True)
-                pinned = earlier.get(pin_field or "")
-                if pinned is not None:  # a retry of an earlier one
-                    return TurnAnswer(orjson.loads(pinned)["t"], replayed=True)
+            if isinstance(inp, PinBlock) and stored.input_hash == ihash:
+                return TurnAnswer(stored.turn, replayed=True)
             if stored.call.ended:
                 raise CallEnded(call_id)
             call = stored.call
