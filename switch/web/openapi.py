@@ -84,6 +84,7 @@ def document(node: Node | None = None) -> dict[str, Any]:
                     "409": _err("The same key is still being processed"),
                     "413": _err("Body over the size limit"),
                     "415": _err("Body not application/json"),
+                    "417": _err("An Expect header other than 100-continue"),
                     "422": _err("Closed account, invalid amount, or key reused with another "
                                 "body"),
                     "503": _err("Standby node or temporarily unavailable"),
