@@ -322,6 +322,18 @@ def test_the_third_unknown_or_closed_account_of_a_call_ends_it_in_a_row_or_not()
     assert call.ended and ids(turn)[-1] == "goodbye"
 
 
+def test_a_call_that_goes_on_too_long_ends_without_doing_what_its_last_input_asks() -> None:
+    limits = Limits(max_turns=6)
+    call = at_pin()  # the start and four inputs: five turns
+    assert call.turns == 5
+    call, turn = advance(call, BLOCK, PinFact(match=True), limits)  # the sixth: allowed
+    assert call.step is Step.CONFIRM_RECHARGE and not call.ended
+    assert plan(call, Digits("1"), limits) is None  # the seventh redeems nothing
+    done, turn = advance(call, Digits("1"), None, limits)
+    assert done.ended and turn.hangup and ids(turn) == ["too_many_attempts", "goodbye"]
+    assert done.result is None and done.turns == 7
+
+
 def test_strikes_reset_after_a_good_input() -> None:
     call, _ = start(new_call())
     call, _ = step(call, Digits("5"))

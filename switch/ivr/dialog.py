@@ -256,10 +256,13 @@ class Limits:
     pin_tries_per_card: int = 5
     strikes: int = 3  # bad or missing inputs in a row before the call ends
     account_tries: int = 3  # unknown or closed accounts in one call before it ends
+    # turns in one call before it ends: a real call takes a few dozen; an IVR server stuck in a
+    # loop would otherwise keep a call (and the answers kept beside it) growing for ever
+    max_turns: int = 500
 
     def __post_init__(self) -> None:
         if min(self.pin_tries_per_call, self.pin_tries_per_card, self.strikes,
-               self.account_tries) < 1:
+               self.account_tries, self.max_turns) < 1:
             raise DialogError("limits are at least 1")
 
 
@@ -501,10 +504,12 @@ def _classify(spec: StepSpec, inp: Input) -> tuple[str, str | None]:
     return ("key", outcome) if outcome is not None else ("invalid", None)
 
 
-def plan(call: Call, inp: Input) -> Effect | None:
+def plan(call: Call, inp: Input, limits: Limits = Limits()) -> Effect | None:
     """What the shell must find out before `advance` can decide this input (None: nothing)."""
     if call.ended:
         raise DialogError("the call has ended")
+    if call.turns >= limits.max_turns:
+        return None  # the call ends at this input (`advance`): nothing is looked up or done
     spec = STEPS[call.step]
     kind, value = _classify(spec, inp)
     if kind == "key" and value is not None:
@@ -611,6 +616,9 @@ def advance(call: Call, inp: Input, fact: Fact | None,
     """The call after this input (given the fact its effect produced), and the turn to play."""
     if call.ended:
         raise DialogError("the call has ended")
+    if call.turns >= limits.max_turns:  # whatever the input: the call has gone on too long
+        done = dataclasses.replace(call, step=Step.GOODBYE, ended=True, turns=call.turns + 1)
+        return done, _turn(done, (*_STRIKE_LIMIT_GO.say, *STEPS[Step.GOODBYE].prompts))
     spec = STEPS[call.step]
     kind, value = _classify(spec, inp)
     outcome, call = _outcome(call, spec, kind, value, fact, limits)

@@ -285,7 +285,7 @@ class IvrService:
             if stored.call.ended:
                 raise CallEnded(call_id)
             call = stored.call
-            effect = dialog.plan(call, inp)
+            effect = dialog.plan(call, inp, self.limits)
             fact = await self._perform(effect, call, ihash) if effect is not None else None
             call, turn = dialog.advance(call, inp, fact, self.limits)
             doc = turn.as_json(call_id)
