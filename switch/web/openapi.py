@@ -106,8 +106,8 @@ def document(node: Node | None = None) -> dict[str, Any]:
                 "parameters": [{"name": "payment_id", "in": "path", "required": True,
                                 "schema": {"type": "string", "format": "uuid"}}, _IDEM_HEADER],
                 "responses": {
-                    "200": {"description": "The reversed payment (the same key again: the same "
-                                           "answer, byte for byte)",
+                    "200": {"description": "The reversed payment (repeated, with its key or "
+                                           "another: the first answer, byte for byte)",
                             "headers": {"Idempotent-Replayed": {
                                 "schema": {"type": "string", "enum": ["true"]}}},
                             "content": {"application/json": {

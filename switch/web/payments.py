@@ -351,7 +351,9 @@ async def reverse_payment(request: web.Request) -> web.Response:
                 return _reversal_replayed(prior, pid)
             rec, done = await reverse_in(con, pid, today=cal.today(), channel=client.channel,
                                          epoch=node.epoch)
-            body = orjson.dumps(payment_doc(rec))
+            first = None if done else await con.fetchval(_FIRST_REVERSAL_ANSWER, pid)
+            # a reversal repeated under another key: the first one's answer, byte for byte
+            body = bytes(first) if first is not None else orjson.dumps(payment_doc(rec))
             if not await con.fetchval(_REVERSAL_KEY_TAKE, client.id, key, pid, body):
                 # the same key in a request that committed meanwhile: its answer
                 prior = await con.fetchrow(_REVERSAL_KEY, client.id, key)
@@ -374,12 +376,15 @@ async def reverse_payment(request: web.Request) -> web.Response:
         fwd = node.components.get("forwarder")
         if fwd is not None:
             fwd.wake()
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json",
+                        headers={"Idempotent-Replayed": "true"} if first is not None else None)
 
 
 # A reversal's Idempotency-Key, with the answer it got (`reversal_keys`): the same key again
 # gets that answer byte for byte, and the same key for another payment is refused
 _REVERSAL_KEY = "SELECT payment_id, response FROM reversal_keys WHERE client_id = $1 AND key = $2"
+_FIRST_REVERSAL_ANSWER = """
+SELECT response FROM reversal_keys WHERE payment_id = $1 ORDER BY created_at, key LIMIT 1"""
 _REVERSAL_KEY_TAKE = """
 INSERT INTO reversal_keys (client_id, key, payment_id, response) VALUES ($1, $2, $3, $4)
 ON CONFLICT DO NOTHING RETURNING true"""
