@@ -113,8 +113,9 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
     forwarder = Forwarder(relay_pool, marketing, s.forwarder, node.metrics, epoch,
                           timezone=s.business.timezone, on_fenced=node.fenced)
     comps["forwarder"] = forwarder
+    # each payment recorded, whatever its channel, comes off the account's cached arrears
     ledger = PostingPath(node.pool, cal, node.metrics, epoch, on_fenced=node.fenced,
-                         on_committed=forwarder.wake)
+                         on_committed=forwarder.wake, on_paid=accounts.paid)
     comps["ledger"] = ledger
     idem = IdempotencyCache(node.redis_pipe, ttl_s=s.business.idempotency_ttl_h * 3600)
     comps["idempotency"] = idem

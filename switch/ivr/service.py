@@ -553,7 +553,6 @@ class IvrService:
         rec = outcome.record
         fact = RedeemFact(outcome="ok", amount=rec.amount, receipt_no=rec.receipt_no)
         node.metrics.redemptions.inc()
-        node.components["accounts"].paid(effect.account_no, rec.amount)
         node.components["forwarder"].wake()
         log.info("card redeemed", extra={"call_id": call.call_id, "receipt_no": rec.receipt_no,
                                          "amount": rec.amount})

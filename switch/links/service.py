@@ -507,7 +507,6 @@ class LinkService:
             return await self._replay(msg, outcome, req_hash)
         rec = outcome.record
         self.ctx.on_posted()
-        self.ctx.accounts.paid(acct, amount)
         for numbered_rec, signed in signing:
             if numbered_rec is rec:
                 return signed

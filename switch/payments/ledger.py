@@ -248,7 +248,8 @@ class PostingPath:
     def __init__(self, pool: asyncpg.Pool, calendar: BusinessCalendar, metrics: Metrics,
                  epoch: Callable[[], int], *, max_batch: int = 256, committers: int = 4,
                  on_fenced: Callable[[], Awaitable[None]] | None = None,
-                 on_committed: Callable[[], None] | None = None) -> None:
+                 on_committed: Callable[[], None] | None = None,
+                 on_paid: Callable[[str, int], None] | None = None) -> None:
         self.pool = pool
         self.calendar = calendar
         self.metrics = metrics
@@ -260,6 +261,7 @@ class PostingPath:
         self._committers = committers
         self._on_fenced = on_fenced
         self._on_committed = on_committed
+        self._on_paid = on_paid  # (account, amount) of each payment recorded, on every path
         self._receipt_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
@@ -386,7 +388,10 @@ class PostingPath:
 
     def _committed(self, prep: Prepared, i: int) -> Committed:
         status, body = prep.renders[i]
-        self.metrics.child(self.metrics.payments, prep.requests[i].channel).inc()
+        request = prep.requests[i]
+        self.metrics.child(self.metrics.payments, request.channel).inc()
+        if self._on_paid is not None:
+            self._on_paid(request.account_no, request.amount)
         return Committed(prep.records[i], status, body)
 
     async def prepare(self, con: Conn, requests: Sequence[PaymentRequest], *,

@@ -240,7 +240,6 @@ async def create_payment(request: web.Request) -> web.Response:
     if not isinstance(outcome, Committed):
         return await _answer_stored(svc, scope, outcome, req_hash)
     assert outcome.status_code is not None and outcome.response is not None
-    svc.accounts.paid(account, amount)
     # not waited for (a Redis round trip less per payment): queued ahead of any retry's claim
     if not svc.idempotency.complete_soon(scope, req_hash, outcome.status_code,
                                          outcome.response):
