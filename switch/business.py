@@ -7,6 +7,7 @@ today's local date, from the cut-over on it is tomorrow's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -58,3 +59,14 @@ def next_cutover(cal: BusinessCalendar, at: datetime) -> datetime:
     if local >= cut:
         cut += timedelta(days=1)
     return cut.astimezone(UTC)
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def iso_date(text: str) -> date:
+    """A date written YYYY-MM-DD, and only so (`date.fromisoformat` also takes 20261127 and
+    2026-W48-5); ValueError otherwise."""
+    if not _ISO_DATE.fullmatch(text):
+        raise ValueError(f"not a YYYY-MM-DD date: {text!r}")
+    return date.fromisoformat(text)

@@ -258,7 +258,7 @@ def cmd_cards(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from switch.cards.workflow import iso_date
+    from switch.business import iso_date
 
     settings = _settings(args)
     logs.configure("WARNING")

@@ -3,14 +3,13 @@ unlocks; and the reports (a card's history, inventory, the recharge ledger)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 from switch import db
+from switch.business import iso_date
 from switch.cards import states
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, valid_serial
@@ -354,16 +353,6 @@ async def inventory(pool: asyncpg.Pool, user: User) -> dict[str, Any]:
         by_state[str(i["state"])] = by_state.get(str(i["state"]), 0) + int(str(i["count"]))
     return {"items": items, "by_state": by_state, "total": sum(by_state.values())}
 
-
-def iso_date(text: str) -> dt.date:
-    """A date written YYYY-MM-DD, and only so (`date.fromisoformat` also takes 20261127 and
-    2026-W48-5); ValueError otherwise."""
-    if not _ISO_DATE.fullmatch(text):
-        raise ValueError(f"not a YYYY-MM-DD date: {text!r}")
-    return dt.date.fromisoformat(text)
-
-
-_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # The recharges of a business date: each belongs to the date of its payment (the business date
 # in force when it was approved, which moves at the cut-over, not at midnight). The `at` range
