@@ -136,14 +136,6 @@ async def _each_batch(redis: Any, prefix: str, act: Callable[[list[Any]], Awaita
             return done
 
 
-#: The IVR's short locks (a call's turn, a card's redemption), dropped at a takeover: those
-#: left by the previous active node would hold a call's next turn for up to 15 s (409
-#: turn_in_progress), longer than a caller waits. Dropping one that this node has just taken
-#: is harmless: a call is saved by compare-and-set on its version, and a card is redeemed
-#: once by PostgreSQL, whatever the locks say.
-IVR_LOCK_PREFIXES = ("ivr:call-lock:", "ivr:card-lock:")
-
-
 async def drop_locks(redis: Any, prefix: str, *, batch: int = 500,
                      within_s: float = 60.0) -> int:
     """Delete every key under `prefix` (short locks only); how many."""
@@ -152,26 +144,20 @@ async def drop_locks(redis: Any, prefix: str, *, batch: int = 500,
 
 
 async def on_takeover(node: Node) -> None:
-    """Activation hook: clears, in the background, the previous holder's in-flight claims and
-    the IVR's turn and card locks."""
+    """Activation hook: clears the previous holder's in-flight claims in the background."""
     idem = node.components.get("idempotency")
     prefix = getattr(idem, "prefix", None)
+    if not isinstance(prefix, str):
+        return
 
     async def run() -> None:
-        n = locks = 0
         try:
-            if isinstance(prefix, str):
-                n = await drop_abandoned_claims(node.redis, prefix)
+            n = await drop_abandoned_claims(node.redis, prefix)
         except Exception as e:  # Redis down: the claims expire by themselves
             log.warning("could not clear abandoned claims", extra={"error": type(e).__name__})
-        try:
-            if "ivr" in node.components:
-                for lock_prefix in IVR_LOCK_PREFIXES:
-                    locks += await drop_locks(node.redis, lock_prefix)
-        except Exception as e:  # the same: the locks expire by themselves
-            log.warning("could not clear abandoned IVR locks", extra={"error": type(e).__name__})
-        if n or locks:
-            log.info("abandoned in-flight claims cleared", extra={"claims": n, "locks": locks})
+            return
+        if n:
+            log.info("abandoned in-flight claims cleared", extra={"claims": n})
 
     # kept by the node (a task nobody references may be collected before it finishes)
     node.components["drop_abandoned_claims"] = asyncio.create_task(

@@ -899,14 +899,16 @@ async def test_a_takeover_drops_the_turn_and_card_locks_the_old_node_left(
         node: Node, ivr: IvrSimulator, sims: Sims) -> None:
     """A node killed during a turn leaves the call's turn lock (15 s) and the card's lock
     behind: the node that takes over drops them, so the call goes on at once."""
-    from switch.standby import on_takeover
+    from switch.ivr.install import drop_abandoned_locks
+    from switch.ivr.store import CARD_LOCK_PREFIX, CallStore
 
     serial, pin = await make_card(node)
     call_id, _ = await to_step(ivr, ani(), await account(sims), "confirm_recharge", serial, pin)
-    await node.redis.set(f"ivr:call-lock:{call_id}", "dead-node-token", px=15000)
-    await node.redis.set(f"ivr:card-lock:{serial}", "dead-node-token", px=10000)
-    await on_takeover(node)
-    await asyncio.wait_for(node.components["drop_abandoned_claims"], 10)
+    await node.redis.set(CallStore.lock_key(call_id), "dead-node-token", px=15000)
+    await node.redis.set(f"{CARD_LOCK_PREFIX}{serial}", "dead-node-token", px=10000)
+    # what the IVR's activation hook runs when this node takes over
+    assert any(h.__module__ == "switch.ivr.install" for h in node.hooks.on_active)
+    await asyncio.wait_for(drop_abandoned_locks(node), 10)
     started = asyncio.get_running_loop().time()
     t = await ivr.send_digits(call_id, "1")
     # at once: the turn lock left would have held the turn 5 s, then answered 409 (whose

@@ -72,6 +72,7 @@ from switch.ivr.dialog import (
     VerifyPin,
 )
 from switch.ivr.store import (
+    CARD_LOCK_PREFIX,
     CallStore,
     HeldCall,
     LockNotAcquired,
@@ -517,7 +518,7 @@ class IvrService:
         return fact
 
     async def _redeem(self, call: Call, effect: Redeem) -> Fact:
-        lock = RedisLock(self.node.redis_pipe, f"ivr:card-lock:{effect.serial}", ttl_ms=10000)
+        lock = RedisLock(self.node.redis_pipe, f"{CARD_LOCK_PREFIX}{effect.serial}", ttl_ms=10000)
         try:
             async with lock.hold(wait_s=3.0):
                 return await self._redeem_locked(call, effect)

@@ -86,6 +86,11 @@ return {0}
 """
 
 
+#: The IVR's short locks in Redis: a call's turn, a card's redemption.
+CALL_LOCK_PREFIX = "ivr:call-lock:"
+CARD_LOCK_PREFIX = "ivr:card-lock:"
+
+
 class LockNotAcquired(Exception):
     """Someone else holds the lock and did not release it in time."""
 
@@ -199,7 +204,7 @@ class CallStore:
 
     @staticmethod
     def lock_key(call_id: str) -> str:
-        return f"ivr:call-lock:{call_id}"
+        return f"{CALL_LOCK_PREFIX}{call_id}"
 
     async def hold(self, call_id: str, wait_s: float, poll_s: float = 0.01, *,
                    fields: tuple[str, ...] = ()) -> HeldCall:
