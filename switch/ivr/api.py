@@ -38,7 +38,7 @@ from switch.ivr.service import (
 from switch.redis_pipe import RedisPipeError
 from switch.web.app import require_active
 from switch.web.payments import authenticate
-from switch.web.problems import Problem, json_body, json_response, no_longer_active
+from switch.web.problems import Problem, json_body, json_response, no_longer_active, one_header
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -116,11 +116,7 @@ def parse_input(body: dict[str, object]) -> Input:
 
 
 def _idempotency_key(request: web.Request) -> str | None:
-    keys = request.headers.getall("Idempotency-Key", [])
-    if len(keys) > 1:
-        raise Problem(400, "idempotency_key_invalid",
-                      "send one Idempotency-Key header, not several")
-    key = keys[0] if keys else None
+    key = one_header(request, "Idempotency-Key", "idempotency_key_invalid")
     if key is not None and not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_invalid",
                       "Idempotency-Key must be 1 to 100 characters of A-Z, a-z, 0-9, '.', "

@@ -17,6 +17,7 @@ and, per outcome, where the call goes (`Go`). `docs/ivr.md` shows it, generated 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -351,8 +352,13 @@ class Call:
 def _known(cls: type, doc: Mapping[str, Any]) -> dict[str, Any]:
     """The members of `doc` that are fields of dataclass `cls`: a call saved by a later
     version, with fields added (which must default safely), is still read by this one."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     return {k: v for k, v in doc.items() if k in names}
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 # --- effects (asked of the shell) and facts (its answers) ------------------------------------

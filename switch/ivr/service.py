@@ -186,7 +186,7 @@ def _input_hash(inp: Input, step: Step) -> str:
     """What identifies an input for replays. Digits at the PIN step are never hashed (they
     might be a PIN the IVR should not have sent in clear)."""
     if isinstance(inp, PinBlock):
-        return _sha("p:" + inp.hex.lower())
+        return _pin_hash(inp)
     if isinstance(inp, Timeout):
         return _sha("t")
     if dialog.STEPS[step].entry == "pin":
@@ -203,8 +203,12 @@ def _key_field(key: str | None) -> str | None:
     return None if key is None else f"k:{key}"
 
 
+def _pin_hash(block: PinBlock) -> str:
+    return _sha("p:" + block.hex.lower())
+
+
 def _pin_field(inp: Input) -> str | None:
-    return f"p:{_input_hash(inp, Step.ENTER_PIN)}" if isinstance(inp, PinBlock) else None
+    return f"p:{_pin_hash(inp)}" if isinstance(inp, PinBlock) else None
 
 
 def hangup_turn(call_id: str) -> dict[str, Any]:
@@ -252,8 +256,9 @@ class IvrService:
     async def send(self, call_id: str, inp: Input, idempotency_key: str | None) -> TurnAnswer:
         # what this input was answered with, if it came before: by its key, and a PIN block
         # by itself (never the same twice: 8 random bytes), whichever input of the call it was
+        key_field = _key_field(idempotency_key)
         pin_field = _pin_field(inp)
-        asked = tuple(f for f in (_key_field(idempotency_key), pin_field) if f is not None)
+        asked = tuple(f for f in (key_field, pin_field) if f is not None)
         async with self._held(call_id, asked) as held:
             stored = held.stored
             if stored is None:
@@ -264,7 +269,7 @@ class IvrService:
             # call comes first: the call's own last turn may have moved on since (a hang-up
             # replaces it with the closing turn, and a confirmation's retry must still hear
             # its result).
-            keyed = earlier.get(_key_field(idempotency_key) or "")
+            keyed = earlier.get(key_field) if key_field is not None else None
             if keyed is not None:
                 prior = orjson.loads(keyed)
                 # judged as it was when first answered (digits hash differently at the PIN
@@ -272,7 +277,7 @@ class IvrService:
                 if prior["h"] != _input_hash(inp, Step(prior["s"])):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(prior["t"], replayed=True)
-            pinned = earlier.get(pin_field or "")
+            pinned = earlier.get(pin_field) if pin_field is not None else None
             if pinned is not None:
                 return TurnAnswer(orjson.loads(pinned)["t"], replayed=True)
             # a call saved by a version that kept only its last input's answer

@@ -36,7 +36,7 @@ from switch.payments.ledger import (
     reverse_in,
 )
 from switch.web.app import node_of, require_active
-from switch.web.problems import Problem, json_body, json_response, no_longer_active
+from switch.web.problems import Problem, json_body, json_response, no_longer_active, one_header
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -108,11 +108,7 @@ def payment_doc(rec: PaymentRecord) -> dict[str, object]:
 
 
 def _idempotency_key(request: web.Request) -> str:
-    keys = request.headers.getall("Idempotency-Key", [])
-    if len(keys) > 1:
-        raise Problem(400, "idempotency_key_missing",
-                      "send one Idempotency-Key header, not several")
-    key = keys[0] if keys else None
+    key = one_header(request, "Idempotency-Key", "idempotency_key_missing")
     if key is None or not _IDEM_KEY.fullmatch(key):
         raise Problem(400, "idempotency_key_missing",
                       "send an Idempotency-Key header of 1 to 64 characters of [A-Za-z0-9_-]")
@@ -149,11 +145,15 @@ def _validate_payment(body: dict[str, object]) -> tuple[str, int, str, str | Non
     return account, amount, method, ref
 
 
+def _over_limit(svc: HttpPayments) -> Problem:
+    return Problem(422, "invalid_amount", f"amount must be from 1 to {svc.max_amount} fen",
+                   max_amount=svc.max_amount)
+
+
 async def _refusal(svc: HttpPayments, account: str, amount: int) -> Problem | None:
     """Why a new payment cannot be taken now (amount limit, account status), or None."""
     if amount > svc.max_amount:
-        return Problem(422, "invalid_amount", f"amount must be from 1 to {svc.max_amount} fen",
-                       max_amount=svc.max_amount)
+        return _over_limit(svc)
     try:
         status = await svc.accounts.status(account)
     except AccountsUnavailable:
@@ -189,8 +189,7 @@ async def create_payment(request: web.Request) -> web.Response:
             body = json.loads(await request.read())
     account, amount, method, ref = _validate_payment(body)
     if amount >= 2**63:  # beyond what any limit or the ledger's bigint can be: no payment
-        raise Problem(422, "invalid_amount", f"amount must be from 1 to {svc.max_amount} fen",
-                      max_amount=svc.max_amount)
+        raise _over_limit(svc)
     canonical = orjson.dumps({"account_no": account, "amount": amount, "method": method,
                               "reference": ref}, option=orjson.OPT_SORT_KEYS)
     req_hash = hashlib.sha256(canonical).hexdigest()

@@ -121,6 +121,15 @@ def _has_nul(doc: object) -> bool:
     return False
 
 
+def one_header(request: web.Request, name: str, code: str) -> str | None:
+    """The value of header `name`, None when absent; sent more than once, a 400 `code` (which
+    of them counts would be a guess)."""
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise Problem(400, code, f"send one {name} header, not several")
+    return values[0] if values else None
+
+
 def json_response(doc: object, status: int = 200,
                   headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json",
