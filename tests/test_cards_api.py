@@ -22,6 +22,7 @@ from argon2 import PasswordHasher
 from crypto.pinblock import Format4Codec
 from crypto.voucher import voucher_tag
 from hsm_sim.server import load_dev_settings, start_server
+from switch.business import BusinessCalendar
 from switch.cards import api
 from switch.cards.files import parse_new_card_file
 from switch.cards.manufacturer import manufacture
@@ -103,7 +104,9 @@ class Api:
 @pytest.fixture
 async def admin_api(pool: asyncpg.Pool, hsm: tuple[HsmClient, KeyRing],
                     password_hash: str) -> AsyncIterator[Api]:
-    node = StandInNode(pool=pool, settings=load_settings())
+    settings = load_settings()
+    node = StandInNode(pool=pool, settings=settings, components={"calendar": BusinessCalendar(
+        settings.business.timezone, settings.business.cutover)})
     node.components.update(hsm=hsm[0], keyring=hsm[1], routes=[api.register])
     app = build_app(cast(Any, node))
     client: TestClient[Any, Any] = TestClient(TestServer(app))

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from switch import db
-from switch.business import BusinessCalendar
 from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
@@ -561,9 +560,7 @@ async def get_hall_report(ctx: Ctx) -> web.StreamResponse:
 async def get_recharges(ctx: Ctx) -> web.StreamResponse:
     tz = str(ctx.node.settings.business.timezone)
     # by default today's business date (it moves at the cut-over, as the ledger's dates do)
-    b = ctx.node.settings.business
-    day = (ctx.request.query.get("date")
-           or BusinessCalendar(b.timezone, b.cutover).today().isoformat())
+    day = ctx.request.query.get("date") or ctx.node.components["calendar"].today().isoformat()
     return json_response(await workflow.recharges(ctx.pool, day, tz))
 
 

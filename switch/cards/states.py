@@ -238,13 +238,13 @@ WITH old AS (
 SELECT count(*) FROM ev
 """
 
-_UNREDEEMED = sorted(s.value for s in UNREDEEMED)
+UNREDEEMED_VALUES = sorted(s.value for s in UNREDEEMED)  # as query parameters
 
 
 async def expire_touched(conn: Conn, serials: Sequence[str],
                          actor: str = "system") -> int:
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""
-    n: int = await conn.fetchval(_EXPIRE, list(serials), _UNREDEEMED, actor,
+    n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor,
                                  dt.date.today().isoformat())
     return n
 
@@ -257,7 +257,7 @@ async def sweep_expired(pool: asyncpg.Pool, *, actor: str = "sweep", chunk: int 
         async with pool.acquire() as conn, conn.transaction():
             serials = [r["serial"] for r in await conn.fetch(
                 "SELECT serial FROM cards WHERE state = ANY($1::text[])"
-                " AND expiry < current_date LIMIT $2", _UNREDEEMED, chunk)]
+                " AND expiry < current_date LIMIT $2", UNREDEEMED_VALUES, chunk)]
             if not serials:
                 break
             total += await expire_touched(conn, serials, actor)

@@ -13,7 +13,7 @@ from switch.business import iso_date
 from switch.cards import states
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, valid_serial
-from switch.cards.states import UNREDEEMED, CardState, Document
+from switch.cards.states import UNREDEEMED_VALUES, CardState, Document
 from switch.cards.users import HALL_ROLES, Role, User
 
 #: Called with the connection and the action's result as the last step of the action's own
@@ -345,7 +345,7 @@ async def inventory(pool: asyncpg.Pool, user: User) -> dict[str, Any]:
         "            ELSE state END AS state, face_value, location, count(*) AS n FROM cards"
         " WHERE $1::text IS NULL OR location = $1"
         " GROUP BY 1, face_value, location ORDER BY 1, face_value, location",
-        hall, sorted(s.value for s in UNREDEEMED))
+        hall, UNREDEEMED_VALUES)
     items = [{"state": r["state"], "face_value": r["face_value"], "location": r["location"],
               "count": int(r["n"])} for r in rows]
     by_state: dict[str, int] = {}
