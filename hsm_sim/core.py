@@ -22,7 +22,7 @@ from types import MappingProxyType
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import algorithms
 
-from crypto.cmac import constant_time_equal, kcv
+from crypto.cmac import AES_KEY_SIZES, constant_time_equal, kcv
 from crypto.errors import KeyBlockError, PinBlockError
 from crypto.pinblock import Format4Codec
 from crypto.tr31 import KeyBlockHeader, KeyBlockProtection
@@ -173,7 +173,7 @@ def _check_key(header: KeyBlockHeader, key: bytes) -> None:
     internal error from the first command that uses the key."""
     if header.algorithm not in ("A", "H"):
         raise _Refused("A7")
-    if len(key) not in (16, 24, 32):
+    if len(key) not in AES_KEY_SIZES:  # unwrap has refused such an AES key already: HMAC's
         raise _Refused("10")
 
 

@@ -136,7 +136,7 @@ class IvrSimulator:
 
     def _next_key(self, call_id: str) -> str:
         n = next(self._inputs)
-        return f"{call_id.replace('.', '_').replace(':', '_')}-{n}"[-64:]
+        return f"{call_id}-{n}"  # the server takes a call id's characters, up to 100
 
     # -- the lower-level steps ------------------------------------------------------------
 
