@@ -193,11 +193,17 @@ def _job_accepted(job: dict[str, Any], extra: dict[str, Any]) -> web.Response:
                          headers={"Location": f"{PREFIX}/jobs/{job['id']}"})
 
 
-def _finished(job: dict[str, Any]) -> bool:
-    """Whether a job has ended. One awaited for `SYNC_WAIT_S` and still running is answered
-    202 with its job, as a large one is: it goes on, and the work it does must not be
-    reported as failed (a client retrying a failed order would order a second batch)."""
-    return job["state"] not in ("queued", "running")
+def _awaited(job: dict[str, Any], extra: dict[str, Any], *,
+             sync: bool = True) -> web.Response | None:
+    """The answer for a job run in the background (not `sync`) or awaited and still running
+    (202 with its job: it goes on, and the work it does must not be reported as failed, or a
+    client retrying a failed order would order a second batch); its error if it failed;
+    None when it succeeded, for the caller to answer with its result."""
+    if not sync or job["state"] in ("queued", "running"):
+        return _job_accepted(job, extra)
+    if job["state"] != "succeeded":
+        raise _job_failed(job)
+    return None
 
 
 def _job_failed(job: dict[str, Any]) -> Problem:
@@ -278,10 +284,8 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
         return _job_accepted(job, {"batch_id": batch_id})
     await runner.wait(job_id, SYNC_WAIT_S)
     job = await jobs.get_job(pool, job_id)
-    if not _finished(job):
-        return _job_accepted(job, {"batch_id": batch_id})
-    if job["state"] != "succeeded":
-        raise _job_failed(job)
+    if (accepted := _awaited(job, {"batch_id": batch_id})) is not None:
+        return accepted
     view = await batches.batch_view(pool, batch_id)
     return json_response({**view, "job": job}, status=201,
                          headers={"Location": f"{PREFIX}/batches/{batch_id}"})
@@ -366,10 +370,8 @@ async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
     job_id, job = await _run_job(ctx, "batch.reconcile", row["quantity"], str(batch_id), body,
                                  sync=sync)
     ctx.result["job_id"] = str(job_id)
-    if not sync or not _finished(job):
-        return _job_accepted(job, {"batch_id": batch_id})
-    if job["state"] != "succeeded":
-        raise _job_failed(job)
+    if (accepted := _awaited(job, {"batch_id": batch_id}, sync=sync)) is not None:
+        return accepted
     report = job["result"]
     ctx.result["counts"] = report.get("counts")
     ctx.result["matched"] = report.get("matched")
@@ -393,10 +395,8 @@ async def stock_in(ctx: Ctx) -> web.StreamResponse:
     job_id, job = await _run_job(ctx, "batch.stock_in", row["quantity"], str(batch_id), body,
                                  sync=sync)
     ctx.result["job_id"] = str(job_id)
-    if not sync or not _finished(job):
-        return _job_accepted(job, {"batch_id": batch_id})
-    if job["state"] != "succeeded":
-        raise _job_failed(job)
+    if (accepted := _awaited(job, {"batch_id": batch_id}, sync=sync)) is not None:
+        return accepted
     ctx.result["stocked_in"] = job["result"].get("stocked_in")
     return json_response(job["result"])
 
