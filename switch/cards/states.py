@@ -383,6 +383,13 @@ async def redeem_card(conn: Conn, serial: str, account_no: str, *,
                                channel, caller, payment_id, at)
     if face is not None:
         return Redemption(redeemed=True, face_value=int(face), reason="ok")
+    return await refused_and_marked(conn, serial, actor)
+
+
+async def refused_and_marked(conn: Conn, serial: str, actor: str) -> Redemption:
+    """Why `serial` could not be redeemed just now; a card found past its expiry is marked
+    `expired` on the way (the lazy expiry every redemption does), in the caller's
+    transaction."""
     refused = await redemption_refused(conn, serial)
     if refused.reason == "expired":
         await expire_touched(conn, [serial], actor)

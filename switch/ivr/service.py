@@ -45,9 +45,8 @@ from switch.cards.states import (
     CardState,
     card_status,
     card_view,
-    expire_touched,
     record_wrong_pin,
-    redemption_refused,
+    refused_and_marked,
 )
 from switch.hsm_client import HsmError
 from switch.ivr import dialog
@@ -545,11 +544,9 @@ class IvrService:
             outcome = await ledger.record_one(con, request, _RECHARGE, effect.serial,
                                               effect.face_value, "ivr")
             if outcome is None:  # the card was not redeemable: nothing written
-                refused = await redemption_refused(con, effect.serial)
-                if refused.reason == "expired":  # marked so when a redemption touches it
-                    async with con.transaction():
-                        await db.fence(con, node.epoch)
-                        await expire_touched(con, [effect.serial], "ivr")
+                async with con.transaction():  # a card past its date is marked, fenced
+                    await db.fence(con, node.epoch)
+                    refused = await refused_and_marked(con, effect.serial, "ivr")
                 said = _REDEEM_OUTCOMES.get(refused.reason, "busy")
                 return Busy() if said == "busy" else RedeemFact(outcome=said)
             if not isinstance(outcome, Committed):
