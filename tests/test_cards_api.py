@@ -599,6 +599,11 @@ async def test_odd_input_gets_a_clear_answer_and_leaves_the_log_verifiable(
     resp = await a.client.post(f"{A}/session", data=b'{"username": "a\\u0000", "password": "x"}',
                                headers={"Content-Type": "application/json"})
     assert resp.status == 400 and (await resp.json())["code"] == "invalid_text"
+    # the same, 1 000 levels deep (orjson takes 1 024): the check recursed into a 500
+    deep = b'{"username": ' + b"[" * 1000 + b'"\\u0000"' + b"]" * 1000 + b', "password": "x"}'
+    resp = await a.client.post(f"{A}/session", data=deep,
+                               headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["code"] == "invalid_text"
     # digits that str.isdigit() takes and int() does not: a ValueError, a 500
     refused = await a.call("GET", "/operation-log?limit=%C2%B2", "aud", expect=422)
     assert refused["code"] == "invalid_query"
