@@ -279,6 +279,25 @@ async def test_a_payment_cut_short_by_the_switch_stopping_is_not_answered(
     assert not done, answer.result()  # was a 0210 with 39 = 96
 
 
+async def test_a_payment_whose_database_went_away_under_its_commit_is_not_answered(
+        bank: BankClient, node: Node, sims: Sims) -> None:
+    # the committer's connection is cut while its statement waits: it may have committed (a
+    # cut after the commit looks the same), so no 96 either
+    acct = await active_account(sims.marketing)
+    async with node.pool.acquire() as blocker:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM node_lease WHERE id = 1 FOR UPDATE")
+            answer = asyncio.ensure_future(bank.request(bank.payment(acct, 100)))
+            await until_a_statement_waits_on_a_lock(node.pool)
+            await blocker.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+            done, _ = await asyncio.wait({answer}, timeout=1.0)
+            answer.cancel()
+    assert not done, answer.result()  # was a 0210 with 39 = 96
+    assert (await bank.request(bank.payment(acct, 100))).fields[39] == "00"  # and carries on
+
+
 async def test_reversal_of_another_business_date_is_12(bank: BankClient, node: Node,
                                                        sims: Sims) -> None:
     acct = await active_account(sims.marketing)

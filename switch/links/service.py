@@ -495,11 +495,13 @@ class LinkService:
             return await self._decline(key, msg, req_hash, "91",
                                        "this node is no longer active")
         except CommitInterrupted:
-            # the switch stopped while the commit was under way: it may have happened, so a 96
+            # the switch stopped, or the database went away, while the commit was under way:
+            # it may have happened, so a 96
             # could tell the bank "declined" of a payment that is credited. Say nothing: the
             # bank retransmits (answered from the ledger by the node that carries on) or
             # reverses on its timeout, and either way the books agree.
-            raise _Unanswered("the commit was cut short by the switch stopping") from None
+            raise _Unanswered("the commit was cut short (the switch stopping, or the database "
+                              "going away)") from None
         except LedgerError:
             return await self._decline(key, msg, req_hash, "96",
                                        "the payment could not be recorded")

@@ -47,8 +47,8 @@ class Fenced(LedgerError):
 
 
 class CommitInterrupted(LedgerError):
-    """The switch stopped while this payment's commit was under way: it may or may not have
-    been recorded (a repeat with the same key tells)."""
+    """The switch stopped, or the database went away, while this payment's commit was under
+    way: it may or may not have been recorded (a repeat with the same key tells)."""
 
 
 class NotReversible(LedgerError):
@@ -310,7 +310,12 @@ class PostingPath:
                 raise
             except Exception as e:
                 fenced = db.is_fenced(e)
-                err: Exception = Fenced("this node is no longer active") if fenced else e
+                err: Exception = e
+                if fenced:
+                    err = Fenced("this node is no longer active")
+                elif db.unavailable(e):  # the database went away under the statement, which
+                    # may have committed: the outcome is unknown, as when the switch stops
+                    err = CommitInterrupted("the database went away during the commit")
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(err)

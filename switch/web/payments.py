@@ -266,17 +266,13 @@ async def _record(svc: HttpPayments, client: ApiClient, scope: str, req_hash: st
         return await svc.ledger.submit(preq)
     except Fenced:
         raise no_longer_active() from None
-    except CommitInterrupted as e:  # the switch stopped while the commit was under way
+    except CommitInterrupted as e:  # the switch stopped, or the database went away, while
+        # the commit was under way: it may have happened
         raise _outcome_unknown("payment", e) from None
     except LedgerError:
         raise Problem(503, "unavailable", "the payment could not be recorded; nothing was "
                       "charged; retry with the same Idempotency-Key",
                       headers={"Retry-After": "1"}) from None
-    except Exception as e:
-        if not db.unavailable(e):
-            raise
-        # the database failed or went away under the commit: it may have happened
-        raise _outcome_unknown("payment", e) from None
 
 
 def _outcome_unknown(what: str, error: BaseException) -> Problem:
