@@ -117,10 +117,15 @@ class Accounts:
     async def lookup(self, account_no: str) -> AccountView | None:
         """The account, live when possible, else from the mirror (stale). None: unknown."""
         try:
-            # bounded by the marketing client's own request timeout
-            acc = await self.client.get_account(account_no)
+            return await self._live(account_no)
         except (TimeoutError, MarketingError, OSError):
             return await self._from_mirror(account_no)
+
+    async def _live(self, account_no: str) -> AccountView | None:
+        """The account as the marketing system answers now (its errors raise), the mirror
+        refreshed behind it. None: unknown."""
+        # bounded by the marketing client's own request timeout
+        acc = await self.client.get_account(account_no)
         if acc is None:
             return None
         now = datetime.now(UTC)
@@ -193,13 +198,16 @@ class Accounts:
         row = await self.pool.fetchrow(
             "SELECT status, name, arrears FROM account_mirror WHERE account_no = $1", account_no)
         if row is None or row["arrears"] is None:
-            # not mirrored yet, or mirrored without balances (the arrears an approval reports
-            # must not be a guessed 0): ask live; with no answer, the mirror's status stands
+            # not mirrored yet, or mirrored without balances: ask live. With no answer, an
+            # account not mirrored cannot be judged; one mirrored without balances keeps its
+            # status, and the arrears an approval reports are 0, the one figure left to give
+            # (not kept: the next payment asks again)
             try:
-                view = await self.lookup(account_no)
-            except AccountsUnavailable:
+                view = await self._live(account_no)
+            except (TimeoutError, MarketingError, OSError):
                 if row is None:
-                    raise
+                    raise AccountsUnavailable("marketing system unavailable; account not in "
+                                              "the mirror") from None
                 return MirrorProfile(row["status"], row["name"], 0)
             if view is None:
                 return None
