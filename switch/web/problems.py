@@ -69,10 +69,13 @@ def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
         allow = e.headers.get("Allow") if e.status == 405 else None
         return Problem(e.status, code, detail,
                        headers={"Allow": allow} if allow is not None else None).response()
-    if db.unavailable(e):  # PostgreSQL down or out of reach: wait and retry, not a defect
-        log.warning("request not completed: the database is unavailable",
+    # PostgreSQL down or out of reach, or a connection to another service this request needs
+    # failing or timing out (db.unavailable takes OSError and TimeoutError): wait and retry
+    if db.unavailable(e):
+        log.warning("request not completed: a service it needs is unavailable",
                     extra={"path": request.path, "error": type(e).__name__})
-        return Problem(503, "unavailable", "the database is unavailable; retry shortly (a "
+        return Problem(503, "unavailable", "a service this request needs (the database, "
+                       "Redis, the HSM or the billing system) is unavailable; retry shortly (a "
                        "request that changes something may or may not have taken effect: "
                        "look before repeating one that has no key of its own)",
                        headers={"Retry-After": "2"}).response()
