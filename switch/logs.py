@@ -56,7 +56,7 @@ def mask_text(text: str) -> str:
     text = _BYTES_REPR.sub("<bytes>", text)
     text = _BEARER.sub(r"\1***", text)
     text = _KV.sub(r"\1\2***", text)
-    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = mask_url(text)
     text = _HEX_RUN.sub(lambda m: f"<hex:{len(m.group())}>", text)
     return _B64_RUN.sub(lambda m: f"<masked:{len(m.group())}>", text)
 
