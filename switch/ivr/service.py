@@ -279,7 +279,8 @@ class IvrService:
             pinned = earlier.get(pin_field) if pin_field is not None else None
             if pinned is not None:
                 return TurnAnswer(orjson.loads(pinned)["t"], replayed=True)
-            # a call saved by a version that kept only its last input's answer
+            # a call saved by a version that kept only its last input's answer (none is left
+            # call_idle_s after an upgrade: this and the input_* fields can then go)
             if idempotency_key is not None and stored.input_key == idempotency_key:
                 at = Step(stored.input_step) if stored.input_step else stored.call.step
                 if stored.input_hash != _input_hash(inp, at):
