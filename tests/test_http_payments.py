@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -381,6 +381,28 @@ async def test_reversal_of_another_business_date_is_refused(node: Node, api: Api
     await node.pool.execute("UPDATE payments SET business_date = business_date - 1")
     st, _, raw = await api.call("POST", f"/v1/payments/{pid}/reversal", idem="old-r")
     assert st == 409 and orjson.loads(raw)["code"] == "not_reversible"
+
+
+async def test_a_reversal_that_waits_past_the_cut_over_is_refused(
+        node: Node, api: Api, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the business date is read once the payment is locked, not before (it was: a reversal
+    # approved after the cut-over was booked on the payment's old date)
+    acct = await active_account(sims.marketing)
+    _, _, raw = await api.call("POST", "/v1/payments", idem="late",
+                               json={"account_no": acct, "amount": 300, "method": "cash"})
+    pid = orjson.loads(raw)["payment_id"]
+    cal = node.components["calendar"]
+    async with node.pool.acquire() as blocker:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM payments FOR UPDATE")
+            answer = asyncio.ensure_future(
+                api.call("POST", f"/v1/payments/{pid}/reversal", idem="late-r"))
+            await until_a_statement_waits_on_a_lock(node.pool)
+            monkeypatch.setattr(cal, "date_at",
+                                lambda at, was=cal.date_at: was(at) + timedelta(days=1))
+        st, _, raw = await asyncio.wait_for(answer, 10)
+    assert st == 409 and orjson.loads(raw)["code"] == "not_reversible"
+    assert await node.pool.fetchval("SELECT count(*) FROM reversals") == 0
 
 
 async def test_marketing_down_payment_confirmed_then_credited_once(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,45 @@ async def test_reversal_of_another_business_date_is_12(bank: BankClient, node: N
     await bank.request(pay)
     await node.pool.execute("UPDATE payments SET business_date = business_date - 1")
     assert (await bank.request(bank.reversal(pay))).fields[39] == "12"
+
+
+def _date_moves_on(monkeypatch: pytest.MonkeyPatch, node: Node) -> None:
+    """From now on the business date is a day later: as if the cut-over had just passed."""
+    cal = node.components["calendar"]
+    monkeypatch.setattr(cal, "date_at", lambda at, was=cal.date_at: was(at) + timedelta(days=1))
+
+
+async def test_a_reversal_that_waits_past_the_cut_over_is_dated_after_it(
+        bank: BankClient, node: Node, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the business date is read once the payment is locked: read before, a reversal approved
+    # after the cut-over was booked on the payment's (old) date and its 0430 named the new one
+    acct = await active_account(sims.marketing)
+    pay = bank.payment(acct, 900)
+    r = await bank.request(pay)
+    assert r.fields[39] == "00"
+    async with node.pool.acquire() as blocker:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM payments FOR UPDATE")
+            answer = asyncio.ensure_future(bank.request(bank.reversal(pay)))
+            await until_a_statement_waits_on_a_lock(node.pool)
+            _date_moves_on(monkeypatch, node)
+        rv = await asyncio.wait_for(answer, 10)
+    assert rv.fields[39] == "12"  # yesterday's payment, per the contract
+    assert await node.pool.fetchval("SELECT count(*) FROM reversals") == 0
+
+
+async def test_a_repeated_reversal_names_the_date_it_was_booked_on(
+        bank: BankClient, node: Node, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    acct = await active_account(sims.marketing)
+    pay = bank.payment(acct, 900)
+    await bank.request(pay)
+    rv = await bank.request(bank.reversal(pay))
+    assert rv.fields[39] == "00"
+    booked = await node.pool.fetchval("SELECT business_date FROM reversals")
+    assert rv.fields[15] == f"{booked:%m%d}"
+    _date_moves_on(monkeypatch, node)
+    again = await bank.request(bank.reversal(pay, repeat=True))
+    assert (again.fields[39], again.fields[15]) == ("00", f"{booked:%m%d}")
 
 
 async def test_reversal_racing_its_original_ends_consistent(node: Node, sims: Sims) -> None:

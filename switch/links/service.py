@@ -555,7 +555,7 @@ class LinkService:
             raise Decline("12", "field 90 does not name a payment of this institution")
         key = iso_dedup_key(inst.id, orig.stan, orig.transmission)
         amount = int(str(f[4]))
-        today = self.ctx.calendar.today()
+        day = None  # the business date the reversal is booked on, for field 15
         marker_hash = hashlib.sha256(b"reversal:" + str(f[11]).encode()
                                      + str(f[7]).encode()).digest()
         try:
@@ -576,8 +576,9 @@ class LinkService:
                         receipt = f"U{orig.stan}{orig.transmission}"
                         done = False
                     else:
-                        rec, done = await reverse_in(
-                            con, row["payment_id"], today=today, channel=inst.dialect,
+                        rec, done, day = await reverse_in(
+                            con, row["payment_id"], calendar=self.ctx.calendar,
+                            channel=inst.dialect,
                             epoch=self.ctx.epoch(), amount=amount, institution_id=inst.id,
                             stan=str(f[11]), transmitted=str(f[7]))
                         receipt = rec.receipt_no
@@ -593,7 +594,7 @@ class LinkService:
         if done:
             self.ctx.metrics.reversals.labels(inst.dialect).inc()
             self.ctx.on_posted()
-        resp = self._response(msg, "00")
+        resp = self._response(msg, "00", day)
         resp.fields[48] = Tlv.of(("01", _tlv_01(msg) or ""), ("06", receipt))
         return resp
 

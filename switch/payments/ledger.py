@@ -490,14 +490,19 @@ async def load_payment(con: Conn | asyncpg.Pool,
     return _record(row) if row else None
 
 
-async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
+async def reverse_in(con: Conn, payment_id: uuid.UUID, *, calendar: BusinessCalendar,
                      channel: str, epoch: int, amount: int | None = None,
                      institution_id: str | None = None, stan: str | None = None,
-                     transmitted: str | None = None) -> tuple[PaymentRecord, bool]:
+                     transmitted: str | None = None) -> tuple[PaymentRecord, bool, date]:
     """Reverse a payment inside the caller's fenced transaction.
 
-    Returns the payment and whether this call reversed it (False: it already was). Raises
-    `NotReversible` for another business date or a different amount.
+    Returns the payment, whether this call reversed it (False: it already was), and the
+    business date the reversal is booked on. Raises `NotReversible` for another business date
+    or a different amount.
+
+    The business date is read once the payment is locked, from the same clock reading that
+    stamps the reversal: read before (as the caller's "today"), a reversal approved just after
+    the cut-over was booked on the old date, and its answer named the new one.
     """
     row = await con.fetchrow(
         "SELECT id, business_date, amount, reversed_at, receipt_no, account_no, channel"
@@ -511,11 +516,14 @@ async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
     if row["reversed_at"] is not None:
         rec = await load_payment(con, payment_id)
         assert rec is not None
-        return rec, False
+        booked = await con.fetchval(
+            "SELECT business_date FROM reversals WHERE payment_id = $1", payment_id)
+        return rec, False, booked if booked is not None else calendar.date_at(row["reversed_at"])
+    now = datetime.now(UTC)
+    today = calendar.date_at(now)
     if row["business_date"] != today:
         raise NotReversible(f"the payment belongs to business date {row['business_date']}, "
                             f"today is {today}; only same-day payments can be reversed")
-    now = datetime.now(UTC)
     await con.execute("UPDATE payments SET reversed_at = $2 WHERE id = $1", payment_id, now)
     await con.execute(
         "INSERT INTO reversals (payment_id, business_date, channel, institution_id, stan,"
@@ -530,7 +538,7 @@ async def reverse_in(con: Conn, payment_id: uuid.UUID, *, today: date,
         "  WHERE p.id = $1", payment_id, channel, now)
     rec = await load_payment(con, payment_id)
     assert rec is not None
-    return rec, True
+    return rec, True, today
 
 
 async def ledger_dates(conn: asyncpg.Pool | asyncpg.Connection) -> list[date]:

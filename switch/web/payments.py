@@ -343,8 +343,8 @@ async def reverse_payment(request: web.Request) -> web.Response:
             prior = await con.fetchrow(_REVERSAL_KEY, client.id, key)
             if prior is not None:
                 return _reversal_replayed(prior, pid)
-            rec, done = await reverse_in(con, pid, today=cal.today(), channel=client.channel,
-                                         epoch=node.epoch)
+            rec, done, _ = await reverse_in(con, pid, calendar=cal, channel=client.channel,
+                                            epoch=node.epoch)
             first = None if done else await con.fetchval(_FIRST_REVERSAL_ANSWER, pid)
             # a reversal repeated under another key: the first one's answer, byte for byte
             body = bytes(first) if first is not None else orjson.dumps(payment_doc(rec))
