@@ -116,8 +116,9 @@ def cmd_services(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print("READY " + orjson.dumps({"database": urls.database, "redis": urls.redis,
-                                   "hsm": urls.hsm, "marketing": urls.marketing}).decode(),
+    print("READY " + orjson.dumps({"database": logs.mask_url(urls.database),
+                                   "redis": logs.mask_url(urls.redis), "hsm": urls.hsm,
+                                   "marketing": logs.mask_url(urls.marketing)}).decode(),
           flush=True)
     try:
         while not stop["flag"]:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from switch.logs import mask_text
+
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gridpay.toml"
 
 #: environment variable → (section, key)
@@ -53,7 +55,10 @@ class ConfigError(Exception):
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"setting {key} = {value!r} is invalid: {allowed}")
+        # the message is printed: a service URL's password (a TLS Redis URL is refused, say)
+        # or key material pasted into the wrong setting is masked as in the logs
+        shown = mask_text(value) if isinstance(value, str) else value
+        super().__init__(f"setting {key} = {shown!r} is invalid: {allowed}")
 
 
 def _get(section: Mapping[str, Any], name: str, key: str) -> Any:

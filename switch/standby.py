@@ -347,6 +347,9 @@ def cmd_switchover(args: argparse.Namespace) -> int:
             print(f"gridpay switchover: the database cannot be reached: {type(e).__name__}",
                   file=sys.stderr)
             return 2
+        except (ValueError, asyncpg.InterfaceError) as e:
+            print(f"gridpay switchover: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
+            return 2
         print(result.describe())
         return 0
 
@@ -379,8 +382,20 @@ def cmd_lease(args: argparse.Namespace) -> int:
         print(f"gridpay lease: the database cannot be reached: {type(e).__name__}",
               file=sys.stderr)
         return 2
+    except (ValueError, asyncpg.InterfaceError) as e:
+        print(f"gridpay lease: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
+        return 2
     print(orjson.dumps(state).decode())
     return 0
+
+
+# not echoed: the URL may hold a password
+_BAD_URL = "the database URL is not one PostgreSQL's client takes (check its form and options)"
+# A URL given on the command line is seen by everyone on the machine (`ps`): one with a
+# password belongs in GRIDPAY_DATABASE_URL
+_URL_HELP = ("default: GRIDPAY_DATABASE_URL, else the running embedded database; a URL with "
+             "a password belongs in GRIDPAY_DATABASE_URL, not here, where the process list "
+             "shows it")
 
 
 def register_cli(subparsers: Any) -> None:
@@ -391,9 +406,8 @@ def register_cli(subparsers: Any) -> None:
                    help="the node to hand over to (default: whichever standby takes it)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="give up after this many seconds (default 10)")
-    p.add_argument("--database-url", default=None,
-                   help="default: GRIDPAY_DATABASE_URL, else the running embedded database")
+    p.add_argument("--database-url", default=None, help=_URL_HELP)
     p.set_defaults(func=cmd_switchover)
     q = subparsers.add_parser("lease", help="show who holds the lease")
-    q.add_argument("--database-url", default=None)
+    q.add_argument("--database-url", default=None, help=_URL_HELP)
     q.set_defaults(func=cmd_lease)

@@ -187,6 +187,47 @@ def test_bad_configuration_names_key_and_value(home: Path) -> None:
     assert "listen.http_port" in out.stderr and "99999" in out.stderr
 
 
+def test_a_refused_service_url_is_printed_without_its_password(home: Path) -> None:
+    env = _env(home)
+    env["GRIDPAY_REDIS_URL"] = "rediss://:R3disPW@h:6380/0"  # TLS: not taken
+    out = subprocess.run([sys.executable, "-m", "switch.cli", "switch"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "services.redis_url" in out.stderr, out.stderr
+    assert "R3disPW" not in out.stderr and "rediss://:***@h:6380/0" in out.stderr
+
+
+def test_a_malformed_database_url_on_the_command_line_gets_a_message(home: Path) -> None:
+    for cmd in ("lease", "switchover"):
+        for url in ("postgresql://u:Pw5ecret@127.0.0.1:notaport/x",
+                    "postgresql://u:Pw5ecret@127.0.0.1:5432/x?sslmode=bogus"):
+            out = _gridpay(cmd, "--database-url", url, home=home, timeout=60)
+            assert out.returncode == 2, (cmd, url, out.stderr)
+            assert "database URL is not one" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
+
+
+def test_services_ready_line_masks_the_passwords_of_configured_services(home: Path) -> None:
+    env = _env(home)
+    env.update(GRIDPAY_DATABASE_URL="postgresql://gp:DbS3cret@127.0.0.1:1/gridpay",
+               GRIDPAY_REDIS_URL="redis://:RedisS3cret@127.0.0.1:1/0",
+               GRIDPAY_HSM_ADDR="127.0.0.1:1",
+               GRIDPAY_MARKETING_URL="http://m:MktS3cret@127.0.0.1:1")
+    with subprocess.Popen([sys.executable, "-m", "switch.cli", "services"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # nothing to start: every service is configured
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert line.startswith("READY "), line
+    ready = orjson.loads(line[6:])
+    assert "S3cret" not in line
+    assert ready["database"] == "postgresql://gp:***@127.0.0.1:1/gridpay"
+    assert ready["marketing"] == "http://m:***@127.0.0.1:1"
+
+
 def test_the_config_option_is_taken_before_or_after_the_command(home: Path,
                                                                  tmp_path: Path) -> None:
     # `gridpay up --config x.toml` was refused ("unrecognized arguments"): only the form
