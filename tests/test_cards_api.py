@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from argon2 import PasswordHasher
@@ -273,6 +274,26 @@ async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None
                 "request.issue", "sale.create"):
         assert act in actions
     assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
+
+
+async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> None:
+    # what is typed in the wrong field (a password as the user name, a PIN as a serial) is
+    # not kept: the log keeps what it is given for good, and auditors read it
+    a = admin_api
+    for username in ("S3cretPassw0rd", "admin"):
+        bad = await a.client.post(f"{A}/session", json={"username": username,
+                                                        "password": "wrong!"})
+        assert bad.status == 401
+    for serials in (["73914862"], ["1302250000000001", "73914862"]):
+        body = await a.call("POST", "/voids", "admin", expect=422,
+                            json={"reason": "damaged", "serials": serials})
+        assert body["code"] == "invalid_serial" and "73914862" not in body["detail"]
+    log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
+    text = orjson.dumps(log).decode()
+    assert "S3cretPassw0rd" not in text and "73914862" not in text
+    failed = [e["actor"] for e in log["entries"]
+              if e["action"] == "session.create" and not e["result"]["ok"]]
+    assert sorted(failed) == ["(unknown user)", "admin"]
 
 
 async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> None:

@@ -221,6 +221,10 @@ def _job_failed(job: dict[str, Any]) -> Problem:
 
 # --- session ----------------------------------------------------------------------------------
 
+#: the operation log's actor for a failed log-in under a name that is no user's
+UNKNOWN_USER = "(unknown user)"
+
+
 async def create_session(request: web.Request) -> web.Response:
     node = node_of(request)
     doc = await json_body(request)
@@ -231,7 +235,12 @@ async def create_session(request: web.Request) -> web.Response:
         session = await login(node.pool, username[:64], password,
                               node.settings.cards.session_ttl_s)
     except CardError as e:
-        await _log(node, username[:64], "session.create", {}, {"ok": False, "code": e.code})
+        # a name that is not a user's is not kept: it may be a password typed in the wrong
+        # field, and the log keeps what it is given for good
+        known = await node.pool.fetchval(
+            "SELECT true FROM card_users WHERE username = $1", username[:64])
+        await _log(node, username[:64] if known else UNKNOWN_USER, "session.create", {},
+                   {"ok": False, "code": e.code})
         raise _problem(e) from None
     await _log(node, username, "session.create", {}, {"ok": True})
     return json_response({"token": session.token, "token_type": "Bearer",

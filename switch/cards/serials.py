@@ -38,6 +38,13 @@ def valid_serial(s: str) -> bool:
             and luhn_digit(s[:15]) == s[15])
 
 
+def not_a_serial(which: str) -> InvalidInput:
+    """The refusal of an invalid serial. It does not echo what was sent: refusals are kept in
+    the operation log for good, and what was typed into a serial field may be a card's PIN."""
+    return InvalidInput(f"{which} is not a valid card serial (16 digits, the last a Luhn "
+                        "check digit)", code="invalid_serial")
+
+
 def make_serial(prefix: str, seq: int) -> str:
     """The serial of sequence number `seq` under a 6-digit prefix (issuer + year)."""
     if len(prefix) != 6 or not digits(prefix):
@@ -61,9 +68,10 @@ class SerialRange:
     last: str
 
     def __post_init__(self) -> None:
-        for s in (self.first, self.last):
+        for s, which in ((self.first, "the range's first serial"),
+                         (self.last, "the range's last serial")):
             if not valid_serial(s):
-                raise InvalidInput(f"{s!r} is not a valid card serial", code="invalid_serial")
+                raise not_a_serial(which)
         if self.first[:6] != self.last[:6]:
             raise InvalidInput(f"range {self.first}..{self.last} spans two prefixes",
                                code="invalid_range")
@@ -88,9 +96,9 @@ def expand(serials: Iterable[str], ranges: Iterable[SerialRange],
            limit: int = MAX_RANGE) -> list[str]:
     """Every serial named, singly or by range, without duplicates, in order of mention."""
     out: dict[str, None] = {}
-    for s in serials:
+    for i, s in enumerate(serials, 1):
         if not valid_serial(s):
-            raise InvalidInput(f"{s!r} is not a valid card serial", code="invalid_serial")
+            raise not_a_serial(f"serial {i} of the list")
         out[s] = None
     for r in ranges:
         if len(out) + len(r) > limit:

@@ -12,7 +12,7 @@ from switch import db
 from switch.business import iso_date
 from switch.cards import states
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
-from switch.cards.serials import SerialRange, compress, expand, valid_serial
+from switch.cards.serials import SerialRange, compress, expand, not_a_serial, valid_serial
 from switch.cards.states import UNREDEEMED_VALUES, CardState, Document
 from switch.cards.users import HALL_ROLES, Role, User
 
@@ -300,7 +300,7 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
 async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
                  audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     if not valid_serial(serial):
-        raise InvalidInput(f"{serial!r} is not a valid card serial", code="invalid_serial")
+        raise not_a_serial("the serial")
     async with pool.acquire() as conn:
         async with conn.transaction():
             await db.fence(conn, epoch)
@@ -318,7 +318,7 @@ async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
 
 async def card_history(pool: asyncpg.Pool, user: User, serial: str) -> dict[str, Any]:
     if not valid_serial(serial):
-        raise InvalidInput(f"{serial!r} is not a valid card serial", code="invalid_serial")
+        raise not_a_serial("the serial")
     view = await states.card_status(pool, serial)
     if view is None:
         raise NotFound(f"no card {serial}", code="card_not_found")
