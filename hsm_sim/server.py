@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+from crypto.errors import LmkError
 from crypto.lmk import LmkComponent, combine_lmk
 from hsm_sim.core import FIRMWARE, HsmCore
 from hsm_sim.wire import MIN_MESSAGE
@@ -80,14 +81,28 @@ def load_settings(path: Path | str) -> HsmSettings:
     hsm = doc.get("hsm")
     if not isinstance(hsm, dict):
         raise ValueError(f"{path}: no [hsm] table")
-    components = tuple(
-        LmkComponent(value_hex=str(c["value"]), kcv_hex=str(c["kcv"]))
-        for c in hsm.get("lmk_components", [])
-    )
+    # every message names the setting, never its value: a component may be pasted anywhere
+    found = hsm.get("lmk_components", [])
+    if not isinstance(found, list):
+        raise ValueError(f"{path}: lmk_components must be an array of tables")
+    components = []
+    for i, c in enumerate(found, start=1):
+        if not (isinstance(c, dict) and isinstance(c.get("value"), str)
+                and isinstance(c.get("kcv"), str)):
+            raise ValueError(f"{path}: LMK component {i} needs 'value' and 'kcv' strings")
+        try:
+            components.append(LmkComponent(value_hex=c["value"], kcv_hex=c["kcv"]))
+        except LmkError as e:
+            raise ValueError(f"{path}: LMK component {i}: {e}") from None
+    port, host = hsm.get("port", 0), hsm.get("host", "127.0.0.1")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ValueError(f"{path}: port must be an integer from 0 to 65535")
+    if not isinstance(host, str):
+        raise ValueError(f"{path}: host must be a string")
     return HsmSettings(
-        host=str(hsm.get("host", "127.0.0.1")),
-        port=int(hsm.get("port", 0)),
-        lmk_components=components,
+        host=host,
+        port=port,
+        lmk_components=tuple(components),
         authorised=bool(hsm.get("authorised", False)),
         dev_lmk=bool(hsm.get("dev_lmk", False)),
     )
@@ -342,7 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--authorised", action="store_true",
                         help="start in the authorised state (key import/export allowed)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    settings = load_dev_settings(args.config)
     changes: dict[str, Any] = {}
     if args.host is not None:
         changes["host"] = args.host
@@ -350,11 +364,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["port"] = args.port
     if args.authorised:
         changes["authorised"] = True
-    settings = replace(settings, **changes)
+    try:
+        settings = replace(load_dev_settings(args.config), **changes)
+    except (OSError, ValueError) as e:  # TOMLDecodeError is a ValueError; no values shown
+        print(f"gridpay hsm: configuration error: {e}", file=sys.stderr)
+        return 2
     if not logging.getLogger().handlers:
         from switch.logs import configure  # the masking formatter of the whole project
 
         configure("INFO")
     import uvloop
 
-    return uvloop.run(_run(settings))
+    try:
+        return uvloop.run(_run(settings))
+    except LmkError as e:  # a component's check value: which one, never its value
+        print(f"gridpay hsm: configuration error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the port taken
+        print(f"gridpay hsm: cannot start: {e}", file=sys.stderr)
+        return 2

@@ -516,12 +516,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     args = _parser().parse_args(argv)
-    settings = MarketingSettings(
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        customers=args.customers,
-        seed=args.seed,
-    )
+    try:
+        settings = MarketingSettings(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            customers=args.customers,
+            seed=args.seed,
+        )
+    except ValueError as e:  # the messages name the setting and its range, not the value
+        print(f"gridpay marketing: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    return uvloop.run(_serve(settings))
+    try:
+        return uvloop.run(_serve(settings))
+    except OSError as e:  # the port taken, the data directory not writable
+        print(f"gridpay marketing: cannot start: {e}", file=sys.stderr)
+        return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ def _timestamp(text: str) -> bool:
         return dt.datetime.fromisoformat(text).tzinfo is not None and "T" in text
     except ValueError:
         return False
+
+
+_ENCRYPTED_PIN = re.compile(r"[0-9A-Fa-f]{32}")
 
 
 def _num(text: str) -> bool:
@@ -86,7 +90,8 @@ def parse_new_card_file(lines: Iterable[bytes]) -> NewCardFile:
     code = "malformed_new_card_file"
     it = iter(lines)
     head = next(it, b"").decode("ascii", "replace").rstrip("\n").split("|")
-    if len(head) != 10 or head[:3] != ["H", NEW_CARD_MAGIC, FORMAT_VERSION]:
+    if len(head) != 10 or head[:3] != ["H", NEW_CARD_MAGIC, FORMAT_VERSION] \
+            or not all(_num(head[i]) for i in (3, 4, 5)):
         raise _bad(1, "not a new-card file header", code)
     digest = hashlib.sha256()
     records: list[NewCardRecord] = []
@@ -97,7 +102,8 @@ def parse_new_card_file(lines: Iterable[bytes]) -> NewCardFile:
         text = raw.decode("ascii", "replace")
         if text.startswith("T|"):
             parts = text.rstrip("\n").split("|")
-            if len(parts) != 4:
+            # (checked before use: int() would echo the field, maybe a PIN, in its error)
+            if len(parts) != 4 or not _num(parts[1]) or not _num(parts[2]):
                 raise _bad(line_no, "malformed trailer", code)
             if int(parts[1]) != len(records) or int(parts[1]) != int(head[5]):
                 raise _bad(line_no, "trailer count does not match the records", code)
@@ -110,7 +116,8 @@ def parse_new_card_file(lines: Iterable[bytes]) -> NewCardFile:
                                expiry=head[9], records=tuple(records))
         digest.update(raw)
         parts = text.rstrip("\n").split("|")
-        if len(parts) != 4 or parts[0] != "D" or len(parts[3]) != 32:
+        if len(parts) != 4 or parts[0] != "D" or not _num(parts[2]) \
+                or not _ENCRYPTED_PIN.fullmatch(parts[3]):
             raise _bad(line_no, "malformed record", code)
         face = int(parts[2])
         total += face
