@@ -5,11 +5,12 @@ lease expires after `ttl_s` and the standby takes it with epoch + 1. Every activ
 calls `gridpay_fence(epoch)` in its own transaction, so a node that wakes up believing it is
 still active has its writes refused by the database.
 
-`gridpay_fence` takes a share lock on the lease row, so a takeover waits for the old holder's
-in-flight writes. A holder that was paused in the middle of one (SIGSTOP, a frozen VM) would
-hold that lock for ever; the node taking an expired lease therefore cuts off the old holder's
-database sessions (found by their `application_name`, see `session_dsn`) when its update waits
-too long for the row lock.
+`gridpay_fence` takes a key-share lock on the lease row and the epoch is a key column, so a
+takeover (a key update) waits for the old holder's in-flight writes, while a renewal (no key
+changed) waits for none of them. A holder that was paused in the middle of one (SIGSTOP, a
+frozen VM) would hold that lock for ever; the node taking an expired lease therefore cuts off
+the old holder's database sessions (found by their `application_name`, see `session_dsn`) when
+its update waits too long for the row lock.
 
 The `handover_to` column carries a planned switchover:
 
