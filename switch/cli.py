@@ -158,7 +158,13 @@ def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
 
     with database_url(settings) as url:
         async def run() -> int:
-            conn = await asyncpg.connect(url)
+            try:
+                conn = await asyncpg.connect(url, timeout=10)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    ValueError) as e:  # not the URL itself: it may hold a password
+                print(f"gridpay: the database at {logs.mask_url(url)} cannot be used: "
+                      f"{type(e).__name__}", file=sys.stderr)
+                return 2
             try:
                 await db.migrate(conn)
             finally:
@@ -241,15 +247,20 @@ def cmd_cards(args: argparse.Namespace, argv: list[str]) -> int:
 
         return _with_db(settings, verify)
 
+    from switch.cards.errors import NotFound
     from switch.cards.jobs import get_job, render_progress
 
     async def watch(pool: Any) -> int:
         tty = sys.stdout.isatty()
         while True:
-            job = await get_job(pool, args.job_id)
+            try:
+                job = await get_job(pool, args.job_id)
+            except NotFound as e:
+                print(f"gridpay cards job: {e.detail}", file=sys.stderr)
+                return 2
             line = render_progress(job)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-            if job.get("state") in ("done", "failed") or not args.follow:
+            if job.get("state") in ("succeeded", "failed") or not args.follow:
                 if tty:
                     print()
                 return 0 if job.get("state") != "failed" else 1
@@ -488,6 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(manufacture(rest[2:]))
     argv = _config_first(argv)
     args = build_parser().parse_args(argv)
+    from switch.embedded import EmbeddedError
+
+    try:
+        return _dispatch(args, argv)
+    except (OSError, EmbeddedError) as e:
+        # what the machine refused: a port taken, a home that is not a directory or not
+        # writable, a database that does not answer. One line; the traceback at DEBUG.
+        log.debug("command failed", exc_info=True)
+        print(f"gridpay {args.command}: {logs.mask_text(str(e))}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "clients":
         return cmd_clients(args)
     if args.command == "users":

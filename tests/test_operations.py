@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,6 +205,70 @@ def test_a_malformed_database_url_on_the_command_line_gets_a_message(home: Path)
             assert out.returncode == 2, (cmd, url, out.stderr)
             assert "database URL is not one" in out.stderr, out.stderr
             assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
+
+
+def test_what_the_machine_refuses_is_one_line_not_a_traceback(home: Path,
+                                                               tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    env = _env(afile / "home")  # a home under a file
+    out = subprocess.run([sys.executable, "-m", "switch.cli", "migrate"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Not a directory" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    env = _env(home)
+    env["GRIDPAY_DATABASE_URL"] = "postgresql://postgres:Pw5ecret@127.0.0.1:1/gridpay"
+    for args in (("migrate",), ("clients", "add", "web", "--channel", "internet"),
+                 ("cards", "verify-log"), ("forwarder", "status")):
+        out = subprocess.run([sys.executable, "-m", "switch.cli", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "cannot be used: ConnectionRefusedError" in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
+
+
+def test_card_job_follow_ends_with_the_job_and_an_unknown_job_is_named(
+        home: Path, clean_db: str) -> None:
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    job = uuid.uuid4()
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(clean_db)
+        try:
+            await conn.execute(
+                "INSERT INTO card_jobs (id, kind, state, done, total, created_by)"
+                " VALUES ($1, 'batch.generate', 'succeeded', 10, 10, 'admin')", job)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    env = _env(home)
+    env["GRIDPAY_DATABASE_URL"] = clean_db
+    out = subprocess.run([sys.executable, "-m", "switch.cli", "cards", "job", str(job),
+                          "--follow"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=30)  # it followed a finished job for ever
+    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout, out.stderr)
+    for unknown in ("nosuch", str(uuid.uuid4())):
+        out = subprocess.run([sys.executable, "-m", "switch.cli", "cards", "job", unknown],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and f"no job {unknown}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_up_on_a_port_in_use_says_so(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = _env(home)
+        env["GRIDPAY_HTTP_PORT"] = str(taken.getsockname()[1])
+        out = subprocess.run([sys.executable, "-m", "switch.cli", "up"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "address already in use" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 def test_services_ready_line_masks_the_passwords_of_configured_services(home: Path) -> None:
