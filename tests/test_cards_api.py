@@ -302,6 +302,13 @@ async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> 
     assert (await a.call("GET", "/inventory", None, expect=401))["code"] == "session_required"
     resp = await a.client.get(f"{A}/inventory", headers={"Authorization": "Bearer nope"})
     assert resp.status == 401
+    # the scheme in any case, as HTTP has it; two headers are refused, not one of them taken
+    token = (await a.h("aud"))["Authorization"].partition(" ")[2]
+    resp = await a.client.get(f"{A}/inventory", headers={"Authorization": f"bearer {token}"})
+    assert resp.status == 200
+    resp = await a.client.get(f"{A}/inventory", headers=[
+        ("Authorization", f"Bearer {token}"), ("Authorization", "Bearer nope")])
+    assert resp.status == 400 and (await resp.json())["code"] == "authorization_repeated"
     bad = await a.client.post(f"{A}/session", json={"username": "admin", "password": "wrong!"})
     assert bad.status == 401 and "wrong!" not in await bad.text()
     await a.h("admin2")
@@ -338,6 +345,11 @@ async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> 
     await a.call("POST", f"/requests/{own['id']}/reject", "appr", expect=200)
     assert (await a.call("POST", "/stocktakes", "hm1", json={"location": "H2"},
                          expect=403))["code"] == "forbidden_hall"
+    # another hall's report is refused, not silently answered with the manager's own
+    assert (await a.call("GET", "/reports/halls?hall=H2", "hm1",
+                         expect=403))["code"] == "forbidden_hall"
+    await a.call("GET", "/reports/halls?hall=H1", "hm1", expect=200)
+    await a.call("GET", "/reports/halls", "hm1", expect=200)
     # maker-checker: the requester, later made an approver, still cannot approve it
     await a.pool.execute("UPDATE card_users SET role = 'approver', hall = NULL"
                          " WHERE username = 'hm1'")

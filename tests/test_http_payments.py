@@ -372,6 +372,24 @@ async def test_reversal_same_day_repeatable_and_forwarded_after_original(
         assert r.status == 400 and (await r.json())["code"] == "idempotency_key_missing"
 
 
+async def test_refusals_do_not_echo_what_was_sent_and_two_keys_are_refused(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    secret = "sk_live_7f3a9c"  # pasted where it does not belong
+    st, _, raw = await api.call("POST", "/v1/payments", idem="echo-1",
+                                json={"account_no": acct, "amount": 300, "method": "cash",
+                                      secret: 1})
+    assert st == 400 and orjson.loads(raw)["code"] == "unknown_field"
+    assert secret not in raw.decode()
+    st, _, raw = await api.call("GET", f"/v1/{secret}/payments")
+    assert st == 404 and secret not in raw.decode()
+    # two API keys in one request: refused, not the first one taken
+    other = await api_key(node.pool, "internet")
+    two = [("Authorization", f"Bearer {api.key}"), ("Authorization", f"Bearer {other}")]
+    async with api.session.get(f"{api.base}/v1/accounts/{acct}", headers=two) as r:
+        assert r.status == 400 and (await r.json())["code"] == "authorization_repeated"
+
+
 async def test_reversal_of_another_business_date_is_refused(node: Node, api: Api,
                                                             sims: Sims) -> None:
     acct = await active_account(sims.marketing)

@@ -609,11 +609,13 @@ async def test_malformed_requests_are_refused_and_change_nothing(
         ({"pin_block": "00" * 17}, "invalid_pin_block"),
         ({"digits": "1", "pin_block": "00" * 16}, "invalid_input"), ({}, "invalid_input"),
         ({"event": "hangup"}, "invalid_event"), ({"digits": "1", "x": 1}, "unknown_field"),
+        ({"digits": "1", "0F0F1A2B3C4D5E6F": 1}, "unknown_field"),  # a PIN block as a name
         ([1, 2], "malformed_json"),
     ]
     for body, code in cases:
         st, h, b = await raw.call("POST", path, json=body)
         assert st == 400, (body, st)
+        assert b"0F0F1A2B3C4D5E6F" not in b  # nothing sent is echoed
         assert h["Content-Type"].startswith("application/problem+json")
         assert orjson.loads(b)["code"] == code
     st, _, b = await raw.call("POST", "/ivr/v1/calls/no-such-call/input", json={"digits": "1"})

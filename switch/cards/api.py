@@ -25,7 +25,13 @@ from switch.cards.serials import digits
 from switch.cards.states import Conn
 from switch.cards.users import User, authenticate, login, logout
 from switch.web.app import NODE, node_of, require_active
-from switch.web.problems import Problem, json_body, json_response, no_longer_active
+from switch.web.problems import (
+    Problem,
+    json_body,
+    json_response,
+    no_longer_active,
+    one_header,
+)
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -123,7 +129,8 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
         async def handle(request: web.Request) -> web.StreamResponse:
             node = require_active(request) if changes else node_of(request)
             try:
-                user = await authenticate(node.pool, request.headers.get("Authorization"))
+                user = await authenticate(node.pool, one_header(request, "Authorization",
+                                                                    "authorization_repeated"))
             except CardError as e:
                 raise _problem(e) from None
             ctx = Ctx(request=request, node=node, user=user, action=action,

@@ -85,7 +85,8 @@ class User:
     def require_hall(self, hall: str) -> None:
         """Hall roles act only at their own hall."""
         if self.role in HALL_ROLES and self.hall != hall:
-            raise Forbidden(f"user {self.username} acts for hall {self.hall}, not {hall}",
+            other = hall if _HALL.fullmatch(hall) else "another hall"  # (not echoed when odd)
+            raise Forbidden(f"user {self.username} acts for hall {self.hall}, not {other}",
                             code="forbidden_hall")
 
 
@@ -94,10 +95,12 @@ def _hasher() -> PasswordHasher:
 
 
 def _bearer(authorization: str | None) -> str | None:
-    """The token of a `Bearer <token>` header, or None."""
-    if not authorization or not authorization.startswith("Bearer "):
+    """The token of a `Bearer <token>` header (the scheme in any case, as HTTP has it), or
+    None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
         return None
-    return authorization[7:].strip()
+    return token.strip()
 
 
 def validate_user(username: str, role: str, hall: str | None, password: str) -> Role:

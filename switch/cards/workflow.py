@@ -383,8 +383,11 @@ async def recharges(pool: asyncpg.Pool, day: str, tz: str = "UTC") -> dict[str, 
 
 
 async def hall_report(pool: asyncpg.Pool, user: User, hall: str | None) -> dict[str, Any]:
-    """Issues and sales by hall (a hall role sees its own hall only)."""
+    """Issues and sales by hall (a hall role sees its own hall only: another hall asked for is
+    refused, not silently swapped for its own)."""
     if user.role in HALL_ROLES:
+        if hall is not None:
+            user.require_hall(hall)
         hall = user.hall
     issues = await pool.fetch(
         "SELECT hall, face_value, count(*) AS docs, sum(quantity) AS cards FROM card_issues"

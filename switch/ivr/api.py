@@ -38,7 +38,14 @@ from switch.ivr.service import (
 from switch.redis_pipe import RedisPipeError
 from switch.web.app import require_active
 from switch.web.payments import authenticate
-from switch.web.problems import Problem, json_body, json_response, no_longer_active, one_header
+from switch.web.problems import (
+    Problem,
+    json_body,
+    json_response,
+    no_longer_active,
+    one_header,
+    unknown_fields,
+)
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -74,7 +81,8 @@ def _call_id(request: web.Request) -> str:
 def parse_start(body: dict[str, object]) -> Call:
     unknown = set(body) - {"call_id", "ani", "dnis", "lang"}
     if unknown:
-        raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise Problem(400, "unknown_field",
+                      unknown_fields(unknown, "call_id, ani, dnis and lang"))
     call_id, ani, dnis, lang = (body.get(k) for k in ("call_id", "ani", "dnis", "lang"))
     if not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id):
         raise Problem(400, "invalid_call_id",
@@ -93,7 +101,8 @@ def parse_input(body: dict[str, object]) -> Input:
     kinds = set(body) & {"digits", "pin_block", "event"}
     unknown = set(body) - {"digits", "pin_block", "event"}
     if unknown:
-        raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise Problem(400, "unknown_field",
+                      unknown_fields(unknown, "one of digits, pin_block or event"))
     if len(kinds) != 1:
         raise Problem(400, "invalid_input",
                       "send exactly one of 'digits', 'pin_block' or 'event'")

@@ -36,7 +36,14 @@ from switch.payments.ledger import (
     reverse_in,
 )
 from switch.web.app import node_of, require_active
-from switch.web.problems import Problem, json_body, json_response, no_longer_active, one_header
+from switch.web.problems import (
+    Problem,
+    json_body,
+    json_response,
+    no_longer_active,
+    one_header,
+    unknown_fields,
+)
 
 if TYPE_CHECKING:
     from switch.node import Node
@@ -67,7 +74,8 @@ def _svc(node: Node) -> HttpPayments:
 
 async def authenticate(request: web.Request, channels: frozenset[str]) -> ApiClient:
     node = node_of(request)
-    header = request.headers.get("Authorization", "")
+    # two keys in one request: which one is meant would be a guess
+    header = one_header(request, "Authorization", "authorization_repeated") or ""
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Problem(401, "unauthenticated", "send the API key as 'Authorization: Bearer <key>'",
@@ -138,7 +146,8 @@ def _validate_payment(body: dict[str, object]) -> tuple[str, int, str, str | Non
                       "reference must be a string of 1 to 64 printable characters")
     unknown = set(body) - {"account_no", "amount", "method", "reference"}
     if unknown:
-        raise Problem(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise Problem(400, "unknown_field",
+                      unknown_fields(unknown, "account_no, amount, method and reference"))
     if amount == 0:
         raise Problem(422, "invalid_amount", "amount must be at least 1 fen")
     assert isinstance(method, str)

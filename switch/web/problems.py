@@ -62,9 +62,9 @@ def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
             raise e
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             e.status, "http_error")
-        detail = {404: f"no resource at {request.path}",
-                  405: f"{request.method} is not allowed on {request.path}"}.get(
-            e.status, e.reason)
+        # the path is not echoed: it may hold what was pasted in the wrong place (a key)
+        detail = {404: "no resource at this path",
+                  405: "this method is not allowed on this resource"}.get(e.status, e.reason)
         # a 405 says which methods the resource takes (RFC 9110 requires it)
         allow = e.headers.get("Allow") if e.status == 405 else None
         return Problem(e.status, code, detail,
@@ -137,6 +137,12 @@ def one_header(request: web.Request, name: str, code: str) -> str | None:
     if len(values) > 1:
         raise Problem(400, code, f"send one {name} header, not several")
     return values[0] if values else None
+
+
+def unknown_fields(names: set[str], allowed: str) -> str:
+    """The detail of a refusal of unknown members: how many, and the ones allowed. The names
+    sent are not echoed (a secret pasted as a member name would come back)."""
+    return f"{len(names)} unknown field(s): the body takes {allowed} only"
 
 
 def json_response(doc: object, status: int = 200,
