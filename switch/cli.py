@@ -192,7 +192,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
-    from switch.clients import CACHE_TTL_S, create_client, revoke_client
+    from switch.clients import CACHE_TTL_S, create_client, revoke_client, valid_client_name
 
     settings = _settings(args)
     logs.configure("WARNING")
@@ -209,9 +209,20 @@ def cmd_clients(args: argparse.Namespace) -> int:
     if args.sub == "revoke":
         return _with_db(settings, revoke)
 
+    if not valid_client_name(args.name):
+        print("gridpay clients add: a client's name is 1 to 64 printable characters, without "
+              "a space at either end", file=sys.stderr)
+        return 2
+
     async def run(pool: Any) -> int:
+        others = await pool.fetchval(
+            "SELECT count(*) FROM api_clients WHERE name = $1 AND revoked_at IS NULL", args.name)
         client_id, key = await create_client(pool, args.name, args.channel)
         print(f"client {args.name} ({args.channel}) created: id {client_id}")
+        if others:  # a rotation, say: the old key stays in force until revoked
+            print(f"note: {others} other key(s) in force under this name; "
+                  f"'clients revoke {args.name}' revokes them all, 'clients revoke ID' one",
+                  file=sys.stderr)
         print("the key is shown once; store it now:")
         print(key)
         return 0

@@ -35,7 +35,15 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def valid_client_name(name: str) -> bool:
+    """A client's name: 1 to 64 printable characters, no space at either end."""
+    return 1 <= len(name) <= 64 and name.isprintable() and name == name.strip()
+
+
 async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uuid.UUID, str]:
+    if not valid_client_name(name):
+        raise ValueError("a client's name is 1 to 64 printable characters, without a space at "
+                         "either end")
     client_id = uuid.uuid4()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     await pool.execute(

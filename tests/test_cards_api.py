@@ -212,6 +212,9 @@ async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None
                        expect=201)
     assert req["hall"] == "H1" and req["state"] == "pending"
     await a.call("POST", f"/requests/{req['id']}/issue", "store", expect=409)  # not approved
+    bad_note = await a.call("POST", f"/requests/{req['id']}/approve", "appr", json={"note": 5},
+                            expect=422)  # it was dropped, and the request approved
+    assert bad_note["code"] == "invalid_note"
     await a.call("POST", f"/requests/{req['id']}/approve", "appr", expect=200)
     issue = await a.call("POST", f"/requests/{req['id']}/issue", "store", expect=201)
     assert issue["quantity"] == 10 and sum(r["count"] for r in issue["ranges"]) == 10
@@ -284,6 +287,10 @@ async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> Non
         bad = await a.client.post(f"{A}/session", json={"username": username,
                                                         "password": "wrong!"})
         assert bad.status == 401
+    # malformed attempts are logged too (they were not)
+    assert (await a.client.post(f"{A}/session", json={"username": "admin"})).status == 422
+    assert (await a.client.post(f"{A}/session", data=b"{",
+                                headers={"Content-Type": "application/json"})).status == 400
     for serials in (["73914862"], ["1302250000000001", "73914862"]):
         body = await a.call("POST", "/voids", "admin", expect=422,
                             json={"reason": "damaged", "serials": serials})
@@ -293,7 +300,7 @@ async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> Non
     assert "S3cretPassw0rd" not in text and "73914862" not in text
     failed = [e["actor"] for e in log["entries"]
               if e["action"] == "session.create" and not e["result"]["ok"]]
-    assert sorted(failed) == ["(unknown user)", "admin"]
+    assert sorted(failed) == ["(unknown user)", "(unknown user)", "admin", "admin"]
 
 
 async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> None:

@@ -118,8 +118,14 @@ def test_up_ready_health_and_graceful_stop(home: Path) -> None:
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("gp_") and len(key) > 30
+    # a second key under the same name (a rotation) is told what revoking by name does
+    out = _gridpay("clients", "add", "portal", "--channel", "internet", home=home)
+    assert out.returncode == 0 and "1 other key(s) in force" in out.stderr, out.stderr
+    for bad in ("", " portal", "x" * 65, "tab\there"):
+        out = _gridpay("clients", "add", bad, "--channel", "internet", home=home)
+        assert out.returncode == 2 and "1 to 64 printable" in out.stderr, (bad, out.stderr)
     out = _gridpay("clients", "revoke", "portal", home=home)
-    assert out.returncode == 0 and "1 key(s) revoked" in out.stdout, out.stderr
+    assert out.returncode == 0 and "2 key(s) revoked" in out.stdout, out.stderr
     out = _gridpay("clients", "revoke", "portal", home=home)  # nothing left to revoke
     assert out.returncode == 1 and "no client named" in out.stderr
     out = _gridpay("dev", "keys", "--json", home=home)

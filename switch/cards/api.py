@@ -234,20 +234,31 @@ UNKNOWN_USER = "(unknown user)"
 
 async def create_session(request: web.Request) -> web.Response:
     node = node_of(request)
-    doc = await json_body(request)
-    username, password = doc.get("username"), doc.get("password")
-    if not isinstance(username, str) or not isinstance(password, str) or not username:
-        raise Problem(422, "validation_failed", "username and password are required strings")
+    username: object = None
+
+    async def refused(code: str) -> None:
+        # every refused attempt is logged, malformed ones too; a name that is not a user's is
+        # not kept: it may be a password typed in the wrong field, and the log keeps what it
+        # is given for good
+        known = isinstance(username, str) and await node.pool.fetchval(
+            "SELECT true FROM card_users WHERE username = $1", username[:64])
+        actor = username[:64] if known and isinstance(username, str) else UNKNOWN_USER
+        await _log(node, actor, "session.create", {}, {"ok": False, "code": code})
+
+    try:
+        doc = await json_body(request)
+        username, password = doc.get("username"), doc.get("password")
+        if not isinstance(username, str) or not isinstance(password, str) or not username:
+            raise Problem(422, "validation_failed",
+                          "username and password are required strings")
+    except Problem as p:
+        await refused(p.code)
+        raise
     try:
         session = await login(node.pool, username[:64], password,
                               node.settings.cards.session_ttl_s)
     except CardError as e:
-        # a name that is not a user's is not kept: it may be a password typed in the wrong
-        # field, and the log keeps what it is given for good
-        known = await node.pool.fetchval(
-            "SELECT true FROM card_users WHERE username = $1", username[:64])
-        await _log(node, username[:64] if known else UNKNOWN_USER, "session.create", {},
-                   {"ok": False, "code": e.code})
+        await refused(e.code)
         raise _problem(e) from None
     await _log(node, username, "session.create", {}, {"ok": True})
     return json_response({"token": session.token, "token_type": "Bearer",
@@ -507,7 +518,9 @@ async def _decide(ctx: Ctx, approve: bool) -> web.StreamResponse:
     if ctx.request.can_read_body:
         doc = await json_body(ctx.request)
         raw = doc.get("note")
-        note = raw if isinstance(raw, str) else None
+        if raw is not None and (not isinstance(raw, str) or len(raw) > 500):
+            raise InvalidInput("note is a string of up to 500 characters", code="invalid_note")
+        note = raw
     out = await workflow.decide_request(ctx.pool, ctx.user, _int_id(ctx), approve=approve,
                                         note=note, epoch=ctx.node.epoch,
                                         audit=ctx.audit(200, lambda o: {"state": o["state"]}))

@@ -248,9 +248,12 @@ async def _file_digest(pool: asyncpg.Pool, batch_id: int) -> str:
 async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[bytes]:
     """The batch's new-card file, streamed: header, records (from the chunks), trailer."""
     row = await batch_row(pool, batch_id)
-    if row["status"] in ("generating", "failed"):
-        raise Conflict(f"batch {batch_id} is still {row['status']}; its file is not ready",
+    if row["status"] == "generating":
+        raise Conflict(f"batch {batch_id} is still generating; its file is not ready",
                        code="file_not_ready")
+    if row["status"] == "failed":
+        raise Conflict(f"batch {batch_id} failed while generating and has no file; order a "
+                       "new batch", code="file_not_ready")
     if row["file_purged_at"] is not None:
         raise Gone(f"the new-card file of batch {batch_id} was erased at stock-in",
                    code="file_purged")
