@@ -279,6 +279,30 @@ async def test_whole_workflow_end_to_end(admin_api: Api, tmp_path: Path) -> None
     assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
 
 
+async def test_a_batch_voided_whole_before_stock_in_loses_its_new_card_file(
+        admin_api: Api) -> None:
+    # such a batch never reaches stock-in, which erases the file (each card's PIN under the
+    # print key) of the others: it was kept for good
+    a = admin_api
+    kept, dead = await _order(a, 4), await _order(a, 4)
+
+    async def serials(batch: dict[str, Any]) -> list[str]:
+        return [r["serial"] for r in await a.pool.fetch(
+            "SELECT serial FROM cards WHERE batch_id = $1 ORDER BY serial", batch["id"])]
+
+    await a.call("POST", "/voids", "admin", expect=200,
+                 json={"reason": "damaged", "serials": (await serials(kept))[:1]})
+    await a.call("POST", "/voids", "admin", expect=200,
+                 json={"reason": "damaged", "serials": await serials(dead)})
+    await a.call("GET", f"/batches/{kept['id']}/new-card-file", "admin", expect=200)
+    gone = await a.call("GET", f"/batches/{dead['id']}/new-card-file", "admin", expect=410)
+    assert gone["code"] == "file_purged"
+    assert await a.pool.fetchval("SELECT count(*) FROM card_file_chunks WHERE batch_id = $1",
+                                 dead["id"]) == 0
+    assert (await a.call("GET", f"/batches/{dead['id']}", "aud",
+                         expect=200))["new_card_file_purged"] is True
+
+
 async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> None:
     # what is typed in the wrong field (a password as the user name, a PIN as a serial) is
     # not kept: the log keeps what it is given for good, and auditors read it

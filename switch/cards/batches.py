@@ -245,6 +245,27 @@ async def _file_digest(pool: asyncpg.Pool, batch_id: int) -> str:
     return h.hexdigest()
 
 
+# The new-card files of the batches of `$1` (serials) whose every card is voided: erased, in
+# the void's transaction. Such a batch never reaches stock-in (which erases the file of the
+# others), and the file holds each card's PIN under the print key.
+_ERASE_DEAD_FILES = """
+WITH b AS (SELECT DISTINCT batch_id FROM cards WHERE serial = ANY($1::text[])),
+dead AS (
+  UPDATE card_batches cb SET file_purged_at = now()
+    FROM b
+   WHERE cb.id = b.batch_id AND cb.file_purged_at IS NULL
+     AND NOT EXISTS (SELECT 1 FROM cards c WHERE c.batch_id = cb.id AND c.state <> 'voided')
+  RETURNING cb.id
+)
+DELETE FROM card_file_chunks f USING dead WHERE f.batch_id = dead.id"""
+
+
+async def erase_files_of_voided_batches(conn: states.Conn,
+                                        serials: Sequence[str]) -> None:
+    """Erase the new-card files of the batches of `serials` whose every card is voided."""
+    await conn.execute(_ERASE_DEAD_FILES, list(serials))
+
+
 async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[bytes]:
     """The batch's new-card file, streamed: header, records (from the chunks), trailer."""
     row = await batch_row(pool, batch_id)
@@ -255,8 +276,8 @@ async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[byte
         raise Conflict(f"batch {batch_id} failed while generating and has no file; order a "
                        "new batch", code="file_not_ready")
     if row["file_purged_at"] is not None:
-        raise Gone(f"the new-card file of batch {batch_id} was erased at stock-in",
-                   code="file_purged")
+        raise Gone(f"the new-card file of batch {batch_id} was erased (at stock-in, or when "
+                   "every card of the batch had been voided)", code="file_purged")
     yield new_card_header(batch_id=batch_id, face_value=row["face_value"],
                           count=row["quantity"], manufacturer=row["manufacturer"],
                           created=row["created_at"].astimezone(dt.UTC).isoformat(

@@ -11,6 +11,7 @@ import asyncpg
 from switch import db
 from switch.business import iso_date
 from switch.cards import states
+from switch.cards.batches import erase_files_of_voided_batches
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
 from switch.cards.serials import SerialRange, compress, expand, not_a_serial, valid_serial
 from switch.cards.states import UNREDEEMED_VALUES, CardState, Document
@@ -100,6 +101,7 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
                 await states.transition(conn, serials, CardState.VOIDED, actor=user.username,
                                         reason=reason if not note else f"{reason}: {note}",
                                         doc=doc)
+                await erase_files_of_voided_batches(conn, serials)
             return await _audited(audit, conn, {
                 "void_id": void_id, "state": "pending_approval" if pending else "done",
                 "reason": reason, "count": len(serials), "ranges": _ranges(serials)})
@@ -121,6 +123,7 @@ async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve:
             await states.transition(conn, row["serials"], CardState.VOIDED, actor=user.username,
                                     reason=f"{row['reason']} (approved by {user.username})",
                                     doc=Document(type="void", id=str(void_id)))
+            await erase_files_of_voided_batches(conn, row["serials"])
         await conn.execute(
             "UPDATE card_voids SET state = $2, approved_by = $3, done_at = now() WHERE id = $1",
             void_id, "done" if approve else "rejected", user.username)
