@@ -466,6 +466,18 @@ async def test_marketing_times_out_after_commit_credited_once(
     assert await _balance(sims, acct) - before == 901  # credited once, not twice
 
 
+async def test_an_active_node_whose_lease_lapsed_says_so(node: Node, api: Api,
+                                                          sims: Sims) -> None:
+    # a lone node that cannot renew (the database out of reach) sent clients to "the active
+    # node", which does not exist
+    await node.lease.halt()
+    node.lease._valid_until = 0.0  # the renewals failed for a ttl
+    st, _, raw = await api.call("GET", f"/v1/accounts/{await active_account(sims.marketing)}")
+    doc = orjson.loads(raw)
+    assert st == 503 and doc["code"] == "standby"
+    assert "could not renew its lease" in doc["detail"], doc
+
+
 async def test_standby_node_answers_503(clean_db: str, clean_redis: str, sims: Sims,
                                         tmp_path: Path) -> None:
     async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a:

@@ -11,6 +11,7 @@ from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_request import BaseRequest
 
+from switch.lease import Role
 from switch.web.problems import Problem, json_response, problem_for
 
 if TYPE_CHECKING:
@@ -94,9 +95,14 @@ async def metrics(request: web.Request) -> web.Response:
 def require_active(request: web.Request) -> Node:
     node = node_of(request)
     if not node.is_active:
-        said = "is stopping" if node.stopping else "is the standby"
-        raise Problem(503, "standby", f"this node {said}; send the request to the active node",
-                      headers={"Retry-After": "1"})
+        if node.stopping:
+            detail = "this node is stopping; send the request to the active node"
+        elif node.role is Role.ACTIVE:  # its lease lapsed here: the database is out of reach
+            detail = ("this node could not renew its lease in time (is the database "
+                      "reachable?); retry shortly")
+        else:
+            detail = "this node is the standby; send the request to the active node"
+        raise Problem(503, "standby", detail, headers={"Retry-After": "1"})
     return node
 
 
