@@ -31,6 +31,7 @@ from switch.cards.openapi import ADMIN_OPENAPI_PATHS
 from switch.config import Settings, load_settings
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
+from switch.lease import Role
 from switch.metrics import Metrics
 from switch.web.app import build_app
 
@@ -51,6 +52,10 @@ class StandInNode:
     is_active: bool = True
     stopping: bool = False
     epoch: int = 0  # the lease row's epoch in a clean database
+
+    @property
+    def role(self) -> Role:  # a fenced node demotes itself
+        return Role.ACTIVE if self.is_active else Role.STANDBY
 
     async def fenced(self) -> None:
         self.is_active = False

@@ -3,6 +3,7 @@ the one-shot commands against its embedded database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -233,34 +234,25 @@ def test_what_the_machine_refuses_is_one_line_not_a_traceback(home: Path,
         assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
 
 
-def test_card_job_follow_ends_with_the_job_and_an_unknown_job_is_named(
-        home: Path, clean_db: str) -> None:
-    import asyncio
+async def test_card_job_follow_ends_with_the_job_and_an_unknown_job_is_named(
+        home: Path, pool: Any, clean_db: str) -> None:
     import uuid
 
-    import asyncpg
-
     job = uuid.uuid4()
-
-    async def seed() -> None:
-        conn = await asyncpg.connect(clean_db)
-        try:
-            await conn.execute(
-                "INSERT INTO card_jobs (id, kind, state, done, total, created_by)"
-                " VALUES ($1, 'batch.generate', 'succeeded', 10, 10, 'admin')", job)
-        finally:
-            await conn.close()
-
-    asyncio.run(seed())
+    await pool.execute("INSERT INTO card_jobs (id, kind, state, done, total, created_by)"
+                       " VALUES ($1, 'batch.generate', 'succeeded', 10, 10, 'admin')", job)
     env = _env(home)
     env["GRIDPAY_DATABASE_URL"] = clean_db
-    out = subprocess.run([sys.executable, "-m", "switch.cli", "cards", "job", str(job),
-                          "--follow"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=30)  # it followed a finished job for ever
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "switch.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    # it followed a finished job for ever
+    out = await asyncio.to_thread(cli, "cards", "job", str(job), "--follow")
     assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout, out.stderr)
     for unknown in ("nosuch", str(uuid.uuid4())):
-        out = subprocess.run([sys.executable, "-m", "switch.cli", "cards", "job", unknown],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        out = await asyncio.to_thread(cli, "cards", "job", unknown)
         assert out.returncode == 2 and f"no job {unknown}" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
 
