@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,13 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     url = args.marketing_url or settings.services.marketing_url  # the command line wins
     if not url:
-        print("gridpay recon marketing: set GRIDPAY_MARKETING_URL or --marketing-url",
+        print("gridpay recon marketing: set GRIDPAY_MARKETING_URL or --marketing-url (under "
+              "'gridpay up', its READY line shows the embedded billing simulator's URL)",
+              file=sys.stderr)
+        return 2
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print("gridpay recon marketing: the billing system's URL must be http(s)://host[:port]",
               file=sys.stderr)
         return 2
 

@@ -234,6 +234,15 @@ def test_what_the_machine_refuses_is_one_line_not_a_traceback(home: Path,
         assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
 
 
+def test_recon_marketing_names_what_is_wrong_with_its_billing_url(home: Path) -> None:
+    for url in ("not-a-url", "ftp://h/x", "http://"):
+        out = _gridpay("recon", "marketing", "--date", "2026-11-27", "--marketing-url", url,
+                       home=home, timeout=60)
+        assert out.returncode == 2 and "must be http(s)://host" in out.stderr, (url, out.stderr)
+    out = _gridpay("recon", "marketing", "--date", "2026-11-27", home=home, timeout=60)
+    assert out.returncode == 2 and "READY line" in out.stderr, out.stderr
+
+
 async def test_card_job_follow_ends_with_the_job_and_an_unknown_job_is_named(
         home: Path, pool: Any, clean_db: str) -> None:
     import uuid
