@@ -134,19 +134,38 @@ class _Metrics:
         self.child(self.latency, command).observe(seconds)
 
 
+#: the error codes of the HSM contract (docs/hsm.md)
+ERROR_CODES = frozenset({"00", "01", "04", "10", "15", "17", "20", "23", "24", "29", "41",
+                         "68", "80", "A4", "A6", "A7", "A8"})
+
+#: answers owed on a connection (requests given up) past which it is drained and replaced
+_MAX_OWED = 1024
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection with requests in flight, matched to answers by header.
 
     A protocol rather than a stream reader and a reading task: the answers are cut out of the
     bytes as they arrive and handed to their callers directly, one hop less per request.
+
+    A request that times out leaves its answer owed: the HSM may still send it, late. Its
+    header must then never go to a new request on this connection, or that late answer
+    would be taken for the new request's ("MAC verifies" for another payment, after the
+    4-digit headers have come round). So once a request times out the connection takes no
+    new request (it drains: the pool opens another) and closes when nothing is left in
+    flight. An answer that cannot be this connection's (a header never sent, or the wrong
+    response code for its request) shows it out of step: it is closed at once, and what it
+    carried fails as unavailable.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        # header -> (future, deadline, command); one timer checks the deadlines, which is
-        # much cheaper than a timeout context per request
-        self._pending: dict[bytes, tuple[asyncio.Future[bytes], float, str]] = {}
+        # header -> (future, deadline, command, response code expected); one timer checks
+        # the deadlines, which is much cheaper than a timeout context per request
+        self._pending: dict[bytes, tuple[asyncio.Future[bytes], float, str, bytes]] = {}
+        self._owed: set[bytes] = set()  # headers of requests given up: their answers dropped
+        self.draining = False  # a request timed out here: no new request, closed when idle
         self._next = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -180,9 +199,18 @@ class _Connection(asyncio.Protocol):
                 break
             message = data[pos + 2:end]
             pos = end
-            entry = pending.get(message[:4])
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(message)
+            header = message[:4]
+            entry = pending.get(header)
+            if entry is not None and message[4:6] == entry[3]:
+                if not entry[0].done():
+                    entry[0].set_result(message)
+            elif header in self._owed:  # the late answer to a request given up
+                self._owed.discard(header)
+            else:
+                log.warning("HSM answer that is no request's: connection closed",
+                            extra={"length": len(message)})
+                self._fail()
+                return
         if pos < n:
             self._buf += data[pos:]
 
@@ -206,7 +234,7 @@ class _Connection(asyncio.Protocol):
         for _ in range(0x10000):
             self._next = (self._next + 1) % 0x10000
             header = f"{self._next:04X}".encode()
-            if header not in self._pending:
+            if header not in self._pending and header not in self._owed:
                 return header
         raise HsmUnavailable("--", "too many requests in flight")
 
@@ -216,13 +244,14 @@ class _Connection(asyncio.Protocol):
         header = self._header()
         loop = self._loop
         future: asyncio.Future[bytes] = loop.create_future()
-        self._pending[header] = (future, loop.time() + limit_s, command)
+        code = command.encode()
+        self._pending[header] = (future, loop.time() + limit_s, command, response_code(code))
         if self._timer is None:
             self._check_every = max(0.005, limit_s / 4)
             self._timer = loop.call_later(self._check_every, self._expire)
         # Requests made in the same loop iteration leave in one write (one system call),
         # which is what pipelining buys under load.
-        self._out.append(encode_frame(header + command.encode() + fields))
+        self._out.append(encode_frame(header + code + fields))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -233,18 +262,30 @@ class _Connection(asyncio.Protocol):
         except HsmUnavailable:
             raise HsmUnavailable(command, "connection lost") from None
         finally:
-            self._pending.pop(header, None)
+            entry = self._pending.pop(header, None)
+            if entry is not None and not (future.done() and not future.cancelled()
+                                          and future.exception() is None):
+                self._owed.add(header)  # no answer taken: one may still come
+                if len(self._owed) > _MAX_OWED:  # answers that never come: start afresh
+                    self.draining = True
+            if self.draining and not self._pending:
+                self._fail()  # drained: what is still owed will never be read
 
     def _expire(self) -> None:
-        """Fail the requests that have waited past their deadline (`HsmTimeout`)."""
+        """Fail the requests that have waited past their deadline (`HsmTimeout`); the
+        connection then takes no new request (see the class)."""
         self._timer = None
         if not self.alive:
             return
         loop = self._loop
         now = loop.time()
-        for future, deadline, command in list(self._pending.values()):
+        for future, deadline, command, _ in list(self._pending.values()):
             if deadline <= now and not future.done():
                 future.set_exception(HsmTimeout(command))
+                if not self.draining:
+                    self.draining = True
+                    log.warning("HSM request timed out: connection drained and replaced",
+                                extra={"command": command})
         if self._pending:
             self._timer = loop.call_later(self._check_every, self._expire)
 
@@ -268,7 +309,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for future, _, _ in self._pending.values():
+        for future, _, _, _ in self._pending.values():
             if not future.done():
                 future.set_exception(HsmUnavailable("--", "connection lost"))
         writable, self._writable = self._writable, None
@@ -346,7 +387,7 @@ class HsmClient:
 
     @property
     def connected(self) -> int:
-        return sum(1 for c in self._conns if c.alive)
+        return sum(1 for c in self._conns if c.alive and not c.draining)
 
     # --- pool -------------------------------------------------------------------------------
 
@@ -368,8 +409,9 @@ class HsmClient:
             self._fill_task = None
 
     def _live(self) -> list[_Connection]:
-        live = [c for c in self._conns if c.alive]
+        live = [c for c in self._conns if c.alive and not c.draining]
         if len(live) != len(self._conns):
+            # a draining connection closes itself once its last request ends
             self._conns = live
         return live
 
@@ -427,7 +469,8 @@ class HsmClient:
                 result = "bad_response"
                 raise HsmError(None, command, "unexpected response")
             code = message[6:8].decode("ascii", "replace")
-            result = code
+            # a metric label: the contract's codes only, not whatever two bytes came
+            result = code if code in ERROR_CODES else "other"
             if code not in ok:
                 raise HsmError(code, command)
             return code, FieldReader(message, 8)
