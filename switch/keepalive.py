@@ -30,12 +30,12 @@ import asyncio
 import collections
 import contextlib
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httptools
 
-__all__ = ["AnswerTooLarge", "HttpStatusError", "KeepAlivePool", "PoolClosed"]
+__all__ = ["AnswerTooLarge", "HttpStatusError", "KeepAlivePool", "OutOfStep", "PoolClosed"]
 
 
 class PoolClosed(ConnectionError):
@@ -52,6 +52,10 @@ class AnswerTooLarge(HttpStatusError):
 
 class _Unanswered(ConnectionResetError):
     """The connection closed before any byte of this request's answer arrived."""
+
+
+class OutOfStep(HttpStatusError):
+    """An answer that is not this request's: its connection is out of step (closed)."""
 
 
 Answer = tuple[int, bytes]
@@ -86,6 +90,7 @@ class _Conn(asyncio.Protocol):
         self.framed = False  # it has a Content-Length or is chunked (else: ends at close)
         self.out: list[bytes] = []  # requests written in this turn of the loop
         self.sent = 0  # requests ever sent on this connection
+        self.out_of_step = False  # an answer was found not to be its request's
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -298,7 +303,8 @@ class KeepAlivePool:
         raise AssertionError("unreachable")
 
     async def request_many(self, method: str, path: str, bodies: Sequence[bytes], *,
-                           window: int, content_type: str = "application/json"
+                           window: int, content_type: str = "application/json",
+                           check: Callable[[int, Answer], bool] | None = None
                            ) -> list[Answer | BaseException]:
         """Send one request per body, at most `window` of them in flight at once, and return
         each one's (status, body) or the error it met, in the order of `bodies`.
@@ -310,13 +316,20 @@ class KeepAlivePool:
         wakes once, when every request has its outcome. This is the relay's path, where a
         batch of postings goes out together (`request` costs a few times more per request).
         If the caller is cancelled, the requests still in flight are given up as `request`
-        gives them up."""
+        gives them up.
+
+        `check(index, answer)` says whether an answer is the one to that request (the body
+        names what it answers, say). One that is not means the connection is out of step
+        with its requests (a server or a middlebox that answered twice, or skipped one): its
+        connection is closed, that request fails with `OutOfStep`, and every later answer on
+        that connection is taken as no answer (the request is sent again on another one, as
+        for any unanswered request), so that no answer is ever handed to another request."""
         if window < 1:
             raise ValueError("window must be positive")
         head = (self._head(method, path, None)
                 + f"Content-Type: {content_type}\r\nContent-Length: ".encode())
         requests = [b"%s%d\r\n\r\n%s" % (head, len(body), body) for body in bodies]
-        return await _Batch(self, requests, window, self._running_loop()).run()
+        return await _Batch(self, requests, window, self._running_loop(), check).run()
 
     async def _acquire(self, deadline: float) -> _Conn:
         loop = self._running_loop()
@@ -450,8 +463,10 @@ class _Batch:
     connection's parser), and each one frees the room the next request is written into."""
 
     def __init__(self, pool: KeepAlivePool, requests: list[bytes], window: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 check: Callable[[int, Answer], bool] | None = None) -> None:
         self.pool = pool
+        self.check = check
         self.requests = requests
         self.window = window
         self.least_write = max(1, window // 4)  # with nothing in flight, the whole window
@@ -547,8 +562,19 @@ class _Batch:
         outcomes, self.outcomes = self.outcomes, []
         release = self.pool._release
         again: list[tuple[int, bool]] = []
+        check = self.check
         for slot in outcomes:
             del self.in_flight[slot]
+            if check is not None and slot.error is None:
+                conn = slot.conn
+                if conn.out_of_step:  # answered after its connection lost step: not its own
+                    slot.answer, slot.error = None, _Unanswered("the connection was out of step")
+                elif not check(slot.index, slot.answer):  # type: ignore[arg-type]
+                    slot.answer = None
+                    slot.error = OutOfStep("an answer that is not this request's: the "
+                                           "connection is out of step")
+                    conn.out_of_step = True
+                    conn.abort()  # what it still carries goes again, on another connection
             ok = slot.error is None
             release(slot.conn, ok, slot)
             if slot.may_retry and isinstance(slot.error, _Unanswered):

@@ -52,6 +52,10 @@ class MarketingUnavailable(MarketingError):
     """No usable answer (refused, dropped, timed out, 5xx, unreadable): outcome unknown."""
 
 
+class AnsweredForAnother(MarketingUnavailable):
+    """A posting's answer names another posting: the connection it came on is out of step."""
+
+
 class MarketingRejected(MarketingError):
     """The marketing system refused the request for good (4xx other than 409)."""
 
@@ -286,6 +290,11 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     return b"".join(parts)
 
 
+# what the ledger's bigint columns hold: a figure outside it (one the marketing system cannot
+# mean) would make the whole batch's mark fail, again and again
+_BIGINT_MIN, _BIGINT_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _unavailable(exc: BaseException) -> MarketingUnavailable:
     """What a failed request means to the caller: the outcome is unknown."""
     if isinstance(exc, AnswerTooLarge):
@@ -509,17 +518,31 @@ class MarketingClient:
                         return e
 
             return list(await asyncio.gather(*(one(p, b) for p, b in postings)))
-        answers = await pool.request_many("POST", "/postings", [b for _, b in postings],
-                                          window=self._connections)
-        out: list[PostingResult | MarketingError] = []
-        for (posting_id, _), answer in zip(postings, answers, strict=True):
-            if isinstance(answer, BaseException):
-                out.append(_unavailable(answer))
-                continue
+        # Each answer is read as it comes: one that names another posting shows its pipelined
+        # connection out of step (a server or a middlebox that answered one request twice),
+        # and then no later answer on it can be trusted, a refusal (which names no posting)
+        # least of all: the pool closes it and sends what it carried again elsewhere.
+        read: list[PostingResult | MarketingError | None] = [None] * len(postings)
+
+        def check(i: int, answer: tuple[int, bytes]) -> bool:
             try:
-                out.append(self._posting_result(posting_id, *answer))
+                read[i] = self._posting_result(postings[i][0], *answer)
+            except AnsweredForAnother:
+                return False
             except MarketingError as e:
-                out.append(e)
+                read[i] = e
+            return True
+
+        answers = await pool.request_many("POST", "/postings", [b for _, b in postings],
+                                          window=self._connections, check=check)
+        out: list[PostingResult | MarketingError] = []
+        for i, answer in enumerate(answers):
+            result = read[i]
+            if isinstance(answer, BaseException) or result is None:
+                out.append(_unavailable(answer if isinstance(answer, BaseException)
+                                        else RuntimeError("no answer read")))
+            else:
+                out.append(result)
         return out
 
     def _posting_result(self, posting_id: str, status: int, raw: bytes) -> PostingResult:
@@ -532,10 +555,12 @@ class MarketingClient:
             prepaid = body["prepaid_balance_after"]
         except (KeyError, TypeError) as exc:
             raise MarketingUnavailable("marketing system sent a malformed posting result") from exc
-        if type(arrears) is not int or type(prepaid) is not int:  # not a bool either
+        if type(arrears) is not int or type(prepaid) is not int \
+                or not (_BIGINT_MIN <= arrears <= _BIGINT_MAX) \
+                or not (_BIGINT_MIN <= prepaid <= _BIGINT_MAX):  # not a bool, and storable
             raise MarketingUnavailable("marketing system sent a malformed posting result")
         if answered != posting_id:
-            raise MarketingUnavailable("marketing system answered for another posting")
+            raise AnsweredForAnother("marketing system answered for another posting")
         return PostingResult(posting_id, arrears, prepaid, status == 200)
 
     async def postings_for_date(self, business_date: date) -> list[PostingRecord]:

@@ -116,6 +116,20 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         again = await reconcile(node.pool, node.components["marketing"], day,
                               calendar=node.components["calendar"])
         assert again.clean and again.matched == 4
+        # a posting the marketing system holds but the relay gave up on (a refusal read off a
+        # connection out of step, say): reported, and on a run that re-queues, marked sent,
+        # so that a reversal waiting behind it goes on
+        held = await node.pool.fetchval("SELECT posting_id FROM outbox WHERE state = 'sent'"
+                                        " AND posting_id <> 'P999999999999999999' LIMIT 1")
+        await node.pool.execute("UPDATE outbox SET state = 'dead' WHERE posting_id = $1", held)
+        dry = await reconcile(node.pool, node.components["marketing"], day,
+                              calendar=node.components["calendar"], requeue=False)
+        assert dry.held_but_dead == [held] and dry.settled == 0 and dry.clean
+        settled = await reconcile(node.pool, node.components["marketing"], day,
+                                  calendar=node.components["calendar"])
+        assert settled.held_but_dead == [held] and settled.settled == 1
+        assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id = $1",
+                                        held) == "sent"
         # a credit in the marketing system with one of our ids that no outbox row has
         from switch.marketing_client import Posting
 
@@ -279,11 +293,19 @@ async def test_a_refused_posting_is_a_dead_letter_and_the_rest_of_its_batch_is_s
                                 " WHERE posting_id = $1", damaged)
         forwarder = node.components["forwarder"]
         assert await forwarder.forward_once() == ForwardStats(6, 2)
+        # refused once: tried once more (a refusal names no posting, so it could have been
+        # another request's), then a dead letter
+        states = {r["posting_id"]: r["state"] for r in await node.pool.fetch(
+            "SELECT posting_id, state FROM outbox WHERE posting_id = ANY($1::text[])",
+            [unknown, damaged])}
+        assert states == {unknown: "pending", damaged: "pending"}
+        await node.pool.execute("UPDATE outbox SET next_attempt_at = now()")
+        assert await forwarder.forward_once() == ForwardStats(0, 2)
         rows = {r["posting_id"]: r for r in await node.pool.fetch(
             "SELECT posting_id, state, attempts, last_error FROM outbox")}
         for posting_id in (unknown, damaged):
             row = rows.pop(posting_id)
-            assert row["state"] == "dead" and row["attempts"] == 1
+            assert row["state"] == "dead" and row["attempts"] == 2
             assert row["last_error"].startswith("refused: marketing system rejected")
         assert {r["state"] for r in rows.values()} == {"sent"}
         ours = {r.posting_id for r in records}

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from switch.keepalive import HttpStatusError, KeepAlivePool, PoolClosed
+from switch.keepalive import HttpStatusError, KeepAlivePool, OutOfStep, PoolClosed
 
 Echo = tuple[str, set[tuple[str, int]]]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -678,3 +678,42 @@ async def test_a_garbled_answer_in_a_batch_fails_that_request_the_others_go_agai
         results = await pool.request_many("POST", "/x", bodies, window=4)
         assert results[0] == (200, b"a") and isinstance(results[1], HttpStatusError)
         assert results[2:] == [(200, b"c"), (200, b"d"), (200, b"e")]
+
+
+async def test_an_answer_out_of_step_closes_its_connection_and_none_reaches_another_request(
+        ) -> None:
+    # A server that answers one request twice puts every later answer on its connection one
+    # request late. An answer the caller's check refuses (it names another request) closes
+    # the connection; what it still carried, answers read with it included, goes again on
+    # another: a refusal (which names nothing) is never handed to the wrong request.
+    first_connection = [True]
+
+    async def doubling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        doubled = not first_connection[0]
+        first_connection[0] = False
+        while bodies := await _read_bodies(reader):
+            out = b""
+            for b in bodies:
+                answer = _ok(b"no:" + b, b"404 Not Found") if b.startswith(b"refuse") \
+                    else _ok(b)
+                out += answer
+                if not doubled and b == b"a1":
+                    out += answer  # the duplicate
+                    doubled = True
+            writer.write(out)
+            await writer.drain()
+
+    def check(i: int, answer: tuple[int, bytes]) -> bool:
+        status, body = answer
+        return status != 200 or body == bodies[i]
+
+    async with _served(doubling, size=1, timeout_s=2.0, pipeline=8) as pool:
+        bodies = [b"a0", b"a1", b"a2", b"refuse3", b"a4", b"refuse5", b"a6"]
+        results = await pool.request_many("POST", "/x", bodies, window=8, check=check)
+    for body, result in zip(bodies, results, strict=True):
+        if isinstance(result, BaseException):
+            assert isinstance(result, OutOfStep), result  # only the one caught out of step
+            continue
+        status, got = result
+        assert got == (b"no:" + body if status == 404 else body), (body, result)
+    assert sum(isinstance(r, OutOfStep) for r in results) == 1

@@ -566,3 +566,76 @@ async def test_a_posting_list_in_the_contracts_terms_is_read_and_a_foreign_recor
         # it would be reported missing
         with pytest.raises(MarketingUnavailable, match="malformed"):
             await client.postings_for_date(date(2026, 11, 26))
+
+
+async def test_a_billing_system_that_answers_twice_never_gets_a_refusal_handed_to_another(
+        ) -> None:
+    # Its duplicate puts every later answer on the connection one request late: the refusal
+    # meant for one posting would land on the next, which would become a dead letter though
+    # billing credits it. The answer naming another posting closes the connection, and the
+    # rest are sent again on another one.
+    import orjson
+
+    doubled = [False]
+
+    async def billing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                posting = orjson.loads(await reader.readexactly(length))
+                if posting["account_no"] == "9999999999":
+                    status, body = b"404 Not Found", b'{"code":"account_not_found"}'
+                else:
+                    status, body = b"201 Created", orjson.dumps({
+                        "posting_id": posting["posting_id"], "arrears_after": 0,
+                        "prepaid_balance_after": 0})
+                answer = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                    status, len(body), body)
+                if posting["posting_id"] == "d-1" and not doubled[0]:
+                    doubled[0] = True
+                    answer += answer
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(billing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # eight in flight on one pipelined connection
+        async with MarketingClient(f"http://127.0.0.1:{port}", timeout=2.0, connections=8,
+                                   pipeline=8) as client:
+            batch = [payment("d-0", "1000000008", 5), payment("d-1", "1000000008", 5),
+                     payment("d-2", "9999999999", 5), payment("d-3", "1000000008", 5),
+                     payment("d-4", "9999999999", 5), payment("d-5", "1000000008", 5)]
+            results = await client.post_many([_encoded(p) for p in batch])
+    finally:
+        server.close()
+    for posting, result in zip(batch, results, strict=True):
+        if isinstance(result, PostingResult):
+            assert result.posting_id == posting.posting_id
+        elif isinstance(result, MarketingRejected):  # only those billing refuses
+            assert posting.account_no == "9999999999", posting.posting_id
+        else:
+            assert isinstance(result, MarketingUnavailable), result  # tried again later
+    assert not isinstance(results[3], MarketingRejected)
+    assert isinstance(results[5], PostingResult)
+
+
+async def test_a_posting_result_the_ledger_cannot_hold_is_unavailable_not_a_stuck_batch(
+        ) -> None:
+    # a balance of 2**63 passed the type check and then failed the whole batch's mark in
+    # PostgreSQL, round after round; it is an unreadable answer (tried again), like any other
+    import orjson
+
+    async with MarketingClient("http://127.0.0.1:1") as client:
+        for value in (2 ** 63, -(2 ** 63) - 1, 2 ** 64 - 1):
+            body = orjson.dumps({"posting_id": "p", "arrears_after": 0,
+                                 "prepaid_balance_after": 0}).replace(
+                b'"arrears_after":0', b'"arrears_after":%d' % value)
+            with pytest.raises(MarketingUnavailable):
+                client._posting_result("p", 201, body)
+        assert client._posting_result("p", 201, orjson.dumps({
+            "posting_id": "p", "arrears_after": 2 ** 63 - 1,
+            "prepaid_balance_after": -(2 ** 63)})).arrears_after == 2 ** 63 - 1

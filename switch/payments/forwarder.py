@@ -43,7 +43,8 @@ log = logging.getLogger("gridpay.forwarder")
 # next round: those, not the backlog, are what a round reads beyond its batch.
 _DUE_FROM = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
-       o.occurred_at, o.attempts, o.next_attempt_at
+       o.occurred_at, o.attempts, o.next_attempt_at,
+       coalesce(o.last_error LIKE 'refused:%', false) AS refused_before
   FROM outbox o
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (o.kind <> 'reversal' OR EXISTS (
@@ -151,15 +152,20 @@ class Forwarder:
 
     async def _run(self) -> None:
         idle = 0.5
+        pause = 0.0  # after rounds that failed: growing, so that a failing round is no loop
         while True:
             try:
                 stats = await self.forward_once()
+                pause = 0.0
             except Exception as e:
                 if db.is_fenced(e):
                     if self._on_fenced:
                         await self._on_fenced()
                     return
-                log.warning("forwarding round failed", extra={"error": type(e).__name__})
+                pause = min(5.0, max(0.1, pause * 2))
+                log.warning("forwarding round failed", extra={"error": type(e).__name__,
+                                                              "retry_in_s": pause})
+                await asyncio.sleep(pause)
                 stats = ForwardStats(0, 1)
             if stats.sent == 0:
                 self._wake.clear()
@@ -236,10 +242,21 @@ class Forwarder:
             results.append(None)
             if isinstance(outcome, MarketingUnavailable):
                 failed.append((row, f"unavailable: {outcome}", False))
-            else:
-                log.error("marketing system refused a posting",
+            elif row["refused_before"]:
+                # refused on two attempts in a row: a dead letter, for a person to look at
+                log.error("marketing system refused a posting again: dead letter",
                           extra={"posting_id": row["posting_id"], "error": str(outcome)})
                 failed.append((row, f"refused: {outcome}", True))
+            else:
+                # A refusal names no posting, so one read off a pipelined connection that had
+                # lost step (a server or middlebox that answered some request twice) cannot
+                # be told from a real one, and a posting the billing system holds would be
+                # given up, its reversal held behind it for good. It is tried once more,
+                # after the backoff, before it becomes a dead letter.
+                log.warning("marketing system refused a posting: tried once more before "
+                            "giving up", extra={"posting_id": row["posting_id"],
+                                                "error": str(outcome)})
+                failed.append((row, f"refused: {outcome}", False))
         if failed:
             await self._failed(failed)  # counted once recorded (a fenced node records none)
             dead = sum(permanent for _, _, permanent in failed)

@@ -28,6 +28,10 @@ class ReconReport:
     different: list[str] = field(default_factory=list)   # both, other content
     extra: list[str] = field(default_factory=list)       # there, not ours
     requeued: int = 0
+    # held by the marketing system but given up here (dead letters): marked sent, so that
+    # their reversals go on (when `requeue`), and listed
+    held_but_dead: list[str] = field(default_factory=list)
+    settled: int = 0
 
     @property
     def clean(self) -> bool:
@@ -37,6 +41,7 @@ class ReconReport:
         return {"business_date": self.business_date.isoformat(), "ours": self.ours,
                 "theirs": self.theirs, "matched": self.matched, "missing": self.missing,
                 "different": self.different, "extra": self.extra, "requeued": self.requeued,
+                "held_but_dead": self.held_but_dead, "settled": self.settled,
                 "clean": self.clean}
 
 
@@ -71,6 +76,8 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
             rep.different.append(pid)
         else:
             rep.matched += 1
+            if row["state"] == "dead":
+                rep.held_but_dead.append(pid)
     rep.theirs = len(ours.keys() & theirs.keys())
     # looks like ours, not of this date's outbox: is it in the outbox at all? A stray is
     # judged on the business date of its time (by the calendar date of the time, one posted in
@@ -88,4 +95,14 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
             "  FROM (SELECT count(*) FROM fence) AS f"
             " WHERE posting_id = ANY($1::text[]) AND state <> 'pending'", rep.missing, epoch)
         rep.requeued = int(status.split()[-1])
+    if requeue and rep.held_but_dead:
+        # the marketing system holds them as we do: they were delivered, whatever answer
+        # made the relay give up (a refusal read off a connection that had lost step, say)
+        status = await pool.execute(
+            "WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)"
+            " UPDATE outbox SET state = 'sent', sent_at = now(),"
+            "        last_error = 'held by the marketing system at reconciliation'"
+            "  FROM (SELECT count(*) FROM fence) AS f"
+            " WHERE posting_id = ANY($1::text[]) AND state = 'dead'", rep.held_but_dead, epoch)
+        rep.settled = int(status.split()[-1])
     return rep
