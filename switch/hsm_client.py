@@ -342,6 +342,7 @@ class HsmClient:
         self._retry = min(0.05, retry_interval_s)
         self._down_until = 0.0
         self._conns: list[_Connection] = []
+        self._draining: list[_Connection] = []  # taken out of use after a timeout
         self._rr = 0
         self._lock = asyncio.Lock()
         self._fill_task: asyncio.Task[None] | None = None
@@ -375,7 +376,8 @@ class HsmClient:
                 await self._fill_task
             self._fill_task = None
         conns, self._conns = self._conns, []
-        for conn in conns:
+        draining, self._draining = self._draining, []
+        for conn in (*conns, *draining):
             await conn.close()
 
     async def __aenter__(self) -> HsmClient:
@@ -411,7 +413,9 @@ class HsmClient:
     def _live(self) -> list[_Connection]:
         live = [c for c in self._conns if c.alive and not c.draining]
         if len(live) != len(self._conns):
-            # a draining connection closes itself once its last request ends
+            # a draining connection closes itself once its last request ends (or at close)
+            self._draining = [c for c in (*self._draining, *self._conns)
+                              if c.alive and c.draining]
             self._conns = live
         return live
 

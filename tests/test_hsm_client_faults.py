@@ -35,6 +35,7 @@ class Proxy:
         self.answers = answers
         self.requests = requests
         self.links = 0
+        self.open_links = 0
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -52,6 +53,7 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.links += 1
+        self.open_links += 1
         link = Link(self.links)
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
         done = [asyncio.ensure_future(self._pipe(reader, up_w, link, self.requests)),
@@ -61,6 +63,7 @@ class Proxy:
             t.cancel()
         writer.close()
         up_w.close()
+        self.open_links -= 1
 
     async def __aenter__(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -138,11 +141,18 @@ async def test_a_connection_that_stops_answering_is_replaced(hsm_server: HsmServ
     def answers(link: Link, frame: bytes) -> bytes:
         return b"" if link.n == 1 else frame  # the first connection: a black hole
 
-    async with client_via(Proxy(hsm_server.port, answers)) as client:
+    proxy = Proxy(hsm_server.port, answers)
+    async with client_via(proxy) as client:
         with pytest.raises(HsmTimeout):
             await client.echo(b"lost")
         got = await _echoes(client, 50, "c")
         assert got == [f"c{i}".encode() for i in range(50)], got[:3]
+    # the drained connection closed once empty, and closing the client closed the rest
+    for _ in range(50):
+        if proxy.open_links == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert proxy.open_links == 0
 
 
 async def test_an_answer_with_a_header_never_sent_closes_the_connection(
