@@ -204,6 +204,8 @@ class _Connection(asyncio.Protocol):
             if entry is not None and message[4:6] == entry[3]:
                 if not entry[0].done():
                     entry[0].set_result(message)
+                else:  # given up (timed out, cancelled): nothing is owed any more
+                    del pending[header]
             elif header in self._owed:  # the late answer to a request given up
                 self._owed.discard(header)
             else:
@@ -256,8 +258,11 @@ class _Connection(asyncio.Protocol):
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         try:
-            if self._writable is not None:  # the HSM is not reading: wait with the others
-                await asyncio.shield(self._writable)
+            writable = self._writable
+            if writable is not None:
+                # the HSM is not reading: wait with the others, but no longer than this
+                # request's own deadline (its future fails then, and the connection drains)
+                await asyncio.wait((writable, future), return_when=asyncio.FIRST_COMPLETED)
             return await future
         except HsmUnavailable:
             raise HsmUnavailable(command, "connection lost") from None

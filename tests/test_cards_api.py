@@ -306,6 +306,14 @@ async def test_a_batch_voided_whole_before_stock_in_loses_its_new_card_file(
                                  dead["id"]) == 0
     assert (await a.call("GET", f"/batches/{dead['id']}", "aud",
                          expect=200))["new_card_file_purged"] is True
+    # a batch still being generated keeps its chunks: its other cards are yet to come
+    making = await _order(a, 4)
+    await a.pool.execute("UPDATE card_batches SET status = 'generating' WHERE id = $1",
+                         making["id"])
+    await a.call("POST", "/voids", "admin", expect=200,
+                 json={"reason": "damaged", "serials": await serials(making)})
+    assert await a.pool.fetchval("SELECT file_purged_at FROM card_batches WHERE id = $1",
+                                 making["id"]) is None
 
 
 async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> None:

@@ -167,3 +167,29 @@ async def test_an_answer_with_a_header_never_sent_closes_the_connection(
         with pytest.raises(HsmUnavailable):
             await client.echo(b"x")
         assert await client.echo(b"y") == b"y"  # on a new connection
+
+
+async def test_a_request_sent_while_the_hsm_is_not_reading_still_ends_at_its_deadline(
+        ) -> None:
+    # a frozen HSM keeps its TCP connection up and stops reading: requests queued behind a
+    # full send buffer waited for it to read again, past their own timeout, for ever
+    held: list[asyncio.StreamWriter] = []
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never reads
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(frozen, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with HsmClient("127.0.0.1", port, pool_size=1, timeout=0.5) as client:
+            big = [asyncio.ensure_future(client.echo(b"x" * 60_000)) for _ in range(400)]
+            await asyncio.sleep(0.1)
+            small = [asyncio.ensure_future(client.echo(b"small")) for _ in range(5)]
+            done, waiting = await asyncio.wait(big + small, timeout=3.0)
+            assert not waiting, f"{len(waiting)} requests still waiting after their timeout"
+            assert all(isinstance(t.exception(), (HsmTimeout, HsmUnavailable)) for t in done)
+    finally:
+        for w in held:
+            w.close()
+        server.close()

@@ -254,6 +254,7 @@ dead AS (
   UPDATE card_batches cb SET file_purged_at = now()
     FROM b
    WHERE cb.id = b.batch_id AND cb.file_purged_at IS NULL
+     AND cb.status NOT IN ('generating', 'failed')  -- its cards and file are still being made
      AND NOT EXISTS (SELECT 1 FROM cards c WHERE c.batch_id = cb.id AND c.state <> 'voided')
   RETURNING cb.id
 )
