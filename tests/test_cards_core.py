@@ -317,3 +317,33 @@ async def test_job_writes_are_fenced_by_the_lease_epoch(pool: asyncpg.Pool) -> N
     assert [await _state(pool, s) for s in serials] == ["produced"] * 3
     out = await batches.stock_in(pool, bid, actor="t", epoch=epoch + 1)
     assert out["stocked_in"] == 3
+
+
+async def test_a_stale_node_s_job_records_nothing_of_its_end(pool: asyncpg.Pool) -> None:
+    # a node paused in the middle of a job wakes up after another took the lease: its job is
+    # cancelled, and it overwrote what the new node had recorded ("interrupted") and logged
+    # the job's end in the operation log
+    import asyncio
+
+    from switch.cards import jobs
+
+    epoch = int(await pool.fetchval("SELECT epoch FROM node_lease"))
+    job_id = await jobs.create_job(pool, "batch.generate", total=10, actor="t", epoch=epoch)
+    started = asyncio.Event()
+
+    async def body(p: jobs.Progress) -> dict[str, object]:
+        p.add(4)
+        started.set()
+        await asyncio.sleep(30)  # the node is paused here
+        return {}
+
+    runner = jobs.JobRunner(pool)
+    runner.start(job_id, 10, body, epoch=epoch)
+    await asyncio.wait_for(started.wait(), 5)
+    await pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    assert await jobs.fail_interrupted(pool) == 1  # which marks the orphaned job
+    logged = await pool.fetchval("SELECT count(*) FROM card_oplog")
+    await runner.close()  # the stale node's job is cancelled
+    row = await pool.fetchrow("SELECT state, error FROM card_jobs WHERE id = $1", job_id)
+    assert row is not None and (row["state"], row["error"]) == ("failed", "interrupted")
+    assert await pool.fetchval("SELECT count(*) FROM card_oplog") == logged

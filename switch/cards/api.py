@@ -189,7 +189,7 @@ async def _run_job(ctx: Ctx, kind: str, total: int, object_id: str,
     runner = ctx.request.app[CARD_JOBS]
     job_id = await jobs.create_job(ctx.pool, kind, total=total, actor=ctx.user.username,
                                    object_id=object_id, epoch=ctx.node.epoch)
-    runner.start(job_id, total, body)
+    runner.start(job_id, total, body, epoch=ctx.node.epoch)
     if sync:
         await runner.wait(job_id, SYNC_WAIT_S)
     return job_id, await jobs.get_job(ctx.pool, job_id)
@@ -305,7 +305,7 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     async def body(p: jobs.Progress) -> dict[str, Any]:
         return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
 
-    runner.start(job_id, order.quantity, body)
+    runner.start(job_id, order.quantity, body, epoch=epoch)
     if order.quantity >= SYNC_LIMIT:
         job = await jobs.get_job(pool, job_id)
         return _job_accepted(job, {"batch_id": batch_id})

@@ -214,8 +214,14 @@ async def generate(pool: asyncpg.Pool, hsm: HsmClient, keyring: KeyRing, batch_i
         digest = await _file_digest(pool, batch_id)
     except BaseException as e:
         if not db.is_fenced(e):  # a stale node writes nothing
-            await pool.execute("UPDATE card_batches SET status = 'failed' WHERE id = $1",
-                               batch_id)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    await fence(conn, epoch)  # cancelled because the lease was lost, say
+                    await conn.execute(
+                        "UPDATE card_batches SET status = 'failed' WHERE id = $1", batch_id)
+            except Exception as marking:
+                if not db.is_fenced(marking):
+                    raise
         raise
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)

@@ -31,6 +31,7 @@ class Progress:
     total: int
     done: int = 0
     _flushed: float = field(default=0.0)
+    epoch: int | None = None  # the lease epoch the job runs under (its records are fenced)
 
     def add(self, n: int) -> None:
         self.done += n
@@ -88,6 +89,19 @@ def render_progress(job: Mapping[str, Any], width: int = 40) -> str:
     return line
 
 
+# a job's record is changed only under the lease epoch it runs under ($2; NULL: not fenced)
+_MARK_RUNNING = """
+WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+UPDATE card_jobs SET state = 'running', updated_at = now()
+  FROM (SELECT count(*) FROM fence) AS f
+ WHERE id = $1"""
+_FLUSH = """
+WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+UPDATE card_jobs SET done = $3, updated_at = now()
+  FROM (SELECT count(*) FROM fence) AS f
+ WHERE id = $1 AND state = 'running'"""
+
+
 class JobRunner:
     """Runs job bodies as tasks; cancels them when closed (the job is then marked failed)."""
 
@@ -99,8 +113,13 @@ class JobRunner:
         # relay tell it: the node steps down at once instead of at its next lease renewal
         self._on_fenced = on_fenced
 
-    def start(self, job_id: uuid.UUID, total: int, body: JobBody) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._run(job_id, total, body), name=f"card-job-{job_id}")
+    def start(self, job_id: uuid.UUID, total: int, body: JobBody, *,
+              epoch: int | None = None) -> asyncio.Task[None]:
+        """Run `body` as job `job_id`; the job's own records (its state, its end in the
+        operation log) are fenced by `epoch` (the lease epoch it was started under), like
+        the body's writes: a node that lost the lease meanwhile writes none of them."""
+        task = asyncio.create_task(self._run(job_id, total, body, epoch),
+                                   name=f"card-job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
         return task
@@ -114,13 +133,21 @@ class JobRunner:
         return bool(done)
 
     async def _flush(self, p: Progress) -> None:
-        await self._pool.execute(
-            "UPDATE card_jobs SET done = $2, updated_at = now() WHERE id = $1", p.job_id, p.done)
+        await self._pool.execute(_FLUSH, p.job_id, p.epoch, p.done)
 
-    async def _run(self, job_id: uuid.UUID, total: int, body: JobBody) -> None:
-        progress = Progress(job_id=job_id, total=total)
-        await self._pool.execute(
-            "UPDATE card_jobs SET state = 'running', updated_at = now() WHERE id = $1", job_id)
+    async def _run(self, job_id: uuid.UUID, total: int, body: JobBody,
+                   epoch: int | None = None) -> None:
+        progress = Progress(job_id=job_id, total=total, epoch=epoch)
+        try:
+            await self._pool.execute(_MARK_RUNNING, job_id, epoch)
+        except Exception as e:
+            if not db.is_fenced(e):
+                raise
+            log.warning("card job not started: this node is no longer active",
+                        extra={"job": str(job_id)})
+            if self._on_fenced is not None:
+                await self._on_fenced()
+            return
 
         async def flusher() -> None:
             while True:
@@ -164,18 +191,32 @@ class JobRunner:
 
     async def _finish(self, job_id: uuid.UUID, p: Progress, state: str, *,
                       error: str | None = None, result: Mapping[str, Any] | None = None) -> None:
-        row = await self._pool.fetchrow(
-            "UPDATE card_jobs SET state = $2, done = $3, error = $4, result = $5,"
-            " updated_at = now(), finished_at = now() WHERE id = $1"
-            " RETURNING kind, object_id, created_by",
-            job_id, state, p.done, error, None if result is None else dict(result))
+        # Fenced by the job's epoch: a node that was paused and wakes up after another took
+        # the lease has its job cancelled, and must not overwrite what the new active node
+        # recorded of it ("interrupted") nor log its end.
+        try:
+            async with self._pool.acquire() as con, con.transaction():
+                await db.fence(con, p.epoch)
+                row = await con.fetchrow(
+                    "UPDATE card_jobs SET state = $2, done = $3, error = $4, result = $5,"
+                    " updated_at = now(), finished_at = now() WHERE id = $1"
+                    " AND state IN ('queued', 'running')"
+                    " RETURNING kind, object_id, created_by",
+                    job_id, state, p.done, error, None if result is None else dict(result))
+        except Exception as e:
+            if not db.is_fenced(e):
+                raise
+            log.warning("a card job's end was not recorded: this node is no longer active",
+                        extra={"job": str(job_id), "state": state})
+            return
         if row is None:
             return
         # The operation log said "accepted" when the job began; how it ended goes there too
         # (counts and codes: the whole report stays with the job). Not logged is not lost:
         # the job's own record holds it.
         try:
-            async with self._pool.acquire() as con:
+            async with self._pool.acquire() as con, con.transaction():
+                await db.fence(con, p.epoch)
                 await oplog.append(
                     con, actor=row["created_by"], action="job.finished",
                     objects={"job_id": str(job_id), "kind": row["kind"],
