@@ -700,3 +700,38 @@ async def test_odd_input_gets_a_clear_answer_and_leaves_the_log_verifiable(
     faces = [e["objects"].get("face_value") for e in logged["entries"]
              if e["action"] == "request.create"]
     assert faces == ["-0.0", "1e+16", 0.5], faces
+
+
+async def test_an_order_cut_off_is_resumed_and_its_file_is_whole(admin_api: Api) -> None:
+    # a stop or a switchover in the middle of generation left the batch failed with the
+    # chunks made so far, and nothing took it up again
+    from switch.cards import jobs
+
+    a = admin_api
+    batch = await _order(a, 2500)  # three chunks of the HSM's
+    bid = batch["id"]
+    whole = await a.call("GET", f"/batches/{bid}/new-card-file", "admin", expect=200)
+    # as if cut off after its first chunk: the rest never written, the job orphaned
+    await a.pool.execute("DELETE FROM card_file_chunks WHERE batch_id = $1 AND seq > 0", bid)
+    await a.pool.execute("DELETE FROM card_events WHERE serial IN (SELECT serial FROM cards"
+                         " WHERE batch_id = $1 ORDER BY serial OFFSET 1000)", bid)
+    await a.pool.execute("DELETE FROM cards WHERE serial IN (SELECT serial FROM cards"
+                         " WHERE batch_id = $1 ORDER BY serial OFFSET 1000)", bid)
+    await a.pool.execute("UPDATE card_batches SET status = 'generating' WHERE id = $1", bid)
+    await jobs.fail_interrupted(a.pool)  # what the node taking over does
+    assert (await a.call("GET", f"/batches/{bid}", "aud", expect=200))["status"] == "failed"
+    resumed = await a.client.post(f"{A}/batches/{bid}/resume", headers=await a.h("admin"))
+    assert resumed.status == 202, await resumed.read()
+    job = await _ended(a, (await resumed.json())["job"]["id"])
+    assert job["state"] == "succeeded" and job["done"] == 2500, job
+    view = await a.call("GET", f"/batches/{bid}", "aud", expect=200)
+    assert view["status"] == "ordered" and view["counts"]["ordered"] == 2500
+    again = await a.call("GET", f"/batches/{bid}/new-card-file", "admin", expect=200)
+    ncf = parse_new_card_file(again.splitlines(keepends=True))
+    assert len(ncf.records) == 2500
+    assert again.splitlines()[:1001] == whole.splitlines()[:1001]  # the first chunk as made
+    # only a failed batch is resumed, and only by a card admin
+    refused = await a.call("POST", f"/batches/{bid}/resume", "admin", expect=409)
+    assert refused["code"] == "batch_state"
+    await a.call("POST", f"/batches/{bid}/resume", "aud", expect=403)
+    await a.call("POST", "/batches/999999/resume", "admin", expect=404)

@@ -276,6 +276,22 @@ async def delete_session(request: web.Request) -> web.Response:
 
 # --- batches ----------------------------------------------------------------------------------
 
+@_handler("batch.resume", changes=True)
+async def resume_batch(ctx: Ctx) -> web.StreamResponse:
+    """Generate the rest of a batch whose order was cut off (a stop, a switchover, the HSM):
+    the chunks already written (each with its cards, in one transaction) are kept."""
+    batch_id = _int_id(ctx)
+    hsm, keyring = _hsm(ctx.node)
+    pool, epoch = ctx.pool, ctx.node.epoch
+    quantity = await batches.claim_for_resume(pool, batch_id, epoch)
+
+    async def body(p: jobs.Progress) -> dict[str, Any]:
+        return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
+
+    _, job = await _run_job(ctx, "batch.generate", quantity, str(batch_id), body, sync=False)
+    return _job_accepted(job, {"batch_id": batch_id})
+
+
 @_handler("batch.order", changes=True)
 async def order_batch(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
@@ -643,6 +659,7 @@ def register(app: web.Application) -> None:
     r.add_post(f"{p}/session", create_session)
     r.add_delete(f"{p}/session", delete_session)
     r.add_post(f"{p}/batches", order_batch)
+    r.add_post(f"{p}/batches/{{id}}/resume", resume_batch)
     r.add_get(f"{p}/batches/{{id}}", get_batch)
     r.add_get(f"{p}/batches/{{id}}/new-card-file", get_new_card_file)
     r.add_post(f"{p}/batches/{{id}}/card-back-file", upload_card_back)

@@ -120,6 +120,21 @@ async def batch_row(pool: asyncpg.Pool | asyncpg.Connection, batch_id: int) -> a
     return row
 
 
+async def claim_for_resume(pool: asyncpg.Pool, batch_id: int, epoch: int | None) -> int:
+    """Take a failed batch back for generation (one request wins); its quantity."""
+    await batch_row(pool, batch_id)  # 404 for no such batch
+    async with pool.acquire() as conn, conn.transaction():
+        await fence(conn, epoch)
+        qty = await conn.fetchval(
+            "UPDATE card_batches SET status = 'generating' WHERE id = $1 AND status = 'failed'"
+            " RETURNING quantity", batch_id)
+    if qty is None:
+        row = await batch_row(pool, batch_id)
+        raise Conflict(f"batch {batch_id} is {row['status']}; only a failed batch is resumed",
+                       code="batch_state")
+    return int(qty)
+
+
 async def batch_view(pool: asyncpg.Pool, batch_id: int) -> dict[str, Any]:
     row = await batch_row(pool, batch_id)
     counts = {r["state"]: int(r["n"]) for r in await pool.fetch(

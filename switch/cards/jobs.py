@@ -238,8 +238,11 @@ class JobRunner:
 
 
 async def fail_interrupted(pool: asyncpg.Pool) -> int:
-    """At start: jobs left running by a node that stopped are marked failed."""
-    status: str = await pool.execute(
-        "UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()"
-        " WHERE state IN ('queued', 'running')")
+    """At start: jobs left running by a node that stopped are marked failed, and so are the
+    batches they were generating (which `POST /batches/{id}/resume` takes up again)."""
+    async with pool.acquire() as con, con.transaction():
+        status: str = await con.execute(
+            "UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()"
+            " WHERE state IN ('queued', 'running')")
+        await con.execute("UPDATE card_batches SET status = 'failed' WHERE status = 'generating'")
     return int(status.split()[-1])

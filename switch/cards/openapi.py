@@ -75,6 +75,8 @@ _OPS: tuple[tuple[str, str, str, str, dict[str, Any] | None, str, dict[str, Any]
      "card_admin", _TEXT_BODY, "200", _RECON),
     ("post", "/batches/{id}/stock-in", "Stock in the matched cards at the warehouse",
      "card_admin", None, "200", _OBJ),
+    ("post", "/batches/{id}/resume", "Generate the rest of a batch whose order was cut off "
+     "(status failed): 202 and its job", "card_admin", None, "202", _OBJ),
     ("post", "/voids", "Void cards (reason `lost` waits for an approver: 202)", "card_admin",
      _body({**_CARDS, "reason": {"enum": ["damaged", "lost", "defective", "stolen",
                                           "inspection", "other"]},
@@ -118,7 +120,7 @@ _OPS: tuple[tuple[str, str, str, str, dict[str, Any] | None, str, dict[str, Any]
 )
 
 _JOB_OPS = {("post", "/batches"), ("post", "/batches/{id}/card-back-file"),
-            ("post", "/batches/{id}/stock-in")}
+            ("post", "/batches/{id}/stock-in"), ("post", "/batches/{id}/resume")}
 
 
 def _paths() -> dict[str, Any]:

@@ -43,6 +43,7 @@ _READERS = frozenset({R.CARD_ADMIN, R.APPROVER, R.STOREKEEPER, R.AUDITOR})
 #: action → roles allowed. Hall roles are further limited to their own hall by the handlers.
 PERMISSIONS: Mapping[str, frozenset[Role]] = MappingProxyType({
     "batch.order": frozenset({R.CARD_ADMIN}),
+    "batch.resume": frozenset({R.CARD_ADMIN}),
     "batch.read": _READERS,
     "batch.new_card_file": frozenset({R.CARD_ADMIN}),
     "batch.card_back_file": frozenset({R.CARD_ADMIN}),
