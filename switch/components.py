@@ -164,7 +164,9 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         ledger.start()
         forwarder.start()
         accounts.start_sync()
-        await fail_interrupted(node.pool)  # jobs of a node that died cannot resume by themselves
+        # jobs of a node that died cannot resume by themselves (this node's own, begun since
+        # it became active, are left alone)
+        await fail_interrupted(node.pool, card_jobs.running())
         sweeper.append(asyncio.create_task(sweep_loop(), name="card-expiry"))
         daily.start()
 

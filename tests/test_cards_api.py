@@ -726,6 +726,7 @@ async def test_an_order_cut_off_is_resumed_and_its_file_is_whole(admin_api: Api)
     assert job["state"] == "succeeded" and job["done"] == 2500, job
     view = await a.call("GET", f"/batches/{bid}", "aud", expect=200)
     assert view["status"] == "ordered" and view["counts"]["ordered"] == 2500
+    assert view["generate_job"] == job["id"]  # the batch names the job that finished it
     again = await a.call("GET", f"/batches/{bid}/new-card-file", "admin", expect=200)
     ncf = parse_new_card_file(again.splitlines(keepends=True))
     assert len(ncf.records) == 2500

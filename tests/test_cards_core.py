@@ -347,3 +347,23 @@ async def test_a_stale_node_s_job_records_nothing_of_its_end(pool: asyncpg.Pool)
     row = await pool.fetchrow("SELECT state, error FROM card_jobs WHERE id = $1", job_id)
     assert row is not None and (row["state"], row["error"]) == ("failed", "interrupted")
     assert await pool.fetchval("SELECT count(*) FROM card_oplog") == logged
+
+
+async def test_a_node_taking_over_fails_only_the_jobs_it_does_not_run(pool: asyncpg.Pool) -> None:
+    # a node takes requests as soon as it is active, before its activation hooks run: a job
+    # (and the batch it generates) begun in between was failed as if orphaned
+    from switch.cards import jobs
+
+    bid = await _batch(pool)
+    mine = await jobs.create_job(pool, "batch.generate", total=1, actor="t")
+    orphan = await jobs.create_job(pool, "batch.generate", total=1, actor="t")
+    await pool.execute("UPDATE card_batches SET status = 'generating', generate_job = $2"
+                       " WHERE id = $1", bid, mine)
+    assert await jobs.fail_interrupted(pool, {mine}) == 1
+    states = {r["id"]: r["state"] for r in await pool.fetch("SELECT id, state FROM card_jobs")}
+    assert states == {mine: "queued", orphan: "failed"}
+    assert await pool.fetchval("SELECT status FROM card_batches WHERE id = $1",
+                               bid) == "generating"
+    assert await jobs.fail_interrupted(pool) == 1  # no longer running here: orphaned
+    assert await pool.fetchval("SELECT status FROM card_batches WHERE id = $1",
+                               bid) == "failed"

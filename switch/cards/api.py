@@ -283,13 +283,25 @@ async def resume_batch(ctx: Ctx) -> web.StreamResponse:
     batch_id = _int_id(ctx)
     hsm, keyring = _hsm(ctx.node)
     pool, epoch = ctx.pool, ctx.node.epoch
-    quantity = await batches.claim_for_resume(pool, batch_id, epoch)
+    quantity = int((await batches.batch_row(pool, batch_id))["quantity"])  # 404 first
+    # the job exists before the batch is claimed for it: a node that has just become active
+    # fails the generating batches of jobs not its own (`jobs.fail_interrupted`)
+    job_id = await jobs.create_job(pool, "batch.generate", total=quantity,
+                                   actor=ctx.user.username, object_id=str(batch_id),
+                                   epoch=epoch)
+    ctx.result["job_id"] = str(job_id)
+    try:
+        await batches.claim_for_resume(pool, batch_id, job_id, epoch)
+    except CardError as e:
+        await pool.execute("UPDATE card_jobs SET state = 'failed', error = $2,"
+                           " finished_at = now() WHERE id = $1", job_id, e.code)
+        raise
 
     async def body(p: jobs.Progress) -> dict[str, Any]:
         return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
 
-    _, job = await _run_job(ctx, "batch.generate", quantity, str(batch_id), body, sync=False)
-    return _job_accepted(job, {"batch_id": batch_id})
+    ctx.request.app[CARD_JOBS].start(job_id, quantity, body, epoch=epoch)
+    return _job_accepted(await jobs.get_job(pool, job_id), {"batch_id": batch_id})
 
 
 @_handler("batch.order", changes=True)

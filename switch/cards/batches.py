@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,14 +121,15 @@ async def batch_row(pool: asyncpg.Pool | asyncpg.Connection, batch_id: int) -> a
     return row
 
 
-async def claim_for_resume(pool: asyncpg.Pool, batch_id: int, epoch: int | None) -> int:
-    """Take a failed batch back for generation (one request wins); its quantity."""
-    await batch_row(pool, batch_id)  # 404 for no such batch
+async def claim_for_resume(pool: asyncpg.Pool, batch_id: int, job_id: uuid.UUID,
+                           epoch: int | None) -> int:
+    """Take a failed batch back for generation by job `job_id` (one request wins); its
+    quantity."""
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)
         qty = await conn.fetchval(
-            "UPDATE card_batches SET status = 'generating' WHERE id = $1 AND status = 'failed'"
-            " RETURNING quantity", batch_id)
+            "UPDATE card_batches SET status = 'generating', generate_job = $2"
+            " WHERE id = $1 AND status = 'failed' RETURNING quantity", batch_id, job_id)
     if qty is None:
         row = await batch_row(pool, batch_id)
         raise Conflict(f"batch {batch_id} is {row['status']}; only a failed batch is resumed",

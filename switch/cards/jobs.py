@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,10 @@ class JobRunner:
         task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
         return task
 
+    def running(self) -> frozenset[uuid.UUID]:
+        """The jobs this runner has under way."""
+        return frozenset(self._tasks)
+
     async def wait(self, job_id: uuid.UUID, limit_s: float) -> bool:
         """Wait up to `limit_s` seconds for the job to finish; True if it did."""
         task = self._tasks.get(job_id)
@@ -237,12 +241,18 @@ class JobRunner:
             await asyncio.wait(tasks, timeout=5.0)
 
 
-async def fail_interrupted(pool: asyncpg.Pool) -> int:
+async def fail_interrupted(pool: asyncpg.Pool,
+                           running: Collection[uuid.UUID] = ()) -> int:
     """At start: jobs left running by a node that stopped are marked failed, and so are the
-    batches they were generating (which `POST /batches/{id}/resume` takes up again)."""
+    batches they were generating (which `POST /batches/{id}/resume` takes up again). The jobs
+    `running` here are not: a node takes requests as soon as it is active, so a job may have
+    begun before this runs."""
+    mine = list(running)
     async with pool.acquire() as con, con.transaction():
         status: str = await con.execute(
             "UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()"
-            " WHERE state IN ('queued', 'running')")
-        await con.execute("UPDATE card_batches SET status = 'failed' WHERE status = 'generating'")
+            " WHERE state IN ('queued', 'running') AND NOT id = ANY($1::uuid[])", mine)
+        await con.execute(
+            "UPDATE card_batches SET status = 'failed' WHERE status = 'generating'"
+            " AND (generate_job IS NULL OR NOT generate_job = ANY($1::uuid[]))", mine)
     return int(status.split()[-1])
