@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -320,10 +319,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
         return rc
 
     from switch.business import BusinessCalendar
-    from switch.marketing_client import (
-        MarketingClient,
-        MarketingError,
-    )
+    from switch.marketing_client import MarketingClient, MarketingError, check_base_url
     from switch.payments.reconcile import reconcile
 
     url = args.marketing_url or settings.services.marketing_url  # the command line wins
@@ -332,10 +328,10 @@ def cmd_recon(args: argparse.Namespace) -> int:
               "'gridpay up', its READY line shows the embedded billing simulator's URL)",
               file=sys.stderr)
         return 2
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        print("gridpay recon marketing: the billing system's URL must be http(s)://host[:port]",
-              file=sys.stderr)
+    try:
+        check_base_url(url)
+    except ValueError as e:
+        print(f"gridpay recon marketing: {e}", file=sys.stderr)
         return 2
 
     async def run_m(pool: Any) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, Self, TypeVar, get_args
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import orjson
@@ -295,6 +295,14 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
 _BIGINT_MIN, _BIGINT_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
+def check_base_url(url: str) -> None:
+    """ValueError unless `url` is an http(s) URL with a host (the value is not echoed: it
+    may carry a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the billing system's URL must be http(s)://host[:port]")
+
+
 def _unavailable(exc: BaseException) -> MarketingUnavailable:
     """What a failed request means to the caller: the outcome is unknown."""
     if isinstance(exc, AnswerTooLarge):
@@ -335,6 +343,7 @@ class MarketingClient:
     ) -> None:
         if timeout <= 0 or max_answer < 1:
             raise ValueError("timeout and max_answer must be positive")
+        check_base_url(base_url)
         # an answer is held in memory whole: a larger one is refused as unreadable
         self._max_answer = max_answer
         self._connections = connections  # postings in flight at once (`post_many`)
@@ -536,12 +545,11 @@ class MarketingClient:
         answers = await pool.request_many("POST", "/postings", [b for _, b in postings],
                                           window=self._connections, check=check)
         out: list[PostingResult | MarketingError] = []
-        for i, answer in enumerate(answers):
-            result = read[i]
-            if isinstance(answer, BaseException) or result is None:
-                out.append(_unavailable(answer if isinstance(answer, BaseException)
-                                        else RuntimeError("no answer read")))
-            else:
+        for answer, result in zip(answers, read, strict=True):
+            if isinstance(answer, BaseException):
+                out.append(_unavailable(answer))
+            else:  # an answer the check took: it read it
+                assert result is not None
                 out.append(result)
         return out
 
