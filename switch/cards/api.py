@@ -276,6 +276,16 @@ async def delete_session(request: web.Request) -> web.Response:
 
 # --- batches ----------------------------------------------------------------------------------
 
+def _generation(ctx: Ctx, hsm: Any, keyring: Any, batch_id: int) -> jobs.JobBody:
+    """The body of a job generating batch `batch_id` (from its first chunk not written)."""
+    pool, epoch = ctx.pool, ctx.node.epoch
+
+    async def body(p: jobs.Progress) -> Mapping[str, Any]:
+        return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
+
+    return body
+
+
 @_handler("batch.resume", changes=True)
 async def resume_batch(ctx: Ctx) -> web.StreamResponse:
     """Generate the rest of a batch whose order was cut off (a stop, a switchover, the HSM):
@@ -297,10 +307,8 @@ async def resume_batch(ctx: Ctx) -> web.StreamResponse:
                            " finished_at = now() WHERE id = $1", job_id, e.code)
         raise
 
-    async def body(p: jobs.Progress) -> dict[str, Any]:
-        return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
-
-    ctx.request.app[CARD_JOBS].start(job_id, quantity, body, epoch=epoch)
+    ctx.request.app[CARD_JOBS].start(
+        job_id, quantity, _generation(ctx, hsm, keyring, batch_id), epoch=epoch)
     return _job_accepted(await jobs.get_job(pool, job_id), {"batch_id": batch_id})
 
 
@@ -330,10 +338,8 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     ctx.result["job_id"] = str(job_id)
     runner = ctx.request.app[CARD_JOBS]
 
-    async def body(p: jobs.Progress) -> dict[str, Any]:
-        return await batches.generate(pool, hsm, keyring, batch_id, p, epoch=epoch)
-
-    runner.start(job_id, order.quantity, body, epoch=epoch)
+    runner.start(job_id, order.quantity, _generation(ctx, hsm, keyring, batch_id),
+                 epoch=epoch)
     if order.quantity >= SYNC_LIMIT:
         job = await jobs.get_job(pool, job_id)
         return _job_accepted(job, {"batch_id": batch_id})
