@@ -52,6 +52,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 dialogs[c] += int(n)
         if dialogs:
             fig["dialogs"] = dict(dialogs)
+        if any("cards_left" in r for r in rs):  # the fewest any worker had left: one that ran
+            # out idled its callers before the clock stopped
+            fig["cards_left"] = min(int(r.get("cards_left", 0)) for r in rs)
         for key, pct in PERCENTILES:
             fig[key] = round(hist.get_value_at_percentile(pct) / 1000, 3)
         fig["max_ms"] = round(hist.get_max_value() / 1000, 3)
@@ -108,7 +111,7 @@ def format_table(report: dict[str, Any]) -> str:
                 ckpt = ("a checkpoint was writing" if db["checkpoint_running"]
                         else "no checkpoint")
                 vac = _vacuum(db)
-                per_tx = (f" ({db['wal_bytes_per_tx']} B per transaction)"
+                per_tx = (f" ({db['wal_bytes_per_tx']} B per payment)"
                           if db.get("wal_bytes_per_tx") is not None else "")
                 created = db.get("wal_segments_created")
                 segs = ("" if created is None else

@@ -202,14 +202,16 @@ class Harness:
                 self.unanswered.extend(r["unanswered"])
         figs = summarise(results)
         if count:  # a phase of the system under test (not the baseline handler's)
-            activity = db_activity(db_before, db_after,
-                                   sum(f["completed"] for f in figs.values()))
+            # payments approved in the phase: the postings it gave the relay, and what the WAL
+            # is shared by (an IVR phase completes dialog turns, most of which write nothing)
+            paid = sum(len(r["approved"]) for r in results)
+            activity = db_activity(db_before, db_after, paid)
             inside = switch_activity(inside_before, inside_after)
             tail = switch_tail(inside_before, inside_after)
             if len(figs) == 1 and activity.get("relay_backlog"):
                 f = next(iter(figs.values()))
                 if f.get("duration_s"):
-                    f["forwarded_tps"] = forwarded_rate(f["completed"], activity["relay_backlog"],
+                    f["forwarded_tps"] = forwarded_rate(paid, activity["relay_backlog"],
                                                         f["duration_s"])
             for f in figs.values():
                 f["db"] = activity
@@ -356,17 +358,17 @@ def switch_tail(before: Scrape | None, after: Scrape | None) -> dict[str, float]
     return out
 
 
-def forwarded_rate(completed: int, backlog: list[int], duration_s: float) -> float:
+def forwarded_rate(paid: int, backlog: list[int], duration_s: float) -> float:
     """What the relay forwarded during a phase, as a rate over the same window as `tps`: the
     phase's payments less the growth of the backlog (the readings span the window and the
     generator's wrap-up, so it errs high)."""
     first, last = backlog
-    return round(max(0, completed + first - last) / duration_s, 1)
+    return round(max(0, paid + first - last) / duration_s, 1)
 
 
 def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
-                completed: int) -> dict[str, Any]:
-    """What PostgreSQL did during a phase: WAL written (in all, per completed transaction)
+                paid: int) -> dict[str, Any]:
+    """What PostgreSQL did during a phase: WAL written (in all, per payment approved)
     and whether a checkpoint was writing, which costs every writer full-page images and
     disk time, so that a phase with one is not compared blindly with a phase without."""
     if before is None or after is None:
@@ -377,7 +379,7 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
     created = (None if after.get("wal_created") is None or before.get("wal_created") is None
                else after["wal_created"] - before["wal_created"])
     return {"wal_mb": round(wal / 1e6, 1),
-            "wal_bytes_per_tx": round(wal / completed) if completed else None,
+            "wal_bytes_per_tx": round(wal / paid) if paid else None,
             # each new segment is zero-filled and flushed while the committers wait
             "wal_segments_created": created,
             "checkpoints_started": after["started"] - before["started"],

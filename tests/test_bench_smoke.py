@@ -91,6 +91,24 @@ async def test_http_payments_count_in_the_books(harness: Harness) -> None:
     assert books["ok"], books["problems"]
 
 
+async def test_an_ivr_phase_reports_its_recharges_not_its_turns_as_postings(
+        harness: Harness) -> None:
+    from bench.ivr import run_ivr
+
+    before = len(harness.approved)
+    report = await run_ivr(harness)
+    fig = report["phases"]["ivr turns (closed loop)"]
+    recharged = len(harness.approved) - before
+    assert recharged > 0 and fig["completed"] > 2 * recharged  # a dialog is several turns
+    # the callers never ran out of cards: a phase that did would understate the turns' rate
+    assert fig["cards_left"] > 0 and not any("ran out" in n for n in report["notes"])
+    # the relay forwarded the recharges (not one posting per turn), and the WAL is shared by
+    # the recharges that wrote it
+    assert 0 < fig["forwarded_tps"] <= 1.2 * recharged / fig["duration_s"]
+    assert fig["db"]["wal_bytes_per_tx"] > 300
+    assert (await harness.books())["ok"]
+
+
 async def test_broken_books_fail(harness: Harness) -> None:
     urls = harness.stack.urls
     # a payment a client was told is approved but the ledger does not hold
