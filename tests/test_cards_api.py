@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,12 @@ from crypto.voucher import voucher_tag
 from hsm_sim.server import load_dev_settings, start_server
 from switch.business import BusinessCalendar
 from switch.cards import api
-from switch.cards.files import parse_new_card_file
+from switch.cards.files import (
+    card_back_header,
+    card_back_record,
+    parse_card_back,
+    parse_new_card_file,
+)
 from switch.cards.manufacturer import manufacture
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
 from switch.config import Settings, load_settings
@@ -316,6 +322,71 @@ async def test_a_batch_voided_whole_before_stock_in_loses_its_new_card_file(
                                  making["id"]) is None
 
 
+async def test_a_card_back_file_that_voids_every_card_erases_the_new_card_file(
+        admin_api: Api, tmp_path: Path) -> None:
+    # the batch will never be stocked in (which erases the others' files): the file, each
+    # card's PIN under the print key, goes with the reconciliation that voids its last card
+    a = admin_api
+    batch = await _order(a, 3)
+    good, _ = await _card_back(a, tmp_path, batch, seed=1)
+    records = [replace(r, status="DAMAGED")
+               for r in parse_card_back(good).records]
+    body = b"".join(card_back_record(r) for r in records)
+    data = (card_back_header(batch_id=batch["id"], count=3, manufacturer="acme",
+                             created="2026-11-27T00:00:00+00:00") + body
+            + f"T|3|{sum(r.face_value for r in records)}|"
+              f"{hashlib.sha256(body).hexdigest()}\n".encode())
+    rep = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=data,
+                       expect=200)
+    assert rep["matched"] == 0 and rep["counts"]["damaged"] == 3
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["counts"]["voided"] == 3 and view["new_card_file_purged"] is True
+    assert (await a.call("GET", f"/batches/{batch['id']}/new-card-file", "admin",
+                         expect=410))["code"] == "file_purged"
+    assert await a.pool.fetchval("SELECT count(*) FROM card_file_chunks WHERE batch_id = $1",
+                                 batch["id"]) == 0
+
+
+async def test_refusals_of_odd_orders_and_voids_are_clear_and_leave_nothing_behind(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    await _order(a, 1)
+    # a prefix without room for the order: 409 serials_exhausted, not a database error, and
+    # no job left queued for ever
+    await a.pool.execute("UPDATE card_serial_counters SET next_seq = 999999999")
+    jobs_before = await a.pool.fetchval("SELECT count(*) FROM card_jobs")
+    out = await a.call("POST", "/batches", "admin", expect=409,
+                       json={"face_value": 10000, "quantity": 5, "manufacturer": "acme"})
+    assert out["code"] == "serials_exhausted" and "1 serials are left" in out["detail"]
+    assert await a.pool.fetchval("SELECT count(*) FROM card_jobs") == jobs_before
+    assert await a.pool.fetchval("SELECT max(next_seq) FROM card_serial_counters") == 999999999
+    await a.pool.execute("UPDATE card_serial_counters SET next_seq = 2")
+    # an expiry written otherwise than YYYY-MM-DD is refused, as its message says
+    for expiry in (20301231, "20301231", "2030-W01-1", "2030-12-31T10:00"):
+        out = await a.call("POST", "/batches", "admin", expect=422,
+                           json={"face_value": 10000, "quantity": 1, "manufacturer": "acme",
+                                 "expiry": expiry})
+        assert out["code"] == "invalid_expiry"
+    # a stocktake id out of range is a 422, not a database error
+    await _stocked_batch(a, tmp_path, 2)
+    serial = await a.pool.fetchval("SELECT min(serial) FROM cards WHERE state = 'in_stock'")
+    for st in (2**63, 18446744073709551615, 0, -1):
+        out = await a.call("POST", "/voids", "admin", expect=422,
+                           json={"reason": "lost", "serials": [serial], "stocktake_id": st})
+        assert out["code"] == "invalid_id"
+    # a refused field nested deeper than the log can write is refused (422) and logged
+    deep = b"[" * 300 + b"1" + b"]" * 300
+    resp = await a.client.post(f"{A}/requests", data=b'{"face_value": ' + deep
+                               + b', "quantity": 1}',
+                               headers={**await a.h("hm1"), "Content-Type": "application/json"})
+    assert resp.status == 422
+    log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
+    refused = [e for e in log["entries"] if e["action"] == "request.create"][-1]
+    assert refused["result"]["code"] == "invalid_face_value"
+    assert "nested too deeply" in orjson.dumps(refused["objects"]).decode()
+    assert (await a.call("GET", "/operation-log/verify", "aud", expect=200))["ok"] is True
+
+
 async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> None:
     # what is typed in the wrong field (a password as the user name, a PIN as a serial) is
     # not kept: the log keeps what it is given for good, and auditors read it
@@ -332,9 +403,14 @@ async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> Non
         body = await a.call("POST", "/voids", "admin", expect=422,
                             json={"reason": "damaged", "serials": serials})
         assert body["code"] == "invalid_serial" and "73914862" not in body["detail"]
+    # nor a PIN typed in the path where a serial goes
+    assert (await a.call("POST", "/cards/739148627391/unlock", "appr",
+                         expect=422))["code"] == "invalid_serial"
     log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
     text = orjson.dumps(log).decode()
     assert "S3cretPassw0rd" not in text and "73914862" not in text
+    unlock = [e for e in log["entries"] if e["action"] == "card.unlock"]
+    assert unlock and unlock[-1]["objects"]["serial"] == "(not a valid serial)"
     failed = [e["actor"] for e in log["entries"]
               if e["action"] == "session.create" and not e["result"]["ok"]]
     assert sorted(failed) == ["(unknown user)", "(unknown user)", "admin", "admin"]

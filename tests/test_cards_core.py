@@ -3,12 +3,14 @@ the operation log's hash chain, the files and the reconciliation."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import itertools
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from switch.cards import oplog, states
@@ -295,6 +297,45 @@ async def test_users_add_and_cli(pool: asyncpg.Pool) -> None:
     assert row["role"] == "auditor" and row["hall"] is None
     assert row["password_hash"].startswith("$argon2id$")
     assert "another-pass" not in row["password_hash"]
+    # each is in the operation log (who may approve is part of maker-checker), with the
+    # role it replaced, and never a password or its hash
+    await add_user(pool, "carol", "approver", None, "other-pass-2", actor="root")
+    entries = await oplog.entries(pool, limit=100)
+    added = [(e["actor"], e["objects"], e["result"]) for e in entries
+             if e["action"] == "user.add"]
+    assert added[0] == ("cli", {"username": "carol", "role": "cashier", "hall": "H1"},
+                        {"ok": True, "created": True})
+    assert added[-1] == ("root", {"username": "carol", "role": "approver", "hall": None},
+                         {"ok": True, "created": False, "role_before": "cashier",
+                          "hall_before": "H1", "was_disabled": False})
+    assert [e[1]["username"] for e in added] == ["carol", "erin", "carol"]
+    text = orjson.dumps(entries).decode()
+    assert "pass" not in text and "argon2" not in text
+    assert (await oplog.verify(pool)).ok
+
+
+async def test_the_log_check_sees_no_tampering_while_the_log_grows(pool: asyncpg.Pool) -> None:
+    # its pages and its head record were read apart: an entry appended in between looked
+    # like entries deleted at the end of the log
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            async with pool.acquire() as conn:
+                await oplog.append(conn, actor="x", action="probe", objects={"i": i},
+                                   result={"ok": True})
+            i += 1
+
+    tasks = [asyncio.create_task(writer()) for _ in range(2)]
+    try:
+        alarms = [v for v in [await oplog.verify(pool, page=7) for _ in range(150)]
+                  if not v.ok]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert alarms == []
+    assert (await oplog.verify(pool)).entries > 150
 
 
 async def test_job_writes_are_fenced_by_the_lease_epoch(pool: asyncpg.Pool) -> None:

@@ -21,7 +21,7 @@ from switch.cards import batches, jobs, oplog, workflow
 from switch.cards.errors import CardError, Conflict, HsmUnavailable, InvalidInput
 from switch.cards.files import CardBackParser
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
-from switch.cards.serials import digits
+from switch.cards.serials import digits, valid_serial
 from switch.cards.states import Conn
 from switch.cards.users import User, authenticate, login, logout
 from switch.web.app import NODE, node_of, require_active
@@ -134,7 +134,7 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
             except CardError as e:
                 raise _problem(e) from None
             ctx = Ctx(request=request, node=node, user=user, action=action,
-                      objects=dict(request.match_info))
+                      objects=_path_objects(request))
             try:
                 user.require(action)
                 resp = await fn(ctx)
@@ -167,6 +167,13 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
         handle.__name__ = fn.__name__
         return handle
     return deco
+
+
+def _path_objects(request: web.Request) -> dict[str, Any]:
+    """The path's values as the operation log keeps them: a card serial only when it is one
+    (a mistyped one may be the PIN from the same card, and the log is kept for good)."""
+    return {k: v if k != "serial" or valid_serial(v) else "(not a valid serial)"
+            for k, v in request.match_info.items()}
 
 
 def _int_id(ctx: Ctx, name: str = "id") -> int:
@@ -330,8 +337,16 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     epoch = ctx.node.epoch
     job_id = await jobs.create_job(pool, "batch.generate", total=order.quantity,
                                    actor=ctx.user.username, epoch=epoch)
-    batch_id = await batches.create_batch(pool, order, issuer=cards.issuer,
-                                          actor=ctx.user.username, job_id=job_id, epoch=epoch)
+    try:
+        batch_id = await batches.create_batch(pool, order, issuer=cards.issuer,
+                                              actor=ctx.user.username, job_id=job_id,
+                                              epoch=epoch)
+    except BaseException:  # no batch, so no job: nobody was told of it, and it would stay
+        # queued for good
+        with contextlib.suppress(Exception):
+            await pool.execute("DELETE FROM card_jobs WHERE id = $1 AND state = 'queued'",
+                               job_id)
+        raise
     await pool.execute("UPDATE card_jobs SET object_id = $2 WHERE id = $1", job_id,
                        str(batch_id))
     ctx.objects["batch_id"] = batch_id
@@ -474,8 +489,9 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
         raise InvalidInput("reason is required", code="invalid_reason")
     if note is not None and (not isinstance(note, str) or len(note) > 500):
         raise InvalidInput("note is a string of up to 500 characters", code="invalid_note")
-    if st is not None and type(st) is not int:
-        raise InvalidInput("stocktake_id is an integer", code="invalid_id")
+    if st is not None and (type(st) is not int or not 1 <= st < 2**63):
+        raise InvalidInput("stocktake_id is a positive integer (a stocktake's id)",
+                           code="invalid_id")
     serials = workflow.cards_of(doc)
     ctx.objects.update(reason=reason, count=len(serials),
                        ranges=[r for r in workflow._ranges(serials)][:100])

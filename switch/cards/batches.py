@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from switch import db
+from switch.business import iso_date
 from switch.cards import states
 from switch.cards.errors import Conflict, Gone, HsmUnavailable, InvalidInput, NotFound
 from switch.cards.files import (
@@ -80,7 +81,9 @@ class BatchOrder:
                 expiry = today.replace(year=today.year + expiry_years, day=28)
         else:
             try:
-                expiry = dt.date.fromisoformat(str(raw_exp))
+                if not isinstance(raw_exp, str):
+                    raise ValueError("not a string")
+                expiry = iso_date(raw_exp)
             except ValueError:
                 raise InvalidInput("expiry must be a date YYYY-MM-DD",
                                    code="invalid_expiry") from None
@@ -97,15 +100,23 @@ async def create_batch(pool: asyncpg.Pool, order: BatchOrder, *, issuer: str, ac
     prefix = f"{issuer}{today.year % 100:02d}"
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)
+        # the counter moves only when the whole range fits (its CHECK would refuse it too,
+        # but as a database error): no row back means the prefix has no room for the order
         nxt = await conn.fetchval(
             "INSERT INTO card_serial_counters (prefix, next_seq) VALUES ($1, 1 + $2::bigint)"
             " ON CONFLICT (prefix) DO UPDATE"
-            " SET next_seq = card_serial_counters.next_seq + $2::bigint RETURNING next_seq",
-            prefix, order.quantity)
+            " SET next_seq = card_serial_counters.next_seq + $2::bigint"
+            " WHERE card_serial_counters.next_seq + $2::bigint <= $3::bigint + 1"
+            " RETURNING next_seq",
+            prefix, order.quantity, MAX_SEQ)
+        if nxt is None or int(nxt) - 1 > MAX_SEQ:
+            left = await conn.fetchval(
+                "SELECT $2::bigint + 1 - next_seq FROM card_serial_counters WHERE prefix = $1",
+                prefix, MAX_SEQ)
+            raise Conflict(f"the serial sequence of prefix {prefix} is exhausted: "
+                           f"{max(0, int(left or 0))} serials are left, fewer than the "
+                           f"{order.quantity} ordered", code="serials_exhausted")
         first = int(nxt) - order.quantity
-        if int(nxt) - 1 > MAX_SEQ:
-            raise Conflict(f"the serial sequence of prefix {prefix} is exhausted",
-                           code="serials_exhausted")
         batch_id: int = await conn.fetchval(
             "INSERT INTO card_batches (face_value, quantity, expiry, manufacturer, prefix,"
             " first_seq, ordered_by, generate_job) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
@@ -360,6 +371,9 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
         if moved != rec.matched:
             raise Conflict(f"batch {batch_id}: {moved} cards matched in the database, "
                            f"{rec.matched} in the file", code="reconciliation_mismatch")
+        if not moved and to_void:  # every card voided: nothing will be stocked in, so the
+            # file (its PINs, encrypted) goes now, as with any void that completes a batch
+            await erase_files_of_voided_batches(conn, list(to_void))
     if progress is not None:
         progress.add(row["quantity"])
     return rec

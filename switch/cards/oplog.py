@@ -56,7 +56,26 @@ def _as_stored(value: Any) -> Any:
             return [plain(x) for x in v]
         return v
 
-    return plain(orjson.loads(orjson.dumps(value)))
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (a refused input)
+        text = orjson.dumps(_shallow(value))
+    return plain(orjson.loads(text))
+
+
+_DEPTH = 32
+
+
+def _shallow(v: Any, depth: int = 0) -> Any:
+    """`v` with what lies deeper than `_DEPTH` levels replaced by a note: the log keeps that
+    a value was refused, not all of it."""
+    if isinstance(v, dict | list) and depth >= _DEPTH:
+        return "(nested too deeply to log)"
+    if isinstance(v, dict):
+        return {k: _shallow(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_shallow(x, depth + 1) for x in v]
+    return v
 
 
 async def append(conn: Conn, *, actor: str, action: str,
@@ -98,7 +117,21 @@ class Verification:
 
 
 async def verify(pool: asyncpg.Pool | Conn, *, page: int = 5000) -> Verification:
-    """Walk the chain from the start; name the first entry that is edited or missing."""
+    """Walk the chain from the start; name the first entry that is edited or missing.
+
+    The pages and the head record are read in one snapshot (a read-only REPEATABLE READ
+    transaction, or the caller's): read apart, an entry appended between the last page and
+    the head looked like entries deleted at the end of the log."""
+    if isinstance(pool, asyncpg.Pool):
+        async with pool.acquire() as con:
+            return await verify(con, page=page)
+    if pool.is_in_transaction():
+        return await _walk(pool, page)
+    async with pool.transaction(isolation="repeatable_read", readonly=True):
+        return await _walk(pool, page)
+
+
+async def _walk(pool: Conn, page: int) -> Verification:
     prev = GENESIS
     expected_seq = 1
     count = 0

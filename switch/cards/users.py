@@ -22,6 +22,7 @@ import asyncpg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from switch.cards import oplog
 from switch.cards.errors import Forbidden, InvalidInput, Unauthenticated
 from switch.clients import hash_key
 
@@ -124,16 +125,30 @@ def validate_user(username: str, role: str, hall: str | None, password: str) -> 
     return r
 
 
-async def add_user(pool: asyncpg.Pool | asyncpg.Connection, username: str, role: str,
-                   hall: str | None, password: str) -> User:
-    """Create a user (or replace the role, hall and password of an existing one)."""
+async def add_user(pool: asyncpg.Pool, username: str, role: str, hall: str | None,
+                   password: str, *, actor: str = "cli") -> User:
+    """Create a user (or replace the role, hall and password of an existing one), and append
+    `user.add` to the operation log in the same transaction: who may approve is part of the
+    maker-checker record. The entry names the user, the role and hall before and after; never
+    the password or its hash."""
     r = validate_user(username, role, hall, password)
     digest = await asyncio.to_thread(_hasher().hash, password)
-    await pool.execute(
-        "INSERT INTO card_users (username, role, hall, password_hash) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role, hall = EXCLUDED.hall,"
-        " password_hash = EXCLUDED.password_hash, disabled_at = NULL",
-        username, r.value, hall, digest)
+    async with pool.acquire() as conn, conn.transaction():
+        before = await conn.fetchrow(
+            "SELECT role, hall, disabled_at IS NOT NULL AS disabled FROM card_users"
+            " WHERE username = $1 FOR UPDATE", username)
+        await conn.execute(
+            "INSERT INTO card_users (username, role, hall, password_hash)"
+            " VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role, hall = EXCLUDED.hall,"
+            " password_hash = EXCLUDED.password_hash, disabled_at = NULL",
+            username, r.value, hall, digest)
+        await oplog.append(
+            conn, actor=actor, action="user.add",
+            objects={"username": username, "role": r.value, "hall": hall},
+            result={"ok": True, "created": before is None,
+                    **({"role_before": before["role"], "hall_before": before["hall"],
+                        "was_disabled": before["disabled"]} if before is not None else {})})
     return User(username=username, role=r, hall=hall)
 
 
