@@ -169,7 +169,8 @@ def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
                 await db.migrate(conn)
             finally:
                 await conn.close()
-            pool = await db.create_pool(url, min_size=1, max_size=4)
+            pool = await db.create_pool(url, min_size=1, max_size=4,
+                                        server_settings=db.local_time(settings.business.timezone))
             try:
                 return await fn(pool)
             finally:

@@ -21,6 +21,8 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 Pool = asyncpg.Pool
 
 if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
     from asyncpg.pool import PoolConnectionProxy
 
     #: a connection, whether taken from a pool or opened alone
@@ -126,6 +128,14 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     """Connections go back to the pool without a reset round trip: the switch keeps no
     session state (its advisory locks are transaction-scoped; migrations use a connection of
     their own), so asyncpg's default reset would only cost a round trip per release."""
+
+
+def local_time(tz: ZoneInfo) -> dict[str, str]:
+    """Server settings for sessions that judge dates the way the utility does: a card's
+    expiry (`expiry < current_date`) is a date on the card, in the utility's time zone, not in
+    the database server's (a server on UTC is a day behind Shanghai until 08:00, and would
+    take a card expired yesterday)."""
+    return {"TimeZone": tz.key}
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 16,

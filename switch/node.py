@@ -148,7 +148,8 @@ class Node:
         # the sessions of a holder that was paused in the middle of a fenced write
         self.pool = await db.create_pool(session_dsn(self.services.database, s.node.id),
                                          min_size=s.services.db_pool_min,
-                                         max_size=s.services.db_pool_max)
+                                         max_size=s.services.db_pool_max,
+                                         server_settings=db.local_time(s.business.timezone))
         st.push_async_callback(self.pool.close)
         self.redis = aioredis.from_url(self.services.redis, decode_responses=False,
                                        socket_timeout=2.0, socket_connect_timeout=2.0,

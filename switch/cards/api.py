@@ -9,6 +9,7 @@ refused ones included.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -323,8 +324,10 @@ async def resume_batch(ctx: Ctx) -> web.StreamResponse:
 async def order_batch(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
     cards = ctx.node.settings.cards
+    # the utility's date, as a card's expiry is judged by (see `db.local_time`)
+    today = dt.datetime.now(ctx.node.settings.business.timezone).date()
     order = batches.BatchOrder.validate(doc, face_values=cards.face_values,
-                                        expiry_years=cards.expiry_years)
+                                        expiry_years=cards.expiry_years, today=today)
     ctx.objects.update(face_value=order.face_value, quantity=order.quantity,
                        manufacturer=order.manufacturer, expiry=order.expiry.isoformat())
     hsm, keyring = _hsm(ctx.node)
@@ -340,7 +343,7 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     try:
         batch_id = await batches.create_batch(pool, order, issuer=cards.issuer,
                                               actor=ctx.user.username, job_id=job_id,
-                                              epoch=epoch)
+                                              today=today, epoch=epoch)
     except BaseException:  # no batch, so no job: nobody was told of it, and it would stay
         # queued for good
         with contextlib.suppress(Exception):

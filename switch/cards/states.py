@@ -232,7 +232,8 @@ WITH old AS (
      WHERE c.serial = old.serial RETURNING c.serial, old.state AS from_state
 ), ev AS (
     INSERT INTO card_events (serial, from_state, to_state, actor, reason, doc_type, doc_id)
-    SELECT serial, from_state, 'expired', $3, 'past expiry date', 'expiry', $4 FROM moved
+    SELECT serial, from_state, 'expired', $3, 'past expiry date', 'expiry', current_date::text
+      FROM moved
     RETURNING 1
 )
 SELECT count(*) FROM ev
@@ -244,8 +245,7 @@ UNREDEEMED_VALUES = sorted(s.value for s in UNREDEEMED)  # as query parameters
 async def expire_touched(conn: Conn, serials: Sequence[str],
                          actor: str = "system") -> int:
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""
-    n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor,
-                                 dt.date.today().isoformat())
+    n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor)
     return n
 
 
