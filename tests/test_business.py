@@ -130,8 +130,37 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         assert settled.held_but_dead == [held] and settled.settled == 1
         assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id = $1",
                                         held) == "sent"
-        # a credit in the marketing system with one of our ids that no outbox row has
+        # our posting id held there with other content (its channel, its time): a collision,
+        # which the relay was refused with 409; reported as different, and the dead letter is
+        # left for a person, not settled as delivered
         from switch.marketing_client import Posting
+
+        await node.pool.execute(
+            "INSERT INTO dedup_keys (key, kind, request_hash) VALUES ('clash', 'payment', '')")
+        await node.pool.execute(
+            "INSERT INTO payments (id, receipt_no, dedup_key, channel, method, account_no,"
+            " amount, business_date, created_at, epoch) SELECT gen_random_uuid(),"
+            " '77777777777777777', 'clash', channel, method, account_no, 66, business_date,"
+            " now(), epoch FROM payments WHERE id = $1", pid)
+        clash_at = datetime.now(UTC)
+        await node.pool.execute(
+            "INSERT INTO outbox (posting_id, kind, payment_id, account_no, amount, channel,"
+            " occurred_at, state, last_error) SELECT 'P777777777777777777', 'payment', id,"
+            " $1, 66, 'internet', $2, 'dead', 'refused: 409' FROM payments"
+            " WHERE receipt_no = '77777777777777777'", acct, clash_at)
+        # held there by another channel, an hour earlier: the same amount, kind and account
+        await node.components["marketing"].post(Posting(
+            posting_id="P777777777777777777", account_no=acct, amount=66, kind="payment",
+            channel="bank", occurred_at=clash_at - timedelta(hours=1)))
+        clash = await reconcile(node.pool, node.components["marketing"], day,
+                                calendar=node.components["calendar"])
+        assert clash.different == ["P777777777777777777"] and not clash.clean
+        assert clash.held_but_dead == [] and clash.settled == 0
+        assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id ="
+                                        " 'P777777777777777777'") == "dead"
+        await node.pool.execute("UPDATE outbox SET state = 'sent'"
+                                " WHERE posting_id = 'P777777777777777777'")
+        # a credit in the marketing system with one of our ids that no outbox row has
 
         await node.components["marketing"].post(Posting(
             posting_id="P888888888888888888", account_no=acct, amount=7, kind="payment",
@@ -139,7 +168,8 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         stray = await reconcile(node.pool, node.components["marketing"], day,
                               calendar=node.components["calendar"])
         assert stray.extra == ["P888888888888888888"] and not stray.clean
-        assert stray.matched == 4 and stray.theirs == 4
+        assert stray.matched == 4 and stray.theirs == 5  # and the collision above, still
+        assert stray.different == ["P777777777777777777"]
         # strays of this business date dated in the hours where the calendar date differs
         # (Shanghai 23:30 and 04:00, i.e. the UTC date before) are reported too
         night = {"P777777777777777771": datetime.combine(day - timedelta(days=1),

@@ -617,6 +617,27 @@ async def test_dead_letters_and_retry(clean_db: str, clean_redis: str, sims: Sim
         assert await retry_dead_letters(node.pool) == 1
         await _drain(node)
         assert (await outbox_counts(node.pool)) == {"pending": 0, "sent": 1, "dead": 0}
+        # a posting that waited in the queue longer than dead_letter_after_s (behind a
+        # backlog, or a reversal behind its original) is not given up on its first failure:
+        # its time to die counts from that failure, not from when it was recorded
+        relay = node.components["forwarder"]
+        await relay.stop()
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            st, _, _ = await api.call("POST", "/v1/payments", idem="waited", json={
+                "account_no": acct, "amount": 301, "method": "cash"})
+            assert st == 201
+        await node.pool.execute("UPDATE outbox SET created_at = now() - interval '1 hour'"
+                                " WHERE state = 'pending'")
+        await sims.marketing.set_faults(error_rate=1.0)
+        try:
+            await relay.forward_once()
+        finally:
+            await sims.marketing.clear_faults()
+        row = await node.pool.fetchrow("SELECT state, attempts, first_failed_at FROM outbox"
+                                       " WHERE amount = 301")
+        assert row["state"] == "pending" and row["attempts"] == 1
+        assert row["first_failed_at"] is not None
 
 
 async def test_slow_marketing_does_not_slow_payments(node: Node, api: Api, sims: Sims) -> None:

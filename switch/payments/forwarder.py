@@ -108,7 +108,8 @@ WITH fence AS (SELECT gridpay_fence($6::bigint))
 UPDATE outbox o
    SET attempts = o.attempts + 1, last_error = u.error,
        next_attempt_at = now() + make_interval(secs => u.backoff),
-       state = CASE WHEN u.permanent OR coalesce(o.retried_at, o.created_at)
+       first_failed_at = coalesce(o.first_failed_at, now()),
+       state = CASE WHEN u.permanent OR coalesce(o.first_failed_at, now())
                                  < now() - make_interval(secs => $5)
                     THEN 'dead' ELSE 'pending' END
   FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
@@ -293,7 +294,7 @@ async def retry_dead_letters(pool: asyncpg.Pool) -> int:
     """Operator command: put every dead letter back in the queue, due now."""
     status = await pool.execute(
         "UPDATE outbox SET state = 'pending', next_attempt_at = now(), attempts = 0,"
-        " retried_at = now() WHERE state = 'dead'")
+        " retried_at = now(), first_failed_at = NULL WHERE state = 'dead'")
     return int(status.split()[-1])
 
 

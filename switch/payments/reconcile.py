@@ -15,7 +15,7 @@ from datetime import date
 import asyncpg
 
 from switch.business import BusinessCalendar, filing_dates
-from switch.marketing_client import OUR_POSTING_IDS, MarketingClient
+from switch.marketing_client import OUR_POSTING_IDS, MarketingClient, Posting
 
 
 @dataclass(slots=True)
@@ -46,12 +46,24 @@ class ReconReport:
 
 
 _OURS = """
-SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state
+SELECT o.posting_id, o.kind, o.account_no, o.amount, o.state, o.channel, o.occurred_at,
+       o.original_posting_id
   FROM outbox o JOIN payments p ON p.id = o.payment_id
   LEFT JOIN reversals r ON r.payment_id = p.id
  WHERE (o.kind <> 'reversal' AND p.business_date = $1)
     OR (o.kind = 'reversal' AND r.business_date = $1)
 """
+
+
+def _same(p: Posting, row: asyncpg.Record) -> bool:
+    """Whether the marketing system holds our posting as we sent it: every field of the
+    contract's body. `occurred_at` as an instant, to the second (a system of record may keep
+    it at that precision, and in its own zone). A posting id held with other content is a
+    collision (the relay's 409): reported, never settled as delivered."""
+    return ((p.amount, p.kind, p.account_no, p.channel, p.original_posting_id)
+            == (row["amount"], row["kind"], row["account_no"].strip(), row["channel"],
+                row["original_posting_id"])
+            and abs((p.occurred_at - row["occurred_at"]).total_seconds()) < 1.0)
 
 
 async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
@@ -71,8 +83,7 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
         p = theirs.get(pid)
         if p is None:
             rep.missing.append(pid)
-        elif (p.amount, p.kind, p.account_no) != (row["amount"], row["kind"],
-                                                   row["account_no"].strip()):
+        elif not _same(p, row):
             rep.different.append(pid)
         else:
             rep.matched += 1
@@ -91,7 +102,8 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     if requeue and rep.missing:
         status = await pool.execute(
             "WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)"
-            " UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now()"
+            " UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now(),"
+            "        first_failed_at = NULL"
             "  FROM (SELECT count(*) FROM fence) AS f"
             " WHERE posting_id = ANY($1::text[]) AND state <> 'pending'", rep.missing, epoch)
         rep.requeued = int(status.split()[-1])
