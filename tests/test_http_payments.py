@@ -636,6 +636,7 @@ async def test_dead_letters_and_retry(clean_db: str, clean_redis: str, sims: Sim
             await sims.marketing.clear_faults()
         row = await node.pool.fetchrow("SELECT state, attempts, first_failed_at FROM outbox"
                                        " WHERE amount = 301")
+        assert row is not None
         assert row["state"] == "pending" and row["attempts"] == 1
         assert row["first_failed_at"] is not None
 
