@@ -311,6 +311,15 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
                      "empty (embedded) or a redis:// URL")
     mkt = _str(svc, "marketing_url", "services.marketing_url", r"|https?://\S+",
                "empty (embedded) or an http:// URL")
+    if mkt:
+        from switch.marketing_client import check_base_url  # only when one is configured
+
+        try:
+            check_base_url(mkt)
+        except ValueError:
+            raise ConfigError("services.marketing_url", mkt,
+                              "empty (embedded) or http(s)://host[:port], with a port from 1 "
+                              "to 65535") from None
     face = cards.get("face_values", [5000, 10000, 20000, 50000])
     if (not isinstance(face, list) or not face
             or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in face)):

@@ -299,8 +299,13 @@ def check_base_url(url: str) -> None:
     """ValueError unless `url` is an http(s) URL with a host (the value is not echoed: it
     may carry a password)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("the billing system's URL must be http(s)://host[:port]")
+    try:
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ValueError("the billing system's URL must be http(s)://host[:port], with a port "
+                         "from 1 to 65535")
 
 
 def _unavailable(exc: BaseException) -> MarketingUnavailable:

@@ -343,9 +343,11 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         except SwitchoverTimeout as e:
             print(f"gridpay switchover: {e}", file=sys.stderr)
             return 4
+        except StandbyError as e:
+            print(f"gridpay switchover: {e}", file=sys.stderr)
+            return 2
         except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-            print(f"gridpay switchover: the database cannot be reached: {type(e).__name__}",
-                  file=sys.stderr)
+            print(f"gridpay switchover: {_db_problem(e)}", file=sys.stderr)
             return 2
         except (ValueError, asyncpg.InterfaceError) as e:
             print(f"gridpay switchover: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
@@ -378,15 +380,29 @@ def cmd_lease(args: argparse.Namespace) -> int:
 
     try:
         state = asyncio.run(run())
+    except StandbyError as e:
+        print(f"gridpay lease: {e}", file=sys.stderr)
+        return 2
     except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-        print(f"gridpay lease: the database cannot be reached: {type(e).__name__}",
-              file=sys.stderr)
+        print(f"gridpay lease: {_db_problem(e)}", file=sys.stderr)
         return 2
     except (ValueError, asyncpg.InterfaceError) as e:
         print(f"gridpay lease: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
         return 2
     print(orjson.dumps(state).decode())
     return 0
+
+
+def _db_problem(e: BaseException) -> str:
+    """What an operator command says of a database error: out of reach (look at the network),
+    or reached but not a gridpay database (look at the migrations), or reached and refusing."""
+    if isinstance(e, asyncpg.UndefinedTableError | asyncpg.UndefinedFunctionError):
+        return ("the database was reached but holds no gridpay schema (run `gridpay migrate` "
+                "against it, or check the database name)")
+    if isinstance(e, asyncpg.PostgresError) and not isinstance(
+            e, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+        return f"the database refused the command: {type(e).__name__}"
+    return f"the database cannot be reached: {type(e).__name__}"
 
 
 # not echoed: the URL may hold a password

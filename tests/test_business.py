@@ -463,6 +463,16 @@ async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
         assert all(r["reconciled_at"] is not None and r["reconciliation"]["clean"]
                    for r in rows)
         assert await daily.pending_dates() == []
+        # a pair stopped for longer than the look-back window: the window's dates are still
+        # closed (they were all skipped when the last close lay outside it)
+        from switch.payments.daily import LOOK_BACK_DAYS
+
+        await node.pool.execute("DELETE FROM cutovers")
+        await node.pool.execute(
+            "INSERT INTO cutovers (business_date, node_id, epoch, reconciled_at)"
+            " VALUES ($1, 'node-a', 1, now())", today - timedelta(days=LOOK_BACK_DAYS + 3))
+        assert await daily.pending_dates() == [today - timedelta(days=n)
+                                               for n in range(LOOK_BACK_DAYS, 0, -1)]
 
 
 async def test_a_cut_over_whose_reconciliation_fails_is_not_tried_again_at_once(

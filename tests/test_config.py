@@ -39,6 +39,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GRIDPAY_HSM_ADDR": "nohostport"}, "services.hsm_addr", "host:port"),
         ({"GRIDPAY_HSM_ADDR": "127.0.0.1:99999"}, "services.hsm_addr", "1 to 65535"),
         ({"GRIDPAY_REDIS_URL": "rediss://cache:6380/0"}, "services.redis_url", "redis://"),
+        ({"GRIDPAY_MARKETING_URL": "http://127.0.0.1:99999"}, "services.marketing_url",
+         "1 to 65535"),
+        ({"GRIDPAY_MARKETING_URL": "http://billing:notaport"}, "services.marketing_url",
+         "1 to 65535"),
         ({"GRIDPAY_NODE_ID": "bad id!"}, "node.id", "A-Za-z0-9"),
     ],
 )

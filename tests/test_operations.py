@@ -234,11 +234,40 @@ def test_what_the_machine_refuses_is_one_line_not_a_traceback(home: Path,
         assert "Traceback" not in out.stderr and "Pw5ecret" not in out.stderr
 
 
+async def test_lease_and_switchover_tell_a_database_without_the_schema_from_one_out_of_reach(
+        home: Path, database_url: str) -> None:
+    import asyncpg
+
+    con = await asyncpg.connect(database_url)
+    try:
+        if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = 'no_schema'"):
+            await con.execute("CREATE DATABASE no_schema")
+    finally:
+        await con.close()
+    bare = database_url.rpartition("/")[0] + "/no_schema"
+    env = _env(home)
+    for args in (("lease",), ("switchover", "--timeout", "1")):
+        env["GRIDPAY_DATABASE_URL"] = bare
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "switch.cli", *args],
+                                      cwd=ROOT, env=dict(env), capture_output=True, text=True,
+                                      timeout=60)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "holds no gridpay schema" in out.stderr and "gridpay migrate" in out.stderr
+        assert "cannot be reached" not in out.stderr and "Traceback" not in out.stderr
+        env["GRIDPAY_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/gridpay"
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "switch.cli", *args],
+                                      cwd=ROOT, env=dict(env), capture_output=True, text=True,
+                                      timeout=60)
+        assert out.returncode == 2 and "cannot be reached" in out.stderr, (args, out.stderr)
+
+
 def test_recon_marketing_names_what_is_wrong_with_its_billing_url(home: Path) -> None:
-    for url in ("not-a-url", "ftp://h/x", "http://"):
+    for url in ("not-a-url", "ftp://h/x", "http://", "http://u:pw@127.0.0.1:99999",
+                "http://h:notaport"):
         out = _gridpay("recon", "marketing", "--date", "2026-11-27", "--marketing-url", url,
                        home=home, timeout=60)
         assert out.returncode == 2 and "must be http(s)://host" in out.stderr, (url, out.stderr)
+        assert "Traceback" not in out.stderr and ":pw@" not in out.stderr
     out = _gridpay("recon", "marketing", "--date", "2026-11-27", home=home, timeout=60)
     assert out.returncode == 2 and "READY line" in out.stderr, out.stderr
 

@@ -83,9 +83,12 @@ class DailyCutover:
             "SELECT business_date, reconciled_at FROM cutovers WHERE business_date >= $1",
             since)
         out = {r["business_date"] for r in rows if r["reconciled_at"] is None}
-        if rows:
-            last = max(r["business_date"] for r in rows)
-            out.update(last + timedelta(days=i) for i in range(1, (today - last).days))
+        # the last date closed, however long ago (a pair stopped for longer than the window
+        # still catches up the window's dates); none at all: a new installation, nothing owed
+        last = await self.node.pool.fetchval("SELECT max(business_date) FROM cutovers")
+        if last is not None:
+            first = max(last + timedelta(days=1), since)
+            out.update(first + timedelta(days=i) for i in range((today - first).days))
         return sorted(d for d in out if d < today)
 
     async def _catch_up(self) -> bool:
