@@ -35,6 +35,15 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
+    HTTP has it), stripped; None when the header is absent or of another scheme."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip()
+
+
 def valid_client_name(name: str) -> bool:
     """A client's name: 1 to 64 printable characters, no space at either end."""
     return 1 <= len(name) <= 64 and name.isprintable() and name == name.strip()

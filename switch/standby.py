@@ -343,14 +343,8 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         except SwitchoverTimeout as e:
             print(f"gridpay switchover: {e}", file=sys.stderr)
             return 4
-        except StandbyError as e:
-            print(f"gridpay switchover: {e}", file=sys.stderr)
-            return 2
-        except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-            print(f"gridpay switchover: {_db_problem(e)}", file=sys.stderr)
-            return 2
-        except (ValueError, asyncpg.InterfaceError) as e:
-            print(f"gridpay switchover: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
+        except _ONE_LINE as e:
+            print(f"gridpay switchover: {_explain(e)}", file=sys.stderr)
             return 2
         print(result.describe())
         return 0
@@ -380,22 +374,27 @@ def cmd_lease(args: argparse.Namespace) -> int:
 
     try:
         state = asyncio.run(run())
-    except StandbyError as e:
-        print(f"gridpay lease: {e}", file=sys.stderr)
-        return 2
-    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-        print(f"gridpay lease: {_db_problem(e)}", file=sys.stderr)
-        return 2
-    except (ValueError, asyncpg.InterfaceError) as e:
-        print(f"gridpay lease: {_BAD_URL} ({type(e).__name__})", file=sys.stderr)
+    except _ONE_LINE as e:
+        print(f"gridpay lease: {_explain(e)}", file=sys.stderr)
         return 2
     print(orjson.dumps(state).decode())
     return 0
 
 
-def _db_problem(e: BaseException) -> str:
-    """What an operator command says of a database error: out of reach (look at the network),
-    or reached but not a gridpay database (look at the migrations), or reached and refusing."""
+#: what `lease` and `switchover` answer in one line (`_explain`), not with a traceback
+_ONE_LINE = (StandbyError, OSError, TimeoutError, asyncpg.PostgresError, ValueError,
+             asyncpg.InterfaceError)
+
+
+def _explain(e: BaseException) -> str:
+    """What an operator command says of one of `_ONE_LINE`: its own refusal; the database out
+    of reach (look at the network), reached but not a gridpay database (look at the
+    migrations), or reached and refusing; or a URL the client cannot take (never echoed: it
+    may hold a password)."""
+    if isinstance(e, StandbyError):
+        return str(e)
+    if isinstance(e, ValueError | asyncpg.InterfaceError):
+        return f"{_BAD_URL} ({type(e).__name__})"
     if isinstance(e, asyncpg.UndefinedTableError | asyncpg.UndefinedFunctionError):
         return ("the database was reached but holds no gridpay schema (run `gridpay migrate` "
                 "against it, or check the database name)")

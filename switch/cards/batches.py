@@ -80,13 +80,13 @@ class BatchOrder:
             except ValueError:  # 29 February
                 expiry = today.replace(year=today.year + expiry_years, day=28)
         else:
+            bad = InvalidInput("expiry must be a date YYYY-MM-DD", code="invalid_expiry")
+            if not isinstance(raw_exp, str):
+                raise bad
             try:
-                if not isinstance(raw_exp, str):
-                    raise ValueError("not a string")
                 expiry = iso_date(raw_exp)
             except ValueError:
-                raise InvalidInput("expiry must be a date YYYY-MM-DD",
-                                   code="invalid_expiry") from None
+                raise bad from None
             if expiry <= today:
                 raise InvalidInput("expiry must be in the future", code="invalid_expiry")
         return cls(face_value=fv, quantity=qty, expiry=expiry, manufacturer=man)
@@ -102,6 +102,7 @@ async def create_batch(pool: asyncpg.Pool, order: BatchOrder, *, issuer: str, ac
         await fence(conn, epoch)
         # the counter moves only when the whole range fits (its CHECK would refuse it too,
         # but as a database error): no row back means the prefix has no room for the order
+        # (a new prefix always has room: an order is at most MAX_QUANTITY cards)
         nxt = await conn.fetchval(
             "INSERT INTO card_serial_counters (prefix, next_seq) VALUES ($1, 1 + $2::bigint)"
             " ON CONFLICT (prefix) DO UPDATE"
@@ -109,7 +110,7 @@ async def create_batch(pool: asyncpg.Pool, order: BatchOrder, *, issuer: str, ac
             " WHERE card_serial_counters.next_seq + $2::bigint <= $3::bigint + 1"
             " RETURNING next_seq",
             prefix, order.quantity, MAX_SEQ)
-        if nxt is None or int(nxt) - 1 > MAX_SEQ:
+        if nxt is None:
             left = await conn.fetchval(
                 "SELECT $2::bigint + 1 - next_seq FROM card_serial_counters WHERE prefix = $1",
                 prefix, MAX_SEQ)

@@ -24,7 +24,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from switch.cards import oplog
 from switch.cards.errors import Forbidden, InvalidInput, Unauthenticated
-from switch.clients import hash_key
+from switch.clients import bearer_token, hash_key
 
 
 class Role(StrEnum):
@@ -94,15 +94,6 @@ class User:
 
 def _hasher() -> PasswordHasher:
     return PasswordHasher()  # argon2id with the library's recommended parameters
-
-
-def _bearer(authorization: str | None) -> str | None:
-    """The token of a `Bearer <token>` header (the scheme in any case, as HTTP has it), or
-    None."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip()
 
 
 def validate_user(username: str, role: str, hall: str | None, password: str) -> Role:
@@ -202,7 +193,7 @@ async def login(pool: asyncpg.Pool, username: str, password: str, ttl_s: int) ->
 
 async def authenticate(pool: asyncpg.Pool, authorization: str | None) -> User:
     """The user of a `Bearer <token>` header (401 if missing, unknown or expired)."""
-    token = _bearer(authorization)
+    token = bearer_token(authorization)
     if token is None:
         raise Unauthenticated("log in with POST /admin/v1/session and send "
                               "Authorization: Bearer <token>", code="session_required")
@@ -219,7 +210,7 @@ async def authenticate(pool: asyncpg.Pool, authorization: str | None) -> User:
 
 
 async def logout(pool: asyncpg.Pool, authorization: str | None) -> None:
-    token = _bearer(authorization)
+    token = bearer_token(authorization)
     if token is not None:
         await pool.execute("DELETE FROM card_sessions WHERE token_hash = $1", hash_key(token))
 

@@ -41,6 +41,9 @@ log = logging.getLogger("gridpay.forwarder")
 # due at its insert, so this is arrival order; a retried one goes by when it is due again.
 # A reversal whose original is not sent yet is passed over (not taken) and walked again by the
 # next round: those, not the backlog, are what a round reads beyond its batch.
+#: how a refused posting's last_error begins (`_DUE_FROM` reads it as `refused_before`)
+_REFUSED = "refused: "
+
 _DUE_FROM = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
        o.occurred_at, o.attempts, o.next_attempt_at,
@@ -243,21 +246,19 @@ class Forwarder:
             results.append(None)
             if isinstance(outcome, MarketingUnavailable):
                 failed.append((row, f"unavailable: {outcome}", False))
-            elif row["refused_before"]:
-                # refused on two attempts in a row: a dead letter, for a person to look at
-                log.error("marketing system refused a posting again: dead letter",
-                          extra={"posting_id": row["posting_id"], "error": str(outcome)})
-                failed.append((row, f"refused: {outcome}", True))
             else:
                 # A refusal names no posting, so one read off a pipelined connection that had
                 # lost step (a server or middlebox that answered some request twice) cannot
                 # be told from a real one, and a posting the billing system holds would be
-                # given up, its reversal held behind it for good. It is tried once more,
-                # after the backoff, before it becomes a dead letter.
-                log.warning("marketing system refused a posting: tried once more before "
-                            "giving up", extra={"posting_id": row["posting_id"],
-                                                "error": str(outcome)})
-                failed.append((row, f"refused: {outcome}", False))
+                # given up, its reversal held behind it for good. So it is tried once more,
+                # after the backoff; refused on two attempts in a row, it is a dead letter,
+                # for a person to look at.
+                again = bool(row["refused_before"])
+                log.log(logging.ERROR if again else logging.WARNING,
+                        "marketing system refused a posting again: dead letter" if again else
+                        "marketing system refused a posting: tried once more before giving up",
+                        extra={"posting_id": row["posting_id"], "error": str(outcome)})
+                failed.append((row, f"{_REFUSED}{outcome}", again))
         if failed:
             await self._failed(failed)  # counted once recorded (a fenced node records none)
             dead = sum(permanent for _, _, permanent in failed)

@@ -100,21 +100,32 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
         "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
     rep.extra = sorted(set(candidates) - known)
     if requeue and rep.missing:
-        status = await pool.execute(
-            "WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)"
-            " UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now(),"
-            "        first_failed_at = NULL"
-            "  FROM (SELECT count(*) FROM fence) AS f"
-            " WHERE posting_id = ANY($1::text[]) AND state <> 'pending'", rep.missing, epoch)
-        rep.requeued = int(status.split()[-1])
+        rep.requeued = await _mark(pool, _REQUEUE, rep.missing, epoch)
     if requeue and rep.held_but_dead:
         # the marketing system holds them as we do: they were delivered, whatever answer
         # made the relay give up (a refusal read off a connection that had lost step, say)
-        status = await pool.execute(
-            "WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)"
-            " UPDATE outbox SET state = 'sent', sent_at = now(),"
-            "        last_error = 'held by the marketing system at reconciliation'"
-            "  FROM (SELECT count(*) FROM fence) AS f"
-            " WHERE posting_id = ANY($1::text[]) AND state = 'dead'", rep.held_but_dead, epoch)
-        rep.settled = int(status.split()[-1])
+        rep.settled = await _mark(pool, _SETTLE, rep.held_but_dead, epoch)
     return rep
+
+
+# Changes to outbox rows named by posting id ($1), fenced by the epoch in $2 when given: only
+# the active node forwards.
+_REQUEUE = """
+WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now(),
+                  first_failed_at = NULL
+  FROM (SELECT count(*) FROM fence) AS f
+ WHERE posting_id = ANY($1::text[]) AND state <> 'pending'"""
+_SETTLE = """
+WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+UPDATE outbox SET state = 'sent', sent_at = now(),
+                  last_error = 'held by the marketing system at reconciliation'
+  FROM (SELECT count(*) FROM fence) AS f
+ WHERE posting_id = ANY($1::text[]) AND state = 'dead'"""
+
+
+async def _mark(pool: asyncpg.Pool, statement: str, posting_ids: list[str],
+                epoch: int | None) -> int:
+    """Run `statement` (`_REQUEUE`, `_SETTLE`) on `posting_ids`; how many rows changed."""
+    status: str = await pool.execute(statement, posting_ids, epoch)
+    return int(status.split()[-1])

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from switch import db
-from switch.clients import ApiClient, ClientDirectory
+from switch.clients import ApiClient, ClientDirectory, bearer_token
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
 from switch.payments.idempotency import ClaimState, IdempotencyCache
 from switch.payments.ledger import (
@@ -75,13 +75,12 @@ def _svc(node: Node) -> HttpPayments:
 async def authenticate(request: web.Request, channels: frozenset[str]) -> ApiClient:
     node = node_of(request)
     # two keys in one request: which one is meant would be a guess
-    header = one_header(request, "Authorization", "authorization_repeated") or ""
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer_token(one_header(request, "Authorization", "authorization_repeated"))
+    if not key:
         raise Problem(401, "unauthenticated", "send the API key as 'Authorization: Bearer <key>'",
                       headers={"WWW-Authenticate": 'Bearer realm="gridpay"'})
     directory: ClientDirectory = node.components["clients"]
-    client = await directory.authenticate(key.strip())
+    client = await directory.authenticate(key)
     if client is None:
         raise Problem(401, "unauthenticated", "the API key is not known or has been revoked",
                       headers={"WWW-Authenticate": 'Bearer realm="gridpay", error="invalid_token"'})
