@@ -295,6 +295,11 @@ async def test_card_state_branches(node: Node, ivr: IvrSimulator, sims: Sims, st
     assert t["hangup"] is False
     assert await node.pool.fetchval("SELECT count(*) FROM payments WHERE card_serial = $1",
                                     serial) == 0
+    if state == "sold-past-expiry":  # said expired, and marked so, as every other path does
+        assert (await card_row(node, serial))["state"] == "expired"
+        assert await node.pool.fetchval(
+            "SELECT actor FROM card_events WHERE serial = $1 AND to_state = 'expired'",
+            serial) == "ivr"
 
 
 async def test_a_card_that_expired_before_its_confirmation_is_marked_expired(

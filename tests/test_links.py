@@ -416,6 +416,24 @@ async def test_inquiry_with_marketing_down_uses_mirror_or_91(bank: BankClient, n
         await sims.marketing.clear_faults()
 
 
+async def test_an_answer_the_dialect_cannot_carry_is_answered_96(bank: BankClient, node: Node,
+                                                                  sims: Sims) -> None:
+    """Arrears of 10^12 fen or more (a billing system gone wrong) do not fit field 4's twelve
+    digits: the inquiry is answered 96, not left unanswered, and the link stays up."""
+    acct = await active_account(sims.marketing, start=13)
+    await sims.marketing.set_faults(error_rate=1.0)
+    try:
+        assert (await bank.request(bank.inquiry(acct))).fields[39] == "00"  # from the mirror
+        await node.pool.execute("UPDATE account_mirror SET arrears = $2 WHERE account_no = $1",
+                                acct, 10**12)
+        resp = await bank.request(bank.inquiry(acct))
+        assert resp.fields[39] == "96"
+        assert 4 not in resp.fields
+    finally:
+        await sims.marketing.clear_faults()
+    assert (await bank.echo()).fields[39] == "00"
+
+
 async def test_marketing_down_payment_still_approved(bank: BankClient, node: Node,
                                                      sims: Sims) -> None:
     acct = await active_account(sims.marketing)

@@ -43,8 +43,8 @@ from switch.cards.states import (
     RECHARGE_MOVE,
     RECHARGE_RESULT,
     CardState,
-    card_status,
     card_view,
+    expire_touched,
     record_wrong_pin,
     refused_and_marked,
 )
@@ -146,6 +146,7 @@ _PIN_STEP = (
     "SELECT (SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $2) AS ani_blocked,"  # noqa: S608 - a constant column list
     f" c.* FROM (VALUES (1)) AS one(x) LEFT JOIN (SELECT {CARD_COLUMNS} FROM cards"
     " WHERE serial = $1) AS c ON true")
+_CARD = f"SELECT {CARD_COLUMNS} FROM cards WHERE serial = $1"  # noqa: S608 - constant columns
 _BLOCK_ANI = """
 INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)
 VALUES ($1, $2, now(), now() + interval '24 hours')
@@ -438,9 +439,18 @@ class IvrService:
                            prepaid=view.prepaid_balance)
 
     async def _lookup_card(self, serial: str) -> Fact:
-        card = await card_status(self.node.pool, serial)
-        if card is None:
+        row = await self.node.pool.fetchrow(_CARD, serial)
+        if row is None:
             return NotFound()
+        return await self._card_fact(row)
+
+    async def _card_fact(self, row: Any) -> CardFact:
+        """What a card read from `row` tells the caller. A card found past its expiry and
+        not redeemed is marked `expired` on the way, as every other path does."""
+        card = card_view(row)
+        if card.state is CardState.EXPIRED and row["state"] != CardState.EXPIRED.value:
+            async with self.node.pool.acquire() as con:
+                await expire_touched(con, [card.serial], "ivr")
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
@@ -455,7 +465,7 @@ class IvrService:
             return NotFound()
         card = card_view(row)
         if card.state is not CardState.SOLD:
-            return CardFact(state=card.state.value, face_value=card.face_value)
+            return await self._card_fact(row)
         ring = self.node.components.get("keyring")
         if ring is None:
             return Busy()

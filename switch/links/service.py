@@ -25,6 +25,7 @@ import orjson
 from protocols.iso8583 import (
     Codec,
     DecodeError,
+    EncodeError,
     Message,
     OriginalData,
     Tlv,
@@ -263,9 +264,30 @@ class LinkService:
                       ) -> bytes | None:
         inst = link.institution.id if link.institution else "unknown"
         code = str(resp.fields.get(39, "00"))
+        try:
+            out = await self._seal(link, req, resp, code)
+        except EncodeError as e:
+            # a value from elsewhere that the dialect cannot carry (arrears of 10^12 fen or
+            # more from a billing system gone wrong, say): never left unanswered for that
+            self.ctx.metrics.link_errors.labels(link.dialect, "unencodable_answer").inc()
+            if code == "00" and _tx_kind(req) in ("payment", "reversal"):
+                # recorded: a 96 would tell the bank it failed while the credit goes on
+                log.error("recorded transaction's answer could not be encoded; not answered",
+                          extra={"mti": req.mti, "stan": req.fields.get(11),
+                                 "field": e.field, "reason": e.reason})
+                return None
+            log.error("answer could not be encoded: answered 96 instead",
+                      extra={"mti": req.mti, "stan": req.fields.get(11),
+                             "response_code": code, "field": e.field, "reason": e.reason})
+            code = "96"
+            out = await self._seal(link, req, self._response(req, code), code)
         m = self.ctx.metrics
         m.child(m.link_transactions, inst, req.mti, code).inc()
         m.child(m.link_latency, inst, req.mti).observe(time.perf_counter() - started)
+        return out
+
+    async def _seal(self, link: Link, req: Message, resp: Message, code: str) -> bytes | None:
+        """`resp` encoded, with its MAC when the link asks for one."""
         codec = link.codec
         needs_mac = (resp.mti in MAC_MTIS and code != "63" and link.institution is not None
                      and link.institution.mac)
