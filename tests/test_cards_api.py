@@ -641,6 +641,36 @@ async def test_a_stale_node_neither_expires_refuses_nor_logs(admin_api: Api,
     assert again["code"] == "standby"
 
 
+async def test_two_stock_ins_of_one_batch_at_once_one_is_refused(admin_api: Api,
+                                                                  tmp_path: Path) -> None:
+    """Both used to answer 200, one of them with no card moved; the second is now refused
+    while the first runs, and the batch is stocked in once."""
+    a = admin_api
+    batch = await _order(a, 8)
+    cbf, _ = await _card_back(a, tmp_path, batch, seed=7)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=cbf,
+                 expect=200)
+    path = f"/batches/{batch['id']}/stock-in"
+    await a.h("admin")  # logged in before: the two requests arrive together
+    async with a.pool.acquire() as con:  # the cards held: a stock-in waits, half done
+        held = con.transaction()
+        await held.start()
+        await con.execute("SELECT 1 FROM cards WHERE batch_id = $1 FOR UPDATE", batch["id"])
+        calls = [asyncio.create_task(a.call("POST", path, "admin")) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both past their look at the batch's status
+        await held.rollback()
+    first, second = await asyncio.gather(*calls)
+    done = [r for r in (first, second) if "stocked_in" in r]
+    refused = [r for r in (first, second) if "code" in r]
+    assert len(done) == 1 and len(refused) == 1, (first, second)
+    assert done[0]["stocked_in"] == 8
+    assert refused[0]["code"] == "job_running", refused
+    assert refused[0]["job_id"] in refused[0]["detail"]
+    assert await a.pool.fetchval("SELECT count(*) FROM card_jobs WHERE kind = 'batch.stock_in'"
+                                 " AND state = 'succeeded'") == 1
+    assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'in_stock'") == 8
+
+
 async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(
         admin_api: Api, tmp_path: Path) -> None:
     a = admin_api

@@ -16,7 +16,7 @@ import asyncpg
 
 from switch import db
 from switch.cards import oplog
-from switch.cards.errors import CardError, NotFound
+from switch.cards.errors import CardError, Conflict, NotFound
 
 log = logging.getLogger("gridpay.cards.jobs")
 
@@ -43,13 +43,27 @@ JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
                      actor: str, object_id: str | None = None, epoch: int | None = None
                      ) -> uuid.UUID:
-    """Record a job; with `epoch`, fenced like the job's own writes (see `db.fence`)."""
+    """Record a job; with `epoch`, fenced like the job's own writes (see `db.fence`).
+    A reconciliation or stock-in of a batch that has one of its kind queued or running is
+    refused (409 `job_running`, naming that job)."""
     job_id = uuid.uuid4()
-    await pool.execute(
-        "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
-        " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
-        " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
-        job_id, kind, object_id, total, actor, epoch)
+    try:
+        await pool.execute(
+            "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
+            " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
+            " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
+            job_id, kind, object_id, total, actor, epoch)
+    except asyncpg.UniqueViolationError:
+        running = await pool.fetchval(
+            "SELECT id FROM card_jobs WHERE kind = $1 AND object_id = $2"
+            " AND state IN ('queued', 'running') LIMIT 1", kind, object_id)
+        what = f"a {kind.removeprefix('batch.').replace('_', '-')} of batch {object_id}"
+        if running is None:  # it ended between the two statements
+            raise Conflict(f"{what} was under way a moment ago; look at the batch again",
+                           code="job_running") from None
+        raise Conflict(f"{what} is already under way (job {running}); follow it with"
+                       f" GET /jobs/{running}", code="job_running",
+                       extra={"job_id": str(running)}) from None
     return job_id
 
 
