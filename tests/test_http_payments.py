@@ -334,6 +334,35 @@ async def test_only_the_channel_that_made_it_reads_it(node: Node, api: Api, sims
     assert st == 404
 
 
+async def test_a_partner_reads_and_reverses_only_its_own_payments(node: Node, api: Api,
+                                                                   sims: Sims) -> None:
+    """Partners are separate organisations: one partner's key neither reads nor reverses
+    another's payment (404, as for a payment that does not exist); the utility's own counters
+    share theirs within the channel."""
+    acct = await active_account(sims.marketing)
+    one = Api(api.session, api.base, await api_key(node.pool, "partner", "partner-one"))
+    other = Api(api.session, api.base, await api_key(node.pool, "partner", "partner-two"))
+    _, _, raw = await one.call("POST", "/v1/payments", idem="p1",
+                               json={"account_no": acct, "amount": 100, "method": "wallet"})
+    pid = orjson.loads(raw)["payment_id"]
+    st, _, raw = await other.call("GET", f"/v1/payments/{pid}")
+    assert st == 404 and orjson.loads(raw)["code"] == "payment_not_found"
+    st, _, raw = await other.call("POST", f"/v1/payments/{pid}/reversal", idem="r1")
+    assert st == 404 and orjson.loads(raw)["code"] == "payment_not_found"
+    assert await node.pool.fetchval("SELECT reversed_at FROM payments WHERE id = $1",
+                                    uuid.UUID(pid)) is None
+    st, _, _ = await one.call("GET", f"/v1/payments/{pid}")
+    assert st == 200
+    st, _, _ = await one.call("POST", f"/v1/payments/{pid}/reversal", idem="r1")
+    assert st == 200
+    counter = Api(api.session, api.base, await api_key(node.pool, "counter", "hall-1"))
+    hall = Api(api.session, api.base, await api_key(node.pool, "counter", "hall-2"))
+    _, _, raw = await counter.call("POST", "/v1/payments", idem="c1",
+                                   json={"account_no": acct, "amount": 100, "method": "cash"})
+    st, _, _ = await hall.call("GET", f"/v1/payments/{orjson.loads(raw)['payment_id']}")
+    assert st == 200
+
+
 async def test_reversal_same_day_repeatable_and_forwarded_after_original(
         node: Node, api: Api, sims: Sims) -> None:
     acct = await active_account(sims.marketing)

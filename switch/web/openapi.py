@@ -98,7 +98,7 @@ def document(node: Node | None = None) -> dict[str, Any]:
                         "schema": {"$ref": "#/components/schemas/Payment"}}}},
                     "401": _err("Missing or unknown API key"),
                     "403": _err("Key of another channel"),
-                    "404": _err("No such payment for this channel"),
+                    "404": _err("No such payment for this channel (a partner: its own only)"),
                     "503": _err("Standby node or temporarily unavailable"),
                 }}},
             "/v1/payments/{payment_id}/reversal": {"post": {
@@ -115,7 +115,7 @@ def document(node: Node | None = None) -> dict[str, Any]:
                     "400": _err("Missing Idempotency-Key"),
                     "401": _err("Missing or unknown API key"),
                     "403": _err("Key of another channel"),
-                    "404": _err("No such payment for this channel"),
+                    "404": _err("No such payment for this channel (a partner: its own only)"),
                     "409": _err("Another business date: not reversible"),
                     "422": _err("Idempotency-Key used to reverse another payment"),
                     "503": _err("Standby node or temporarily unavailable"),

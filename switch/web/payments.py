@@ -327,11 +327,24 @@ def _payment_id(request: web.Request) -> uuid.UUID:
         raise Problem(404, "payment_not_found", "no such payment") from None
 
 
+#: channels whose clients are separate organisations: each sees only its own payments (the
+#: counters of the utility's halls, and its portal, share theirs within the channel)
+PRIVATE_CHANNELS = frozenset({"partner"})
+
+
+def _owns(client: ApiClient, channel: str, client_id: object) -> bool:
+    """May `client` read or reverse a payment made through `channel` by `client_id`? Only
+    the channel that made it; for a partner, only the partner that made it."""
+    if channel != client.channel:
+        return False
+    return channel not in PRIVATE_CHANNELS or str(client_id) == str(client.id)
+
+
 async def get_payment(request: web.Request) -> web.Response:
     node = require_active(request)  # the standby answers no payment request, reads included
     client = await authenticate(request, PAYMENT_CHANNELS)
     rec = await load_payment(node.pool, _payment_id(request))
-    if rec is None or rec.channel != client.channel:
+    if rec is None or not _owns(client, rec.channel, rec.client_id):
         raise Problem(404, "payment_not_found", "no such payment")
     return json_response(payment_doc(rec))
 
@@ -345,8 +358,9 @@ async def reverse_payment(request: web.Request) -> web.Response:
     try:
         async with node.pool.acquire() as con, con.transaction():
             await db.fence(con, node.epoch)
-            owner = await con.fetchval("SELECT channel FROM payments WHERE id = $1", pid)
-            if owner is None or owner != client.channel:
+            owner = await con.fetchrow("SELECT channel, client_id FROM payments WHERE id = $1",
+                                       pid)
+            if owner is None or not _owns(client, owner["channel"], owner["client_id"]):
                 raise Problem(404, "payment_not_found", "no such payment")
             prior = await con.fetchrow(_REVERSAL_KEY, client.id, key)
             if prior is not None:
