@@ -61,6 +61,25 @@ class ConfigError(Exception):
         super().__init__(f"setting {key} = {shown!r} is invalid: {allowed}")
 
 
+def _check_authority(key: str, url: str) -> None:
+    """A service URL whose user, password, host and port read as written. A '#', '/', '?' or
+    '@' in a password must be percent-encoded (%23, %2F, %3F, %40): raw, the password ends
+    there and its rest is read as the host, port, path or fragment, and the driver's error
+    (a port that is not a number, say) would quote it."""
+    if not url:
+        return
+    rest = url.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in rest and "@" not in authority:
+        raise ConfigError(key, url, "a URL whose password has its '#', '/', '?' and '@' "
+                                    "percent-encoded (%23, %2F, %3F, %40)")
+    for host in authority.rpartition("@")[2].split(","):  # libpq takes h1:p1,h2:p2
+        name, colon, port = host.rpartition(":")
+        if colon and not name.endswith(":") and not host.endswith("]") and not (
+                port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(key, url, "a URL whose ports are numbers from 1 to 65535")
+
+
 def _get(section: Mapping[str, Any], name: str, key: str) -> Any:
     if name not in section:
         raise ConfigError(key, None, "required")
@@ -309,6 +328,8 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
     # redis:// only: the hot paths' client (switch/redis_pipe.py) speaks plain TCP
     redis_url = _str(svc, "redis_url", "services.redis_url", r"|redis://\S+",
                      "empty (embedded) or a redis:// URL")
+    for key, url in (("services.database_url", db_url), ("services.redis_url", redis_url)):
+        _check_authority(key, url)
     mkt = _str(svc, "marketing_url", "services.marketing_url", r"|https?://\S+",
                "empty (embedded) or an http:// URL")
     if mkt:

@@ -39,7 +39,9 @@ _KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|k
                  r"(\s*[=:]\s*)(\S+)")
 # the password of a URL: scheme://user:PASSWORD@host, up to the last `@` before the path,
 # query or fragment (an `@` in the password hides none of it)
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/?#\s]*@")
+# up to the last '@' of the URL: a password holding a raw '#', '/', '?' or '@' (which a URL
+# should carry percent-encoded, and which a config check refuses) is masked whole
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)\S*@")
 # a password given in a URL's query (libpq takes `password` and `sslpassword` there)
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

@@ -44,6 +44,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GRIDPAY_MARKETING_URL": "http://billing:notaport"}, "services.marketing_url",
          "1 to 65535"),
         ({"GRIDPAY_NODE_ID": "bad id!"}, "node.id", "A-Za-z0-9"),
+        ({"GRIDPAY_DATABASE_URL": "postgresql://db:notaport/x"}, "services.database_url",
+         "1 to 65535"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(env: dict[str, str], key: str,
@@ -53,6 +55,30 @@ def test_bad_values_name_key_value_and_what_is_allowed(env: dict[str, str], key:
     assert e.value.key == key
     msg = str(e.value)
     assert key in msg and allowed in msg and next(iter(env.values())) in msg
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://gridpay:DbPw#S3cret-93@127.0.0.1:5432/gridpay",
+    "postgresql://gridpay:Db/Pw@127.0.0.1:5432/gridpay",
+    "redis://:pw?S3cret-93@127.0.0.1:6379/0",
+])
+def test_a_password_with_raw_url_delimiters_is_refused_and_never_shown(url: str) -> None:
+    """Raw, the password's rest would be read as the host or port, and the driver's error
+    quoted it: the setting is refused first, its password masked whole."""
+    key = "GRIDPAY_REDIS_URL" if url.startswith("redis") else "GRIDPAY_DATABASE_URL"
+    with pytest.raises(ConfigError) as e:
+        load_settings(env={key: url})
+    msg = str(e.value)
+    assert "percent-encoded" in msg and "S3cret" not in msg and "Pw" not in msg, msg
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p%23w@h:5432/db", "postgresql://u:pw@h1:5432,h2:5433/db",
+    "postgresql://u:p@ss@h:5432/db", "postgresql://u:p@[::1]:5432/db",
+    "postgresql:///db?host=/tmp",
+])
+def test_service_urls_that_parse_as_written_are_taken(url: str) -> None:
+    assert load_settings(env={"GRIDPAY_DATABASE_URL": url}).services.database_url == url
 
 
 def test_bad_institution_is_named(tmp_path: Path) -> None:

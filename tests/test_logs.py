@@ -87,6 +87,11 @@ def test_a_url_printed_for_operators_shows_no_password() -> None:
         "redis://:secret@127.0.0.1:6379/0": "redis://:***@127.0.0.1:6379/0",
         "postgresql://postgres@127.0.0.1:5432/gridpay": "postgresql://postgres@127.0.0.1:5432/gridpay",
         "127.0.0.1:7000": "127.0.0.1:7000",
+        # raw delimiters in the password (refused by the config, but printed when refused)
+        "postgresql://postgres:DbPw#S3cret-93@127.0.0.1:5432/gridpay":
+            "postgresql://postgres:***@127.0.0.1:5432/gridpay",
+        "postgresql://postgres:Db/Pw?x@127.0.0.1/gridpay":
+            "postgresql://postgres:***@127.0.0.1/gridpay",
     }
     for url, shown in cases.items():
         assert mask_url(url) == shown, url
