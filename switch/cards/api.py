@@ -170,6 +170,11 @@ def _handler(action: str, *, changes: bool, logged: bool | None = None
     return deco
 
 
+#: what the operation log keeps of a value that was refused: the log is kept for good, and
+#: a value typed into the wrong field may be anything (a card's PIN, a password)
+NOT_LOGGED = "(not valid: not logged)"
+
+
 def _path_objects(request: web.Request) -> dict[str, Any]:
     """The path's values as the operation log keeps them: a card serial only when it is one
     (a mistyped one may be the PIN from the same card, and the log is kept for good)."""
@@ -329,13 +334,18 @@ async def order_batch(ctx: Ctx) -> web.StreamResponse:
     order = batches.BatchOrder.validate(doc, face_values=cards.face_values,
                                         expiry_years=cards.expiry_years, today=today)
     ctx.objects.update(face_value=order.face_value, quantity=order.quantity,
-                       manufacturer=order.manufacturer, expiry=order.expiry.isoformat())
+                       manufacturer=NOT_LOGGED, expiry=order.expiry.isoformat())
     hsm, keyring = _hsm(ctx.node)
     try:
         keyring.print_key(order.manufacturer)
     except KeyError:
-        raise InvalidInput(f"no print key for manufacturer {order.manufacturer}",
+        # neither logged nor echoed: what was typed may be anything (a password, a PIN)
+        known = sorted(n.removeprefix("print:") for n in keyring.names()
+                       if n.startswith("print:"))
+        raise InvalidInput("no print key for the manufacturer given; the manufacturers with "
+                           f"one are: {', '.join(known) or 'none'}",
                            code="unknown_manufacturer") from None
+    ctx.objects["manufacturer"] = order.manufacturer
     pool = ctx.pool
     epoch = ctx.node.epoch
     job_id = await jobs.create_job(pool, "batch.generate", total=order.quantity,
@@ -496,7 +506,8 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
         raise InvalidInput("stocktake_id is a positive integer (a stocktake's id)",
                            code="invalid_id")
     serials = workflow.cards_of(doc)
-    ctx.objects.update(reason=reason, count=len(serials),
+    ctx.objects.update(reason=reason if reason in workflow.VOID_REASONS else NOT_LOGGED,
+                       count=len(serials),
                        ranges=[r for r in workflow._ranges(serials)][:100])
     def status(out: dict[str, Any]) -> int:
         return 202 if out["state"] == "pending_approval" else 200
@@ -535,7 +546,8 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
         counted: list[str] = []
     else:
         counted = workflow.cards_of(doc)
-    ctx.objects.update(location=location, counted=len(counted))
+    known = await workflow.known_location(ctx.pool, location)
+    ctx.objects.update(location=location if known else NOT_LOGGED, counted=len(counted))
     out = await workflow.stocktake(
         ctx.pool, ctx.user, location, counted, epoch=ctx.node.epoch,
         audit=ctx.audit(201, lambda o: {"stocktake_id": o["stocktake_id"],
@@ -549,8 +561,12 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
 @_handler("request.create", changes=True)
 async def create_request(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
-    ctx.objects.update(face_value=doc.get("face_value"), quantity=doc.get("quantity"),
-                       hall=ctx.user.hall)
+    face, qty = doc.get("face_value"), doc.get("quantity")
+    ctx.objects.update(
+        face_value=face if type(face) is int and face in ctx.node.settings.cards.face_values
+        else NOT_LOGGED,
+        quantity=qty if type(qty) is int and 1 <= qty <= 1_000_000 else NOT_LOGGED,
+        hall=ctx.user.hall)
     hall = doc.get("hall")  # optional: a hall role asks for its own hall, and only for it
     if hall is not None:
         ctx.user.require_hall(str(hall))

@@ -134,11 +134,24 @@ async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve:
 
 # --- stocktakes -------------------------------------------------------------------------------
 
+async def known_location(pool: asyncpg.Pool, location: str) -> bool:
+    """The warehouse, or a hall that card-centre users belong to or cards are kept at."""
+    if location == WAREHOUSE:
+        return True
+    if not location or len(location) > 32:
+        return False
+    return bool(await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM card_users WHERE hall = $1)"
+        " OR EXISTS (SELECT 1 FROM cards WHERE location = $1"
+        " AND state IN ('in_stock', 'issued'))", location))
+
+
 async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
                     audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     """Compare the serials counted at `location` with the cards that should be there."""
-    if not location or len(location) > 32:
-        raise InvalidInput("location is the warehouse or a hall code", code="invalid_location")
+    if not await known_location(pool, location):
+        raise InvalidInput("location is the warehouse or a hall that has users or cards",
+                           code="invalid_location")
     user.require_hall(location)
     if user.role is Role.STOREKEEPER and location != WAREHOUSE:
         raise Forbidden("a storekeeper counts the warehouse", code="forbidden_hall")
