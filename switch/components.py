@@ -166,7 +166,13 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         accounts.start_sync()
         # jobs of a node that died cannot resume by themselves (this node's own, begun since
         # it became active, are left alone)
-        await fail_interrupted(node.pool, card_jobs.running())
+        try:
+            await fail_interrupted(node.pool, card_jobs.running(), epoch=node.epoch)
+        except Exception as e:
+            if not db.is_fenced(e):
+                raise
+            await node.fenced()  # the lease moved on already: this node steps down
+            return
         sweeper.append(asyncio.create_task(sweep_loop(), name="card-expiry"))
         daily.start()
 

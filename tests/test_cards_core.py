@@ -390,6 +390,26 @@ async def test_a_stale_node_s_job_records_nothing_of_its_end(pool: asyncpg.Pool)
     assert await pool.fetchval("SELECT count(*) FROM card_oplog") == logged
 
 
+async def test_a_node_whose_lease_moved_on_fails_no_job(pool: asyncpg.Pool) -> None:
+    """A node paused right after taking the lease wakes up after another took it: its
+    activation must not fail the jobs the new holder runs (nor their batches)."""
+    from switch import db
+    from switch.cards import jobs
+
+    bid = await _batch(pool)
+    stale = int(await pool.fetchval("SELECT epoch FROM node_lease"))
+    await pool.execute("UPDATE node_lease SET epoch = epoch + 1")  # another node took over
+    theirs = await jobs.create_job(pool, "batch.generate", total=1, actor="t")
+    await pool.execute("UPDATE card_batches SET status = 'generating', generate_job = $2"
+                       " WHERE id = $1", bid, theirs)
+    with pytest.raises(asyncpg.PostgresError) as e:
+        await jobs.fail_interrupted(pool, epoch=stale)
+    assert db.is_fenced(e.value)
+    assert await pool.fetchval("SELECT state FROM card_jobs WHERE id = $1", theirs) == "queued"
+    assert await pool.fetchval("SELECT status FROM card_batches WHERE id = $1",
+                               bid) == "generating"
+
+
 async def test_a_node_taking_over_fails_only_the_jobs_it_does_not_run(pool: asyncpg.Pool) -> None:
     # a node takes requests as soon as it is active, before its activation hooks run: a job
     # (and the batch it generates) begun in between was failed as if orphaned

@@ -256,13 +256,16 @@ class JobRunner:
 
 
 async def fail_interrupted(pool: asyncpg.Pool,
-                           running: Collection[uuid.UUID] = ()) -> int:
+                           running: Collection[uuid.UUID] = (), *,
+                           epoch: int | None = None) -> int:
     """At start: jobs left running by a node that stopped are marked failed, and so are the
     batches they were generating (which `POST /batches/{id}/resume` takes up again). The jobs
     `running` here are not: a node takes requests as soon as it is active, so a job may have
-    begun before this runs."""
+    begun before this runs. With `epoch`, fenced: a node that was paused right after taking
+    the lease, and wakes up after another took it, fails none of that node's jobs."""
     mine = list(running)
     async with pool.acquire() as con, con.transaction():
+        await db.fence(con, epoch)
         status: str = await con.execute(
             "UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()"
             " WHERE state IN ('queued', 'running') AND NOT id = ANY($1::uuid[])", mine)
