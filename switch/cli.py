@@ -218,10 +218,15 @@ def cmd_clients(args: argparse.Namespace) -> int:
     async def run(pool: Any) -> int:
         others = await pool.fetchval(
             "SELECT count(*) FROM api_clients WHERE name = $1 AND revoked_at IS NULL", args.name)
-        client_id, key = await create_client(pool, args.name, args.channel)
-        print(f"client {args.name} ({args.channel}) created: id {client_id}")
+        try:
+            key_id, key = await create_client(pool, args.name, args.channel)
+        except ValueError as e:
+            print(f"gridpay clients add: {e}", file=sys.stderr)
+            return 2
+        print(f"client {args.name} ({args.channel}): key id {key_id}")
         if others:  # a rotation, say: the old key stays in force until revoked
-            print(f"note: {others} other key(s) in force under this name; "
+            print(f"note: {others} other key(s) in force under this name, for the same "
+                  f"client (its payments and idempotency keys are shared); "
                   f"'clients revoke {args.name}' revokes them all, 'clients revoke ID' one",
                   file=sys.stderr)
         print("the key is shown once; store it now:")

@@ -26,7 +26,7 @@ log = logging.getLogger("gridpay.clients")
 
 @dataclass(frozen=True, slots=True)
 class ApiClient:
-    id: uuid.UUID
+    id: uuid.UUID  # the client's, shared by all its keys (not a key's own id)
     name: str
     channel: str
 
@@ -50,17 +50,28 @@ def valid_client_name(name: str) -> bool:
 
 
 async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uuid.UUID, str]:
+    """A new key for the client `name` (created with it the first time): (the key's id, the
+    key). A client is one identity whatever key it uses, so every key added under a name
+    shares the first one's client id (a rotation: a retry sent with the new key is replayed,
+    not paid again). The first key's id is the client's id. A name is one channel's."""
     if not valid_client_name(name):
         raise ValueError("a client's name is 1 to 64 printable characters, without a space at "
                          "either end")
-    client_id = uuid.uuid4()
+    key_id = uuid.uuid4()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
+    first = await pool.fetchrow(
+        "SELECT client_id, channel FROM api_clients WHERE name = $1"
+        " ORDER BY created_at, id LIMIT 1", name)
+    if first is not None and first["channel"] != channel:
+        raise ValueError(f"the client {name} is of the {first['channel']} channel; a key of "
+                         "another channel needs another name")
     await pool.execute(
-        "INSERT INTO api_clients (id, name, channel, key_prefix, key_hash)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        client_id, name, channel, key[:7], hash_key(key),
+        "INSERT INTO api_clients (id, client_id, name, channel, key_prefix, key_hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        key_id, first["client_id"] if first is not None else key_id, name, channel, key[:7],
+        hash_key(key),
     )
-    return client_id, key
+    return key_id, key
 
 
 async def revoke_client(pool: asyncpg.Pool, name_or_id: str) -> int:
@@ -157,10 +168,11 @@ class ClientDirectory:
             return hit[0]
         changes = self._changes
         row = await self.pool.fetchrow(
-            "SELECT id, name, channel FROM api_clients WHERE key_hash = $1 AND revoked_at IS NULL",
+            "SELECT client_id, name, channel FROM api_clients"
+            " WHERE key_hash = $1 AND revoked_at IS NULL",
             h,
         )
-        client = ApiClient(row["id"], row["name"], row["channel"]) if row else None
+        client = ApiClient(row["client_id"], row["name"], row["channel"]) if row else None
         if client is None:  # unknown or revoked: not cached, so a new client works at once
             self._cache.pop(h, None)
         elif changes == self._changes:  # (a change heard meanwhile: good for this request only)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ async def running_node(database_url: str, redis_url: str, sims: Sims, home: Path
         await node.stop()
 
 
-async def api_key(pool_or_url: asyncpg.Pool | str, channel: str, name: str = "t") -> str:
+async def api_key(pool_or_url: asyncpg.Pool | str, channel: str, name: str = "") -> str:
+    """A new client's key (a new client each call, unless `name` is given again)."""
+    name = name or f"t-{channel}-{uuid.uuid4().hex[:8]}"
     if isinstance(pool_or_url, str):
         pool = await asyncpg.create_pool(pool_or_url, min_size=1, max_size=1)
         assert pool is not None

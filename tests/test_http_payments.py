@@ -363,6 +363,28 @@ async def test_a_partner_reads_and_reverses_only_its_own_payments(node: Node, ap
     assert st == 200
 
 
+async def test_a_rotated_key_is_the_same_client(node: Node, api: Api, sims: Sims) -> None:
+    """A new key added under a client's name is that client: a retry sent with it is replayed,
+    not paid again, and a partner still reads and reverses what it paid with its old key."""
+    from switch.clients import create_client
+
+    acct = await active_account(sims.marketing)
+    old = Api(api.session, api.base, await api_key(node.pool, "partner", "rotating"))
+    body = {"account_no": acct, "amount": 700, "method": "wallet"}
+    st, _, first = await old.call("POST", "/v1/payments", idem="rot-1", json=body)
+    assert st == 201
+    new = Api(api.session, api.base, await api_key(node.pool, "partner", "rotating"))
+    st, headers, again = await new.call("POST", "/v1/payments", idem="rot-1", json=body)
+    assert st == 201 and again == first and headers.get("Idempotent-Replayed") == "true"
+    assert await node.pool.fetchval("SELECT count(*) FROM payments WHERE account_no = $1"
+                                    " AND amount = 700", acct) == 1
+    pid = orjson.loads(first)["payment_id"]
+    assert (await new.call("GET", f"/v1/payments/{pid}"))[0] == 200
+    assert (await new.call("POST", f"/v1/payments/{pid}/reversal", idem="rv"))[0] == 200
+    with pytest.raises(ValueError, match="partner channel"):  # a name is one channel's
+        await create_client(node.pool, "rotating", "internet")
+
+
 async def test_reversal_same_day_repeatable_and_forwarded_after_original(
         node: Node, api: Api, sims: Sims) -> None:
     acct = await active_account(sims.marketing)
