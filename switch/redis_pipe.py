@@ -17,7 +17,12 @@ Failure behaviour, which the callers rely on:
   the next command reconnects; after an attempt to connect failed, commands fail at once for
   `retry_after_s` (1 s) instead of each waiting out a connect timeout of its own;
 - a connection that stops answering for `timeout_s` is dropped the same way (one timer checks
-  the oldest command in flight, so there is no per-command timeout to pay for);
+  the oldest command in flight, so there is no per-command timeout to pay for), and commands
+  then fail at once for `retry_after_s` too: a stalled server (a stopped process, whose
+  kernel still accepts connections) would otherwise make every caller wait out the timeout;
+- after either, the next connection is a probe: it is in use only once the server has
+  answered a PING, and while the probe is under way other commands fail at once instead of
+  queueing behind it;
 - an error reply raises `RedisReplyError` for that command only.
 """
 
@@ -151,6 +156,7 @@ class RedisPipe:
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
         self._down_reason = ""
+        self._probing = False  # the next connection must answer a PING before it is used
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
         self._scripts: dict[str, Script] = {}
@@ -229,6 +235,8 @@ class RedisPipe:
                 raise RedisUnavailable(f"{self._down_reason} (not tried again for "
                                        f"{self.retry_after_s:g} s)")
             self._connecting = asyncio.ensure_future(self._open())
+        elif self._probing:  # one caller finds out whether the server is back; not everyone
+            raise RedisUnavailable(f"{self._down_reason} (being tried again)")
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
@@ -249,6 +257,8 @@ class RedisPipe:
                                  else ["AUTH", self._username, self._password])
                 if self.db:
                     setup.append(["SELECT", self.db])
+                if self._probing:
+                    setup.append(["PING"])
                 futs = []
                 for cmd in setup:
                     fut: asyncio.Future[Any] = loop.create_future()
@@ -268,6 +278,7 @@ class RedisPipe:
                                  f"{type(e).__name__}") from None
             raise
         self._down_until = 0.0
+        self._probing = False
         self._proto = proto
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout_s / 4, self._check)
@@ -276,6 +287,7 @@ class RedisPipe:
     def _down(self, reason: str) -> RedisUnavailable:
         self._down_until = time.monotonic() + self.retry_after_s
         self._down_reason = reason
+        self._probing = True
         return RedisUnavailable(reason)
 
     def _check(self) -> None:
@@ -287,8 +299,7 @@ class RedisPipe:
         if proto is not None and proto.waiting:
             _, sent = proto.waiting[0]
             if time.monotonic() - sent > self.timeout_s:
-                proto.abort(RedisUnavailable(
-                    f"Redis did not answer within {self.timeout_s:g} s"))
+                proto.abort(self._down(f"Redis did not answer within {self.timeout_s:g} s"))
         self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)
 
 

@@ -148,3 +148,61 @@ async def until_a_statement_waits_on_a_lock(pool: asyncpg.Pool, within_s: float 
             return
         await asyncio.sleep(0.02)
     raise AssertionError("no statement waited on the lock")
+
+
+class StallProxy:
+    """A TCP relay to a real server that can stall: while stalled it takes connections and
+    bytes but forwards nothing either way, then forwards what it held on `resume` (a server
+    process stopped with SIGSTOP, whose kernel still accepts connections, looks like this)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.running = asyncio.Event()
+        self.running.set()
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stall(self) -> None:
+        self.running.clear()
+
+    def resume(self) -> None:
+        self.running.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self.running.wait()
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from switch.node import Node
 from tests.nodekit import (
     Api,
     Sims,
+    StallProxy,
     active_account,
     api_key,
     closed_account,
@@ -799,6 +801,69 @@ async def test_a_wrong_body_after_redis_forgot_the_key_leaves_no_claim_behind(
     st, _, raw = await api.call("POST", "/v1/payments", idem="kk", json=other)
     assert st == 422 and orjson.loads(raw)["code"] == "idempotency_key_reused"
     assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def test_a_refusal_while_redis_stalls_leaves_the_key_free(node: Node, api: Api,
+                                                                 sims: Sims,
+                                                                 clean_redis: str) -> None:
+    """A stopped Redis runs what it was sent once it goes on: a claim made for a request that
+    was then refused outlived it, and the corrected retry under the same key was told 422 (or
+    409) for the claim's 30 s. A refusal now asks Redis nothing; and a payment whose claim
+    failed does not wait for Redis a second time to store its answer."""
+    from switch.payments.idempotency import IdempotencyCache
+    from switch.redis_pipe import RedisPipe
+
+    acct = await active_account(sims.marketing)
+    u = urllib.parse.urlsplit(clean_redis)
+    proxy = StallProxy(u.hostname or "127.0.0.1", u.port or 6379)
+    port = await proxy.start()
+    pipe = RedisPipe(f"redis://127.0.0.1:{port}{u.path}", timeout_s=0.3,
+                     connect_timeout_s=0.3, retry_after_s=0.2)
+    svc = node.components["http_payments"]
+    node.components["http_payments"] = type(svc)(
+        accounts=svc.accounts, ledger=svc.ledger, max_amount=svc.max_amount,
+        idempotency=IdempotencyCache(pipe, ttl_s=3600))
+    try:
+        st, _, _ = await api.call("POST", "/v1/payments", idem="before", json={
+            "account_no": acct, "amount": 200, "method": "cash"})
+        assert st == 201  # (Redis knows the claim's script: a stalled one runs it later)
+        proxy.stall()
+        st, _, raw = await api.call("POST", "/v1/payments", idem="fixme", json={
+            "account_no": acct, "amount": svc.max_amount + 1, "method": "cash"})
+        assert st == 422 and orjson.loads(raw)["code"] == "invalid_amount"
+        st, _, paid = await api.call("POST", "/v1/payments", idem="stalled", json={
+            "account_no": acct, "amount": 300, "method": "cash"})
+        assert st == 201
+        proxy.resume()  # whatever it was sent now runs
+        await asyncio.sleep(0.3)
+        st, _, raw = await api.call("POST", "/v1/payments", idem="fixme", json={
+            "account_no": acct, "amount": 100, "method": "cash"})
+        assert st == 201, raw
+        # the paid request's claim ran late, and was never completed: PostgreSQL answers
+        st, h, again = await api.call("POST", "/v1/payments", idem="stalled", json={
+            "account_no": acct, "amount": 300, "method": "cash"})
+        assert (st, again) == (201, paid) and h.get("Idempotent-Replayed") == "true"
+    finally:
+        node.components["http_payments"] = svc
+        await pipe.aclose()
+        await proxy.close()
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 3
+
+
+async def test_an_amount_beyond_a_doubles_range_is_judged_as_the_integer_it_is(
+        node: Node, api: Api, sims: Sims) -> None:
+    """orjson refuses numbers beyond a double's range: an integer amount of 310 digits or
+    more, valid JSON, was answered 400 malformed_json instead of 422 over the limit."""
+    acct = await active_account(sims.marketing)
+    cases = [(b"9" * 400, 422, "invalid_amount"), (b"1" + b"0" * 5000, 422, "invalid_amount"),
+             (b"-" + b"9" * 400, 400, "invalid_amount_type"),
+             (b"1e400", 400, "invalid_amount_type"), (b"9" * 400 + b"x", 400, "malformed_json")]
+    for i, (amount, status, code) in enumerate(cases):
+        raw = b'{"account_no": "' + acct.encode() + b'", "method": "cash", "amount": ' + amount
+        st, _, body = await api.call("POST", "/v1/payments", idem=f"huge-{i}", data=raw + b"}",
+                                     headers={"Content-Type": "application/json"})
+        assert (st, orjson.loads(body)["code"]) == (status, code), (amount[:12], body)
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 0
 
 
 async def test_a_late_retry_gets_its_payment_whatever_changed_since(

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from switch.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable
+from tests.nodekit import StallProxy
 
 
 @pytest.fixture
@@ -220,16 +221,53 @@ async def test_a_killed_connection_fails_its_commands_and_the_next_one_reconnect
 
 async def test_a_connection_that_stops_answering_is_dropped_after_the_timeout(
         clean_redis: str) -> None:
-    p = RedisPipe(clean_redis, timeout_s=0.4)
+    p = RedisPipe(clean_redis, timeout_s=0.4, retry_after_s=0.3)
     try:
         await p.ping()
         started = time.monotonic()
         with pytest.raises(RedisUnavailable, match="did not answer within 0.4 s"):
             await p.execute("BLPOP", "nothing", 10)
         assert time.monotonic() - started < 1.5
+        with pytest.raises(RedisUnavailable, match="not tried again"):
+            await p.ping()  # at once, for the retry time
+        await asyncio.sleep(0.35)
+        assert await p.ping()  # then a new connection, once it answered its PING
+    finally:
+        await p.aclose()
+
+
+async def test_a_stalled_server_costs_one_timeout_not_one_per_command(clean_redis: str) -> None:
+    """A stopped Redis still accepts connections: each command used to wait out the timeout
+    (a payment's claim, then its stored answer: five seconds a payment). After the first
+    timeout, commands fail at once; one probe at a time finds out whether it is back."""
+    u = urllib.parse.urlsplit(clean_redis)
+    proxy = StallProxy(u.hostname or "127.0.0.1", u.port or 6379)
+    port = await proxy.start()
+    p = RedisPipe(f"redis://127.0.0.1:{port}{u.path}", timeout_s=0.3, connect_timeout_s=0.3,
+                  retry_after_s=0.2)
+    try:
+        assert await p.ping()
+        proxy.stall()
+        with pytest.raises(RedisUnavailable, match="did not answer"):
+            await p.ping()
+        with pytest.raises(RedisUnavailable, match="not tried again"):
+            await p.ping()
+        await asyncio.sleep(0.25)
+        connections = proxy.connections
+        probe = asyncio.ensure_future(p.ping())  # the probe: its PING goes unanswered
+        await asyncio.sleep(0.05)
+        for _ in range(20):  # meanwhile, nobody queues behind it
+            with pytest.raises(RedisUnavailable, match="being tried again"):
+                await p.execute("GET", "k")
+        with pytest.raises(RedisUnavailable):
+            await probe
+        assert proxy.connections == connections + 1
+        proxy.resume()
+        await asyncio.sleep(0.25)
         assert await p.ping()
     finally:
         await p.aclose()
+        await proxy.close()
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: RedisPipe) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
 import re
 import uuid
@@ -38,6 +36,7 @@ from switch.payments.ledger import (
 from switch.web.app import node_of, require_active
 from switch.web.problems import (
     Problem,
+    exactly,
     json_body,
     json_response,
     no_longer_active,
@@ -193,8 +192,9 @@ async def create_payment(request: web.Request) -> web.Response:
         # that such an amount is judged an integer over the limit (422), and only a number
         # written with a fraction or an exponent is refused as no integer (400). A body
         # nested deeper than Python's json takes (orjson takes 1 024 levels) stays a 400.
-        with contextlib.suppress(ValueError, RecursionError):
-            body = json.loads(await request.read())
+        exact = exactly(await request.read())
+        if isinstance(exact, dict):
+            body = exact
     account, amount, method, ref = _validate_payment(body)
     if amount >= 2**63:  # beyond what any limit or the ledger's bigint can be: no payment
         raise _over_limit(svc)
@@ -203,10 +203,24 @@ async def create_payment(request: web.Request) -> web.Response:
     req_hash = hashlib.sha256(canonical).hexdigest()
     scope = f"http:{client.id}:{key}"
 
+    # A refusal (over the limit, an account unknown, closed or not checkable now) is decided
+    # before Redis is asked anything: a claim made for a refused request could outlive it (a
+    # Redis that stalled runs the claim late, after the refusal had nothing to release), and
+    # a corrected retry under the same key would be told 409 or 422 for the claim's lifetime.
+    # Redis may also have forgotten a payment made with this key while the account was closed
+    # or the limit lowered since: PostgreSQL gives a late retry its stored answer instead.
+    refusal = await _refusal(svc, account, amount)
+    if refusal is not None:
+        earlier = await _held(node, scope)
+        if earlier is None:
+            raise refusal
+        return await _answer_stored(svc, scope, earlier, req_hash)
+
+    claim_failed = False
     try:
         claim = await svc.idempotency.claim(scope, req_hash)
     except Exception:  # Redis is only the fast path: PostgreSQL decides
-        claim = None
+        claim, claim_failed = None, True
     if claim is not None:
         if claim.state is ClaimState.DONE:
             if claim.request_hash != req_hash:
@@ -215,6 +229,11 @@ async def create_payment(request: web.Request) -> web.Response:
         if claim.state is ClaimState.IN_FLIGHT:
             if claim.request_hash != req_hash:
                 raise _reused()
+            # this body's claim: a request still being processed, or one that ended without
+            # Redis hearing of it (a claim that a stalled Redis ran late): PostgreSQL knows
+            earlier = await _held(node, scope)
+            if earlier is not None:
+                return await _answer_stored(svc, scope, earlier, req_hash)
             raise Problem(409, "request_in_progress",
                           "a request with this Idempotency-Key is still being processed; "
                           "retry in a moment", headers={"Retry-After": "1"})
@@ -222,20 +241,7 @@ async def create_payment(request: web.Request) -> web.Response:
 
     outcome: Outcome
     try:
-        refusal = await _refusal(svc, account, amount)
-        if refusal is not None:
-            # Redis may have forgotten a payment made with this key (a flush, a restart, its
-            # lifetime) while the account was closed or the limit lowered since: a late retry
-            # gets its stored answer, never a refusal of a payment that was made
-            try:
-                earlier = await fetch_duplicate(node.pool, scope)
-            except Exception:
-                earlier = None
-            if earlier is None:
-                raise refusal
-            outcome = earlier
-        else:
-            outcome = await _record(svc, client, scope, req_hash, account, amount, method, ref)
+        outcome = await _record(svc, client, scope, req_hash, account, amount, method, ref)
     except BaseException:
         if claimed:
             try:
@@ -249,8 +255,11 @@ async def create_payment(request: web.Request) -> web.Response:
     assert outcome.status_code is not None and outcome.response is not None
     # not waited for (a Redis round trip less per payment): queued ahead of any retry's claim
     if not svc.idempotency.complete_soon(scope, req_hash, outcome.status_code,
-                                         outcome.response):
-        try:  # no live connection to queue it on: stored before answering, as it used to be
+                                         outcome.response) and not claim_failed:
+        # no live connection to queue it on: stored before answering, as it used to be (not
+        # when this request's claim already failed: Redis is out of reach or stalled, and a
+        # claim it runs late is resolved by PostgreSQL, above)
+        try:
             await svc.idempotency.complete(scope, req_hash, outcome.status_code,
                                            outcome.response)
         except Exception:  # noqa: S110 - PostgreSQL already holds the answer
@@ -293,6 +302,14 @@ def _outcome_unknown(what: str, error: BaseException) -> Problem:
     return Problem(503, "unavailable",
                    f"the database did not complete the {what}; it may or may not have been "
                    f"recorded: {again} to get its answer", headers={"Retry-After": "1"})
+
+
+async def _held(node: Node, scope: str) -> Duplicate | None:
+    """The payment PostgreSQL holds under `scope`, if any (None too when it cannot say)."""
+    try:
+        return await fetch_duplicate(node.pool, scope)
+    except Exception:
+        return None
 
 
 async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,

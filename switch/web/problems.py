@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import orjson
@@ -101,7 +102,13 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise Problem(400, "malformed_json", f"the body is not valid JSON ({e.msg})") from None
+        # orjson refuses a number beyond a double's range (an integer of 310 digits, say),
+        # which is valid JSON: read such a body exactly, so that its fields are judged for
+        # what they are (an amount over the limit is a 422, not a malformed body)
+        doc = exactly(raw) if "infinity" in e.msg else None
+        if doc is None:
+            raise Problem(400, "malformed_json",
+                          f"the body is not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict):
         raise Problem(400, "malformed_json", "the body must be a JSON object")
     # JSON can spell a NUL character only as this escape
@@ -109,6 +116,27 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
         raise Problem(400, "invalid_text", "text in the body must not contain NUL (\\u0000) "
                       "characters")
     return doc
+
+
+#: digits beyond which an integer read by `_exactly` is kept only as "too large": Python
+#: refuses to convert more than 4 300, and no field takes more than a few dozen
+_MAX_INT_DIGITS = 40
+_TOO_LARGE = int("1" + "0" * _MAX_INT_DIGITS)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) - text.startswith("-") <= _MAX_INT_DIGITS:
+        return int(text)
+    return -_TOO_LARGE if text.startswith("-") else _TOO_LARGE
+
+
+def exactly(raw: bytes) -> object:
+    """`raw` parsed with integers of any length (kept as they are up to 40 digits, larger
+    ones as 10^40 with their sign); None when it is not JSON after all."""
+    try:
+        return json.loads(raw, parse_int=_bounded_int)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _has_nul(doc: object) -> bool:
