@@ -382,6 +382,24 @@ async def test_parallel_calls_cannot_exceed_the_card_limit(node: Node, ivr: IvrS
     assert set(said) <= {"pin_wrong", "card_locked_now", "card_locked"}
 
 
+async def test_attempts_left_count_the_numbers_daily_limit(node: Node, ivr: IvrSimulator,
+                                                            sims: Sims) -> None:
+    """Eight wrong PINs from a number (two on each of four cards): the ninth, on a fifth card
+    in a new call, leaves one attempt (the number's tenth blocks it), not the call's two."""
+    caller = ani()
+    acct = await account(sims)
+    for _ in range(4):
+        serial, _ = await make_card(node)
+        call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)
+        for i in range(2):
+            assert ids(await ivr.send_pin(call_id, serial, f"12341234123{i}"))[0] == "pin_wrong"
+    serial, _ = await make_card(node)
+    call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)
+    t = await ivr.send_pin(call_id, serial, "123412341239")
+    assert ids(t) == ["pin_wrong", "enter_pin"]
+    assert "一次" in t["prompts"][0]["text"], t["prompts"][0]
+
+
 async def test_caller_number_blocked_after_ten_failures(node: Node, ivr: IvrSimulator,
                                                         sims: Sims) -> None:
     caller = ani()

@@ -298,7 +298,9 @@ def test_account_failures_three_times_then_goodbye(fact: dialog.Fact, prompt: st
         call, turn = advance(call, Digits(ACCT), fact, LIMITS)
         assert call.step is Step.ENTER_ACCOUNT and ids(turn) == [prompt, "enter_account"]
     call, turn = advance(call, Digits(ACCT), fact, LIMITS)
-    assert ids(turn) == [prompt, "too_many_attempts", "goodbye"] and turn.hangup and call.ended
+    # a service that stayed busy is said to be so, not the caller to have erred
+    why = [] if isinstance(fact, Busy) else ["too_many_attempts"]
+    assert ids(turn) == [prompt, *why, "goodbye"] and turn.hangup and call.ended
 
 
 def test_the_third_unknown_or_closed_account_of_a_call_ends_it_in_a_row_or_not() -> None:
@@ -401,6 +403,31 @@ def test_pin_limits_in_memory() -> None:
     assert gone.ended and ids(turn)[0] == "ani_blocked"
     moved, turn = advance(at_pin(), BLOCK, CardFact(state="redeemed", face_value=1), LIMITS)
     assert moved.step is Step.ENTER_CARD_SERIAL and ids(turn)[0] == "card_used"
+
+
+def test_attempts_left_count_the_caller_numbers_daily_limit_too() -> None:
+    """Eight wrong PINs from the number today, ten allowed: the ninth leaves one, not two."""
+    _, turn = advance(at_pin(), BLOCK, PinFact(match=False, card_failures=1, ani_left=1),
+                      LIMITS)
+    assert ids(turn) == ["pin_wrong", "enter_pin"] and "一次" in turn.prompts[0].text
+
+
+@pytest.mark.parametrize(("inp", "fact", "said"), [
+    (Timeout(), None, ["no_input", "too_many_attempts", "goodbye"]),
+    (Digits("12#"), None, ["invalid_input", "too_many_attempts", "goodbye"]),
+    (BLOCK, Busy(), ["service_busy", "goodbye"]),
+])
+def test_a_call_ended_at_the_pin_step_is_not_asked_for_its_pin(inp: dialog.Input,
+                                                                fact: dialog.Fact | None,
+                                                                said: list[str]) -> None:
+    """The third strike ends the call: the caller is not asked for the PIN again just before
+    it hangs up, and a service that stayed busy says so rather than blaming the caller."""
+    call = at_pin()
+    for _ in range(2):
+        call, turn = advance(call, inp, fact, LIMITS)
+        assert ids(turn)[-1] == "enter_pin" and not call.ended
+    call, turn = advance(call, inp, fact, LIMITS)
+    assert call.ended and ids(turn) == said
 
 
 def test_redemption_refused_or_busy() -> None:

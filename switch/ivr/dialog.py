@@ -425,6 +425,7 @@ class PinFact:
     card_failures: int = 0
     card_locked: bool = False
     ani_blocked: bool = False
+    ani_left: int | None = None  # wrong PINs the caller number may still make today
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -633,8 +634,11 @@ def advance(call: Call, inp: Input, fact: Fact | None,
         raise DialogError(f"step {spec.step} has no outcome {outcome}")
     extra: dict[str, object] = {}
     if outcome == "wrong":
-        extra["tries_left"] = max(1, min(limits.pin_tries_per_call - call.pin_failures,
-                                         limits.pin_tries_per_card - call.card_failures))
+        left = [limits.pin_tries_per_call - call.pin_failures,
+                limits.pin_tries_per_card - call.card_failures]
+        if isinstance(fact, PinFact) and fact.ani_left is not None:
+            left.append(fact.ani_left)  # the number's daily limit may come first
+        extra["tries_left"] = max(1, min(left))
     strikes = call.strikes + 1 if go.strike else 0
     turns = call.turns + 1
     # the third unknown or closed account of the call ends it, in a row or not: each account
@@ -644,7 +648,11 @@ def advance(call: Call, inp: Input, fact: Fact | None,
     if (go.strike and strikes >= limits.strikes) or too_many_accounts:
         done = dataclasses.replace(call, step=Step.GOODBYE, strikes=strikes, ended=True,
                                    turns=turns)
-        return done, _turn(done, (*go.say, *_STRIKE_LIMIT_GO.say, *STEPS[Step.GOODBYE].prompts))
+        # a caller about to be cut off is not asked for the step's input again; and a call
+        # ended by a service that stayed busy is told so, not that the caller erred
+        said = tuple(p for p in go.say if p not in spec.prompts)
+        why = () if outcome == "busy" else _STRIKE_LIMIT_GO.say
+        return done, _turn(done, (*said, *why, *STEPS[Step.GOODBYE].prompts))
     if go.to is None:
         stay = dataclasses.replace(call, strikes=strikes, turns=turns)
         again = spec.prompts if spec.reprompt is None else spec.reprompt

@@ -527,7 +527,7 @@ class IvrService:
                 if locked:
                     log.warning("card locked after wrong PINs", extra={"call_id": call.call_id})
                 fact = PinFact(match=False, card_failures=count, card_locked=locked,
-                               ani_blocked=blocked)
+                               ani_blocked=blocked, ani_left=self.ani_limit - failures)
         if blocked_until is not None:  # committed: the copy read at call starts has it at once
             self._blocks[call.ani] = blocked_until
         return fact
