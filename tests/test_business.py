@@ -446,6 +446,9 @@ async def test_a_failed_or_missed_close_is_done_when_the_node_next_looks(
         clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
     async with running_node(clean_db, clean_redis, sims, tmp_path) as node:
         daily = node.components["daily"]
+        # this test drives the catch-up itself: the node's own loop would race it (it closed
+        # a pending date between two of the test's reads, one run in many)
+        await daily.stop()
         today = node.components["calendar"].today()
         # the marketing system is down at the cut-over: the date is closed, not reconciled
         await sims.marketing.set_faults(error_rate=1.0)
