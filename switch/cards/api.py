@@ -32,6 +32,7 @@ from switch.web.problems import (
     json_response,
     no_longer_active,
     one_header,
+    read_within,
 )
 
 if TYPE_CHECKING:
@@ -408,7 +409,7 @@ async def _read_card_back(request: web.Request) -> CardBackParser:
     parser = CardBackParser()
     size = 0
     rest = b""
-    async for chunk in request.content.iter_chunked(1 << 20):
+    while chunk := await read_within(request.content.read(1 << 20)):
         size += len(chunk)
         if size > MAX_CARD_BACK_BYTES:
             raise Problem(413, "payload_too_large",

@@ -41,6 +41,7 @@ from switch.web.problems import (
     json_response,
     no_longer_active,
     one_header,
+    read_within,
     unknown_fields,
 )
 
@@ -192,7 +193,7 @@ async def create_payment(request: web.Request) -> web.Response:
         # that such an amount is judged an integer over the limit (422), and only a number
         # written with a fraction or an exponent is refused as no integer (400). A body
         # nested deeper than Python's json takes (orjson takes 1 024 levels) stays a 400.
-        exact = exactly(await request.read())
+        exact = exactly(await read_within(request.read()))
         if isinstance(exact, dict):
             body = exact
     account, amount, method, ref = _validate_payment(body)

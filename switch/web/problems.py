@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -11,13 +14,14 @@ from aiohttp import web
 from switch import db
 
 log = logging.getLogger("gridpay.http")
+T = TypeVar("T")
 
 PROBLEM_TYPE = "https://gridpay.example/problems/"
 CONTENT_TYPE = "application/problem+json"
 
 _TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-    405: "Method not allowed", 409: "Conflict", 413: "Payload too large",
+    405: "Method not allowed", 408: "Request timeout", 409: "Conflict", 413: "Payload too large",
     415: "Unsupported media type", 417: "Expectation failed", 422: "Unprocessable content",
     429: "Too many requests",
     500: "Internal error", 503: "Service unavailable", 504: "Gateway timeout",
@@ -28,13 +32,15 @@ class Problem(Exception):
     """Raise anywhere in a handler; rendered as application/problem+json."""
 
     def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: object) -> None:
+                 headers: dict[str, str] | None = None, close: bool = False,
+                 **extra: object) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.title = title or _TITLES.get(status, "Error")
         self.headers = headers or {}
+        self.close = close  # the connection is closed after the answer
         self.extra = extra
 
     def body(self) -> dict[str, object]:
@@ -42,8 +48,11 @@ class Problem(Exception):
                 "status": self.status, "detail": self.detail, "code": self.code, **self.extra}
 
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=orjson.dumps(self.body()),
+        resp = web.Response(status=self.status, body=orjson.dumps(self.body()),
                             content_type=CONTENT_TYPE, headers=self.headers)
+        if self.close:
+            resp.force_close()
+        return resp
 
 
 def no_longer_active() -> Problem:
@@ -86,6 +95,24 @@ def problem_for(request: web.Request, e: Exception) -> web.StreamResponse:
                    "later GET shows otherwise").response()
 
 
+#: how long a request's body may take to arrive (or, for a file sent in chunks, how long the
+#: next chunk may take): a client that announces a body and stops sending would otherwise
+#: hold its connection, and the handler waiting for it, for ever
+BODY_TIMEOUT_S = 30.0
+
+
+async def read_within(reading: Awaitable[T]) -> T:
+    """`reading` (a read of the request's body), or 408 `request_timeout` when the client
+    has not sent it within `BODY_TIMEOUT_S` (the connection is then closed)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await reading
+    except TimeoutError:
+        raise Problem(408, "request_timeout",
+                      f"the request's body did not arrive within {BODY_TIMEOUT_S:g} s; "
+                      "send it again whole", close=True) from None
+
+
 async def json_body(request: web.Request, max_bytes: int = 65536, *,
                     fields_checked: bool = False) -> dict[str, object]:
     """The request's JSON object, or a 400/415 problem that says what is wrong. A NUL
@@ -96,7 +123,7 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
     ctype = request.content_type
     if ctype not in ("application/json", "application/problem+json"):
         raise Problem(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.read()
+    raw = await read_within(request.read())
     if len(raw) > max_bytes:
         raise Problem(413, "payload_too_large", f"the body must be at most {max_bytes} bytes")
     try:
