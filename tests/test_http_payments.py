@@ -947,6 +947,14 @@ async def test_a_request_that_is_not_valid_http_gets_problem_json_that_quotes_no
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def _one_response(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The head and body of one HTTP response, read by its Content-Length."""
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return head, await asyncio.wait_for(r.readexactly(length), 10)
+
+
 async def test_a_body_that_stops_arriving_is_a_408_that_closes_the_connection(
         node: Node, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that announces a body and stops sending (slowly or on purpose) held its
@@ -959,10 +967,7 @@ async def test_a_body_that_stops_arriving_is_a_408_that_closes_the_connection(
     w.write(b"POST /v1/payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + key.encode() + b"\r\nIdempotency-Key: slow-1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"acc")
-    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    body = await asyncio.wait_for(r.readexactly(length), 10)
+    head, body = await _one_response(r)
     w.close()
     assert head.startswith(b"HTTP/1.1 408") and b"application/problem+json" in head, head
     assert b"connection: close" in head.lower()
@@ -974,10 +979,7 @@ async def test_an_expectation_the_server_cannot_meet_is_problem_json(node: Node)
     r, w = await asyncio.open_connection("127.0.0.1", node.ports.http)
     w.write(b"POST /v1/payments HTTP/1.1\r\nHost: x\r\nExpect: secret-ish-value\r\n"
             b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    body = await asyncio.wait_for(r.readexactly(length), 10)
+    head, body = await _one_response(r)
     w.close()
     assert head.startswith(b"HTTP/1.1 417") and b"application/problem+json" in head, head
     assert orjson.loads(body)["code"] == "expectation_failed"
