@@ -51,26 +51,33 @@ def valid_client_name(name: str) -> bool:
 
 async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uuid.UUID, str]:
     """A new key for the client `name` (created with it the first time): (the key's id, the
-    key). A client is one identity whatever key it uses, so every key added under a name
-    shares the first one's client id (a rotation: a retry sent with the new key is replayed,
-    not paid again). The first key's id is the client's id. A name is one channel's."""
+    key). A client is one identity whatever key it uses, so a key added under a name while
+    another is in force shares its client id (a rotation: a retry sent with the new key is
+    replayed, not paid again). A client's first key's id is the client's id. A name in force
+    is one channel's."""
     if not valid_client_name(name):
         raise ValueError("a client's name is 1 to 64 printable characters, without a space at "
                          "either end")
     key_id = uuid.uuid4()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    first = await pool.fetchrow(
-        "SELECT client_id, channel FROM api_clients WHERE name = $1"
-        " ORDER BY created_at, id LIMIT 1", name)
-    if first is not None and first["channel"] != channel:
-        raise ValueError(f"the client {name} is of the {first['channel']} channel; a key of "
-                         "another channel needs another name")
-    await pool.execute(
-        "INSERT INTO api_clients (id, client_id, name, channel, key_prefix, key_hash)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        key_id, first["client_id"] if first is not None else key_id, name, channel, key[:7],
-        hash_key(key),
-    )
+    async with pool.acquire() as con, con.transaction():
+        # one add per name at a time: two at once would make two clients of one name
+        await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                          "api-client:" + name)
+        # the client is the one whose key is in force under this name; a name whose keys
+        # were all revoked is a new client (it may be another party: it inherits nothing)
+        first = await con.fetchrow(
+            "SELECT client_id, channel FROM api_clients WHERE name = $1"
+            " AND revoked_at IS NULL ORDER BY created_at DESC, id LIMIT 1", name)
+        if first is not None and first["channel"] != channel:
+            raise ValueError(f"the client {name} is of the {first['channel']} channel; a key "
+                             "of another channel needs another name")
+        await con.execute(
+            "INSERT INTO api_clients (id, client_id, name, channel, key_prefix, key_hash)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            key_id, first["client_id"] if first is not None else key_id, name, channel,
+            key[:7], hash_key(key),
+        )
     return key_id, key
 
 

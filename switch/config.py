@@ -70,12 +70,16 @@ def _check_authority(key: str, url: str) -> None:
         return
     rest = url.split("://", 1)[1]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if "@" in rest and "@" not in authority:
+    # user:password cut short by a raw delimiter: the authority holds a ':' but no '@', and
+    # an '@' follows (an '@' in a query, such as ?user=app@corp, after a host is no password)
+    cut = authority.partition(":")[2]
+    if "@" not in authority and "@" in rest[len(authority):] and cut and not cut.isdigit() \
+            and "," not in authority:
         raise ConfigError(key, url, "a URL whose password has its '#', '/', '?' and '@' "
                                     "percent-encoded (%23, %2F, %3F, %40)")
     for host in authority.rpartition("@")[2].split(","):  # libpq takes h1:p1,h2:p2
         name, colon, port = host.rpartition(":")
-        if colon and not name.endswith(":") and not host.endswith("]") and not (
+        if colon and port and not name.endswith(":") and not host.endswith("]") and not (
                 port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(key, url, "a URL whose ports are numbers from 1 to 65535")
 

@@ -37,11 +37,11 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _BYTES_REPR = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
 _KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|key|mac|cvv)"
                  r"(\s*[=:]\s*)(\S+)")
-# the password of a URL: scheme://user:PASSWORD@host, up to the last `@` before the path,
-# query or fragment (an `@` in the password hides none of it)
-# up to the last '@' of the URL: a password holding a raw '#', '/', '?' or '@' (which a URL
-# should carry percent-encoded, and which a config check refuses) is masked whole
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)\S*@")
+# the password of a URL: scheme://user:PASSWORD@host, up to the URL's last '@' within 256
+# characters (bounded work on any text), so that a password holding an '@', or a raw '#',
+# '/' or '?' (which a URL should carry percent-encoded, and a config check refuses), is
+# masked whole
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@]{0,256}:)\S{0,256}@")
 # a password given in a URL's query (libpq takes `password` and `sslpassword` there)
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

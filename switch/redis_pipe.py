@@ -235,14 +235,17 @@ class RedisPipe:
                 raise RedisUnavailable(f"{self._down_reason} (not tried again for "
                                        f"{self.retry_after_s:g} s)")
             self._connecting = asyncio.ensure_future(self._open())
+            # forgotten when it ends, whoever waits for it (its callers may all be cancelled)
+            self._connecting.add_done_callback(self._connected)
         elif self._probing:  # one caller finds out whether the server is back; not everyone
             raise RedisUnavailable(f"{self._down_reason} (being tried again)")
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: asyncio.Future[_Protocol]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here: its callers may have gone
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()

@@ -425,6 +425,10 @@ async def test_the_operation_log_keeps_no_mistyped_secret(admin_api: Api) -> Non
         assert str(pin) not in orjson.dumps(body).decode()
         assert "S3cretPassw0rd" not in orjson.dumps(body).decode()
     assert "acme" in body["detail"]  # the manufacturers that can be ordered from, instead
+    # a hall's user is refused another hall without its code echoed (nor logged)
+    body = await a.call("POST", "/stocktakes", "hm1", json={"location": str(pin),
+                                                             "serials": []}, expect=403)
+    assert body["code"] == "forbidden_hall" and str(pin) not in body["detail"]
     log = await a.call("GET", "/operation-log?limit=1000", "aud", expect=200)
     text = orjson.dumps(log).decode()
     assert "S3cretPassw0rd" not in text and "73914862" not in text and str(pin) not in text
@@ -688,6 +692,30 @@ async def test_two_stock_ins_of_one_batch_at_once_one_is_refused(admin_api: Api,
     assert await a.pool.fetchval("SELECT count(*) FROM card_jobs WHERE kind = 'batch.stock_in'"
                                  " AND state = 'succeeded'") == 1
     assert await a.pool.fetchval("SELECT count(*) FROM cards WHERE state = 'in_stock'") == 8
+
+
+async def test_a_stock_in_left_behind_by_a_runner_does_not_hold_its_batch(
+        admin_api: Api, tmp_path: Path) -> None:
+    """A job whose runner could not record its end (the database failed it) stays 'running'
+    with nobody running it: after a while it no longer holds the batch."""
+    from switch.cards import jobs
+
+    a = admin_api
+    batch = await _order(a, 4)
+    cbf, _ = await _card_back(a, tmp_path, batch, seed=9)
+    await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=cbf,
+                 expect=200)
+    left = await jobs.create_job(a.pool, "batch.stock_in", total=4, actor="admin",
+                                 object_id=str(batch["id"]))
+    await a.pool.execute("UPDATE card_jobs SET state = 'running' WHERE id = $1", left)
+    path = f"/batches/{batch['id']}/stock-in"
+    held = await a.call("POST", path, "admin", expect=409)  # moved a moment ago: it holds
+    assert held["code"] == "job_running" and held["job_id"] == str(left)
+    await a.pool.execute("UPDATE card_jobs SET updated_at = now() - interval '1 minute'"
+                         " WHERE id = $1", left)
+    assert (await a.call("POST", path, "admin", expect=200))["stocked_in"] == 4
+    row = await a.pool.fetchrow("SELECT state, error FROM card_jobs WHERE id = $1", left)
+    assert row is not None and (row["state"], row["error"]) == ("failed", "interrupted")
 
 
 async def test_a_stale_node_starts_no_job_and_a_fenced_job_answers_standby(

@@ -75,7 +75,9 @@ def test_a_password_with_raw_url_delimiters_is_refused_and_never_shown(url: str)
 @pytest.mark.parametrize("url", [
     "postgresql://u:p%23w@h:5432/db", "postgresql://u:pw@h1:5432,h2:5433/db",
     "postgresql://u:p@ss@h:5432/db", "postgresql://u:p@[::1]:5432/db",
-    "postgresql:///db?host=/tmp",
+    "postgresql:///db?host=/tmp", "postgresql://db/gridpay?user=app@corp",
+    "postgresql:///db?host=/var/run/postgresql&user=a@b", "postgresql://h1:5432,h2:/db",
+    "postgresql://h/db?sslrootcert=/etc/ssl/ca@2024.pem", "postgresql://h:5432/db?user=a@b",
 ])
 def test_service_urls_that_parse_as_written_are_taken(url: str) -> None:
     assert load_settings(env={"GRIDPAY_DATABASE_URL": url}).services.database_url == url

@@ -385,6 +385,12 @@ async def test_a_rotated_key_is_the_same_client(node: Node, api: Api, sims: Sims
     assert (await new.call("POST", f"/v1/payments/{pid}/reversal", idem="rv"))[0] == 200
     with pytest.raises(ValueError, match="partner channel"):  # a name is one channel's
         await create_client(node.pool, "rotating", "internet")
+    # every key revoked: the name starts a new client, which inherits nothing
+    assert await revoke_client(node.pool, "rotating") == 2
+    later = Api(api.session, api.base, await api_key(node.pool, "partner", "rotating"))
+    assert (await later.call("GET", f"/v1/payments/{pid}"))[0] == 404
+    st, headers, _ = await later.call("POST", "/v1/payments", idem="rot-1", json=body)
+    assert st == 201 and "Idempotent-Replayed" not in headers
 
 
 async def test_reversal_same_day_repeatable_and_forwarded_after_original(
@@ -864,6 +870,32 @@ async def test_an_amount_beyond_a_doubles_range_is_judged_as_the_integer_it_is(
                                      headers={"Content-Type": "application/json"})
         assert (st, orjson.loads(body)["code"]) == (status, code), (amount[:12], body)
     assert await node.pool.fetchval("SELECT count(*) FROM payments") == 0
+
+
+async def test_a_retry_while_the_first_is_in_flight_is_409_even_if_it_would_be_refused(
+        node: Node, api: Api, sims: Sims) -> None:
+    """The first request holds its claim (still committing) when the account is closed: the
+    retry is told 409 request_in_progress, as the contract says, not 422 account_closed
+    (the first may well commit); another body under the key is 422 reused."""
+    import hashlib
+
+    acct = await closed_account(sims.marketing)
+    body = {"account_no": acct, "amount": 100, "method": "cash"}
+    assert api.key is not None
+    client_id = await node.pool.fetchval(
+        "SELECT client_id FROM api_clients WHERE key_hash = $1",
+        hashlib.sha256(api.key.encode()).digest())
+    req_hash = hashlib.sha256(orjson.dumps({**body, "reference": None},
+                                           option=orjson.OPT_SORT_KEYS)).hexdigest()
+    await node.redis.hset(f"gp:idem:http:{client_id}:first", mapping={
+        "state": "inflight", "hash": req_hash})  # as the first request's claim holds it
+    st, _, raw = await api.call("POST", "/v1/payments", idem="first", json=body)
+    assert st == 409 and orjson.loads(raw)["code"] == "request_in_progress", raw
+    st, _, raw = await api.call("POST", "/v1/payments", idem="first",
+                                json={**body, "amount": 200})
+    assert st == 422 and orjson.loads(raw)["code"] == "idempotency_key_reused", raw
+    st, _, raw = await api.call("POST", "/v1/payments", idem="fresh", json=body)
+    assert st == 422 and orjson.loads(raw)["code"] == "account_closed", raw
 
 
 async def test_a_late_retry_gets_its_payment_whatever_changed_since(

@@ -236,20 +236,32 @@ async def test_a_connection_that_stops_answering_is_dropped_after_the_timeout(
         await p.aclose()
 
 
-async def test_a_stalled_server_costs_one_timeout_not_one_per_command(clean_redis: str) -> None:
-    """A stopped Redis still accepts connections: each command used to wait out the timeout
-    (a payment's claim, then its stored answer: five seconds a payment). After the first
-    timeout, commands fail at once; one probe at a time finds out whether it is back."""
-    u = urllib.parse.urlsplit(clean_redis)
+@contextlib.asynccontextmanager
+async def _stalled(redis_url: str, timeout_s: float, retry_after_s: float
+                   ) -> AsyncIterator[tuple[StallProxy, RedisPipe]]:
+    """A client reaching Redis through a relay that has just stalled, its first command
+    after the stall timed out."""
+    u = urllib.parse.urlsplit(redis_url)
     proxy = StallProxy(u.hostname or "127.0.0.1", u.port or 6379)
     port = await proxy.start()
-    p = RedisPipe(f"redis://127.0.0.1:{port}{u.path}", timeout_s=0.3, connect_timeout_s=0.3,
-                  retry_after_s=0.2)
+    p = RedisPipe(f"redis://127.0.0.1:{port}{u.path}", timeout_s=timeout_s,
+                  connect_timeout_s=timeout_s, retry_after_s=retry_after_s)
     try:
         assert await p.ping()
         proxy.stall()
         with pytest.raises(RedisUnavailable, match="did not answer"):
             await p.ping()
+        yield proxy, p
+    finally:
+        await p.aclose()
+        await proxy.close()
+
+
+async def test_a_stalled_server_costs_one_timeout_not_one_per_command(clean_redis: str) -> None:
+    """A stopped Redis still accepts connections: each command used to wait out the timeout
+    (a payment's claim, then its stored answer: five seconds a payment). After the first
+    timeout, commands fail at once; one probe at a time finds out whether it is back."""
+    async with _stalled(clean_redis, 0.3, 0.2) as (proxy, p):
         with pytest.raises(RedisUnavailable, match="not tried again"):
             await p.ping()
         await asyncio.sleep(0.25)
@@ -265,9 +277,24 @@ async def test_a_stalled_server_costs_one_timeout_not_one_per_command(clean_redi
         proxy.resume()
         await asyncio.sleep(0.25)
         assert await p.ping()
-    finally:
-        await p.aclose()
-        await proxy.close()
+
+
+async def test_a_probe_whose_caller_gave_up_does_not_leave_the_client_refusing(
+        clean_redis: str) -> None:
+    """The probe's caller cancelled (a shutdown, a timeout of its own): the probe still ends,
+    and once Redis is back the client works, whichever way the probe ended."""
+    async with _stalled(clean_redis, 0.2, 0.1) as (proxy, p):
+        for then_back in (False, True):
+            await asyncio.sleep(0.15)
+            probe = asyncio.ensure_future(p.ping())
+            await asyncio.sleep(0.02)
+            probe.cancel()  # the probe's only caller goes
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+            if then_back:
+                proxy.resume()
+            await asyncio.sleep(0.4)  # the probe has ended, failed or not
+        assert await p.ping()
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: RedisPipe) -> None:

@@ -202,7 +202,8 @@ async def _run_job(ctx: Ctx, kind: str, total: int, object_id: str,
                    body: jobs.JobBody, *, sync: bool) -> tuple[uuid.UUID, dict[str, Any]]:
     runner = ctx.request.app[CARD_JOBS]
     job_id = await jobs.create_job(ctx.pool, kind, total=total, actor=ctx.user.username,
-                                   object_id=object_id, epoch=ctx.node.epoch)
+                                   object_id=object_id, epoch=ctx.node.epoch,
+                                   running=runner.running())
     runner.start(job_id, total, body, epoch=ctx.node.epoch)
     if sync:
         await runner.wait(job_id, SYNC_WAIT_S)

@@ -40,31 +40,51 @@ class Progress:
 JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 
 
+#: a job queued or running that no runner of the active node holds, and that has not moved
+#: for this long, was left behind by a runner that could not record its end (the database
+#: failed it): it no longer holds its batch
+ORPHAN_AFTER_S = 30.0
+
+_FAIL_ORPHANS = """
+WITH fence AS (SELECT gridpay_fence($4::bigint) WHERE $4::bigint IS NOT NULL)
+UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()
+ WHERE kind = $1 AND object_id = $2 AND state IN ('queued', 'running')
+   AND NOT id = ANY($3::uuid[]) AND updated_at < now() - make_interval(secs => $5)
+   AND (SELECT count(*) FROM fence) >= 0
+"""
+
+
 async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
-                     actor: str, object_id: str | None = None, epoch: int | None = None
-                     ) -> uuid.UUID:
+                     actor: str, object_id: str | None = None, epoch: int | None = None,
+                     running: Collection[uuid.UUID] = ()) -> uuid.UUID:
     """Record a job; with `epoch`, fenced like the job's own writes (see `db.fence`).
     A reconciliation or stock-in of a batch that has one of its kind queued or running is
-    refused (409 `job_running`, naming that job)."""
+    refused (409 `job_running`, naming that job), unless that job is an orphan: not among
+    the jobs `running` on this node and still for `ORPHAN_AFTER_S`."""
     job_id = uuid.uuid4()
-    try:
-        await pool.execute(
-            "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
-            " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
-            " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
-            job_id, kind, object_id, total, actor, epoch)
-    except asyncpg.UniqueViolationError:
-        running = await pool.fetchval(
-            "SELECT id FROM card_jobs WHERE kind = $1 AND object_id = $2"
-            " AND state IN ('queued', 'running') LIMIT 1", kind, object_id)
-        what = f"a {kind.removeprefix('batch.').replace('_', '-')} of batch {object_id}"
-        if running is None:  # it ended between the two statements
-            raise Conflict(f"{what} was under way a moment ago; look at the batch again",
-                           code="job_running") from None
-        raise Conflict(f"{what} is already under way (job {running}); follow it with"
-                       f" GET /jobs/{running}", code="job_running",
-                       extra={"job_id": str(running)}) from None
-    return job_id
+    for attempt in (1, 2):
+        try:
+            await pool.execute(
+                "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
+                " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
+                " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
+                job_id, kind, object_id, total, actor, epoch)
+            return job_id
+        except asyncpg.UniqueViolationError:
+            if attempt == 1 and await pool.execute(
+                    _FAIL_ORPHANS, kind, object_id, list(running), epoch,
+                    ORPHAN_AFTER_S) != "UPDATE 0":
+                continue  # the batch was held by an orphan, now failed: once more
+            holder = await pool.fetchval(
+                "SELECT id FROM card_jobs WHERE kind = $1 AND object_id = $2"
+                " AND state IN ('queued', 'running') LIMIT 1", kind, object_id)
+            break
+    what = f"a {kind.removeprefix('batch.').replace('_', '-')} of batch {object_id}"
+    if holder is None:  # it ended between the two statements
+        raise Conflict(f"{what} was under way a moment ago; look at the batch again",
+                       code="job_running")
+    raise Conflict(f"{what} is already under way (job {holder}); follow it with"
+                   f" GET /jobs/{holder}", code="job_running", extra={"job_id": str(holder)})
 
 
 async def get_job(pool: asyncpg.Pool, job_id: str | uuid.UUID) -> dict[str, Any]:

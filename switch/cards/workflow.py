@@ -149,10 +149,10 @@ async def known_location(pool: asyncpg.Pool, location: str) -> bool:
 async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
                     audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     """Compare the serials counted at `location` with the cards that should be there."""
+    user.require_hall(location)  # first: a hall's user learns nothing of other halls' codes
     if not await known_location(pool, location):
         raise InvalidInput("location is the warehouse or a hall that has users or cards",
                            code="invalid_location")
-    user.require_hall(location)
     if user.role is Role.STOREKEEPER and location != WAREHOUSE:
         raise Forbidden("a storekeeper counts the warehouse", code="forbidden_hall")
     async with pool.acquire() as conn, conn.transaction():

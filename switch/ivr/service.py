@@ -449,8 +449,14 @@ class IvrService:
         not redeemed is marked `expired` on the way, as every other path does."""
         card = card_view(row)
         if card.state is CardState.EXPIRED and row["state"] != CardState.EXPIRED.value:
-            async with self.node.pool.acquire() as con:
-                await expire_touched(con, [card.serial], "ivr")
+            try:
+                async with self.node.pool.acquire() as con, con.transaction():
+                    await db.fence(con, self.node.epoch)  # the active node's write only
+                    await expire_touched(con, [card.serial], "ivr")
+            except Exception as e:
+                if not db.is_fenced(e):
+                    raise
+                await self.node.fenced()  # the caller is told all the same: it is expired
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:

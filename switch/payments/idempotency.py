@@ -71,6 +71,18 @@ class IdempotencyCache:
             return Claim(state, h, int(r[2]), bytes(r[3]))
         return Claim(state, h)
 
+    async def peek(self, key: str) -> Claim | None:
+        """What Redis holds under `key` (in flight, or done with its answer), without
+        claiming it; None when nothing."""
+        r = await self.redis.execute("HGETALL", self.prefix + key)
+        h = {r[i].decode(): r[i + 1] for i in range(0, len(r), 2)} if r else {}
+        if "state" not in h or "hash" not in h:
+            return None
+        if h["state"] == b"done":
+            return Claim(ClaimState.DONE, h["hash"].decode(), int(h["status"]),
+                         bytes(h["body"]))
+        return Claim(ClaimState.IN_FLIGHT, h["hash"].decode())
+
     async def complete(self, key: str, request_hash: str, status: int, body: bytes) -> None:
         await self._complete(keys=[self.prefix + key],
                              args=[request_hash, status, body, self.ttl_s])

@@ -212,10 +212,24 @@ async def create_payment(request: web.Request) -> web.Response:
     # or the limit lowered since: PostgreSQL gives a late retry its stored answer instead.
     refusal = await _refusal(svc, account, amount)
     if refusal is not None:
-        earlier = await _held(node, scope)
-        if earlier is None:
-            raise refusal
-        return await _answer_stored(svc, scope, earlier, req_hash)
+        # (a database error here answers 503, never the refusal: the payment may have been
+        # made, and a refusal would tell its retry it was not)
+        earlier = await fetch_duplicate(node.pool, scope)
+        if earlier is not None:
+            return await _answer_stored(svc, scope, earlier, req_hash)
+        # not committed, but maybe under way: a first request still in flight is answered
+        # 409 as the contract has it, and another body's key 422 (read, not claimed)
+        try:
+            seen = await svc.idempotency.peek(scope)
+        except Exception:  # Redis is only the fast path
+            seen = None
+        if seen is not None:
+            if seen.request_hash != req_hash:
+                raise _reused()
+            if seen.state is ClaimState.DONE:
+                return _replay(seen.status, seen.body)
+            raise _in_progress()
+        raise refusal
 
     claim_failed = False
     try:
@@ -235,9 +249,7 @@ async def create_payment(request: web.Request) -> web.Response:
             earlier = await _held(node, scope)
             if earlier is not None:
                 return await _answer_stored(svc, scope, earlier, req_hash)
-            raise Problem(409, "request_in_progress",
-                          "a request with this Idempotency-Key is still being processed; "
-                          "retry in a moment", headers={"Retry-After": "1"})
+            raise _in_progress()
     claimed = claim is not None
 
     outcome: Outcome
@@ -331,6 +343,12 @@ async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
     if status is None or body is None or earlier.request_hash.hex() != req_hash:
         raise _reused()
     return _replay(status, body)
+
+
+def _in_progress() -> Problem:
+    return Problem(409, "request_in_progress",
+                   "a request with this Idempotency-Key is still being processed; "
+                   "retry in a moment", headers={"Retry-After": "1"})
 
 
 def _reused() -> Problem:

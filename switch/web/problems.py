@@ -157,11 +157,15 @@ def _bounded_int(text: str) -> int:
     return -_TOO_LARGE if text.startswith("-") else _TOO_LARGE
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json takes them
+
+
 def exactly(raw: bytes) -> object:
     """`raw` parsed with integers of any length (kept as they are up to 40 digits, larger
     ones as 10^40 with their sign); None when it is not JSON after all."""
     try:
-        return json.loads(raw, parse_int=_bounded_int)
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
 
