@@ -551,7 +551,7 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
     known = await workflow.known_location(ctx.pool, location)
     ctx.objects.update(location=location if known else NOT_LOGGED, counted=len(counted))
     out = await workflow.stocktake(
-        ctx.pool, ctx.user, location, counted, epoch=ctx.node.epoch,
+        ctx.pool, ctx.user, location, counted, epoch=ctx.node.epoch, known=known,
         audit=ctx.audit(201, lambda o: {"stocktake_id": o["stocktake_id"],
                                         "missing": o["missing_count"],
                                         "unexpected": o["unexpected_count"]}))
@@ -565,9 +565,9 @@ async def create_request(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request)
     face, qty = doc.get("face_value"), doc.get("quantity")
     ctx.objects.update(
-        face_value=face if type(face) is int and face in ctx.node.settings.cards.face_values
+        face_value=face if workflow.valid_face_value(face, ctx.node.settings.cards.face_values)
         else NOT_LOGGED,
-        quantity=qty if type(qty) is int and 1 <= qty <= 1_000_000 else NOT_LOGGED,
+        quantity=qty if workflow.valid_request_quantity(qty) else NOT_LOGGED,
         hall=ctx.user.hall)
     hall = doc.get("hall")  # optional: a hall role asks for its own hall, and only for it
     if hall is not None:

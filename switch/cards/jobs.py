@@ -45,6 +45,11 @@ JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 #: failed it): it no longer holds its batch
 ORPHAN_AFTER_S = 30.0
 
+_INSERT_JOB = (
+    "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
+    " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
+    " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f")
+
 _FAIL_ORPHANS = """
 WITH fence AS (SELECT gridpay_fence($4::bigint) WHERE $4::bigint IS NOT NULL)
 UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()
@@ -62,29 +67,31 @@ async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, tota
     refused (409 `job_running`, naming that job), unless that job is an orphan: not among
     the jobs `running` on this node and still for `ORPHAN_AFTER_S`."""
     job_id = uuid.uuid4()
-    for attempt in (1, 2):
+    for orphans_left in (False, True):
         try:
-            await pool.execute(
-                "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
-                " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
-                " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f",
-                job_id, kind, object_id, total, actor, epoch)
+            await pool.execute(_INSERT_JOB, job_id, kind, object_id, total, actor, epoch)
             return job_id
         except asyncpg.UniqueViolationError:
-            if attempt == 1 and await pool.execute(
+            if orphans_left or await pool.execute(
                     _FAIL_ORPHANS, kind, object_id, list(running), epoch,
-                    ORPHAN_AFTER_S) != "UPDATE 0":
-                continue  # the batch was held by an orphan, now failed: once more
-            holder = await pool.fetchval(
-                "SELECT id FROM card_jobs WHERE kind = $1 AND object_id = $2"
-                " AND state IN ('queued', 'running') LIMIT 1", kind, object_id)
-            break
+                    ORPHAN_AFTER_S) == "UPDATE 0":
+                raise await _job_running(pool, kind, object_id) from None
+            # the batch was held by an orphan, now failed: once more
+    raise AssertionError("not reached")  # pragma: no cover
+
+
+async def _job_running(pool: asyncpg.Pool | asyncpg.Connection, kind: str,
+                       object_id: str | None) -> Conflict:
+    """409 `job_running`, naming the job of `kind` that holds `object_id`."""
+    holder = await pool.fetchval(
+        "SELECT id FROM card_jobs WHERE kind = $1 AND object_id = $2"
+        " AND state IN ('queued', 'running') LIMIT 1", kind, object_id)
     what = f"a {kind.removeprefix('batch.').replace('_', '-')} of batch {object_id}"
     if holder is None:  # it ended between the two statements
-        raise Conflict(f"{what} was under way a moment ago; look at the batch again",
-                       code="job_running")
-    raise Conflict(f"{what} is already under way (job {holder}); follow it with"
-                   f" GET /jobs/{holder}", code="job_running", extra={"job_id": str(holder)})
+        return Conflict(f"{what} was under way a moment ago; look at the batch again",
+                        code="job_running")
+    return Conflict(f"{what} is already under way (job {holder}); follow it with"
+                    f" GET /jobs/{holder}", code="job_running", extra={"job_id": str(holder)})
 
 
 async def get_job(pool: asyncpg.Pool, job_id: str | uuid.UUID) -> dict[str, Any]:

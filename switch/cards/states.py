@@ -289,10 +289,13 @@ CARD_COLUMNS = ("serial, batch_id, face_value, state, location, expiry, failed_p
                 " expiry < current_date AS past")
 
 
+#: one card's row, as `card_view` reads it ($1: the serial)
+CARD_BY_SERIAL = f"SELECT {CARD_COLUMNS} FROM cards WHERE serial = $1"  # noqa: S608
+
+
 async def card_status(pool: asyncpg.Pool | Conn, serial: str) -> CardView | None:
     """The card, or None if unknown. A card past expiry and unredeemed shows as `expired`."""
-    row = await pool.fetchrow(
-        f"SELECT {CARD_COLUMNS} FROM cards WHERE serial = $1", serial)  # noqa: S608
+    row = await pool.fetchrow(CARD_BY_SERIAL, serial)
     return None if row is None else card_view(row)
 
 

@@ -147,10 +147,14 @@ async def known_location(pool: asyncpg.Pool, location: str) -> bool:
 
 
 async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
-                    audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
-    """Compare the serials counted at `location` with the cards that should be there."""
+                    audit: Audit | None = None, epoch: int | None = None,
+                    known: bool | None = None) -> dict[str, Any]:
+    """Compare the serials counted at `location` with the cards that should be there.
+    `known`: what `known_location` said of it, when the caller asked already."""
     user.require_hall(location)  # first: a hall's user learns nothing of other halls' codes
-    if not await known_location(pool, location):
+    if known is None:
+        known = await known_location(pool, location)
+    if not known:
         raise InvalidInput("location is the warehouse or a hall that has users or cards",
                            code="invalid_location")
     if user.role is Role.STOREKEEPER and location != WAREHOUSE:
@@ -188,14 +192,25 @@ def _request_doc(r: asyncpg.Record) -> dict[str, Any]:
             "created_at": r["created_at"].isoformat()}
 
 
+MAX_REQUEST_QUANTITY = 1_000_000
+
+
+def valid_face_value(value: object, face_values: Sequence[int]) -> bool:
+    return type(value) is int and value in face_values
+
+
+def valid_request_quantity(value: object) -> bool:
+    return type(value) is int and 1 <= value <= MAX_REQUEST_QUANTITY
+
+
 async def create_request(pool: asyncpg.Pool, user: User, face_value: object, quantity: object,
                          face_values: Sequence[int], *, audit: Audit | None = None,
                          epoch: int | None = None) -> dict[str, Any]:
-    if type(face_value) is not int or face_value not in face_values:
+    if not valid_face_value(face_value, face_values):
         raise InvalidInput(f"face_value must be one of {list(face_values)}",
                            code="invalid_face_value")
-    if type(quantity) is not int or not 1 <= quantity <= 1_000_000:
-        raise InvalidInput("quantity must be an integer from 1 to 1000000",
+    if not valid_request_quantity(quantity):
+        raise InvalidInput(f"quantity must be an integer from 1 to {MAX_REQUEST_QUANTITY}",
                            code="invalid_quantity")
     assert user.hall is not None  # noqa: S101 - hall roles always have one
     async with pool.acquire() as conn, conn.transaction():

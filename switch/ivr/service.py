@@ -38,6 +38,7 @@ import orjson
 
 from switch import db
 from switch.cards.states import (
+    CARD_BY_SERIAL,
     CARD_COLUMNS,
     RECHARGE_GATE,
     RECHARGE_MOVE,
@@ -146,7 +147,6 @@ _PIN_STEP = (
     "SELECT (SELECT blocked_until > now() FROM ivr_ani_blocks WHERE ani = $2) AS ani_blocked,"  # noqa: S608 - a constant column list
     f" c.* FROM (VALUES (1)) AS one(x) LEFT JOIN (SELECT {CARD_COLUMNS} FROM cards"
     " WHERE serial = $1) AS c ON true")
-_CARD = f"SELECT {CARD_COLUMNS} FROM cards WHERE serial = $1"  # noqa: S608 - constant columns
 _BLOCK_ANI = """
 INSERT INTO ivr_ani_blocks (ani, failures, blocked_at, blocked_until)
 VALUES ($1, $2, now(), now() + interval '24 hours')
@@ -439,24 +439,20 @@ class IvrService:
                            prepaid=view.prepaid_balance)
 
     async def _lookup_card(self, serial: str) -> Fact:
-        row = await self.node.pool.fetchrow(_CARD, serial)
+        row = await self.node.pool.fetchrow(CARD_BY_SERIAL, serial)
         if row is None:
             return NotFound()
         return await self._card_fact(row)
 
     async def _card_fact(self, row: Any) -> CardFact:
         """What a card read from `row` tells the caller. A card found past its expiry and
-        not redeemed is marked `expired` on the way, as every other path does."""
+        not redeemed is marked `expired` on the way, as every other path does (fenced: a
+        refusal is handled as any effect's, by `_perform`)."""
         card = card_view(row)
         if card.state is CardState.EXPIRED and row["state"] != CardState.EXPIRED.value:
-            try:
-                async with self.node.pool.acquire() as con, con.transaction():
-                    await db.fence(con, self.node.epoch)  # the active node's write only
-                    await expire_touched(con, [card.serial], "ivr")
-            except Exception as e:
-                if not db.is_fenced(e):
-                    raise
-                await self.node.fenced()  # the caller is told all the same: it is expired
+            async with self.node.pool.acquire() as con, con.transaction():
+                await db.fence(con, self.node.epoch)  # the active node's write only
+                await expire_touched(con, [card.serial], "ivr")
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:

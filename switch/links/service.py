@@ -85,6 +85,12 @@ def _tx_kind(msg: Message) -> str | None:
     return TX_TYPE.get((msg.mti, proc if isinstance(proc, str) else None))
 
 
+def _recorded(req: Message, code: str) -> bool:
+    """Whether an answer with `code` to `req` tells of a payment or reversal recorded in the
+    ledger (such an answer may never be turned into a refusal)."""
+    return code == "00" and _tx_kind(req) in ("payment", "reversal")
+
+
 def _speakable(text: str, encoding: str) -> str:
     """`text` with what the link's text encoding cannot carry replaced by `?` (a customer name
     with a character outside GBK, say): the answer is still sent."""
@@ -270,8 +276,8 @@ class LinkService:
             # a value from elsewhere that the dialect cannot carry (arrears of 10^12 fen or
             # more from a billing system gone wrong, say): never left unanswered for that
             self.ctx.metrics.link_errors.labels(link.dialect, "unencodable_answer").inc()
-            if code == "00" and _tx_kind(req) in ("payment", "reversal"):
-                # recorded: a 96 would tell the bank it failed while the credit goes on
+            if _recorded(req, code):
+                # a 96 would tell the bank it failed while the credit goes on
                 log.error("recorded transaction's answer could not be encoded; not answered",
                           extra={"mti": req.mti, "stan": req.fields.get(11),
                                  "field": e.field, "reason": e.reason})
@@ -302,7 +308,7 @@ class LinkService:
                 self.ctx.metrics.link_errors.labels(link.dialect, "early_signature_failed").inc()
         ring = self.ctx.keyring()
         data = codec.mac_input(resp)
-        recorded = code == "00" and _tx_kind(req) in ("payment", "reversal")
+        recorded = _recorded(req, code)
         tries = MAC_ATTEMPTS if recorded else 1
         for attempt in range(1, tries + 1):
             try:

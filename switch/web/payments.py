@@ -17,7 +17,7 @@ from aiohttp import web
 from switch import db
 from switch.clients import ApiClient, ClientDirectory, bearer_token
 from switch.payments.accounts import Accounts, AccountsUnavailable, mask_name
-from switch.payments.idempotency import ClaimState, IdempotencyCache
+from switch.payments.idempotency import Claim, ClaimState, IdempotencyCache
 from switch.payments.ledger import (
     CommitInterrupted,
     Committed,
@@ -41,7 +41,6 @@ from switch.web.problems import (
     json_response,
     no_longer_active,
     one_header,
-    read_within,
     unknown_fields,
 )
 
@@ -193,7 +192,7 @@ async def create_payment(request: web.Request) -> web.Response:
         # that such an amount is judged an integer over the limit (422), and only a number
         # written with a fraction or an exponent is refused as no integer (400). A body
         # nested deeper than Python's json takes (orjson takes 1 024 levels) stays a 400.
-        exact = exactly(await read_within(request.read()))
+        exact = exactly(await request.read())  # (read already: aiohttp keeps it)
         if isinstance(exact, dict):
             body = exact
     account, amount, method, ref = _validate_payment(body)
@@ -224,11 +223,7 @@ async def create_payment(request: web.Request) -> web.Response:
         except Exception:  # Redis is only the fast path
             seen = None
         if seen is not None:
-            if seen.request_hash != req_hash:
-                raise _reused()
-            if seen.state is ClaimState.DONE:
-                return _replay(seen.status, seen.body)
-            raise _in_progress()
+            return _answer_held(seen, req_hash)
         raise refusal
 
     claim_failed = False
@@ -236,20 +231,14 @@ async def create_payment(request: web.Request) -> web.Response:
         claim = await svc.idempotency.claim(scope, req_hash)
     except Exception:  # Redis is only the fast path: PostgreSQL decides
         claim, claim_failed = None, True
-    if claim is not None:
-        if claim.state is ClaimState.DONE:
-            if claim.request_hash != req_hash:
-                raise _reused()
-            return _replay(claim.status, claim.body)
-        if claim.state is ClaimState.IN_FLIGHT:
-            if claim.request_hash != req_hash:
-                raise _reused()
+    if claim is not None and claim.state is not ClaimState.CLAIMED:
+        if claim.state is ClaimState.IN_FLIGHT and claim.request_hash == req_hash:
             # this body's claim: a request still being processed, or one that ended without
             # Redis hearing of it (a claim that a stalled Redis ran late): PostgreSQL knows
             earlier = await _held(node, scope)
             if earlier is not None:
                 return await _answer_stored(svc, scope, earlier, req_hash)
-            raise _in_progress()
+        return _answer_held(claim, req_hash)
     claimed = claim is not None
 
     outcome: Outcome
@@ -345,10 +334,16 @@ async def _answer_stored(svc: HttpPayments, scope: str, earlier: Duplicate,
     return _replay(status, body)
 
 
-def _in_progress() -> Problem:
-    return Problem(409, "request_in_progress",
-                   "a request with this Idempotency-Key is still being processed; "
-                   "retry in a moment", headers={"Retry-After": "1"})
+def _answer_held(held: Claim, req_hash: str) -> web.Response:
+    """The answer to a request whose key Redis holds for another request (not this one's
+    claim): that one's answer again (same body, done), 409 (same body, in flight), else 422."""
+    if held.request_hash != req_hash:
+        raise _reused()
+    if held.state is ClaimState.DONE:
+        return _replay(held.status, held.body)
+    raise Problem(409, "request_in_progress",
+                  "a request with this Idempotency-Key is still being processed; "
+                  "retry in a moment", headers={"Retry-After": "1"})
 
 
 def _reused() -> Problem:

@@ -145,10 +145,10 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
     return doc
 
 
-#: digits beyond which an integer read by `_exactly` is kept only as "too large": Python
+#: digits beyond which an integer read by `exactly` is kept only as "too large": Python
 #: refuses to convert more than 4 300, and no field takes more than a few dozen
 _MAX_INT_DIGITS = 40
-_TOO_LARGE = int("1" + "0" * _MAX_INT_DIGITS)
+_TOO_LARGE: int = 10**_MAX_INT_DIGITS
 
 
 def _bounded_int(text: str) -> int:
