@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import itertools
 import logging
 import secrets
@@ -736,6 +737,40 @@ async def test_a_pin_never_leaks(node: Node, ivr: IvrSimulator, sims: Sims,
         for where, text in (("logs", logged), ("database", db_text), ("redis", redis_text),
                             ("responses", b"".join(responses).decode())):
             assert s not in text, f"a secret leaked into the {where}"
+
+
+async def test_a_pin_typed_at_the_serial_step_cannot_be_recovered_from_redis(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """Digits are remembered for replays, but a PIN typed where the serial belongs must not be
+    recoverable from what Redis keeps: 12 digits are 10^12 candidates, which a full hash gives
+    back in minutes."""
+    serial, pin = await make_card(node)
+    call_id, _ = await to_step(ivr, ani(), await account(sims), "enter_card_serial")
+    key = "typed-pin-at-serial"
+    t = await ivr._request("POST", f"/ivr/v1/calls/{call_id}/input", {"digits": pin}, key=key)
+    assert t["step"] == "enter_card_serial"  # not a serial: asked again
+    again = await ivr._request("POST", f"/ivr/v1/calls/{call_id}/input", {"digits": pin},
+                               key=key)
+    assert again == t  # the retry is still recognised
+    with pytest.raises(IvrSimulatorError) as refused:  # other digits under its key are not
+        await ivr._request("POST", f"/ivr/v1/calls/{call_id}/input", {"digits": serial},
+                           key=key)
+    assert refused.value.status == 422
+    kept: list[str] = []
+    async for k in node.redis.scan_iter(f"*{call_id}*"):  # this call's inputs only
+        if await node.redis.type(k) == b"hash":
+            kept += [v.decode() if isinstance(v, bytes) else v
+                     for v in (await node.redis.hgetall(k)).values()]
+    fingerprints = [str(orjson.loads(v)["h"]) for v in kept if v.startswith('{"h"')]
+    doc = orjson.loads(await node.redis.hget(f"ivr:call:{call_id}", "doc") or b"{}")
+    fingerprints.append(str(doc.get("input_hash")))
+    assert len(fingerprints) >= 2
+    for text in kept:
+        assert pin not in text and hashlib.sha256(f"d:{pin}".encode()).hexdigest() not in text
+    for fp in fingerprints:
+        hexdigits = fp.removeprefix("d:")
+        if all(c in "0123456789abcdef" for c in hexdigits):
+            assert len(hexdigits) <= 6, f"{fp!r} keeps more than 24 bits of the digits"
 
 
 # --- failures of the services around -----------------------------------------------------------

@@ -182,16 +182,20 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _input_hash(inp: Input, step: Step) -> str:
+def _input_hash(call_id: str, inp: Input, step: Step) -> str:
     """What identifies an input for replays. Digits at the PIN step are never hashed (they
-    might be a PIN the IVR should not have sent in clear)."""
+    might be a PIN the IVR should not have sent in clear). Digits elsewhere keep 24 bits of a
+    hash salted by the call: a caller who types the card's 12-digit PIN at the serial step
+    leaves about 60 000 candidates in Redis, not one (a full hash of 10^12 values is undone in
+    minutes). A retry with other digits under the same key still differs with odds of 1 in
+    16 million, and then gets its earlier answer again, which is all a collision can do."""
     if isinstance(inp, PinBlock):
         return _pin_hash(inp)
     if isinstance(inp, Timeout):
         return _sha("t")
     if dialog.STEPS[step].entry == "pin":
         return _sha("d:<at pin step>")
-    return _sha("d:" + inp.value)
+    return "d:" + _sha(f"{call_id}|{inp.value}")[:6]
 
 
 # Every input of a call is remembered beside it, under its Idempotency-Key and (a PIN block)
@@ -263,7 +267,7 @@ class IvrService:
             stored = held.stored
             if stored is None:
                 raise CallNotFound(call_id)
-            ihash = _input_hash(inp, stored.call.step)
+            ihash = _input_hash(call_id, inp, stored.call.step)
             earlier = dict(zip(asked, held.fields, strict=True))
             # An input answered before gets the turn it got then. Its answer kept beside the
             # call comes first: the call's own last turn may have moved on since (a hang-up
@@ -274,7 +278,7 @@ class IvrService:
                 prior = orjson.loads(keyed)
                 # judged as it was when first answered (digits hash differently at the PIN
                 # step)
-                if prior["h"] != _input_hash(inp, Step(prior["s"])):
+                if prior["h"] != _input_hash(call_id, inp, Step(prior["s"])):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(prior["t"], replayed=True)
             pinned = earlier.get(pin_field) if pin_field is not None else None
@@ -284,7 +288,7 @@ class IvrService:
             # call_idle_s after an upgrade: this and the input_* fields can then go)
             if idempotency_key is not None and stored.input_key == idempotency_key:
                 at = Step(stored.input_step) if stored.input_step else stored.call.step
-                if stored.input_hash != _input_hash(inp, at):
+                if stored.input_hash != _input_hash(call_id, inp, at):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(stored.turn, replayed=True)
             if isinstance(inp, PinBlock) and stored.input_hash == ihash:
