@@ -25,7 +25,7 @@ from crypto.pinblock import Format4Codec
 from crypto.voucher import voucher_tag
 from hsm_sim.server import load_dev_settings, start_server
 from switch.business import BusinessCalendar
-from switch.cards import api
+from switch.cards import api, states
 from switch.cards.files import (
     card_back_header,
     card_back_record,
@@ -34,7 +34,7 @@ from switch.cards.files import (
 )
 from switch.cards.manufacturer import manufacture
 from switch.cards.openapi import ADMIN_OPENAPI_PATHS
-from switch.cards.serials import make_serial
+from switch.cards.serials import SerialRange, make_serial
 from switch.config import Settings, load_settings
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing, load_dev_keys, provision_dev_keys
@@ -889,3 +889,76 @@ async def test_an_order_cut_off_is_resumed_and_its_file_is_whole(admin_api: Api)
     assert refused["code"] == "batch_state"
     await a.call("POST", f"/batches/{bid}/resume", "aud", expect=403)
     await a.call("POST", "/batches/999999/resume", "admin", expect=404)
+
+
+async def _issued_to_h1(a: Api, tmp: Path, quantity: int) -> list[str]:
+    await _stocked_batch(a, tmp, quantity)
+    req = await a.call("POST", "/requests", "hm1",
+                       json={"face_value": 10000, "quantity": quantity}, expect=201)
+    await a.call("POST", f"/requests/{req['id']}/approve", "appr", expect=200)
+    issue = await a.call("POST", f"/requests/{req['id']}/issue", "store", expect=201)
+    return [s for r in issue["ranges"] for s in SerialRange(r["first"], r["last"])]
+
+
+async def test_an_unlock_takes_only_a_locked_card_and_a_sale_only_an_issued_one(
+        admin_api: Api, tmp_path: Path) -> None:
+    """Both end in `sold`, but an unlock of an unsold card would make a card nobody paid for
+    redeemable, and a sale of a locked card would count it sold twice and skip the approver."""
+    a = admin_api
+    issued, locked = (await _issued_to_h1(a, tmp_path, 2))[:2]
+    refused = await a.call("POST", f"/cards/{issued}/unlock", "appr", expect=409)
+    assert refused["code"] == "illegal_transition"
+    assert refused["refused"] == [{"serial": issued, "state": "issued"}]
+    await a.call("POST", "/sales", "cash1", json={"serials": [locked]}, expect=201)
+    async with a.pool.acquire() as con:
+        assert await states.record_wrong_pin(con, locked, 1) == (1, True)
+    resold = await a.call("POST", "/sales", "cash1", json={"serials": [locked]}, expect=409)
+    assert resold["refused"] == [{"serial": locked, "state": "locked"}]
+    assert await a.pool.fetchval("SELECT count(*) FROM card_sales") == 1
+    rows = {r["serial"]: r["state"] for r in await a.pool.fetch(
+        "SELECT serial, state FROM cards WHERE serial = ANY($1::text[])", [issued, locked])}
+    assert rows == {issued: "issued", locked: "locked"}
+    out = await a.call("POST", f"/cards/{locked}/unlock", "appr", expect=200)
+    assert out["state"] == "sold"
+
+
+async def test_a_card_back_file_after_the_expiry_date_expires_the_cards_and_erases_the_pins(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch = await _order(a, 5)
+    cbf, _ = await _card_back(a, tmp_path, batch)
+    await a.pool.execute("UPDATE cards SET expiry = current_date - 1 WHERE batch_id = $1",
+                         batch["id"])
+    await a.pool.execute("UPDATE card_batches SET expiry = current_date - 1 WHERE id = $1",
+                         batch["id"])
+    report = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin", data=cbf,
+                          expect=200)
+    assert (report["matched"], report["expired"]) == (5, 5)
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["status"] == "reconciled" and view["counts"]["expired"] == 5
+    assert view["new_card_file_purged"] is True
+    assert await a.pool.fetchval("SELECT count(*) FROM card_file_chunks WHERE batch_id = $1",
+                                 batch["id"]) == 0
+
+
+async def test_reports_and_approved_voids_treat_a_card_past_expiry_as_expired(
+        admin_api: Api, tmp_path: Path) -> None:
+    a = admin_api
+    batch, _, _ = await _stocked_batch(a, tmp_path, 4)
+    s1, s2 = [r["serial"] for r in await a.pool.fetch(
+        "SELECT serial FROM cards WHERE batch_id = $1 ORDER BY serial LIMIT 2", batch["id"])]
+    void = await a.call("POST", "/voids", "admin", json={"serials": [s1], "reason": "lost"},
+                        expect=202)
+    await a.pool.execute("UPDATE cards SET expiry = current_date - 1 WHERE serial = ANY($1)",
+                         [s1, s2])
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    inv = await a.call("GET", "/inventory", "aud", expect=200)
+    assert view["counts"]["expired"] == inv["by_state"]["expired"] == 2
+    assert view["counts"]["in_stock"] == 2
+    direct = await a.call("POST", "/voids", "admin",
+                          json={"serials": [s2], "reason": "damaged"}, expect=409)
+    approved = await a.call("POST", f"/voids/{void['void_id']}/approve", "appr", expect=409)
+    assert direct["refused"] == [{"serial": s2, "state": "expired"}]
+    assert approved["refused"] == [{"serial": s1, "state": "expired"}]
+    assert {r["state"] for r in await a.pool.fetch(
+        "SELECT state FROM cards WHERE serial = ANY($1::text[])", [s1, s2])} == {"expired"}

@@ -107,20 +107,28 @@ async def _state(pool: asyncpg.Pool, serial: str) -> str:
 
 async def test_every_illegal_transition_is_refused_and_changes_nothing(
         pool: asyncpg.Pool) -> None:
-    legal = {(e.source, e.target) for e in TRANSITIONS}
+    """Every (state, event) pair that is not an edge: a sale and an unlock both end in `sold`,
+    but a sale takes only an issued card and an unlock only a locked one."""
+    legal = {(e.source, e.target, e.event) for e in TRANSITIONS}
+    moves = {(e.target, e.event) for e in TRANSITIONS}
+    tried = 0
     for source in CardState:
         serial = await _card(pool, source)
-        for target in CardState:
-            if (source, target) in legal:
+        for target, event in sorted(moves):
+            if (source, target, event) in legal:
                 continue
             async with pool.acquire() as conn:
                 with pytest.raises(IllegalTransition) as ei:
-                    await states.transition(conn, [serial], target, actor="t", reason="r",
-                                            doc=DOC)
+                    await states.transition(conn, [serial], target, event=event, actor="t",
+                                            reason="r", doc=DOC)
             assert ei.value.refused == {serial: source.value}
             assert serial in str(ei.value) and source.value in str(ei.value)
             assert await _state(pool, serial) == source.value
+            tried += 1
+    assert tried == len(CardState) * len(moves) - len(legal)
     assert await pool.fetchval("SELECT count(*) FROM card_events") == 0
+    with pytest.raises(ValueError, match="no card moves"):  # not an event of the machine
+        states.sources_of(S.SOLD, "issue")
 
 
 async def test_transition_is_all_or_nothing(pool: asyncpg.Pool) -> None:
@@ -129,14 +137,16 @@ async def test_transition_is_all_or_nothing(pool: asyncpg.Pool) -> None:
     unknown = make_serial("130225", 999_999)
     async with pool.acquire() as conn:
         with pytest.raises(IllegalTransition) as ei:
-            await states.transition(conn, [*good, bad, unknown], S.ISSUED, actor="t",
+            await states.transition(conn, [*good, bad, unknown], S.ISSUED, event="issue",
+                                    actor="t",
                                     reason="r", doc=DOC, location="H1")
     assert ei.value.refused == {bad: "sold", unknown: "unknown"}
     for s in good:
         assert await _state(pool, s) == "in_stock"
     assert await pool.fetchval("SELECT count(*) FROM card_events") == 0
     async with pool.acquire() as conn:
-        n = await states.transition(conn, good, S.ISSUED, actor="alice", reason="r", doc=DOC,
+        n = await states.transition(conn, good, S.ISSUED, event="issue", actor="alice",
+                                    reason="r", doc=DOC,
                                     location="H1")
     assert n == 3
     rows = await pool.fetch("SELECT serial, from_state, to_state, actor, doc_type, doc_id"
@@ -147,7 +157,8 @@ async def test_transition_is_all_or_nothing(pool: asyncpg.Pool) -> None:
     # a sale requires the cards to be at the seller's hall
     async with pool.acquire() as conn:
         with pytest.raises(IllegalTransition) as ei:
-            await states.transition(conn, good, S.SOLD, actor="t", reason="r", doc=DOC,
+            await states.transition(conn, good, S.SOLD, event="sell", actor="t", reason="r",
+                                    doc=DOC,
                                     at_location="H2")
     assert set(ei.value.refused.values()) == {"issued at H1"}
 
@@ -159,7 +170,8 @@ async def test_expiry_blocks_sale_and_redemption_and_is_swept(pool: asyncpg.Pool
     redeemed = await _card(pool, S.REDEEMED, location="H1", expiry=past)
     async with pool.acquire() as conn:
         with pytest.raises(IllegalTransition) as ei:
-            await states.transition(conn, [issued], S.SOLD, actor="t", reason="r", doc=DOC)
+            await states.transition(conn, [issued], S.SOLD, event="sell", actor="t",
+                                    reason="r", doc=DOC)
         assert ei.value.refused == {issued: "issued, past expiry"}
         async with conn.transaction():
             r = await states.redeem_card(conn, sold, "0000000001", txn_no="T1")
@@ -185,7 +197,8 @@ async def test_wrong_pins_lock_then_unlock_and_redeem(pool: asyncpg.Pool) -> Non
         async with conn.transaction():
             r = await states.redeem_card(conn, serial, "0000000001", txn_no="T1")
         assert not r.redeemed and r.reason == "state:locked"
-        await states.transition(conn, [serial], S.SOLD, actor="appr", reason="unlocked",
+        await states.transition(conn, [serial], S.SOLD, event="unlock", actor="appr",
+                                reason="unlocked",
                                 doc=DOC, reset_pin_count=True)
         async with conn.transaction():
             r = await states.redeem_card(conn, serial, "0000000001", amount_expected=10000,

@@ -152,7 +152,8 @@ async def claim_for_resume(pool: asyncpg.Pool, batch_id: int, job_id: uuid.UUID,
 async def batch_view(pool: asyncpg.Pool, batch_id: int) -> dict[str, Any]:
     row = await batch_row(pool, batch_id)
     counts = {r["state"]: int(r["n"]) for r in await pool.fetch(
-        "SELECT state, count(*) AS n FROM cards WHERE batch_id = $1 GROUP BY state", batch_id)}
+        f"SELECT {states.SHOWN_STATE} AS state, count(*) AS n FROM cards"  # noqa: S608
+        " WHERE batch_id = $1 GROUP BY 1", batch_id, states.UNREDEEMED_VALUES)}
     first = make_serial(row["prefix"], row["first_seq"])
     last = make_serial(row["prefix"], row["first_seq"] + row["quantity"] - 1)
     return {"id": row["id"], "face_value": row["face_value"], "quantity": row["quantity"],
@@ -363,18 +364,25 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
         for kind, serials in sorted(by_kind.items()):
             todo = [s for s in serials if s not in already]
             if todo:
-                await states.transition(conn, todo, CardState.VOIDED, actor=actor,
+                await states.transition(conn, todo, CardState.VOIDED, event="void", actor=actor,
                                         reason=f"reconciliation: {kind}",
                                         doc=states.Document(type="batch", id=str(batch_id)))
+        expired = await states.expire_ordered(conn, batch_id, list(to_void), actor)
         moved = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
             reason="reconciled with the card-back file", exclude=list(to_void))
-        if moved != rec.matched:
-            raise Conflict(f"batch {batch_id}: {moved} cards matched in the database, "
-                           f"{rec.matched} in the file", code="reconciliation_mismatch")
-        if not moved and to_void:  # every card voided: nothing will be stocked in, so the
+        if moved + expired != rec.matched:
+            raise Conflict(f"batch {batch_id}: {moved + expired} cards matched in the database,"
+                           f" {rec.matched} in the file", code="reconciliation_mismatch")
+        if expired:
+            rec = dataclasses.replace(rec, expired=expired)
+            await conn.execute("UPDATE card_batches SET reconciliation = $2 WHERE id = $1",
+                               batch_id, rec.as_dict())
+        if not moved:  # every card voided or expired: nothing will be stocked in, so the
             # file (its PINs, encrypted) goes now, as with any void that completes a batch
-            await erase_files_of_voided_batches(conn, list(to_void))
+            await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
+            await conn.execute("UPDATE card_batches SET file_purged_at = now()"
+                               " WHERE id = $1 AND file_purged_at IS NULL", batch_id)
     if progress is not None:
         progress.add(row["quantity"])
     return rec

@@ -257,6 +257,7 @@ class Reconciliation:
     matched: int
     discrepancies: tuple[Discrepancy, ...]
     voided_before: int = 0  # cards of the batch voided before the file came (not matched)
+    expired: int = 0  # matched cards past their expiry date when the file came: expired
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(KINDS, 0)
@@ -275,7 +276,8 @@ class Reconciliation:
     def as_dict(self) -> dict[str, object]:
         return {"batch_id": self.batch_id, "expected": self.expected,
                 "received": self.received, "matched": self.matched,
-                "voided_before": self.voided_before, "counts": self.counts(),
+                "voided_before": self.voided_before, "expired": self.expired,
+                "counts": self.counts(),
                 "discrepancies": [d.as_dict() for d in self.discrepancies]}
 
 

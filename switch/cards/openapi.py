@@ -39,7 +39,7 @@ _BATCH: dict[str, Any] = {
 _RECON: dict[str, Any] = {
     "type": "object",
     "properties": {"batch_id": _INT, "expected": _INT, "received": _INT, "matched": _INT,
-                   "voided_before": _INT,
+                   "voided_before": _INT, "expired": _INT,
                    "counts": {"type": "object", "additionalProperties": _INT},
                    "discrepancies": {"type": "array", "items": {
                        "type": "object", "properties": {

@@ -94,6 +94,15 @@ def can_move(source: CardState, target: CardState) -> bool:
     return source in ALLOWED_FROM[target]
 
 
+def sources_of(target: CardState, event: str) -> frozenset[CardState]:
+    """The states from which `event` moves a card to `target` (a sale takes an issued card, an
+    unlock a locked one, though both end in `sold`)."""
+    found = frozenset(e.source for e in TRANSITIONS if e.target is target and e.event == event)
+    if not found:
+        raise ValueError(f"no card moves to {target.value} by {event!r}")
+    return found
+
+
 def diagram() -> str:
     """The state machine as a Mermaid state diagram (the docs' figure is generated from it)."""
     lines = ["stateDiagram-v2", f"    [*] --> {S.ORDERED.value}"]
@@ -138,18 +147,20 @@ SELECT count(*) FROM ev
 """
 
 
-async def transition(conn: Conn, serials: Sequence[str], to: CardState, *,
+async def transition(conn: Conn, serials: Sequence[str], to: CardState, *, event: str,
                      actor: str, reason: str, doc: Document, location: str | None = None,
                      at_location: str | None = None, reset_pin_count: bool = False) -> int:
-    """Move every card in `serials` to `to`, or none of them (raises `IllegalTransition`).
+    """Move every card in `serials` to `to` by `event`, or none of them (raises
+    `IllegalTransition`): only from the states that this event moves to `to`.
 
     `location` sets the cards' new location; `at_location` additionally requires every card to
     be there now (a cashier sells only the cards of their own hall). Returns the count moved.
     """
+    sources = sources_of(to, event)
     wanted = list(dict.fromkeys(serials))
     if not wanted:
         raise InvalidInput("no cards named", code="no_cards")
-    allowed = sorted(s.value for s in ALLOWED_FROM[to])
+    allowed = sorted(s.value for s in sources)
     exempt = to in EXPIRY_EXEMPT
     try:
         async with conn.transaction():
@@ -159,8 +170,8 @@ async def transition(conn: Conn, serials: Sequence[str], to: CardState, *,
             if moved != len(wanted):
                 raise _Rollback()
     except _Rollback:
-        raise IllegalTransition(to.value, await _refusals(conn, wanted, to, at_location)) \
-            from None
+        raise IllegalTransition(to.value, await _refusals(conn, wanted, to, sources,
+                                                          at_location)) from None
     return moved
 
 
@@ -169,13 +180,12 @@ class _Rollback(Exception):
 
 
 async def _refusals(conn: Conn, serials: list[str], to: CardState,
-                    at_location: str | None) -> dict[str, str]:
+                    allowed: frozenset[CardState], at_location: str | None) -> dict[str, str]:
     rows = await conn.fetch(
         "SELECT serial, state, location, expiry < current_date AS past FROM cards"
         " WHERE serial = ANY($1::text[])", serials)
     found = {r["serial"]: r for r in rows}
     out: dict[str, str] = {}
-    allowed = ALLOWED_FROM[to]
     for s in serials:
         r = found.get(s)
         if r is None:
@@ -242,10 +252,38 @@ SELECT count(*) FROM ev
 UNREDEEMED_VALUES = sorted(s.value for s in UNREDEEMED)  # as query parameters
 
 
+#: A card's state as reports show it (SQL; $2 binds UNREDEEMED_VALUES): past its expiry date
+#: and not redeemed, it is expired before the sweep has marked it so, as its own view says.
+SHOWN_STATE = ("CASE WHEN state = ANY($2::text[]) AND expiry < current_date THEN 'expired'"
+               " ELSE state END")
+
+
 async def expire_touched(conn: Conn, serials: Sequence[str],
                          actor: str = "system") -> int:
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""
     n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor)
+    return n
+
+
+_EXPIRE_ORDERED = """
+WITH moved AS (
+    UPDATE cards SET state = 'expired', updated_at = now()
+     WHERE batch_id = $1 AND state = 'ordered' AND expiry < current_date
+       AND NOT (serial = ANY($2::text[]))
+    RETURNING serial
+), ev AS (
+    INSERT INTO card_events (serial, from_state, to_state, actor, reason, doc_type, doc_id)
+    SELECT serial, 'ordered', 'expired', $3, 'past expiry date', 'batch', $1::text FROM moved
+    RETURNING 1
+)
+SELECT count(*) FROM ev
+"""
+
+
+async def expire_ordered(conn: Conn, batch_id: int, exclude: Sequence[str], actor: str) -> int:
+    """Mark expired the batch's ordered cards past their expiry date (but `exclude`): a
+    card-back file that comes after the cards' expiry makes them expired, not produced."""
+    n: int = await conn.fetchval(_EXPIRE_ORDERED, batch_id, list(exclude), actor)
     return n
 
 

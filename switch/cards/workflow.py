@@ -93,12 +93,13 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
                 dry = conn.transaction()
                 await dry.start()
                 try:
-                    await states.transition(conn, serials, CardState.VOIDED,
+                    await states.transition(conn, serials, CardState.VOIDED, event="void",
                                             actor=user.username, reason=reason, doc=doc)
                 finally:
                     await dry.rollback()
             else:
-                await states.transition(conn, serials, CardState.VOIDED, actor=user.username,
+                await states.transition(conn, serials, CardState.VOIDED, event="void",
+                                        actor=user.username,
                                         reason=reason if not note else f"{reason}: {note}",
                                         doc=doc)
                 await erase_files_of_voided_batches(conn, serials)
@@ -109,6 +110,13 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
 
 async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
                        audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
+    async with pool.acquire() as conn:
+        serials = await conn.fetchval("SELECT serials FROM card_voids WHERE id = $1", void_id)
+        if approve and serials:
+            # a card past its expiry date is expired, not voided, as with a direct void
+            async with conn.transaction():
+                await db.fence(conn, epoch)
+                await states.expire_touched(conn, serials, user.username)
     async with pool.acquire() as conn, conn.transaction():
         await db.fence(conn, epoch)
         row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
@@ -120,7 +128,8 @@ async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve:
             raise Forbidden("the approver of a void cannot be its requester",
                             code="maker_checker")
         if approve:
-            await states.transition(conn, row["serials"], CardState.VOIDED, actor=user.username,
+            await states.transition(conn, row["serials"], CardState.VOIDED, event="void",
+                                    actor=user.username,
                                     reason=f"{row['reason']} (approved by {user.username})",
                                     doc=Document(type="void", id=str(void_id)))
             await erase_files_of_voided_batches(conn, row["serials"])
@@ -281,7 +290,8 @@ async def issue_request(pool: asyncpg.Pool, user: User, request_id: int, *,
         if len(picked) < row["quantity"]:
             raise Conflict(f"only {len(picked)} cards of {row['face_value']} fen in stock for "
                            f"a request of {row['quantity']}", code="insufficient_stock")
-        await states.transition(conn, picked, CardState.ISSUED, actor=user.username,
+        await states.transition(conn, picked, CardState.ISSUED, event="issue",
+                                actor=user.username,
                                 reason=f"issued to hall {row['hall']}",
                                 doc=Document(type="request", id=str(request_id)),
                                 location=row["hall"], at_location=WAREHOUSE)
@@ -313,7 +323,8 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
                 "INSERT INTO card_sales (hall, cashier, quantity, total_face, ranges)"
                 " VALUES ($1, $2, $3, 0, '[]') RETURNING id", user.hall, user.username,
                 len(serials))
-            await states.transition(conn, serials, CardState.SOLD, actor=user.username,
+            await states.transition(conn, serials, CardState.SOLD, event="sell",
+                                    actor=user.username,
                                     reason=f"sold at hall {user.hall}",
                                     doc=Document(type="sale", id=str(sale_id)),
                                     at_location=user.hall)
@@ -338,7 +349,8 @@ async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
             await states.expire_touched(conn, [serial], user.username)
         async with conn.transaction():
             await db.fence(conn, epoch)
-            await states.transition(conn, [serial], CardState.SOLD, actor=user.username,
+            await states.transition(conn, [serial], CardState.SOLD, event="unlock",
+                                    actor=user.username,
                                     reason="unlocked", doc=Document(type="unlock", id=serial),
                                     reset_pin_count=True)
             return await _audited(audit, conn, {"serial": serial,
@@ -372,9 +384,8 @@ async def inventory(pool: asyncpg.Pool, user: User) -> dict[str, Any]:
     # a card past its expiry date is counted as expired before the sweep has marked it so,
     # as a card's own view shows it
     rows = await pool.fetch(
-        "SELECT CASE WHEN state = ANY($2::text[]) AND expiry < current_date THEN 'expired'"
-        "            ELSE state END AS state, face_value, location, count(*) AS n FROM cards"
-        " WHERE $1::text IS NULL OR location = $1"
+        f"SELECT {states.SHOWN_STATE} AS state, face_value, location, count(*) AS n"  # noqa: S608
+        " FROM cards WHERE $1::text IS NULL OR location = $1"
         " GROUP BY 1, face_value, location ORDER BY 1, face_value, location",
         hall, UNREDEEMED_VALUES)
     items = [{"state": r["state"], "face_value": r["face_value"], "location": r["location"],
