@@ -962,3 +962,25 @@ async def test_reports_and_approved_voids_treat_a_card_past_expiry_as_expired(
     assert approved["refused"] == [{"serial": s1, "state": "expired"}]
     assert {r["state"] for r in await a.pool.fetch(
         "SELECT state FROM cards WHERE serial = ANY($1::text[])", [s1, s2])} == {"expired"}
+
+
+async def test_a_card_back_file_far_larger_than_its_batch_is_refused_while_read(
+        admin_api: Api) -> None:
+    """A 3-card batch takes at most 1 006 records (every card twice, and 1 000 serials that are
+    not its own): a larger file is refused as it is read, not held in memory whole."""
+    a = admin_api
+    batch = await _order(a, 3)
+    first = batch["first_serial"]
+    rec = b"D|" + first.encode() + b"|1|1|OK|10000\n"
+    n = 5000
+    for announced in (n, 3):  # refused by the header's count, or by the records themselves
+        head = (f"H|GRIDPAY-CARDBACK|1|{batch['id']}|{announced}|acme|"
+                "2026-11-26T10:00:00+00:00\n").encode()
+        body = head + rec * n + f"T|{n}|{n * 10000}|{'0' * 64}\n".encode()
+        refused = await a.call("POST", f"/batches/{batch['id']}/card-back-file", "admin",
+                               data=body, expect=422)
+        assert refused["code"] == "malformed_card_back_file"
+        where = "line 1" if announced == n else "line 1008"
+        assert where in refused["detail"] and "1006" in refused["detail"], refused["detail"]
+    view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
+    assert view["status"] == "ordered" and view["counts"]["ordered"] == 3

@@ -406,8 +406,15 @@ async def get_new_card_file(ctx: Ctx) -> web.StreamResponse:
 MAX_CARD_BACK_LINE = 4096  # a record is about 40 bytes, the header under 100
 
 
-async def _read_card_back(request: web.Request) -> CardBackParser:
-    parser = CardBackParser()
+def card_back_limit(quantity: int) -> int:
+    """The most records a card-back file of a batch of `quantity` cards may hold: every card
+    twice over, and room for serials that are not the batch's. More is not a manufacturer's
+    report of this batch, and is refused while reading rather than held in memory."""
+    return 2 * quantity + 1000
+
+
+async def _read_card_back(request: web.Request, max_records: int) -> CardBackParser:
+    parser = CardBackParser(max_records)
     size = 0
     rest = b""
     while chunk := await read_within(request.content.read(1 << 20)):
@@ -440,7 +447,7 @@ async def upload_card_back(ctx: Ctx) -> web.StreamResponse:
     if row["status"] != "ordered":
         raise Conflict(f"batch {batch_id} is {row['status']}; a card-back file is taken once, "
                        "for an ordered batch", code="batch_state")
-    cbf = (await _read_card_back(ctx.request)).result()
+    cbf = (await _read_card_back(ctx.request, card_back_limit(row["quantity"]))).result()
     ctx.objects.update(batch_id=batch_id, records=len(cbf.records))
     if cbf.batch_id != batch_id:
         raise InvalidInput(f"the card-back file is for batch {cbf.batch_id}, not {batch_id}",

@@ -184,6 +184,9 @@ class CardBackParser:
             if not _timestamp(parts[6]):
                 raise _bad(self._line, "the header's creation time is not an ISO 8601 time "
                            "with its offset")
+            if int(parts[4]) > self._max:
+                raise _bad(self._line, f"the header announces {int(parts[4])} records; at most "
+                           f"{self._max} are taken for this batch")
             self._header = parts
             return
         if parts[0] == "T":
