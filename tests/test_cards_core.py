@@ -222,6 +222,8 @@ async def test_operation_log_detects_edit_and_deletion(pool: asyncpg.Pool) -> No
                                objects={"batch_id": i, "note": "é"}, result={"ok": True})
     good = await oplog.verify(pool)
     assert good.ok and good.entries == 6
+    assert good.head_hash == bytes(await pool.fetchval(
+        "SELECT hash FROM card_oplog_head WHERE id = 1")).hex()
     await pool.execute("UPDATE card_oplog SET actor = 'mallory' WHERE seq = 3")
     bad = await oplog.verify(pool)
     assert not bad.ok and bad.first_broken == 3 and "altered" in (bad.problem or "")
@@ -239,6 +241,13 @@ async def test_operation_log_detects_edit_and_deletion(pool: asyncpg.Pool) -> No
     await pool.execute("DELETE FROM card_oplog WHERE seq >= 4")
     tail = await oplog.verify(pool)
     assert not tail.ok and tail.first_broken == 4
+    # a whole log deleted, head and all, beside the batches it ordered
+    await pool.execute("DELETE FROM card_oplog")
+    await pool.execute("DELETE FROM card_oplog_head")
+    assert (await oplog.verify(pool)).ok  # nothing ordered yet: an empty log is right
+    await _batch(pool)
+    wiped = await oplog.verify(pool)
+    assert not wiped.ok and wiped.first_broken == 1 and "deleted" in (wiped.problem or "")
 
 
 def _new_card_file(path: Path, n: int) -> list[str]:

@@ -114,6 +114,7 @@ _OPS: tuple[tuple[str, str, str, str, dict[str, Any] | None, str, dict[str, Any]
      "card_admin, auditor", None, "200",
      {"type": "object", "properties": {"ok": {"type": "boolean"}, "entries": _INT,
                                        "first_broken": {"type": ["integer", "null"]},
+                                       "head_hash": {"type": ["string", "null"]},
                                        "problem": {"type": ["string", "null"]}}}),
     ("get", "/jobs/{id}", "A background job and its progress", "card_admin, storekeeper, "
      "auditor", None, "200", _JOB),

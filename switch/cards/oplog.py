@@ -110,10 +110,11 @@ class Verification:
     entries: int
     first_broken: int | None = None
     problem: str | None = None
+    head_hash: str | None = None  # the newest entry's hash (hex), when the log verifies
 
     def as_dict(self) -> dict[str, object]:
         return {"ok": self.ok, "entries": self.entries, "first_broken": self.first_broken,
-                "problem": self.problem}
+                "problem": self.problem, "head_hash": self.head_hash}
 
 
 async def verify(pool: asyncpg.Pool | Conn, *, page: int = 5000) -> Verification:
@@ -170,7 +171,14 @@ async def _walk(pool: Conn, page: int) -> Verification:
     if head is None and count:
         return Verification(ok=False, entries=count, first_broken=count,
                             problem="the log's head record is missing")
-    return Verification(ok=True, entries=count)
+    if head is None and await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM card_batches) OR EXISTS (SELECT 1 FROM card_events)"):
+        # every batch is ordered through the log, so a log without a first entry beside
+        # batches or card moves lost its entries and its head together
+        return Verification(ok=False, entries=0, first_broken=1,
+                            problem="the log is empty, but batches or card moves exist: its "
+                            "entries and head were deleted")
+    return Verification(ok=True, entries=count, head_hash=prev.hex() if count else None)
 
 
 def _json(v: Any) -> Any:
