@@ -90,6 +90,7 @@ async def install_components(node: Node, stack: contextlib.AsyncExitStack) -> No
         stack.callback(task.cancel)
 
     marketing = MarketingClient(node.services.marketing, timeout=s.services.marketing_timeout_s,
+                                posting_timeout=s.forwarder.timeout_s,
                                 connections=s.forwarder.concurrency,
                                 pipeline=s.forwarder.pipeline)
     stack.push_async_callback(marketing.close)

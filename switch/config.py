@@ -168,6 +168,7 @@ class ForwarderSettings:
     batch: int
     concurrency: int  # postings in flight to the marketing system
     pipeline: int  # of those, at most this many on one connection (1: no HTTP pipelining)
+    timeout_s: float  # a posting's answer (the billing system's commit) is awaited this long
     backoff_initial_s: float
     backoff_max_s: float
     dead_letter_after_s: float
@@ -404,6 +405,7 @@ def build_settings(raw: Mapping[str, Any], base_dir: Path | None = None) -> Sett
             batch=_int(fwd, "batch", "forwarder.batch", 1, 10_000),
             concurrency=_int(fwd, "concurrency", "forwarder.concurrency", 1, 1_000),
             pipeline=_int(fwd, "pipeline", "forwarder.pipeline", 1, 256),
+            timeout_s=_float(fwd, "timeout_s", "forwarder.timeout_s", 0.1, 600),
             backoff_initial_s=_float(fwd, "backoff_initial_s", "forwarder.backoff_initial_s",
                                      0.01, 60),
             backoff_max_s=_float(fwd, "backoff_max_s", "forwarder.backoff_max_s", 0.1, 3600),

@@ -91,6 +91,9 @@ class _Conn(asyncio.Protocol):
         self.out: list[bytes] = []  # requests written in this turn of the loop
         self.sent = 0  # requests ever sent on this connection
         self.out_of_step = False  # an answer was found not to be its request's
+        # loop time of the last answer a batch took from it: a pipelined request's time is
+        # counted from when the answer before it came, not only from when it was written
+        self.answered_at = 0.0
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -576,6 +579,8 @@ class _Batch:
                     conn.out_of_step = True
                     conn.abort()  # what it still carries goes again, on another connection
             ok = slot.error is None
+            if ok:
+                slot.conn.answered_at = self.loop.time()
             release(slot.conn, ok, slot)
             if slot.may_retry and isinstance(slot.error, _Unanswered):
                 again.append((slot.index, False))
@@ -597,20 +602,31 @@ class _Batch:
             self.wakeup.set_result(None)
 
     def expire(self) -> None:
-        """Time out every request past its deadline; then wait for the next deadline."""
+        """Time out every request past its deadline; then wait for the next deadline.
+
+        Only the first request waiting on a connection times out, `timeout_s` after it was
+        written or after the answer before it came, whichever is later: a server that
+        answers its pipeline one request at a time, each within the timeout, is slow, not
+        stuck, and timing out the requests behind (the connection closed, every one of them
+        sent again) would only pile more work on it. When the first one times out its
+        connection is closed, and the requests behind it, never begun, go again."""
         self.timer = None
         if self.over:
             return
         # uvloop's timers have a resolution of a millisecond: a deadline within it is due
         now = self.loop.time() + 0.001
+        timeout = self.pool.timeout_s
         following: float | None = None
-        for slot in list(self.in_flight):
-            if slot._done:
+        heads: set[_Conn] = set()
+        for slot in list(self.in_flight):  # in the order they were written
+            if slot._done or slot.conn in heads:
                 continue
-            if slot.deadline <= now:
+            heads.add(slot.conn)
+            due = max(slot.deadline, slot.conn.answered_at + timeout)
+            if due <= now:
                 slot.set_exception(TimeoutError())
-            elif following is None or slot.deadline < following:
-                following = slot.deadline
+            elif following is None or due < following:
+                following = due
         if following is not None:
             self.timer = self.loop.call_at(following, self.expire)
 

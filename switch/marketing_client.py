@@ -333,27 +333,33 @@ def encode_posting(*, posting_id: str, account_no: str, amount: int, kind: str, 
 
 
 class MarketingClient:
-    """Talks to the marketing system at ``base_url``; ``timeout`` (s) bounds each request."""
+    """Talks to the marketing system at ``base_url``; ``timeout`` (s) bounds each request,
+    ``posting_timeout`` (default: ``timeout``) each posting's: an account lookup has a caller
+    waiting, a posting only the relay, and a billing system slower than the lookup's timeout
+    must still be able to take its postings."""
 
     def __init__(
         self,
         base_url: str,
         *,
         timeout: float = 1.0,
+        posting_timeout: float | None = None,
         session: aiohttp.ClientSession | None = None,
         connections: int = 16,
         pipeline: int = 1,
         max_answer: int = 16 << 20,
         lookup_connections: int = 32,
     ) -> None:
-        if timeout <= 0 or max_answer < 1:
-            raise ValueError("timeout and max_answer must be positive")
+        posting_timeout = timeout if posting_timeout is None else posting_timeout
+        if timeout <= 0 or posting_timeout <= 0 or max_answer < 1:
+            raise ValueError("timeouts and max_answer must be positive")
         check_base_url(base_url)
         # an answer is held in memory whole: a larger one is refused as unreadable
         self._max_answer = max_answer
         self._connections = connections  # postings in flight at once (`post_many`)
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._post_timeout = aiohttp.ClientTimeout(total=posting_timeout)
         self._session = session
         self._owns_session = session is None
         # requests (one posting per payment, account lookups) go over kept-alive connections
@@ -364,17 +370,17 @@ class MarketingClient:
         self._pool: KeepAlivePool | None = None
         self._post_pool: KeepAlivePool | None = None
         if session is None and self._base_url.startswith("http://"):
-            # with pipelining the postings have connections of their own, and the lookups
-            # at most `lookup_connections` (the relay's window is not theirs to follow);
-            # without it, postings and lookups share `connections`
+            # with pipelining (or a timeout of their own) the postings have connections of
+            # their own, and the lookups at most `lookup_connections` (the relay's window is
+            # not theirs to follow); otherwise postings and lookups share `connections`
             lookups = connections if pipeline == 1 else min(connections, lookup_connections)
             self._pool = KeepAlivePool(self._base_url, size=lookups, timeout_s=timeout,
                                        max_body=max_answer)
             self._post_pool = self._pool
-            if pipeline > 1:
+            if pipeline > 1 or posting_timeout != timeout:
                 self._post_pool = KeepAlivePool(
-                    self._base_url, size=-(-connections // pipeline), timeout_s=timeout,
-                    pipeline=pipeline, max_body=max_answer)
+                    self._base_url, size=-(-connections // pipeline),
+                    timeout_s=posting_timeout, pipeline=pipeline, max_body=max_answer)
 
     @classmethod
     def for_reconciliation(cls, base_url: str) -> Self:
@@ -420,6 +426,7 @@ class MarketingClient:
         params: Mapping[str, str] | None = None,
         body: object = None,
         pool: KeepAlivePool | None = None,
+        limit: aiohttp.ClientTimeout | None = None,
     ) -> tuple[int, bytes]:
         # a body given as bytes is JSON already (`encode_posting`)
         data = body if body is None or isinstance(body, bytes) else orjson.dumps(body)
@@ -431,7 +438,7 @@ class MarketingClient:
             else:
                 async with self._get_session().request(
                     method, self._base_url + path, params=params, data=data,
-                    headers=_JSON_HEADERS, timeout=self._timeout,
+                    headers=_JSON_HEADERS, timeout=limit or self._timeout,
                 ) as response:
                     raw = await _read_capped(response, self._max_answer)
                     status = response.status
@@ -508,7 +515,7 @@ class MarketingClient:
     async def post(self, posting: Posting) -> PostingResult:
         """Credit ``posting``; safe to repeat with the same posting after MarketingUnavailable."""
         status, raw = await self._request("POST", "/postings", body=posting.to_json(),
-                                          pool=self._post_pool)
+                                          pool=self._post_pool, limit=self._post_timeout)
         return self._posting_result(posting.posting_id, status, raw)
 
     async def post_many(self, postings: Sequence[EncodedPosting]
@@ -526,7 +533,8 @@ class MarketingClient:
             async def one(posting_id: str, body: bytes) -> PostingResult | MarketingError:
                 async with gate:
                     try:
-                        status, raw = await self._request("POST", "/postings", body=body)
+                        status, raw = await self._request("POST", "/postings", body=body,
+                                                          limit=self._post_timeout)
                         return self._posting_result(posting_id, status, raw)
                     except MarketingError as e:
                         return e

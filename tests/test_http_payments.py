@@ -509,12 +509,14 @@ async def test_marketing_times_out_after_commit_credited_once(
         node: Node, api: Api, sims: Sims) -> None:
     acct = await active_account(sims.marketing, start=7)
     before = await _balance(sims, acct)
-    await sims.marketing.set_faults(timeout_after_commit_rate=1.0, hold_ms=3000)
+    # held 1 s, then the connection closes: inside the 5 s a posting is awaited, the same
+    # unanswered posting as a timeout
+    await sims.marketing.set_faults(timeout_after_commit_rate=1.0, hold_ms=1000)
     try:
         st, _, raw = await api.call("POST", "/v1/payments", idem="tac",
                                     json={"account_no": acct, "amount": 901, "method": "cash"})
         assert st == 201
-        await asyncio.sleep(1.5)  # the first attempt committed there, then timed out here
+        await asyncio.sleep(1.5)  # the first attempt committed there, then was cut off
         assert await node.pool.fetchval("SELECT attempts FROM outbox") >= 1
     finally:
         await sims.marketing.clear_faults()

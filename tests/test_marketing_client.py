@@ -639,3 +639,28 @@ async def test_a_posting_result_the_ledger_cannot_hold_is_unavailable_not_a_stuc
         assert client._posting_result("p", 201, orjson.dumps({
             "posting_id": "p", "arrears_after": 2 ** 63 - 1,
             "prepaid_balance_after": -(2 ** 63)})).arrears_after == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("path", ["pipelined", "one_at_a_time", "aiohttp"])
+async def test_a_billing_system_slower_than_a_lookup_may_be_still_takes_postings(
+        sim: MarketingSim, path: str) -> None:
+    """Lookups give up after `timeout` (a caller is waiting: the mirror answers); postings
+    wait `posting_timeout`. Each posting takes 0.4 s here, over the lookups' 0.3 s."""
+    customer = customer_with_bills(sim)
+    async with contextlib.AsyncExitStack() as stack:
+        session = (await stack.enter_async_context(aiohttp.ClientSession())
+                   if path == "aiohttp" else None)
+        client = MarketingClient(sim.url, timeout=0.3, posting_timeout=5.0, connections=4,
+                                 pipeline=4 if path == "pipelined" else 1, session=session)
+        stack.push_async_callback(client.close)
+        await sim.set_faults(latency_ms=400)
+        try:
+            with pytest.raises(MarketingUnavailable):
+                await client.get_account(customer.account_no)
+            assert not (await client.post(payment(f"{path}-one", customer.account_no,
+                                                  100))).replayed
+            batch = [payment(f"{path}-{i}", customer.account_no, 100) for i in range(8)]
+            results = await client.post_many([_encoded(p) for p in batch])
+        finally:
+            await sim.clear_faults()
+        assert all(isinstance(r, PostingResult) and not r.replayed for r in results), results
