@@ -63,13 +63,20 @@ class DailyCutover:
             log.warning("reconciliation with the marketing system postponed",
                         extra={"business_date": closed.isoformat(), "error": str(e)})
             return None
+        # with postings of the date still queued the date stays pending (its report kept):
+        # it is reconciled again with the next round, once they have gone
         async with self.node.pool.acquire() as con, con.transaction():
             await db.fence(con, self.node.epoch)
             await con.execute(
-                "UPDATE cutovers SET reconciled_at = now(), reconciliation = $2::jsonb"
-                " WHERE business_date = $1", closed, rep.as_dict())
-        level = logging.INFO if rep.clean else logging.WARNING
-        log.log(level, "business date reconciled", extra=rep.as_dict())
+                "UPDATE cutovers SET reconciliation = $2::jsonb,"
+                " reconciled_at = CASE WHEN $3::bool THEN now() END"
+                " WHERE business_date = $1", closed, rep.as_dict(), rep.complete)
+        if not rep.complete:
+            log.info("business date reconciled in part: postings still queued; looked at "
+                     "again later", extra=rep.as_dict())
+        else:
+            level = logging.INFO if rep.clean else logging.WARNING
+            log.log(level, "business date reconciled", extra=rep.as_dict())
         if rep.requeued:
             self.node.components["forwarder"].wake()
         return rep
@@ -84,10 +91,14 @@ class DailyCutover:
             since)
         out = {r["business_date"] for r in rows if r["reconciled_at"] is None}
         # the last date closed, however long ago (a pair stopped for longer than the window
-        # still catches up the window's dates); none at all: a new installation, nothing owed
+        # still catches up the window's dates); none at all: a new installation, whose
+        # dates are owed from its first payment (within the window) if no node saw their
+        # cut-over
         last = await self.node.pool.fetchval("SELECT max(business_date) FROM cutovers")
-        if last is not None:
-            first = max(last + timedelta(days=1), since)
+        first = last + timedelta(days=1) if last is not None else await self.node.pool.fetchval(
+            "SELECT min(business_date) FROM payments WHERE business_date >= $1", since)
+        if first is not None:
+            first = max(first, since)
             out.update(first + timedelta(days=i) for i in range((today - first).days))
         return sorted(d for d in out if d < today)
 

@@ -25,6 +25,10 @@ class ReconReport:
     theirs: int = 0
     matched: int = 0
     missing: list[str] = field(default_factory=list)     # ours, not there
+    # ours, not there, and still in the queue: not forwarded yet, so not missing (the billing
+    # system was down, or the cut-over came before the relay caught up); the date is looked
+    # at again until none is left
+    queued: list[str] = field(default_factory=list)
     different: list[str] = field(default_factory=list)   # both, other content
     extra: list[str] = field(default_factory=list)       # there, not ours
     requeued: int = 0
@@ -37,9 +41,15 @@ class ReconReport:
     def clean(self) -> bool:
         return not (self.missing or self.different or self.extra)
 
+    @property
+    def complete(self) -> bool:
+        """Whether every posting of the date has been forwarded (or given up)."""
+        return not self.queued
+
     def as_dict(self) -> dict[str, object]:
         return {"business_date": self.business_date.isoformat(), "ours": self.ours,
                 "theirs": self.theirs, "matched": self.matched, "missing": self.missing,
+                "queued": self.queued, "complete": self.complete,
                 "different": self.different, "extra": self.extra, "requeued": self.requeued,
                 "held_but_dead": self.held_but_dead, "settled": self.settled,
                 "clean": self.clean}
@@ -82,7 +92,7 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
     for pid, row in ours.items():
         p = theirs.get(pid)
         if p is None:
-            rep.missing.append(pid)
+            (rep.queued if row["state"] == "pending" else rep.missing).append(pid)
         elif not _same(p, row):
             rep.different.append(pid)
         else:
