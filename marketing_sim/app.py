@@ -530,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     try:
         return uvloop.run(_serve(settings))
-    except OSError as e:  # the port taken, the data directory not writable
+    except (OSError, JournalError) as e:  # the port taken, the data directory not writable,
+        # or holding another simulator's journal
         print(f"gridpay marketing: cannot start: {e}", file=sys.stderr)
         return 2

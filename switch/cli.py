@@ -294,7 +294,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
     try:
         day = iso_date(args.date)
     except ValueError:
-        print(f"gridpay recon: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
+        print(f"gridpay recon: --date {args.date!r} is not YYYY-MM-DD (years 1900 to 9998)",
+              file=sys.stderr)
         return 2
     if args.sub == "export":
         from switch.links.recon import export

@@ -139,7 +139,10 @@ class Node:
         s = self.settings
         st = self._stack
         # Migrations first, on one connection, under the advisory lock.
-        conn = await asyncpg.connect(self.services.database)
+        try:
+            conn = await asyncpg.connect(self.services.database)
+        except OSError as e:  # one line at the command: which service, and why
+            raise ConnectionError(f"the database cannot be reached: {e}") from e
         try:
             await db.migrate(conn)
         finally:

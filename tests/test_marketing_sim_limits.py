@@ -280,3 +280,13 @@ async def test_a_body_in_many_pieces_is_kept_in_one_buffer(sim: MarketingSim) ->
     assert isinstance(connection._body, bytearray)  # not a list of tiny bytes objects
     assert bytes(connection._body) == b"{{{"
     writer.close()
+
+
+def test_a_data_directory_holding_no_journal_of_ours_is_one_line_at_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / journal.FILE_NAME).write_bytes(b"not a journal\n")
+    code = app.main(["--host", "127.0.0.1", "--port", "0", "--customers", "10", "--seed", "1",
+                     "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot start" in err and "not a marketing journal" in err, err
+    assert "Traceback" not in err

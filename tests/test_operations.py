@@ -139,6 +139,10 @@ def test_up_ready_health_and_graceful_stop(home: Path) -> None:
     out = _gridpay("recon", "export", "--institution", "01020000", "--date",
                    day.replace("-", ""), home=home)  # YYYY-MM-DD only
     assert out.returncode == 2 and "is not YYYY-MM-DD" in out.stderr
+    for far in ("0001-01-01", "9999-12-31"):  # a date whose neighbours are no dates
+        out = _gridpay("recon", "marketing", "--date", far, "--dry-run",
+                       "--marketing-url", "http://127.0.0.1:9", home=home)
+        assert out.returncode == 2 and "years 1900 to 9998" in out.stderr, out.stderr
     out = _gridpay("recon", "export", "--institution", "01020000", "--date", day,
                    "--out", str(home / "no-such-dir" / "recon.txt"), home=home)
     assert out.returncode == 2 and "cannot write" in out.stderr
@@ -202,6 +206,17 @@ def test_a_refused_service_url_is_printed_without_its_password(home: Path) -> No
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "services.redis_url" in out.stderr, out.stderr
     assert "R3disPW" not in out.stderr and "rediss://:***@h:6380/0" in out.stderr
+
+
+def test_a_switch_whose_database_refuses_says_which_service(home: Path) -> None:
+    env = _env(home)
+    env.update(GRIDPAY_DATABASE_URL="postgresql://app:Db5ecret@127.0.0.1:1/gridpay",
+               GRIDPAY_REDIS_URL="redis://127.0.0.1:1/0", GRIDPAY_HSM_ADDR="127.0.0.1:1",
+               GRIDPAY_MARKETING_URL="http://127.0.0.1:1")
+    out = subprocess.run([sys.executable, "-m", "switch.cli", "switch"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "the database cannot be reached" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Db5ecret" not in out.stderr
 
 
 def test_a_malformed_database_url_on_the_command_line_gets_a_message(home: Path) -> None:
