@@ -293,6 +293,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
     logs.configure("WARNING")
     try:
         day = iso_date(args.date)
+        if not 1900 <= day.year <= 9998:  # its neighbours are read, and files write 4 digits
+            raise ValueError(args.date)
     except ValueError:
         print(f"gridpay recon: --date {args.date!r} is not YYYY-MM-DD (years 1900 to 9998)",
               file=sys.stderr)
@@ -352,7 +354,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
         print(orjson.dumps(rep.as_dict(), option=orjson.OPT_INDENT_2).decode())
-        return 0 if rep.clean else 1
+        return 0 if rep.clean and rep.complete else 1
 
     return _with_db(settings, run_m)
 

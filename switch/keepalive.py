@@ -91,9 +91,10 @@ class _Conn(asyncio.Protocol):
         self.out: list[bytes] = []  # requests written in this turn of the loop
         self.sent = 0  # requests ever sent on this connection
         self.out_of_step = False  # an answer was found not to be its request's
-        # loop time of the last answer a batch took from it: a pipelined request's time is
-        # counted from when the answer before it came, not only from when it was written
+        # loop time of its last answer: a batch's pipelined request's time is counted from
+        # when the answer before it came, not only from when it was written
         self.answered_at = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it is used on
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -167,6 +168,8 @@ class _Conn(asyncio.Protocol):
         self.size = 0
         self.headers_done = self.framed = False
         self.answering = False
+        if self.loop is not None:
+            self.answered_at = self.loop.time()
         if self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -178,6 +181,7 @@ class _Conn(asyncio.Protocol):
              loop: asyncio.AbstractEventLoop) -> None:
         self.waiters.append(waiter)
         self.sent += 1
+        self.loop = loop
         if not self.out:
             loop.call_soon(self._flush)
         self.out.append(data)
@@ -312,9 +316,13 @@ class KeepAlivePool:
         """Send one request per body, at most `window` of them in flight at once, and return
         each one's (status, body) or the error it met, in the order of `bodies`.
 
-        The same requests as `request` would send, with the same rules (each has `timeout_s`
-        from when it is written; one that got no byte of its answer because the server closed
-        a used connection is sent once more on another), but without a task per request:
+        The same requests as `request` would send, with the same rules (one that got no byte
+        of its answer because the server closed a used connection is sent once more on
+        another), but without a task per request, and with one difference: only the first of
+        the batch's requests waiting on a connection times out, `timeout_s` after it was
+        written or after the answer before it, whichever is later (see `_Batch.expire`; a
+        pipeline of n requests to a server that answers them in turn may take n times
+        `timeout_s` in all, as long as each answer comes within it):
         an answer is taken by a callback that also writes the next request, and the caller
         wakes once, when every request has its outcome. This is the relay's path, where a
         batch of postings goes out together (`request` costs a few times more per request).
@@ -579,8 +587,6 @@ class _Batch:
                     conn.out_of_step = True
                     conn.abort()  # what it still carries goes again, on another connection
             ok = slot.error is None
-            if ok:
-                slot.conn.answered_at = self.loop.time()
             release(slot.conn, ok, slot)
             if slot.may_retry and isinstance(slot.error, _Unanswered):
                 again.append((slot.index, False))
@@ -619,10 +625,15 @@ class _Batch:
         following: float | None = None
         heads: set[_Conn] = set()
         for slot in list(self.in_flight):  # in the order they were written
-            if slot._done or slot.conn in heads:
+            if slot._done:
                 continue
-            heads.add(slot.conn)
             due = max(slot.deadline, slot.conn.answered_at + timeout)
+            if slot.conn in heads:
+                # behind the first: settled when it is (its connection closed, never begun),
+                # or, if the connection stays open for a request ahead that is not this
+                # batch's, timed out itself a timeout later: never left without a timer
+                due += timeout
+            heads.add(slot.conn)
             if due <= now:
                 slot.set_exception(TimeoutError())
             elif following is None or due < following:

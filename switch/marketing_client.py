@@ -373,11 +373,12 @@ class MarketingClient:
             # with pipelining (or a timeout of their own) the postings have connections of
             # their own, and the lookups at most `lookup_connections` (the relay's window is
             # not theirs to follow); otherwise postings and lookups share `connections`
-            lookups = connections if pipeline == 1 else min(connections, lookup_connections)
+            apart = pipeline > 1 or posting_timeout != timeout
+            lookups = min(connections, lookup_connections) if apart else connections
             self._pool = KeepAlivePool(self._base_url, size=lookups, timeout_s=timeout,
                                        max_body=max_answer)
             self._post_pool = self._pool
-            if pipeline > 1 or posting_timeout != timeout:
+            if apart:
                 self._post_pool = KeepAlivePool(
                     self._base_url, size=-(-connections // pipeline),
                     timeout_s=posting_timeout, pipeline=pipeline, max_body=max_answer)

@@ -554,8 +554,8 @@ def test_filing_dates_are_each_business_date_and_the_days_either_side() -> None:
 async def test_a_posting_still_queued_at_the_close_is_not_missing_and_the_date_stays_open(
         clean_db: str, clean_redis: str, tmp_path: Path) -> None:
     """The relay behind at the cut-over (the billing system slow or down): the posting is not
-    missing there but not sent yet. The date is not marked reconciled on that report; once
-    the queue has drained, the next look reconciles it clean."""
+    missing there but not sent yet. The report says so; once the queue has drained, the date
+    is compared again, and clean. It is not compared again while the posting waits."""
     async with simulators() as sims, running_node(clean_db, clean_redis, sims,
                                                   tmp_path) as node:
         await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
@@ -569,19 +569,26 @@ async def test_a_posting_still_queued_at_the_close_is_not_missing_and_the_date_s
                                         json={"account_no": acct, "amount": 600,
                                               "method": "cash"})
             assert st == 201
-        day = date.fromisoformat(orjson.loads(raw)["business_date"])
+        # booked on the date that has just ended (the billing system files it by its time,
+        # and reconciliation reads the dates either side)
+        day = date.fromisoformat(orjson.loads(raw)["business_date"]) - timedelta(days=1)
+        await node.pool.execute("UPDATE payments SET business_date = $1", day)
         pid = await node.pool.fetchval("SELECT posting_id FROM outbox")
         daily = node.components["daily"]
         rep = await daily.close_date(day)
         assert rep is not None
         assert (rep.queued, rep.missing, rep.requeued) == ([pid], [], 0)
         assert rep.clean and not rep.complete
-        row = await node.pool.fetchrow("SELECT reconciled_at, reconciliation FROM cutovers")
-        assert row is not None
-        assert row["reconciled_at"] is None and row["reconciliation"]["queued"] == [pid]
+        row = await node.pool.fetchrow("SELECT reconciliation FROM cutovers")
+        assert row is not None and row["reconciliation"]["queued"] == [pid]
+        assert row["reconciliation"]["complete"] is False
+        assert await daily.pending_dates() == []  # not again while the posting waits
         node.components["forwarder"].start()
         await _drain(node)
-        done = await daily.close_date(day)
-        assert done is not None and done.complete and done.clean and done.matched == 1
-        assert await node.pool.fetchval("SELECT reconciled_at FROM cutovers") is not None
+        assert await daily.pending_dates() == [day]  # it has gone: compared again
+        assert await daily._catch_up()
+        row = await node.pool.fetchrow("SELECT reconciliation FROM cutovers")
+        assert row is not None and row["reconciliation"]["complete"] is True
+        assert row["reconciliation"]["clean"] is True and row["reconciliation"]["matched"] == 1
+        assert await daily.pending_dates() == []
 

@@ -945,16 +945,23 @@ async def test_reports_and_approved_voids_treat_a_card_past_expiry_as_expired(
         admin_api: Api, tmp_path: Path) -> None:
     a = admin_api
     batch, _, _ = await _stocked_batch(a, tmp_path, 4)
-    s1, s2 = [r["serial"] for r in await a.pool.fetch(
-        "SELECT serial FROM cards WHERE batch_id = $1 ORDER BY serial LIMIT 2", batch["id"])]
+    s1, s2, s3 = [r["serial"] for r in await a.pool.fetch(
+        "SELECT serial FROM cards WHERE batch_id = $1 ORDER BY serial LIMIT 3", batch["id"])]
     void = await a.call("POST", "/voids", "admin", json={"serials": [s1], "reason": "lost"},
                         expect=202)
+    other = await a.call("POST", "/voids", "admin", json={"serials": [s3], "reason": "lost"},
+                         expect=202)
+    await a.call("POST", f"/voids/{other['void_id']}/reject", "appr", expect=200)
     await a.pool.execute("UPDATE cards SET expiry = current_date - 1 WHERE serial = ANY($1)",
-                         [s1, s2])
+                         [s1, s2, s3])
     view = await a.call("GET", f"/batches/{batch['id']}", "aud", expect=200)
     inv = await a.call("GET", "/inventory", "aud", expect=200)
-    assert view["counts"]["expired"] == inv["by_state"]["expired"] == 2
-    assert view["counts"]["in_stock"] == 2
+    assert view["counts"]["expired"] == inv["by_state"]["expired"] == 3
+    assert view["counts"]["in_stock"] == 1
+    # a refused approval (of a void already rejected) changes nothing, not even the lazy
+    # expiry
+    await a.call("POST", f"/voids/{other['void_id']}/approve", "appr", expect=409)
+    assert await a.pool.fetchval("SELECT state FROM cards WHERE serial = $1", s3) == "in_stock"
     direct = await a.call("POST", "/voids", "admin",
                           json={"serials": [s2], "reason": "damaged"}, expect=409)
     approved = await a.call("POST", f"/voids/{void['void_id']}/approve", "appr", expect=409)

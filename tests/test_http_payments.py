@@ -505,7 +505,7 @@ async def _balance(sims: Sims, acct: str) -> int:
     return int(doc["prepaid_balance"]) - int(doc["arrears"])
 
 
-async def test_marketing_times_out_after_commit_credited_once(
+async def test_marketing_cuts_off_after_commit_credited_once(
         node: Node, api: Api, sims: Sims) -> None:
     acct = await active_account(sims.marketing, start=7)
     before = await _balance(sims, acct)

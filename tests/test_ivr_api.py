@@ -771,6 +771,14 @@ async def test_a_pin_typed_at_the_serial_step_cannot_be_recovered_from_redis(
         hexdigits = fp.removeprefix("d:")
         if all(c in "0123456789abcdef" for c in hexdigits):
             assert len(hexdigits) <= 6, f"{fp!r} keeps more than 24 bits of the digits"
+    # an input answered by the version before (its full hash kept), retried on this one, on
+    # a call alive across the upgrade: still its own retry
+    field = f"k:{key}"
+    prior = orjson.loads(await node.redis.hget(f"ivr:call:{call_id}", field) or b"{}")
+    prior["h"] = hashlib.sha256(f"d:{pin}".encode()).hexdigest()
+    await node.redis.hset(f"ivr:call:{call_id}", field, orjson.dumps(prior))
+    assert await ivr._request("POST", f"/ivr/v1/calls/{call_id}/input", {"digits": pin},
+                              key=key) == t
 
 
 # --- failures of the services around -----------------------------------------------------------

@@ -718,27 +718,43 @@ async def test_an_answer_out_of_step_closes_its_connection_and_none_reaches_anot
     assert sum(isinstance(r, OutOfStep) for r in results) == 1
 
 
-async def test_a_server_that_answers_its_pipeline_one_at_a_time_is_slow_not_stuck() -> None:
-    """Each answer takes 0.1 s and the timeout is 0.3 s: the eighth request of a pipeline is
-    answered 0.8 s after it was written, but answers kept coming, so none times out and none
-    is sent twice (timing them out closed the connection and sent everything behind again,
-    piling more work on a server that was only slow)."""
-    seen: list[bytes] = []
-
-    async def one_at_a_time(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                            ) -> None:
+def _one_at_a_time(seen: list[bytes], delay_s: float) -> Handler:
+    """A server that reads one request, answers it `delay_s` later, then reads the next."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
                 body = await _read_request(reader)
             except asyncio.IncompleteReadError:
                 return
             seen.append(body)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(delay_s)
             writer.write(_ok(body))
             await writer.drain()
 
-    async with _served(one_at_a_time, size=1, timeout_s=0.3, pipeline=8) as pool:
+    return serve
+
+
+async def test_a_server_that_answers_its_pipeline_one_at_a_time_is_slow_not_stuck() -> None:
+    """Each answer takes 0.1 s and the timeout is 0.3 s: the eighth request of a pipeline is
+    answered 0.8 s after it was written, but answers kept coming, so none times out and none
+    is sent twice (timing them out closed the connection and sent everything behind again,
+    piling more work on a server that was only slow)."""
+    seen: list[bytes] = []
+    async with _served(_one_at_a_time(seen, 0.1), size=1, timeout_s=0.3, pipeline=8) as pool:
         bodies = [b"%d" % i for i in range(8)]
         results = await pool.request_many("POST", "/x", bodies, window=8)
         assert results == [(200, b) for b in bodies]
         assert seen == bodies  # each sent once
+
+
+async def test_a_batch_behind_a_single_request_counts_from_that_request_s_answer() -> None:
+    """The answer to a single request ahead on the connection is progress too: the batch's
+    request behind it waits its own timeout from then, and is sent once."""
+    seen: list[bytes] = []
+    async with _served(_one_at_a_time(seen, 0.35), size=1, timeout_s=0.5, pipeline=4) as pool:
+        single = asyncio.ensure_future(pool.request("POST", "/x", b"single"))
+        await asyncio.sleep(0)
+        results = await pool.request_many("POST", "/x", [b"a", b"b"], window=2)
+        assert await single == (200, b"single")
+        assert results == [(200, b"a"), (200, b"b")]
+        assert seen == [b"single", b"a", b"b"]  # each sent once

@@ -111,9 +111,13 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
 async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
                        audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn:
-        serials = await conn.fetchval("SELECT serials FROM card_voids WHERE id = $1", void_id)
+        # a card past its expiry date is expired, not voided, as with a direct void; only
+        # for an approval that the checks below will let through (a refused one changes
+        # nothing)
+        serials = await conn.fetchval(
+            "SELECT serials FROM card_voids WHERE id = $1 AND state = 'pending_approval'"
+            " AND requested_by <> $2", void_id, user.username)
         if approve and serials:
-            # a card past its expiry date is expired, not voided, as with a direct void
             async with conn.transaction():
                 await db.fence(conn, epoch)
                 await states.expire_touched(conn, serials, user.username)

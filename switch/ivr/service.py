@@ -57,6 +57,7 @@ from switch.ivr.dialog import (
     Busy,
     Call,
     CardFact,
+    Digits,
     Fact,
     Input,
     Limits,
@@ -198,6 +199,16 @@ def _input_hash(call_id: str, inp: Input, step: Step) -> str:
     return "d:" + _sha(f"{call_id}|{inp.value}")[:6]
 
 
+def _same_input(kept: str | None, call_id: str, inp: Input, step: Step) -> bool:
+    """Whether `kept` identifies this input: as this version hashes it, or (digits kept by a
+    version before the salted form, on a call alive across an upgrade) as that one did. The
+    older form is only computed to compare, never stored."""
+    if kept == _input_hash(call_id, inp, step):
+        return True
+    return (kept is not None and len(kept) == 64 and isinstance(inp, Digits)
+            and dialog.STEPS[step].entry != "pin" and kept == _sha("d:" + inp.value))
+
+
 # Every input of a call is remembered beside it, under its Idempotency-Key and (a PIN block)
 # under its hash, with the step it was answered at and the turn it got: a late retry of an
 # earlier input, after the call has moved on, gets that turn again instead of being taken
@@ -278,7 +289,7 @@ class IvrService:
                 prior = orjson.loads(keyed)
                 # judged as it was when first answered (digits hash differently at the PIN
                 # step)
-                if prior["h"] != _input_hash(call_id, inp, Step(prior["s"])):
+                if not _same_input(prior["h"], call_id, inp, Step(prior["s"])):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(prior["t"], replayed=True)
             pinned = earlier.get(pin_field) if pin_field is not None else None
@@ -288,7 +299,7 @@ class IvrService:
             # call_idle_s after an upgrade: this and the input_* fields can then go)
             if idempotency_key is not None and stored.input_key == idempotency_key:
                 at = Step(stored.input_step) if stored.input_step else stored.call.step
-                if stored.input_hash != _input_hash(call_id, inp, at):
+                if not _same_input(stored.input_hash, call_id, inp, at):
                     raise InputKeyReused(call_id)
                 return TurnAnswer(stored.turn, replayed=True)
             if isinstance(inp, PinBlock) and stored.input_hash == ihash:

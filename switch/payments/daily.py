@@ -56,27 +56,26 @@ class DailyCutover:
                 "INSERT INTO cutovers (business_date, node_id, epoch) VALUES ($1, $2, $3)"
                 " ON CONFLICT (business_date) DO NOTHING",
                 closed, self.node.settings.node.id, self.node.epoch)
+        # a date compared before (postings were still queued then) is compared again
+        again = await self.node.pool.fetchval(
+            "SELECT reconciled_at IS NOT NULL FROM cutovers WHERE business_date = $1", closed)
         try:
             rep = await reconcile(self.node.pool, self.marketing, closed,
-                                  epoch=self.node.epoch, calendar=self.calendar)
+                                  epoch=self.node.epoch, calendar=self.calendar,
+                                  requeue_dead=not again)
         except MarketingError as e:
             log.warning("reconciliation with the marketing system postponed",
                         extra={"business_date": closed.isoformat(), "error": str(e)})
             return None
-        # with postings of the date still queued the date stays pending (its report kept):
-        # it is reconciled again with the next round, once they have gone
         async with self.node.pool.acquire() as con, con.transaction():
             await db.fence(con, self.node.epoch)
             await con.execute(
-                "UPDATE cutovers SET reconciliation = $2::jsonb,"
-                " reconciled_at = CASE WHEN $3::bool THEN now() END"
-                " WHERE business_date = $1", closed, rep.as_dict(), rep.complete)
-        if not rep.complete:
-            log.info("business date reconciled in part: postings still queued; looked at "
-                     "again later", extra=rep.as_dict())
-        else:
-            level = logging.INFO if rep.clean else logging.WARNING
-            log.log(level, "business date reconciled", extra=rep.as_dict())
+                "UPDATE cutovers SET reconciled_at = now(), reconciliation = $2::jsonb"
+                " WHERE business_date = $1", closed, rep.as_dict())
+        level = logging.INFO if rep.clean else logging.WARNING
+        log.log(level, "business date reconciled" if rep.complete else
+                "business date reconciled; postings still queued: compared again once they "
+                "have gone", extra=rep.as_dict())
         if rep.requeued:
             self.node.components["forwarder"].wake()
         return rep
@@ -90,6 +89,15 @@ class DailyCutover:
             "SELECT business_date, reconciled_at FROM cutovers WHERE business_date >= $1",
             since)
         out = {r["business_date"] for r in rows if r["reconciled_at"] is None}
+        # compared while postings of the date were still queued, and none of them is now:
+        # compared again (a posting stuck in the queue keeps its date's report as it is,
+        # `queued` naming it, and is not looked at again and again)
+        out.update(await self.node.pool.fetchval(
+            "SELECT coalesce(array_agg(c.business_date), '{}') FROM cutovers c"
+            " WHERE c.business_date >= $1 AND c.reconciliation->>'complete' = 'false'"
+            "   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.state = 'pending' AND"
+            "       o.posting_id IN (SELECT jsonb_array_elements_text("
+            "                        c.reconciliation->'queued')))", since))
         # the last date closed, however long ago (a pair stopped for longer than the window
         # still catches up the window's dates); none at all: a new installation, whose
         # dates are owed from its first payment (within the window) if no node saw their

@@ -26,8 +26,8 @@ class ReconReport:
     matched: int = 0
     missing: list[str] = field(default_factory=list)     # ours, not there
     # ours, not there, and still in the queue: not forwarded yet, so not missing (the billing
-    # system was down, or the cut-over came before the relay caught up); the date is looked
-    # at again until none is left
+    # system was down, or the cut-over came before the relay caught up); the date is compared
+    # again once they have gone
     queued: list[str] = field(default_factory=list)
     different: list[str] = field(default_factory=list)   # both, other content
     extra: list[str] = field(default_factory=list)       # there, not ours
@@ -78,7 +78,7 @@ def _same(p: Posting, row: asyncpg.Record) -> bool:
 
 async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
                     calendar: BusinessCalendar, requeue: bool = True,
-                    epoch: int | None = None) -> ReconReport:
+                    requeue_dead: bool = True, epoch: int | None = None) -> ReconReport:
     """Compare `day`; re-queue what is missing there (fenced by `epoch` when given: only the
     active node forwards). A stray posting (our id's shape, no outbox row) is reported on the
     business date its time falls in by `calendar`."""
@@ -110,7 +110,12 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
         "SELECT posting_id FROM outbox WHERE posting_id = ANY($1::text[])", candidates)}
     rep.extra = sorted(set(candidates) - known)
     if requeue and rep.missing:
-        rep.requeued = await _mark(pool, _REQUEUE, rep.missing, epoch)
+        # a dead letter missing there is given one more try; a second look at the same date
+        # (`requeue_dead` False) leaves it to a person, or a posting the billing system
+        # refuses would be sent again at every look
+        again = rep.missing if requeue_dead else [
+            pid for pid in rep.missing if ours[pid]["state"] != "dead"]
+        rep.requeued = await _mark(pool, _REQUEUE, again, epoch) if again else 0
     if requeue and rep.held_but_dead:
         # the marketing system holds them as we do: they were delivered, whatever answer
         # made the relay give up (a refusal read off a connection that had lost step, say)
