@@ -534,3 +534,34 @@ async def test_standby_refuses_link_connections(clean_db: str, clean_redis: str,
             assert b.ports.bank is None and b.ports.post is None
             lst = b.components["links"]["bank"]
             assert lst.server is None
+
+
+async def test_frames_read_together_start_no_more_than_max_in_flight(
+        bank: BankClient, node: Node, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 inquiries in one write: the link starts at most `max_in_flight` at once (the rest
+    wait in its buffer, reading paused) and answers every one."""
+    listener = node.components["links"][bank.codec.dialect.name]
+    service = listener.service
+    handle = service.handle
+    running = peak = 0
+
+    async def counted(link: Any, body: bytes) -> bytes | None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            out: bytes | None = await handle(link, body)
+            return out
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(service, "handle", counted)
+    acct = await active_account(sims.marketing)
+    msgs = [bank.inquiry(acct) for _ in range(200)]
+    waiting = [asyncio.ensure_future(bank.request(m, frame=b"")) for m in msgs]
+    await asyncio.sleep(0)
+    await bank.send_raw(b"".join(bank.encode(m) for m in msgs))
+    results = await asyncio.gather(*waiting)
+    assert all(r.fields[39] == "00" for r in results)
+    limit = node.settings.links.max_in_flight
+    assert 1 < peak <= limit, (peak, limit)

@@ -123,20 +123,27 @@ class LinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.link is None or self.closing:
             return
+        self.framer.receive_data(data)
+        keepalives = self.framer.keepalives
+        frames = self._take_frames()
+        # whole frames (a keep-alive is a zero-length one) keep the link open; bytes that
+        # never complete a frame do not
+        if frames or self.framer.keepalives != keepalives:
+            self._arm_idle()
+
+    def _take_frames(self) -> int:
+        """Start the buffered frames while fewer than `max_in_flight` are in flight (the rest
+        wait in the framer, reading paused, until answers make room); how many started."""
+        assert self.link is not None
+        frames = 0
+        limit = self.listener.settings.max_in_flight
         try:
-            self.framer.receive_data(data)
-            keepalives = self.framer.keepalives
-            frames = 0
-            while True:
+            while len(self.in_flight) < limit:
                 frame = self.framer.next_frame()
                 if frame is NEED_DATA:
                     break
                 frames += 1
                 self._spawn(frame)
-            # whole frames (a keep-alive is a zero-length one) keep the link open; bytes that
-            # never complete a frame do not
-            if frames or self.framer.keepalives != keepalives:
-                self._arm_idle()
         except FramingError as e:
             log.warning("framing error: closing the connection",
                         extra={"peer": self.link.peer, "reason": str(e)})
@@ -144,6 +151,7 @@ class LinkProtocol(asyncio.Protocol):
                                                      "framing").inc()
             if self.transport is not None:
                 self.transport.abort()
+        return frames
 
     def _send(self, data: bytes) -> None:
         """Responses completed in the same loop iteration leave in one write."""
@@ -182,9 +190,13 @@ class LinkProtocol(asyncio.Protocol):
     def _handled(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)
         if (self.paused and len(self.in_flight) < self.listener.settings.max_in_flight
-                and self.transport is not None and not self.transport.is_closing()):
-            self.transport.resume_reading()
-            self.paused = False
+                and self.transport is not None and not self.transport.is_closing()
+                and not self.closing):
+            self._take_frames()  # those already read first
+            if len(self.in_flight) < self.listener.settings.max_in_flight \
+                    and not self.transport.is_closing():
+                self.transport.resume_reading()
+                self.paused = False
 
 
 class LinkListener:
