@@ -511,6 +511,29 @@ async def test_links_limits_address_idle_and_connections(clean_db: str, clean_re
                 await c.echo()
 
 
+async def test_an_echo_on_a_shared_address_takes_no_connection_slot(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path) -> None:
+    """Two banks behind one address, one connection each: a connection that only echoes
+    before signing on does not lock the bank's real one out."""
+    other = "01030000"
+    insts = [
+        {"id": BANK, "dialect": "bank", "allowed": ["127.0.0.0/8"], "mac": True,
+         "max_connections": 1},
+        {"id": other, "dialect": "bank", "allowed": ["127.0.0.0/8"], "mac": False,
+         "max_connections": 1},
+        {"id": POST, "dialect": "post", "allowed": ["127.0.0.0/8"], "mac": True},
+    ]
+    async with running_node(clean_db, clean_redis, sims, tmp_path,
+                            overrides={"institutions": insts}) as n:
+        async with client(n, "bank") as echoing:
+            assert (await echoing.echo()).fields[39] == "00"
+            async with client(n, "bank") as real:
+                assert (await real.echo()).fields[39] == "00"
+                assert (await real.sign_on()).fields[39] == "00"
+                # the limit still holds for a second sign-on
+                assert (await echoing.sign_on()).fields[39] == "58"
+
+
 async def test_hsm_down_gives_96_and_posts_nothing(clean_db: str, clean_redis: str,
                                                    tmp_path: Path) -> None:
     async with simulators() as own:
