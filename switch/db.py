@@ -193,3 +193,12 @@ async def fence(conn: Conn, epoch: int | None) -> None:
     fenced (tools and tests that run outside a node)."""
     if epoch is not None:
         await conn.execute("SELECT gridpay_fence($1)", epoch)
+
+
+def fenced(param: int, statement: str) -> str:
+    """`statement` fenced as `fence` does, in one statement, by the epoch in `$param` when
+    that is not NULL (NULL: not fenced). The statement reads `{fence}` in its FROM (one row,
+    once the fence has passed), so the fence runs before anything is written."""
+    p = f"${int(param)}::bigint"  # only a parameter's number is formatted in
+    head = f"WITH fence AS (SELECT gridpay_fence({p}) WHERE {p} IS NOT NULL) "  # noqa: S608
+    return head + statement.replace("{fence}", "(SELECT count(*) FROM fence) AS f")

@@ -75,8 +75,9 @@ class _AnswerTooLarge(Exception):
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
         self.max_body = max_body
+        self.loop = loop
         self.size = 0  # of the answer being read
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -94,7 +95,6 @@ class _Conn(asyncio.Protocol):
         # loop time of its last answer: a batch's pipelined request's time is counted from
         # when the answer before it came, not only from when it was written
         self.answered_at = 0.0
-        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it is used on
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -168,8 +168,7 @@ class _Conn(asyncio.Protocol):
         self.size = 0
         self.headers_done = self.framed = False
         self.answering = False
-        if self.loop is not None:
-            self.answered_at = self.loop.time()
+        self.answered_at = self.loop.time()
         if self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -181,7 +180,6 @@ class _Conn(asyncio.Protocol):
              loop: asyncio.AbstractEventLoop) -> None:
         self.waiters.append(waiter)
         self.sent += 1
-        self.loop = loop
         if not self.out:
             loop.call_soon(self._flush)
         self.out.append(data)
@@ -356,7 +354,7 @@ class KeepAlivePool:
                     timeout = max(0.001, min(self.connect_timeout_s, deadline - loop.time()))
                     async with asyncio.timeout(timeout):
                         _, conn = await loop.create_connection(
-                            lambda: _Conn(self.max_body), self.host, self.port)
+                            lambda: _Conn(self.max_body, loop), self.host, self.port)
                 except BaseException:
                     self._open -= 1
                     self._wake_one()

@@ -297,6 +297,13 @@ dead AS (
 DELETE FROM card_file_chunks f USING dead WHERE f.batch_id = dead.id"""
 
 
+async def _erase_file(conn: states.Conn, batch_id: int) -> None:
+    """Erase the batch's new-card file (its PINs, encrypted): nothing more will be stocked in."""
+    await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
+    await conn.execute("UPDATE card_batches SET file_purged_at = now()"
+                       " WHERE id = $1 AND file_purged_at IS NULL", batch_id)
+
+
 async def erase_files_of_voided_batches(conn: states.Conn,
                                         serials: Sequence[str]) -> None:
     """Erase the new-card files of the batches of `serials` whose every card is voided."""
@@ -367,7 +374,10 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
                 await states.transition(conn, todo, CardState.VOIDED, event="void", actor=actor,
                                         reason=f"reconciliation: {kind}",
                                         doc=states.Document(type="batch", id=str(batch_id)))
-        expired = await states.expire_ordered(conn, batch_id, list(to_void), actor)
+        # a file that comes after the cards' expiry date makes them expired, not produced
+        expired = await states.transition_batch(
+            conn, batch_id, CardState.ORDERED, CardState.EXPIRED, actor=actor,
+            reason="past expiry date", exclude=list(to_void))
         moved = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
             reason="reconciled with the card-back file", exclude=list(to_void))
@@ -380,9 +390,7 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
                                batch_id, rec.as_dict())
         if not moved:  # every card voided or expired: nothing will be stocked in, so the
             # file (its PINs, encrypted) goes now, as with any void that completes a batch
-            await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
-            await conn.execute("UPDATE card_batches SET file_purged_at = now()"
-                               " WHERE id = $1 AND file_purged_at IS NULL", batch_id)
+            await _erase_file(conn, batch_id)
     if progress is not None:
         progress.add(row["quantity"])
     return rec
@@ -410,8 +418,6 @@ async def stock_in(pool: asyncpg.Pool, batch_id: int, *, actor: str,
             progress.add(hi - lo + 1)
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, epoch)
-        await conn.execute("DELETE FROM card_file_chunks WHERE batch_id = $1", batch_id)
-        await conn.execute(
-            "UPDATE card_batches SET status = 'stocked', file_purged_at = now() WHERE id = $1",
-            batch_id)
+        await _erase_file(conn, batch_id)
+        await conn.execute("UPDATE card_batches SET status = 'stocked' WHERE id = $1", batch_id)
     return {"batch_id": batch_id, "stocked_in": total, "location": WAREHOUSE}

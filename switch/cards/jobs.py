@@ -45,18 +45,15 @@ JobBody = Callable[[Progress], Awaitable[Mapping[str, Any]]]
 #: failed it): it no longer holds its batch
 ORPHAN_AFTER_S = 30.0
 
-_INSERT_JOB = (
-    "WITH fence AS (SELECT gridpay_fence($6::bigint) WHERE $6::bigint IS NOT NULL)"
-    " INSERT INTO card_jobs (id, kind, object_id, total, created_by)"
-    " SELECT $1, $2, $3, $4, $5 FROM (SELECT count(*) FROM fence) AS f")
+_INSERT_JOB = db.fenced(6, """
+INSERT INTO card_jobs (id, kind, object_id, total, created_by)
+SELECT $1, $2, $3, $4, $5 FROM {fence}""")
 
-_FAIL_ORPHANS = """
-WITH fence AS (SELECT gridpay_fence($4::bigint) WHERE $4::bigint IS NOT NULL)
+_FAIL_ORPHANS = db.fenced(4, """
 UPDATE card_jobs SET state = 'failed', error = 'interrupted', finished_at = now()
+  FROM {fence}
  WHERE kind = $1 AND object_id = $2 AND state IN ('queued', 'running')
-   AND NOT id = ANY($3::uuid[]) AND updated_at < now() - make_interval(secs => $5)
-   AND (SELECT count(*) FROM fence) >= 0
-"""
+   AND NOT id = ANY($3::uuid[]) AND updated_at < now() - make_interval(secs => $5)""")
 
 
 async def create_job(pool: asyncpg.Pool | asyncpg.Connection, kind: str, *, total: int,
@@ -131,16 +128,12 @@ def render_progress(job: Mapping[str, Any], width: int = 40) -> str:
 
 
 # a job's record is changed only under the lease epoch it runs under ($2; NULL: not fenced)
-_MARK_RUNNING = """
-WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
-UPDATE card_jobs SET state = 'running', updated_at = now()
-  FROM (SELECT count(*) FROM fence) AS f
- WHERE id = $1"""
-_FLUSH = """
-WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
-UPDATE card_jobs SET done = $3, updated_at = now()
-  FROM (SELECT count(*) FROM fence) AS f
- WHERE id = $1 AND state = 'running'"""
+_MARK_RUNNING = db.fenced(2, """
+UPDATE card_jobs SET state = 'running', updated_at = now() FROM {fence}
+ WHERE id = $1""")
+_FLUSH = db.fenced(2, """
+UPDATE card_jobs SET done = $3, updated_at = now() FROM {fence}
+ WHERE id = $1 AND state = 'running'""")
 
 
 class JobRunner:

@@ -205,6 +205,7 @@ WITH moved AS (
      WHERE batch_id = $1 AND state = $2 AND serial BETWEEN $5 AND $6
        AND NOT (serial = ANY($7::text[]))
        AND ($8::bool OR expiry >= current_date)
+       AND (NOT $11::bool OR expiry < current_date)
     RETURNING serial
 ), ev AS (
     INSERT INTO card_events (serial, from_state, to_state, actor, reason, doc_type, doc_id)
@@ -220,13 +221,16 @@ async def transition_batch(conn: Conn, batch_id: int, source: CardState,
                            location: str | None = None, exclude: Sequence[str] = (),
                            first: str = "0" * 16, last: str = "9" * 16) -> int:
     """Move the cards of a batch that are in `source` (within [first, last], minus `exclude`).
+    Only cards still valid move, except to an exempt target; and only cards past their
+    expiry date are expired.
 
     Used for whole-batch steps (reconciliation, stock-in), in slices for progress.
     """
     if not can_move(source, to):
         raise IllegalTransition(to.value, {f"batch {batch_id}": source.value})
     n: int = await conn.fetchval(_MOVE_BATCH, batch_id, source.value, to.value, location,
-                                 first, last, list(exclude), to in EXPIRY_EXEMPT, actor, reason)
+                                 first, last, list(exclude), to in EXPIRY_EXEMPT, actor, reason,
+                                 to is CardState.EXPIRED)
     return n
 
 
@@ -262,28 +266,6 @@ async def expire_touched(conn: Conn, serials: Sequence[str],
                          actor: str = "system") -> int:
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""
     n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor)
-    return n
-
-
-_EXPIRE_ORDERED = """
-WITH moved AS (
-    UPDATE cards SET state = 'expired', updated_at = now()
-     WHERE batch_id = $1 AND state = 'ordered' AND expiry < current_date
-       AND NOT (serial = ANY($2::text[]))
-    RETURNING serial
-), ev AS (
-    INSERT INTO card_events (serial, from_state, to_state, actor, reason, doc_type, doc_id)
-    SELECT serial, 'ordered', 'expired', $3, 'past expiry date', 'batch', $1::text FROM moved
-    RETURNING 1
-)
-SELECT count(*) FROM ev
-"""
-
-
-async def expire_ordered(conn: Conn, batch_id: int, exclude: Sequence[str], actor: str) -> int:
-    """Mark expired the batch's ordered cards past their expiry date (but `exclude`): a
-    card-back file that comes after the cards' expiry makes them expired, not produced."""
-    n: int = await conn.fetchval(_EXPIRE_ORDERED, batch_id, list(exclude), actor)
     return n
 
 

@@ -56,9 +56,10 @@ class DailyCutover:
                 "INSERT INTO cutovers (business_date, node_id, epoch) VALUES ($1, $2, $3)"
                 " ON CONFLICT (business_date) DO NOTHING",
                 closed, self.node.settings.node.id, self.node.epoch)
-        # a date compared before (postings were still queued then) is compared again
-        again = await self.node.pool.fetchval(
-            "SELECT reconciled_at IS NOT NULL FROM cutovers WHERE business_date = $1", closed)
+            # a date compared before (postings were still queued then) is compared again
+            again = await con.fetchval(
+                "SELECT reconciled_at IS NOT NULL FROM cutovers WHERE business_date = $1",
+                closed)
         try:
             rep = await reconcile(self.node.pool, self.marketing, closed,
                                   epoch=self.node.epoch, calendar=self.calendar,

@@ -33,6 +33,9 @@ from switch.metrics import Metrics
 
 log = logging.getLogger("gridpay.forwarder")
 
+#: how a refused posting's last_error begins (`_DUE_FROM` reads it as `refused_before`)
+_REFUSED = "refused: "
+
 # Due postings in the order they fell due. The order matches the partial index
 # outbox_pending (next_attempt_at, id) WHERE state = 'pending', so a round reads its `LIMIT`
 # rows off the index and stops: ordered by id alone, every round had to read and sort every
@@ -41,13 +44,10 @@ log = logging.getLogger("gridpay.forwarder")
 # due at its insert, so this is arrival order; a retried one goes by when it is due again.
 # A reversal whose original is not sent yet is passed over (not taken) and walked again by the
 # next round: those, not the backlog, are what a round reads beyond its batch.
-#: how a refused posting's last_error begins (`_DUE_FROM` reads it as `refused_before`)
-_REFUSED = "refused: "
-
 _DUE_FROM = """
 SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id, o.channel,
        o.occurred_at, o.attempts, o.next_attempt_at,
-       coalesce(o.last_error LIKE 'refused:%', false) AS refused_before
+       coalesce(o.last_error LIKE '{refused}%', false) AS refused_before
   FROM outbox o
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (o.kind <> 'reversal' OR EXISTS (
@@ -56,11 +56,12 @@ SELECT o.id, o.posting_id, o.kind, o.account_no, o.amount, o.original_posting_id
  ORDER BY o.next_attempt_at, o.id
  LIMIT $1
 """
-_DUE = _DUE_FROM.format(after="")
+_DUE = _DUE_FROM.format(after="", refused=_REFUSED)
 # the next batch of a round, read while the one before it is still on the wire (and not yet
 # marked sent): it starts after that batch's last row in due order, which the same index
 # serves as a range
-_DUE_AFTER = _DUE_FROM.format(after="AND (o.next_attempt_at, o.id) > ($2, $3)")
+_DUE_AFTER = _DUE_FROM.format(after="AND (o.next_attempt_at, o.id) > ($2, $3)",
+                              refused=_REFUSED)
 # The relay's connections are its own, with these settings. Without them, the planner may
 # answer the due read with a bitmap scan of every due row and a sort, instead of reading
 # `LIMIT` rows off the index in order: it picks that plan when its statistics make pending

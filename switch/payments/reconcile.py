@@ -14,6 +14,7 @@ from datetime import date
 
 import asyncpg
 
+from switch import db
 from switch.business import BusinessCalendar, filing_dates
 from switch.marketing_client import OUR_POSTING_IDS, MarketingClient, Posting
 
@@ -125,18 +126,16 @@ async def reconcile(pool: asyncpg.Pool, client: MarketingClient, day: date, *,
 
 # Changes to outbox rows named by posting id ($1), fenced by the epoch in $2 when given: only
 # the active node forwards.
-_REQUEUE = """
-WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+_REQUEUE = db.fenced(2, """
 UPDATE outbox SET state = 'pending', next_attempt_at = now(), retried_at = now(),
                   first_failed_at = NULL
-  FROM (SELECT count(*) FROM fence) AS f
- WHERE posting_id = ANY($1::text[]) AND state <> 'pending'"""
-_SETTLE = """
-WITH fence AS (SELECT gridpay_fence($2::bigint) WHERE $2::bigint IS NOT NULL)
+  FROM {fence}
+ WHERE posting_id = ANY($1::text[]) AND state <> 'pending'""")
+_SETTLE = db.fenced(2, """
 UPDATE outbox SET state = 'sent', sent_at = now(),
                   last_error = 'held by the marketing system at reconciliation'
-  FROM (SELECT count(*) FROM fence) AS f
- WHERE posting_id = ANY($1::text[]) AND state = 'dead'"""
+  FROM {fence}
+ WHERE posting_id = ANY($1::text[]) AND state = 'dead'""")
 
 
 async def _mark(pool: asyncpg.Pool, statement: str, posting_ids: list[str],
