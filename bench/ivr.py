@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import asyncpg
 
+from bench.ceiling import ceiling
 from bench.loadgen import LoadSpec, gc_paused, new_histogram
 from switch.keepalive import KeepAlivePool
 
@@ -184,6 +185,10 @@ async def run_ivr(h: Harness) -> dict[str, Any]:
         ratio = fig["tps"] / base["tps"]
         report["ratios"] = {"ivr_turns/aiohttp_minimal_tps": round(ratio, 3)}
         report["goals"]["ivr_turns_vs_aiohttp_minimal"] = _goal(ratio, 0.3)
+        top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
+                      fig, cpu, goal=0.3)
+        if top is not None:
+            report["ceiling"] = top
     pg = report["baselines"].get("pgbench_N")
     if pg and pg["tps"]:
         report.setdefault("ratios", {})["ivr_turns/pgbench_N_tps"] = round(

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from bench.ceiling import format_ceiling
 from bench.loadgen import new_histogram
 
 __all__ = ["format_table", "summarise"]
@@ -166,6 +167,9 @@ def format_table(report: dict[str, Any]) -> str:
     for name, g in report.get("goals", {}).items():
         mark = "MET " if g["met"] else "MISS"
         lines.append(f"goal [{mark}] {name}: {_fmt(g['value'])} (goal {g['goal']})")
+    top = report.get("ceiling")
+    if top:
+        lines.append(format_ceiling(top, "turn" if report["scenario"] == "ivr" else "payment"))
     cpu = report.get("cpu")
     if cpu:
         lines.append("cpu seconds by process: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))

@@ -19,6 +19,7 @@ import asyncpg
 
 from bench.baseline import pgbench
 from bench.books import check_books
+from bench.ceiling import ceiling
 from bench.cpu import CpuSnapshot, cpu_split
 from bench.loadgen import LoadSpec, WorkerPool
 from bench.report import summarise
@@ -509,6 +510,10 @@ async def scenario_http(h: Harness) -> dict[str, Any]:
         ratio = peak["tps"] / base["tps"]
         report["ratios"] = {"http_tps/aiohttp_minimal_tps": round(ratio, 3)}
         report["goals"]["http_tps_vs_aiohttp_minimal"] = _goal(ratio, 0.4)
+        top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
+                      peak, cpu, goal=0.4)
+        if top is not None:
+            report["ceiling"] = top
     return report
 
 

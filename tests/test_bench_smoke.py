@@ -13,10 +13,11 @@ import asyncpg
 import pytest
 
 from bench.books import check_books
+from bench.ceiling import ceiling, format_ceiling
 from bench.cpu import CpuSnapshot, cpu_split
 from bench.loadgen import LoadSpec, WorkerPool
 from bench.report import format_table, summarise
-from bench.scenarios import Harness, Options, baseline_server
+from bench.scenarios import Harness, Options, aiohttp_baseline, baseline_server
 
 # nice 1: that --switch-nice reaches the switch (a positive value needs no privilege)
 # 20 WAL segments: the cluster keeps 16 of them behind (`wal_keep_size`), the rest are recycled
@@ -365,3 +366,40 @@ async def test_the_sustained_search_stops_at_a_step_it_could_not_run(
     assert found["best"]["fraction"] == 0.75 and not found["lower_bound"]
     table = format_table({"scenario": "bank", "status": "pass", "sustained": found})
     assert "not run (TimeoutError" in table and "relay backlog ? -> ?" in table
+
+
+def test_the_ceiling_is_the_cores_over_the_least_cpu_a_request_costs() -> None:
+    handler = {"completed": 27_000, "tps": 27_000.0}
+    phase = {"completed": 5_000}
+    # the handler's process: 1/30 ms a request; the rest: 0.17 ms a payment
+    cpu = {"switch": 1.0, "postgres": 0.5, "redis": 0.1, "marketing": 0.15, "loadgen": 0.1,
+           "idle": 3.0, "not_ours": 2.0}
+    top = ceiling(handler, {"baseline_server": 0.9, "loadgen": 0.4}, phase, cpu, goal=0.4,
+                  cores=2)
+    assert top is not None
+    assert top["handler_cpu_ms"] == pytest.approx(1 / 30, abs=1e-4)
+    assert top["rest_cpu_ms"] == pytest.approx(0.17)
+    assert top["max_tps"] == pytest.approx(2000 / (1 / 30 + 0.17), rel=1e-3)  # 9 836/s
+    assert top["max_ratio"] == pytest.approx(0.364, abs=1e-3) and not top["reachable"]
+    line = format_ceiling(top, "payment")
+    assert "0.364x" in line and "out of reach" in line and "postgres 0.100" in line
+    assert ceiling(handler, {"baseline_server": 0.9}, phase, cpu, goal=0.3,
+                   cores=2)["reachable"]  # type: ignore[index]
+    # nothing to divide by: no figure rather than a wrong one
+    assert ceiling(handler, {"baseline_server": 0.9}, {"completed": 0}, cpu, goal=0.4) is None
+    assert ceiling(handler, {"loadgen": 0.4}, phase, cpu, goal=0.4) is None
+
+
+async def test_the_ceiling_from_a_real_run_names_the_processes_it_adds(harness: Harness
+                                                                      ) -> None:
+    report: dict[str, Any] = {"phases": {}, "baselines": {}}
+    await aiohttp_baseline(harness, report, 2)
+    figs, cpu = await harness.load(await harness.http_specs(name="http", connections=2))
+    top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
+                  figs["http"], cpu, goal=0.4)
+    assert top is not None, (report["cpu_baseline"], cpu)
+    # the handler's process and the database were seen under the roles the figure adds
+    assert top["handler_cpu_ms"] > 0 and top["rest_by_process_ms"]["postgres"] > 0
+    assert top["max_tps"] > 0 and "ceiling:" in format_table(
+        {"scenario": "http", "status": "pass", "ceiling": top})
+    assert (await harness.books())["ok"]
