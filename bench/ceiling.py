@@ -12,7 +12,9 @@ cores with the switch, so part of the machine is spent before the switch runs a 
 
 Their sum is the least CPU a request can cost the machine; the cores divided by it is the most
 requests per second it could carry, even if the switch cost no more than the handler. Divided by
-the handler's rate, that is the highest ratio this run's machine allows.
+the handler's rate, that is the highest ratio this run's machine allows. The same figures give
+the switch's budget: the CPU per request it may spend for the goal's rate to fit in the cores
+beside the rest, to set against what it spent (`switch_cpu_ms`).
 
 The figure leans in the switch's favour: the other processes' CPU is counted inside the phase
 only (postings still queued for the billing system at its end cost more later), and all the
@@ -46,8 +48,11 @@ def ceiling(handler: dict[str, Any], handler_cpu: dict[str, float], phase: dict[
     rest_ms = sum(rest.values())
     tps = cores * 1000 / (per_request_ms + rest_ms)
     ratio = tps / float(handler["tps"])
+    budget_ms = cores * 1000 / (goal * float(handler["tps"])) - rest_ms
     return {"cores": cores, "handler_cpu_ms": round(per_request_ms, 4),
             "rest_cpu_ms": round(rest_ms, 4), "rest_by_process_ms": rest,
+            "switch_cpu_ms": round(1000 * float(cpu.get("switch") or 0.0) / done, 4),
+            "switch_budget_ms": round(budget_ms, 4),
             "max_tps": round(tps, 1), "max_ratio": round(ratio, 3), "goal": goal,
             "reachable": ratio >= goal}
 
@@ -60,4 +65,6 @@ def format_ceiling(c: dict[str, Any], unit: str = "request") -> str:
     return (f"ceiling: the rest of the machine spent {c['rest_cpu_ms']:.3f} ms of CPU per "
             f"{unit} ({rest}) and the minimal handler {c['handler_cpu_ms']:.3f} ms; "
             f"{c['cores']} cores carry at most {c['max_tps']:.0f}/s of that, "
-            f"{c['max_ratio']:g}x the handler: the goal ({c['goal']:g}x) is {verdict}")
+            f"{c['max_ratio']:g}x the handler: the goal ({c['goal']:g}x) is {verdict}. "
+            f"For the goal the switch could spend {c['switch_budget_ms']:.3f} ms a {unit}; "
+            f"it spent {c['switch_cpu_ms']:.3f}")

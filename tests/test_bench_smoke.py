@@ -381,6 +381,9 @@ def test_the_ceiling_is_the_cores_over_the_least_cpu_a_request_costs() -> None:
     assert top["rest_cpu_ms"] == pytest.approx(0.17)
     assert top["max_tps"] == pytest.approx(2000 / (1 / 30 + 0.17), rel=1e-3)  # 9 836/s
     assert top["max_ratio"] == pytest.approx(0.364, abs=1e-3) and not top["reachable"]
+    # 0.4 x 27 000/s on two cores leaves 0.185 ms a payment, 0.015 ms beside the rest
+    assert top["switch_budget_ms"] == pytest.approx(2000 / 10_800 - 0.17, abs=1e-4)
+    assert top["switch_cpu_ms"] == pytest.approx(0.2)
     line = format_ceiling(top, "payment")
     assert "0.364x" in line and "out of reach" in line and "postgres 0.100" in line
     assert ceiling(handler, {"baseline_server": 0.9}, phase, cpu, goal=0.3,
@@ -400,6 +403,7 @@ async def test_the_ceiling_from_a_real_run_names_the_processes_it_adds(harness: 
     assert top is not None, (report["cpu_baseline"], cpu)
     # the handler's process and the database were seen under the roles the figure adds
     assert top["handler_cpu_ms"] > 0 and top["rest_by_process_ms"]["postgres"] > 0
+    assert top["switch_cpu_ms"] > 0
     assert top["max_tps"] > 0 and "ceiling:" in format_table(
         {"scenario": "http", "status": "pass", "ceiling": top})
     assert (await harness.books())["ok"]
