@@ -283,16 +283,17 @@ _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wa
   FROM pg_stat_checkpointer"""
 
 
-# what the switch's own histograms say of a phase: name shown → (metric, label filter)
-_INSIDE = {
-    "link request": ("gridpay_link_request_seconds", ""),
-    "http request": ("gridpay_http_request_seconds", 'route="/v1/'),
-    "ivr turn": ("gridpay_http_request_seconds", 'route="/ivr/v1/'),
-    "group commit": ("gridpay_group_commit_seconds", ""),
-    "commit size": ("gridpay_group_commit_size", ""),
-    "HSM verify": ("gridpay_hsm_request_seconds", 'command="M8"'),
-    "HSM MAC": ("gridpay_hsm_request_seconds", 'command="M6"'),
-    "loop lag": ("gridpay_event_loop_lag_seconds", ""),
+# what the switch's own histograms say of a phase: name shown → (metric, label filter: the
+# label and a prefix of its value, or None for every label set)
+_INSIDE: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "link request": ("gridpay_link_request_seconds", None),
+    "http request": ("gridpay_http_request_seconds", ("route", "/v1/")),
+    "ivr turn": ("gridpay_http_request_seconds", ("route", "/ivr/v1/")),
+    "group commit": ("gridpay_group_commit_seconds", None),
+    "commit size": ("gridpay_group_commit_size", None),
+    "HSM verify": ("gridpay_hsm_request_seconds", ("command", "M8")),
+    "HSM MAC": ("gridpay_hsm_request_seconds", ("command", "M6")),
+    "loop lag": ("gridpay_event_loop_lag_seconds", None),
 }
 
 
@@ -307,26 +308,29 @@ Scrape = dict[str, tuple[float, float, float]]
 
 def parse_histograms(text: str) -> Scrape:
     """(sum, count, count at most its `_OVER` bound) per histogram of `_INSIDE`, over the
-    label sets it selects (the third is 0 for a histogram without a bound)."""
+    label sets it selects (the third is 0 for a histogram without a bound). The exposition is
+    read by prometheus_client's own parser; a scrape it cannot read gives no figures."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # by sample name (a family's name depends on its TYPE line; a sample's does not)
+    wanted: dict[str, list[tuple[str, tuple[str, str] | None, int]]] = {}
+    for shown, (metric, labels) in _INSIDE.items():
+        for i, suffix in enumerate(("_sum", "_count", "_bucket")):
+            if i < 2 or shown in _OVER:
+                wanted.setdefault(metric + suffix, []).append((shown, labels, i))
     out: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        for shown, (metric, labels) in _INSIDE.items():
-            if not line.startswith(metric) or labels not in line:
+    try:
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    except ValueError:
+        return {}
+    for sample in samples:
+        for shown, labels, i in wanted.get(sample.name, ()):
+            if labels is not None and not sample.labels.get(labels[0], "").startswith(
+                    labels[1]):
                 continue
-            rest = line[len(metric):]
-            bound = _OVER.get(shown)
-            if rest.startswith("_sum"):
-                i = 0
-            elif rest.startswith("_count"):
-                i = 1
-            elif bound is not None and rest.startswith("_bucket") and f'le="{bound}"' in rest:
-                i = 2
-            else:
+            if i == 2 and float(sample.labels.get("le", "nan")) != _OVER[shown]:
                 continue
-            with contextlib.suppress(ValueError, IndexError):
-                out.setdefault(shown, [0.0, 0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
+            out.setdefault(shown, [0.0, 0.0, 0.0])[i] += sample.value
     return {k: (v[0], v[1], v[2]) for k, v in out.items()}
 
 

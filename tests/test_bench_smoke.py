@@ -38,6 +38,8 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     assert set(bank["codes"]) == {"00"}
     assert bank["p50_ms"] > 0 and bank["max_ms"] >= bank["p99_ms"] >= bank["p50_ms"]
     assert cpu["switch"] > 0 and "loadgen" in cpu
+    # the switch's own histograms were read off its /metrics around the phase
+    assert bank["switch"]["link request"] > 0 and bank["switch"]["commit size"] >= 1
     # what PostgreSQL wrote meanwhile: the ledger's rows cost WAL, a few hundred bytes at least
     assert bank["db"]["wal_mb"] > 0 and bank["db"]["wal_bytes_per_tx"] > 300
     # the segments created are read (PostgreSQL 18 and later; None before); whether the ones
@@ -277,6 +279,27 @@ def test_switch_tail_from_bucket_counts() -> None:
     # 200 lag readings, one over 10 ms; the scrapes' own /metrics requests are not counted
     assert switch_tail(before, after) == {"link request > 20 ms": 2.0, "loop lag > 10 ms": 0.5}
     assert switch_tail(before, None) == {}
+
+
+def test_histograms_from_a_typed_exposition() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from bench.scenarios import parse_histograms
+
+    reg = CollectorRegistry()
+    link = Histogram("gridpay_link_request_seconds", "link", ["institution"], registry=reg,
+                     buckets=(0.01, 0.02, 0.05))
+    for inst, v in (("B1", 0.005), ("B1", 0.03), ("B2", 0.015), ("B2", 0.1)):
+        link.labels(inst).observe(v)
+    http = Histogram("gridpay_http_request_seconds", "http", ["route"], registry=reg,
+                     buckets=(0.02,))
+    http.labels("/v1/payments").observe(0.004)
+    http.labels("/metrics").observe(1.0)
+    got = parse_histograms(generate_latest(reg).decode())
+    s, n, fast = got["link request"]
+    assert (n, fast) == (4, 2) and s == pytest.approx(0.15)
+    assert got["http request"] == (pytest.approx(0.004), 1, 1)  # /metrics is not /v1/
+    assert parse_histograms("gridpay_link_request_seconds_sum{oops 1\n") == {}
 
 
 def test_phase_db_activity_from_two_readings() -> None:
