@@ -298,7 +298,7 @@ def test_histograms_from_a_typed_exposition() -> None:
     got = parse_histograms(generate_latest(reg).decode())
     s, n, fast = got["link request"]
     assert (n, fast) == (4, 2) and s == pytest.approx(0.15)
-    assert got["http request"] == (pytest.approx(0.004), 1, 1)  # /metrics is not /v1/
+    assert got["http request"] == pytest.approx((0.004, 1, 1))  # /metrics is not /v1/
     assert parse_histograms("gridpay_link_request_seconds_sum{oops 1\n") == {}
 
 
