@@ -383,6 +383,56 @@ async def test_parallel_calls_cannot_exceed_the_card_limit(node: Node, ivr: IvrS
     assert set(said) <= {"pin_wrong", "card_locked_now", "card_locked"}
 
 
+async def test_a_right_pin_among_parallel_guesses_is_not_confirmed_past_the_card_limit(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """Eleven wrong PINs and the right one at once, each from its own call and number: no
+    guess is verified once the card has locked, so the right one is told the card is locked,
+    whichever moment it came."""
+    serial, pin = await make_card(node)
+    acct = await account(sims)
+    calls = [(await to_step(ivr, ani(), acct, "enter_pin", serial))[0] for _ in range(12)]
+    wrong = [f"{(int(pin) + k) % 10**12:012d}" for k in range(1, 12)]
+    turns = await asyncio.gather(*(ivr.send_pin(c, serial, w) for c, w in zip(calls, wrong)),
+                                 ivr.send_pin(calls[11], serial, pin))
+    row = await card_row(node, serial)
+    assert (row["state"], row["failed_pin_count"]) == ("locked", 5)
+    said = [ids(t)[0] for t in turns]
+    assert said.count("pin_wrong") + said.count("card_locked_now") + (
+        said[-1] == "confirm_recharge") == 5  # five verified, the lock's included
+    if said[-1] == "confirm_recharge":  # the right one came among the first five: fine
+        assert said.count("card_locked_now") == 0 and said.count("pin_wrong") == 4
+    else:
+        assert said.count("card_locked_now") == 1 and said[-1] == "card_locked"
+    assert said.count("card_locked") == 12 - 5
+
+
+async def test_parallel_guesses_from_one_number_stop_at_its_daily_limit(
+        node: Node, ivr: IvrSimulator, sims: Sims) -> None:
+    """Fourteen wrong PINs on fourteen cards and the right one on a fifteenth, all at once
+    from one number: ten are counted, the number is blocked, and no card is recharged from
+    it after the block, whatever order they ran in."""
+    caller = ani()
+    acct = await account(sims)
+    calls = []
+    for _ in range(14):
+        serial, pin = await make_card(node)
+        call_id, _ = await to_step(ivr, caller, acct, "enter_pin", serial)
+        calls.append((call_id, serial, f"{(int(pin) + 1) % 10**12:012d}"))
+    good_serial, good_pin = await make_card(node)
+    good_call, _ = await to_step(ivr, caller, acct, "enter_pin", good_serial)
+    turns = await asyncio.gather(*(ivr.send_pin(c, s, p) for c, s, p in calls),
+                                 ivr.send_pin(good_call, good_serial, good_pin))
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM ivr_pin_failures WHERE ani = $1", caller) == 10
+    said = [ids(t)[0] for t in turns]
+    # nine told wrong, the tenth told the number is blocked, and the four after it too
+    assert said[:-1].count("pin_wrong") == 9 and said[:-1].count("ani_blocked") == 5
+    assert len(node.components["ivr"]._pin_steps) == 0  # no lock kept once all are done
+    if said[-1] != "confirm_recharge":  # (verified before the tenth wrong one, it may go on)
+        assert said[-1] == "ani_blocked"
+        assert (await card_row(node, good_serial))["state"] == "sold"
+
+
 async def test_attempts_left_count_the_numbers_daily_limit(node: Node, ivr: IvrSimulator,
                                                             sims: Sims) -> None:
     """Eight wrong PINs from a number (two on each of four cards): the ninth, on a fifth card

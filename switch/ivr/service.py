@@ -157,6 +157,32 @@ RETURNING extract(epoch FROM blocked_until)
 """
 
 
+class _KeyedLocks:
+    """One asyncio lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._locks[key][1] - 1
+            if users:
+                self._locks[key] = (lock, users)
+            else:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 def _recharge_key(effect: Redeem) -> str:
     """The idempotency key of a card's recharge: one per card, whichever call redeems it."""
     return f"card:{effect.serial}"
@@ -250,6 +276,9 @@ class IvrService:
         self._blocks: dict[str, float] = {}  # number -> blocked until (time.time())
         self._blocks_read_at = -1e9  # time.monotonic() of the last read
         self._blocks_reading: asyncio.Future[None] | None = None
+        # the PIN step of one caller number, and of one card, one call at a time (see
+        # `_verify_pin`)
+        self._pin_steps = _KeyedLocks()
 
     # -- the three requests ---------------------------------------------------------------
 
@@ -471,6 +500,17 @@ class IvrService:
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
+        # A guess is checked against the limits, verified and counted before the next guess
+        # on the same caller number or the same card is even checked: guesses sent in
+        # parallel calls would otherwise all reach the HSM before any was counted, and a right
+        # one among them would be told so after the card had locked or the number had been
+        # blocked. Only the active node takes PIN steps, so locks of this process suffice.
+        # (Always the number first, then the card: no two steps wait for each other.)
+        async with self._pin_steps.hold("ani:" + call.ani), \
+                self._pin_steps.hold("card:" + effect.serial):
+            return await self._verify_pin_locked(call, effect, ihash)
+
+    async def _verify_pin_locked(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
         # the strict caller-number check and the card in one round trip; an error raises,
         # which refuses the PIN
         row = await self.node.pool.fetchrow(_PIN_STEP, effect.serial, call.ani)
