@@ -811,6 +811,43 @@ async def test_a_wrong_body_after_redis_forgot_the_key_leaves_no_claim_behind(
     assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
 
 
+async def test_a_wrong_body_claim_left_in_redis_does_not_refuse_the_right_retry(
+        node: Node, api: Api, sims: Sims) -> None:
+    """Redis forgot a paid key, a request with another body claimed it, and Redis went away
+    before that claim could be replaced with the stored answer: the claim stays for its 30 s.
+    The payment's own retry is still answered with its payment (PostgreSQL is asked whenever
+    a claim is in flight), not told that its key was reused."""
+    acct = await active_account(sims.marketing)
+    first = {"account_no": acct, "amount": 100, "method": "cash"}
+    st, _, paid = await api.call("POST", "/v1/payments", idem="left", json=first)
+    assert st == 201
+    client_id = await node.pool.fetchval("SELECT client_id FROM payments")
+    await node.redis.flushdb()
+    idem = node.components["http_payments"].idempotency
+    # the other body's claim, as it stays when Redis fails right after granting it
+    await idem.claim(f"http:{client_id}:left", "ab" * 32)
+    st, h, again = await api.call("POST", "/v1/payments", idem="left", json=first)
+    assert st == 201 and again == paid and h.get("Idempotent-Replayed") == "true"
+    st, _, raw = await api.call("POST", "/v1/payments", idem="left", json={**first, "amount": 7})
+    assert st == 422 and orjson.loads(raw)["code"] == "idempotency_key_reused"
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
+async def test_a_reference_takes_any_script_and_space_but_no_control_or_direction_mark(
+        node: Node, api: Api, sims: Sims) -> None:
+    acct = await active_account(sims.marketing)
+    for i, ref in enumerate(["电费\u3000缴纳", "a\u00a0b", "电费 缴纳", "x\u200dy"]):
+        st, _, raw = await api.call("POST", "/v1/payments", idem=f"ref-ok-{i}", json={
+            "account_no": acct, "amount": 1, "method": "cash", "reference": ref})
+        assert st == 201 and orjson.loads(raw)["reference"] == ref, (ref, raw)
+    for i, ref in enumerate(["a\nb", "a\tb", "a\u2028b", "paid \u202e01", "\u2066x",
+                             "a\x7fb"]):
+        st, _, raw = await api.call("POST", "/v1/payments", idem=f"ref-bad-{i}", json={
+            "account_no": acct, "amount": 1, "method": "cash", "reference": ref})
+        assert st == 400 and orjson.loads(raw)["code"] == "invalid_reference", (ref, raw)
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 4
+
+
 async def test_a_refusal_while_redis_stalls_leaves_the_key_free(node: Node, api: Api,
                                                                  sims: Sims,
                                                                  clean_redis: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,6 +122,22 @@ def _idempotency_key(request: web.Request) -> str:
     return key
 
 
+#: what a reference may not hold: controls (NUL, tabs, line feeds...), lone surrogates,
+#: line and paragraph separators, and the marks that reorder text on a receipt or a screen
+_UNFIT_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_DIRECTION_MARKS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                             "\u2066\u2067\u2068\u2069")
+
+
+def _fit_reference(ref: str) -> bool:
+    """The client's own text, in any script and with any kind of space (an ideographic space,
+    a no-break space), but nothing that breaks a line or a log, or reorders what is shown."""
+    if ref.isprintable():  # the common case, at C speed
+        return True
+    return not any(unicodedata.category(c) in _UNFIT_CATEGORIES or c in _DIRECTION_MARKS
+                   for c in ref)
+
+
 def _validate_payment(body: dict[str, object]) -> tuple[str, int, str, str | None]:
     """The request's own form (the same body is always judged the same). The amount limit and
     the account's status can change between a payment and its retry: `_refusal` judges them,
@@ -139,9 +156,10 @@ def _validate_payment(body: dict[str, object]) -> tuple[str, int, str, str | Non
         raise Problem(400, "invalid_method", f"method must be one of {', '.join(METHODS)}")
     ref = body.get("reference")
     if ref is not None and (not isinstance(ref, str) or not 1 <= len(ref) <= 64
-                            or not ref.isprintable()):
+                            or not _fit_reference(ref)):
         raise Problem(400, "invalid_reference",
-                      "reference must be a string of 1 to 64 printable characters")
+                      "reference must be a string of 1 to 64 characters, without control "
+                      "characters, line breaks or text-direction marks")
     unknown = set(body) - {"account_no", "amount", "method", "reference"}
     if unknown:
         raise Problem(400, "unknown_field",
@@ -232,9 +250,10 @@ async def create_payment(request: web.Request) -> web.Response:
     except Exception:  # Redis is only the fast path: PostgreSQL decides
         claim, claim_failed = None, True
     if claim is not None and claim.state is not ClaimState.CLAIMED:
-        if claim.state is ClaimState.IN_FLIGHT and claim.request_hash == req_hash:
-            # this body's claim: a request still being processed, or one that ended without
-            # Redis hearing of it (a claim that a stalled Redis ran late): PostgreSQL knows
+        if claim.state is ClaimState.IN_FLIGHT:
+            # a request still being processed, or one that ended without Redis hearing of it
+            # (a claim that a stalled Redis ran late; another body's claim that Redis failed
+            # to replace with the key's stored answer): PostgreSQL knows, whatever the body
             earlier = await _held(node, scope)
             if earlier is not None:
                 return await _answer_stored(svc, scope, earlier, req_hash)
