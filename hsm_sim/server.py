@@ -99,12 +99,20 @@ def load_settings(path: Path | str) -> HsmSettings:
         raise ValueError(f"{path}: port must be an integer from 0 to 65535")
     if not isinstance(host, str):
         raise ValueError(f"{path}: host must be a string")
+    flags = {}
+    for name in ("authorised", "dev_lmk"):
+        # a switch of this weight is true or false, never a guess from "no", "0" or 1 (any
+        # non-empty value was read as true: a mistyped setting authorised key export)
+        value = hsm.get(name, False)
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: {name} must be true or false (TOML booleans, unquoted)")
+        flags[name] = value
     return HsmSettings(
         host=host,
         port=port,
         lmk_components=tuple(components),
-        authorised=bool(hsm.get("authorised", False)),
-        dev_lmk=bool(hsm.get("dev_lmk", False)),
+        authorised=flags["authorised"],
+        dev_lmk=flags["dev_lmk"],
     )
 
 
@@ -135,7 +143,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._paused = False  # the peer is not reading its answers
         self._idle_since = loop.time()  # when the wait for the next frame began
-        self._frame_since: float | None = None  # when the unfinished frame's length arrived
+        self._frame_since: float | None = None  # when the unfinished frame's first byte came
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the timer will fire
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -207,14 +215,12 @@ class _Connection(asyncio.Protocol):
             self._frame_since = None
         if pos < n:
             buf += data[pos:]
-            if n - pos >= 2:  # its length is known (and valid: the loop checked it)
-                self._need = 2 + ((data[pos] << 8) | data[pos + 1])
-                if self._frame_since is None:
-                    self._frame_since = now
-                    if now + self._read_timeout < self._timer_at:
-                        self._arm(now + self._read_timeout)
-            else:
-                self._need = 2
+            # its length is known (and valid: the loop checked it), or one byte of it is
+            self._need = 2 + ((data[pos] << 8) | data[pos + 1]) if n - pos >= 2 else 2
+            if self._frame_since is None:  # a frame has begun with its first byte
+                self._frame_since = now
+                if now + self._read_timeout < self._timer_at:
+                    self._arm(now + self._read_timeout)
         else:
             self._need = 2
 

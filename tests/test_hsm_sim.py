@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import logging
 import random
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +169,22 @@ async def test_key_management_needs_authorised_state() -> None:
             await conn.close()
 
 
+@pytest.mark.parametrize("written", ['"false"', '"no"', '"0"', "1", '""'])
+def test_an_authorised_state_not_written_as_a_boolean_is_refused_at_start(
+        tmp_path: Path, written: str) -> None:
+    """Any non-empty value used to read as true: `authorised = "false"` started an HSM that
+    imports and exports keys."""
+    from hsm_sim.server import DEV_CONFIG, load_settings
+
+    text = DEV_CONFIG.read_text()
+    for name in ("authorised", "dev_lmk"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(re.sub(rf"^{name} = true", f"{name} = {written}", text, flags=re.M))
+        with pytest.raises(ValueError, match=f"{name} must be true or false"):
+            load_settings(path)
+    assert load_settings(DEV_CONFIG).authorised is True
+
+
 async def test_a6_import_and_errors(raw: Raw) -> None:
     header = KeyBlockHeader(key_usage="M6", algorithm="A", mode_of_use="C")
     under_kek = wrap(KEK, header, MAC_KEY)
@@ -319,6 +337,23 @@ async def test_zv_voucher_verify(raw: Raw) -> None:
     assert await zv(PRINT_E, b"48", SERIAL, block, tag) == "A8"      # encrypt-only key
     assert await raw.code("ZV", KB(PIN_B) + KB(MAC_C) + b"48" + SERIAL.encode() + block
                           + tag) == "A6"
+    # a V0 key whose header names another hash, or none, is not an HMAC-SHA-256 key
+    for blocks in ((("HM", "10"),), ()):
+        sha1 = lmk_block("V0", "H", "C", VVK, blocks=blocks)
+        assert await raw.code("ZV", KB(PIN_B) + KB(sha1) + b"48" + SERIAL.encode() + block
+                              + tag) == "A7"
+        assert await raw.code("ZG", KB(sha1) + KB(PRINT_E) + b"120001"
+                              + SERIAL.encode()) == "A7"
+
+
+async def test_a6_imports_a_voucher_key_only_as_hmac_sha256(raw: Raw) -> None:
+    def vvk_under_kek(blocks: tuple[tuple[str, str], ...]) -> str:
+        return wrap(KEK, KeyBlockHeader(key_usage="V0", algorithm="H", mode_of_use="C",
+                                        optional_blocks=blocks), VVK)
+
+    assert await raw.code("A6", KB(KEK_B) + KB(vvk_under_kek((("HM", "21"),)))) == "00"
+    assert await raw.code("A6", KB(KEK_B) + KB(vvk_under_kek((("HM", "10"),)))) == "A7"
+    assert await raw.code("A6", KB(KEK_B) + KB(vvk_under_kek(()))) == "A7"
 
 
 async def test_invalid_length_header_closes_only_that_connection(hsm_server: HsmServer) -> None:

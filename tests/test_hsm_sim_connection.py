@@ -134,6 +134,22 @@ async def test_idle_and_unfinished_frames_time_out(quick_timeouts: HsmServer) ->
     await raw.close()
 
 
+async def test_one_byte_of_a_length_is_a_frame_begun_and_times_out_as_one() -> None:
+    """The read timeout runs from a frame's first byte, not from its length's second: a peer
+    that sends one byte and stops is closed at the read timeout, not at the idle one."""
+    settings = dataclasses.replace(HSM_SETTINGS, idle_timeout_s=30.0, read_timeout_s=0.3)
+    async with await start_server(settings) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"\x00")
+        assert await closed_after(reader) < 3
+        writer.close()
+        raw = await Raw.open(srv.port)  # the same after a frame answered on the connection
+        assert await raw.code("NC") == "00"
+        raw.writer.write(b"\x00")
+        assert await closed_after(raw.reader) < 3
+        await raw.close()
+
+
 async def test_a_peer_that_does_not_read_is_waited_for(hsm_server: HsmServer) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", hsm_server.port)
     try:
