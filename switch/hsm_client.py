@@ -491,6 +491,14 @@ class HsmClient:
         finally:
             self._metrics.count(command, result, time.perf_counter() - started)
 
+    async def _verdict(self, command: str, fields: bytes) -> bool:
+        """A verification's answer: `00` matches, `01` does not; an answer that carries
+        anything after its code is not one this command gives, and is trusted for neither."""
+        code, rest = await self._call(command, fields, ok=("00", "01"))
+        if rest.remaining:
+            raise HsmError(None, command, "malformed response")
+        return code == "00"
+
     async def _fields(self, command: str, fields: bytes) -> FieldReader:
         _, reader = await self._call(command, fields)
         return reader
@@ -570,10 +578,9 @@ class HsmClient:
     async def verify_mac(self, key_block: BlockLike, data: bytes, mac: bytes) -> bool:
         if len(mac) != 8:
             return False
-        code, _ = await self._call(
+        return await self._verdict(
             "M8", key_block_field(_block_text(key_block)) + data_field(data)
-            + mac.hex().upper().encode(), ok=("00", "01"))
-        return code == "00"
+            + mac.hex().upper().encode())
 
     async def voucher_generate(self, vvk_block: BlockLike, print_key_block: BlockLike,
                                serials: Sequence[str], *, pin_length: int = 12
@@ -608,8 +615,7 @@ class HsmClient:
         fields = (key_block_field(_block_text(pin_key_block))
                   + key_block_field(_block_text(vvk_block))
                   + (PIN_BLOCK_FORMAT_ISO4 + serial + pin_block_hex + tag_hex).encode("ascii"))
-        code, _ = await self._call("ZV", fields, ok=("00", "01"))
-        return code == "00"
+        return await self._verdict("ZV", fields)
 
 
 _DEFAULT_MODES = {"P0": "B", "M6": "C", "V0": "C", "K0": "B", "K1": "B"}

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from crypto.cmac import mac8
 from hsm_sim.server import HsmServer
 from switch.hsm_client import HsmClient, HsmError, HsmTimeout, HsmUnavailable
 
@@ -193,3 +194,24 @@ async def test_a_request_sent_while_the_hsm_is_not_reading_still_ends_at_its_dea
         for w in held:
             w.close()
         server.close()
+
+
+async def test_a_verification_answer_with_bytes_after_its_code_is_trusted_for_neither(
+        hsm_server: HsmServer) -> None:
+    """`M9` and `ZW` carry nothing after their code: an answer that does (here a forged
+    "match" with two bytes more) is malformed, never taken as a match."""
+    from tests.test_hsm_sim import MAC_C, MAC_KEY
+
+    def answers(link: Link, frame: bytes) -> bytes:
+        body = frame[2:]
+        if body[4:6] == b"M9":
+            body = body[:6] + b"00XX"
+        return len(body).to_bytes(2, "big") + body
+
+    data = b"0200" + bytes(40)
+    async with client_via(Proxy(hsm_server.port, answers)) as client:
+        with pytest.raises(HsmError, match="malformed"):
+            await client.verify_mac(MAC_C, data, bytes(8))
+    async with client_via(Proxy(hsm_server.port, lambda link, frame: frame)) as client:
+        assert await client.verify_mac(MAC_C, data, mac8(MAC_KEY, data))
+        assert not await client.verify_mac(MAC_C, data, bytes(8))
