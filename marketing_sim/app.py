@@ -27,7 +27,7 @@ from typing import Final
 
 import orjson
 
-from marketing_sim.customers import CustomerBook
+from marketing_sim.customers import MAX_CUSTOMERS, CustomerBook
 from marketing_sim.faults import NO_FAULTS, FaultError, Faults
 from marketing_sim.journal import Group, JournalError, PostingJournal
 from marketing_sim.ledger import Ledger, LedgerError, PostedCredit, PostingRequest
@@ -66,8 +66,8 @@ class MarketingSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ValueError("port must be between 0 and 65535")
-        if self.customers < 0:
-            raise ValueError("customers must not be negative")
+        if not 0 <= self.customers <= MAX_CUSTOMERS:
+            raise ValueError(f"customers must be from 0 to {MAX_CUSTOMERS:,}")
 
 
 def _read_json(body: bytes) -> object:
@@ -328,6 +328,12 @@ class MarketingSim:
 
     async def _delayed(self, request: Request, connection: Connection, latency_ms: int) -> Outcome:
         await asyncio.sleep(latency_ms / 1000)
+        # "before anything else": a simulator that went down, or broke, meanwhile does nothing
+        if self._faults.down is not None:
+            connection.drop()
+            return None
+        if self._broken:
+            return _BROKEN
         if self.roll(self._faults.error_rate):
             return _INJECTED
         return self._route(request, connection)

@@ -476,6 +476,24 @@ async def test_fault_timeout_after_commit(sim: MarketingSim, http: aiohttp.Clien
     assert sim.ledger.posting("t-2") is not None
 
 
+async def test_a_posting_waiting_out_its_latency_is_not_credited_once_the_simulator_is_down(
+        sim: MarketingSim, http: aiohttp.ClientSession) -> None:
+    """Latency comes "before anything else": a simulator that goes down while a posting waits
+    credits nothing (it had been applied after the connection was dropped)."""
+    customer = find(sim.ledger.book, min_bills=1)
+    await sim.set_faults(latency_ms=400)
+    sent = asyncio.ensure_future(post(http, sim, payment("late-1", customer.account_no, 5)))
+    await asyncio.sleep(0.1)
+    await sim.set_faults(down=True)
+    with pytest.raises(aiohttp.ClientError):
+        await sent
+    await asyncio.sleep(0.5)  # past the latency
+    assert sim.ledger.posting("late-1") is None
+    await sim.clear_faults()
+    status, _, _ = await post(http, sim, payment("late-1", customer.account_no, 5))
+    assert status == 201  # the retry is the first credit
+
+
 def refused(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1)

@@ -51,7 +51,9 @@ def test_the_hsm_simulator_refuses_bad_settings_in_one_line(tmp_path: Path) -> N
 
 def test_the_billing_simulator_refuses_bad_arguments_in_one_line() -> None:
     _refused(_run("marketing", "--port", "-4"), "port must be between 0 and 65535")
-    _refused(_run("marketing", "--customers", "-1"), "customers must not be negative")
+    _refused(_run("marketing", "--customers", "-1"), "customers must be from 0 to 900,000,000")
+    _refused(_run("marketing", "--customers", "1000000000"),
+             "customers must be from 0 to 900,000,000")
 
 
 def test_a_new_card_file_with_a_bad_trailer_is_refused_without_echoing_it(
