@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,6 +27,9 @@ from switch.logs import mask_url
 from switch.loop import watch_lag
 from switch.metrics import Metrics
 from switch.redis_pipe import RedisPipe
+
+if TYPE_CHECKING:
+    from switch.web.app import InFlight
 
 log = logging.getLogger("gridpay.node")
 
@@ -72,6 +75,7 @@ class Node:
         self.components: dict[str, Any] = {}
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
+        self._in_flight: InFlight | None = None  # the HTTP requests taken as the active node
         self._stopping = False
         self._demotion: asyncio.Task[None] | None = None  # see `fenced`
         self._standby_ran = False  # the standby hooks ran since the last activation
@@ -121,6 +125,22 @@ class Node:
             except Exception:
                 log.exception("demotion hook failed")
 
+    async def _finish_requests(self) -> None:
+        """Standby hook, run after the links have closed and before the posting path stops:
+        the HTTP requests taken while this node was active (a payment, a reversal, an IVR
+        turn, a card-centre action) finish, `node.shutdown_grace_s` at most. New ones are
+        answered 503 already; a switchover or a stop renews the lease meanwhile, so that what
+        they write is committed under this node's epoch instead of being cut off by the node
+        taking over."""
+        if self._in_flight is None or not len(self._in_flight):
+            return
+        grace_s = self.settings.node.shutdown_grace_s
+        log.info("waiting for requests in flight", extra={"requests": len(self._in_flight)})
+        left = await self._in_flight.finished(grace_s)
+        if left:
+            log.warning("requests still in flight after the grace",
+                        extra={"requests": left, "grace_s": grace_s})
+
     async def fenced(self) -> None:
         """Called by any component whose write was refused for a stale epoch: the node steps
         down. The demotion runs in a task of its own, not the caller's: it stops the very
@@ -161,6 +181,10 @@ class Node:
         self.redis_pipe = RedisPipe(self.services.redis, timeout_s=2.0, connect_timeout_s=2.0)
         st.push_async_callback(self.redis_pipe.aclose)
 
+        # before the components' hooks: the posting path stops after the requests that feed
+        # it (the links' hook goes first of all, see `switch.links.install`)
+        self.hooks.on_standby.append(self._finish_requests)
+
         from switch.components import install_components
 
         await install_components(self, st)
@@ -180,9 +204,10 @@ class Node:
         self.lease = Lease(lease_pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
                            on_active=self._became_active, on_standby=self._became_standby)
 
-        from switch.web.app import ProblemRunner, build_app
+        from switch.web.app import IN_FLIGHT, ProblemRunner, build_app
 
         app = build_app(self)
+        self._in_flight = app[IN_FLIGHT]
         self._runner = ProblemRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=s.node.shutdown_grace_s)
         await self._runner.setup()

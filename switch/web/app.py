@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,42 @@ log = logging.getLogger("gridpay.http")
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 
+
+class InFlight:
+    """The requests this node took as the active node (they passed `require_active`) and has
+    not answered yet. A node that stops being active lets them finish under its epoch before
+    its posting path stops and before it gives the lease up (see `Node._finish_requests`)."""
+
+    __slots__ = ("_taken", "_idle")
+
+    def __init__(self) -> None:
+        self._taken: set[int] = set()  # id() of each request: alive until it is let go
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._taken)
+
+    def take(self, request: web.Request) -> None:
+        self._taken.add(id(request))
+        self._idle.clear()
+
+    def let_go(self, request: web.Request) -> None:
+        if self._taken:
+            self._taken.discard(id(request))
+            if not self._taken:
+                self._idle.set()
+
+    async def finished(self, within_s: float) -> int:
+        """Wait until every request taken is answered, `within_s` at most; how many are
+        left."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        return len(self._taken)
+
+
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -36,6 +74,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     status = 500
+    app = request.app
     try:
         try:
             resp = await handler(request)
@@ -47,7 +86,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = e.status
         raise
     finally:
-        m = request.app[NODE].metrics
+        app[IN_FLIGHT].let_go(request)  # if `require_active` took it
+        m = app[NODE].metrics
         m.child(m.http_requests, name, str(status)).inc()
         m.child(m.http_latency, name).observe(time.perf_counter() - started)
 
@@ -103,6 +143,9 @@ def require_active(request: web.Request) -> Node:
         else:
             detail = "this node is the standby; send the request to the active node"
         raise Problem(503, "standby", detail, headers={"Retry-After": "1"})
+    # counted until it is answered (the middleware lets it go): a node stepping aside waits
+    # for it before it stops its posting path and hands over or releases the lease
+    request.app[IN_FLIGHT].take(request)
     return node
 
 
@@ -110,6 +153,7 @@ def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware],
                           client_max_size=1024 * 1024 * 8)
     app[NODE] = node
+    app[IN_FLIGHT] = InFlight()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
