@@ -10,7 +10,9 @@ takeover (a key update) waits for the old holder's in-flight writes, while a ren
 changed) waits for none of them. A holder that was paused in the middle of one (SIGSTOP, a
 frozen VM) would hold that lock for ever; the node taking an expired lease therefore cuts off
 the old holder's database sessions (found by their `application_name`, see `session_dsn`) when
-its update waits too long for the row lock.
+its update waits too long for the row lock. A node that steps aside on purpose (`handover`,
+or a stop: `retire`, then `stop`) keeps renewing until its work in flight has finished, so that
+none of it is cut off.
 
 The `handover_to` column carries a planned switchover:
 
@@ -140,6 +142,13 @@ class Lease:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._handing_over: asyncio.Task[bool] | None = None
+        # a switchover under way (see `handover`): demoted, the work taken under `epoch`
+        # finishing. No lease is taken meanwhile, and the lease being handed over is renewed
+        # for that work until it is handed over, or found taken (`_kept` False)
+        self._draining = False
+        self._kept = False
+        # stopping: takes the lease no more and begins no switchover (see `retire`)
+        self._retiring = False
         self._hold_off_until = 0.0  # monotonic: before it, do not try to take the lease
         self._idle = asyncio.Event()  # clear while a tick (and the hooks it runs) is under way
         self._idle.set()
@@ -169,7 +178,8 @@ class Lease:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.renew_s if self.role is Role.ACTIVE else self.renew_s / 2)
+            renewing = self.role is Role.ACTIVE or self._draining
+            await asyncio.sleep(self.renew_s if renewing else self.renew_s / 2)
             self._idle.clear()
             try:
                 await self._tick()
@@ -200,6 +210,15 @@ class Lease:
 
     async def _tick(self) -> None:
         started = time.monotonic()
+        if self._draining:
+            if self._kept:
+                async with self.pool.acquire(timeout=self.renew_s) as con:
+                    row = await con.fetchrow(_RENEW, self.node_id, self.epoch, self.ttl_s,
+                                             timeout=self.renew_s)
+                if row is None:  # another node has it: no more renewals
+                    self._kept = False
+                    log.warning("lease lost while handing it over", extra={"epoch": self.epoch})
+            return
         if self.role is Role.ACTIVE:
             async with self.pool.acquire(timeout=self.renew_s) as con:
                 row = await con.fetchrow(_RENEW, self.node_id, self.epoch, self.ttl_s,
@@ -209,12 +228,13 @@ class Lease:
                 return
             self._valid_until = started + self.ttl_s
             asked = row["handover_to"]
-            if asked is not None and self._handing_over is None:
+            if asked is not None and self._handing_over is None and not self._retiring:
                 target = str(asked)[len(HANDOVER_REQUEST):] or ANY_NODE
                 log.info("switchover requested", extra={"to_node": target})
                 self._handing_over = asyncio.create_task(self._handover_then_clear(target))
             return
-        if self.role is Role.STOPPED or time.monotonic() < self._hold_off_until:
+        if (self.role is Role.STOPPED or self._retiring
+                or time.monotonic() < self._hold_off_until):
             return
         epoch = await self._acquire()
         if epoch is not None:
@@ -285,21 +305,50 @@ class Lease:
         """Planned switchover: stop taking work, finish what is in flight while the epoch is
         still ours, then release the lease to `to_node` (`*`: any other node), which takes
         the next epoch. Returns whether the lease was handed over (False: it was lost first).
+
+        The lease is renewed until then, demoted as the node is: work in flight that takes
+        longer than what is left of the lease (a request waiting on a row lock) finishes
+        instead of making the lease expire, which would let the other node take it by cutting
+        off this node's sessions, that work rolled back. The demotion's hooks bound the wait
+        (each drain has its grace), and a node cut off from the database stops renewing: its
+        lease expires as any other's.
         """
         if self.role is not Role.ACTIVE:
             return False
         epoch = self.epoch
-        await self.demote(f"switchover to {to_node}")  # the hooks drain in-flight work
-        async with self.pool.acquire(timeout=self.ttl_s) as con:
-            row = await con.fetchrow(_HANDOVER, self.node_id, epoch, to_node,
-                                     timeout=self.ttl_s)
+        self._draining = self._kept = True
+        try:
+            await self.demote(f"switchover to {to_node}")  # the hooks drain in-flight work
+            async with self.pool.acquire(timeout=self.ttl_s) as con:
+                row = await con.fetchrow(_HANDOVER, self.node_id, epoch, to_node,
+                                         timeout=self.ttl_s)
+        finally:
+            self._draining = self._kept = False
         return row is not None
 
-    async def stop(self) -> None:
-        await self.halt()
+    async def retire(self, grace_s: float) -> None:
+        """For a node that is stopping: take the lease no more and begin no switchover, but
+        go on renewing the lease held, so that the work in flight finishes under its epoch
+        while the node drains (`stop` then ends the renewals and releases the lease). A tick
+        under way ends first (an activation it began runs its hooks to the end, for the node
+        to undo), and so does a switchover under way, for `grace_s` at most."""
+        self._retiring = True
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):  # as in `halt`
+                await asyncio.wait_for(self._idle.wait(), max(5.0, 2 * self.ttl_s))
+        await self._switchover_done(grace_s)
+
+    async def _switchover_done(self, within_s: float) -> None:
         if self._handing_over is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._handing_over), self.ttl_s)
+                await asyncio.wait_for(asyncio.shield(self._handing_over), within_s)
+
+    async def stop(self) -> None:
+        """Stop renewing and release the lease (a switchover under way finishes first, a ttl
+        at most, while the lease is still renewed)."""
+        self._retiring = True
+        await self._switchover_done(self.ttl_s)
+        await self.halt()
         if self.role is Role.ACTIVE:
             await self._release(self.epoch, 2)
         if self.role is not Role.STOPPED:

@@ -240,16 +240,26 @@ class Node:
         }
 
     async def stop(self) -> None:
-        """Stop taking new work, finish what is in flight (bounded), release, close."""
+        """Stop taking new work, finish what is in flight (bounded) while the lease is still
+        renewed, then release the lease and close.
+
+        The renewals go on until the drain is over: stopped first, the lease expired under
+        work still in flight (a reversal waiting on a row lock), and the standby took it by
+        cutting off this node's sessions, the work rolled back. They still end at once if
+        another node has the lease (the node is demoted; its writes are fenced anyway)."""
         if self._stopping:
             return
-        self._stopping = True
-        await self.lease.halt()  # an activation under way finishes first, then is undone here
+        self._stopping = True  # new requests are answered 503 from here
+        # no lease taken and no switchover begun from here; an activation under way finishes
+        # first (and is undone below), and so does a switchover under way
+        await self.lease.retire(self.settings.node.shutdown_grace_s)
         if self._demotion is not None:
             with contextlib.suppress(Exception):
                 await self._demotion
         if self.role is Role.ACTIVE:
-            await self._became_standby()  # closes listeners, drains in-flight, stops relays
+            # closes listeners, lets requests in flight finish, drains the posting path,
+            # stops relays
+            await self._became_standby()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.lease.stop()

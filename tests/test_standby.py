@@ -134,6 +134,69 @@ async def test_switchover_loses_nothing(clean_db: str, clean_redis: str, sims: S
             await switchover(clean_db, "node-b", timeout_s=2)  # it already holds the lease
 
 
+async def _until_the_node_waits_on_a_lock(con: asyncpg.Connection, node_id: str) -> None:
+    for _ in range(250):
+        if await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                              " 'Lock' AND application_name = $1", application_name(node_id)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no statement of {node_id} waited on the lock")
+
+
+@pytest.mark.parametrize("how", ["switchover", "stop"])
+async def test_a_write_in_flight_finishes_before_the_lease_moves(
+        clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path, how: str) -> None:
+    """A switchover or a stop lets a fenced write in flight on the old node finish under its
+    epoch, even one that takes longer than the lease's ttl (a reversal waiting 1.5 s on a row
+    lock, ttl 1 s): the old node keeps its lease renewed until the request is answered, then
+    the other node takes it. (The lease used to be handed over at once, or to expire during
+    the stop: the standby cut the old node's sessions off, and the reversal, rolled back, was
+    answered 503.)"""
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
+                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a, \
+            running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
+                         wait_active=False, GRIDPAY_LEASE_TTL_S=TTL_S,
+                         GRIDPAY_LEASE_RENEW_S=RENEW_S) as b:
+        await asyncio.wait_for(a.components["accounts"].synced.wait(), 20)
+        assert a.is_active and b.role is Role.STANDBY
+        epoch = a.epoch
+        key = await api_key(a.pool, "internet")
+        acct = await active_account(sims.marketing)
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{a.ports.http}", key)
+            st, _, body = await api.call("POST", "/v1/payments", idem="p1",
+                                         json=_pay(acct, 1234))
+            assert st == 201, body
+            pid = uuid.UUID(orjson.loads(body)["payment_id"])
+            blocker = await asyncpg.connect(clean_db)
+            try:
+                async with blocker.transaction():  # something else holds the payment's row
+                    await blocker.execute("SELECT 1 FROM payments WHERE id = $1 FOR UPDATE",
+                                          pid)
+                    reversal = asyncio.ensure_future(
+                        api.call("POST", f"/v1/payments/{pid}/reversal", idem="r1"))
+                    # inside its fenced transaction, waiting on the row
+                    await _until_the_node_waits_on_a_lock(blocker, "node-a")
+                    moving = asyncio.ensure_future(
+                        switchover(clean_db, "node-b", timeout_s=10) if how == "switchover"
+                        else a.stop())
+                    await asyncio.sleep(1.5)  # longer than the lease's ttl
+                    assert not b.is_active  # the lease is still node-a's
+                    assert not reversal.done()
+            finally:
+                await blocker.close()
+            st, _, body = await asyncio.wait_for(reversal, 15)
+            assert st == 200, body
+            assert orjson.loads(body)["status"] == "reversed"
+            await asyncio.wait_for(moving, 15)
+        await _wait(lambda: b.is_active, 5, "node-b takes over")
+        assert b.epoch == epoch + 1 and not a.is_active
+        booked = await b.pool.fetchval("SELECT epoch FROM reversals WHERE payment_id = $1", pid)
+        assert booked == epoch  # recorded, by node-a, under its epoch
+        assert await b.pool.fetchval("SELECT reversed_at IS NOT NULL FROM payments"
+                                     " WHERE id = $1", pid)
+
+
 async def test_switchover_with_nobody_holding_is_refused(clean_db: str) -> None:
     with pytest.raises(SwitchoverRefused):
         await switchover(clean_db, None, timeout_s=1)
@@ -391,7 +454,7 @@ async def _stop_pair(a: Lease, b: Lease, pools: list[asyncpg.Pool]) -> None:
         await p.close()
 
 
-async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_node(
+async def test_a_switchover_whose_drain_outlasts_the_ttl_keeps_the_lease_until_it_is_over(
         clean_db: str) -> None:
     seen: dict[str, bool] = {}
 
@@ -399,6 +462,8 @@ async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_nod
         for _ in range(80):
             await asyncio.sleep(0.02)
             seen["a_active_again"] = seen.get("a_active_again", False) or a.is_active
+            seen["b_active"] = seen.get("b_active", False) or b.is_active
+        seen["drained"] = True
 
     a, b, pools = await _lease_pair(clean_db, ttl_s=1.0, a_standby=slow_drain)
     await a.start()
@@ -406,8 +471,35 @@ async def test_a_switchover_whose_drain_outlasts_the_lease_goes_to_the_other_nod
     try:
         result = await switchover(clean_db, None, timeout_s=5)
         assert (result.from_node, result.to_node) == ("node-a", "node-b")
+        assert seen.get("drained") and result.seconds > 1.6
+        # node-a renewed the lease while it drained: node-b took it only after, and node-a
+        # took no more work meanwhile
+        assert not seen["b_active"] and not seen["a_active_again"]
         await asyncio.sleep(1.0)
-        assert b.is_active and not a.is_active and not seen["a_active_again"]
+        assert b.is_active and not a.is_active
+    finally:
+        await _stop_pair(a, b, pools)
+
+
+async def test_a_switchover_drain_stops_renewing_once_another_node_has_the_lease(
+        clean_db: str) -> None:
+    async def taken_meanwhile() -> None:  # the lease moves on while node-a drains
+        await asyncio.sleep(0.1)
+        await pools[1].execute("UPDATE node_lease SET holder = 'node-x', epoch = epoch + 1,"
+                               " expires_at = now() + interval '1 second' WHERE id = 1")
+        await asyncio.sleep(1.5)
+
+    a, b, pools = await _lease_pair(clean_db, ttl_s=1.0, a_standby=taken_meanwhile)
+    await a.start()
+    try:
+        assert a.is_active
+        epoch = a.epoch
+        assert await a.handover() is False  # lost, not handed over
+        assert a.role is Role.STANDBY and not a.is_active
+        # it renewed nothing of node-x's, and went back to being a standby that takes an
+        # expired lease (epoch + 2, once node-x's has expired)
+        await _wait(lambda: a.is_active, 3, "node-a takes the expired lease again")
+        assert a.epoch == epoch + 2
     finally:
         await _stop_pair(a, b, pools)
 
