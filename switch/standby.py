@@ -270,8 +270,14 @@ UPDATE node_lease SET handover_to = NULL, updated_at = now()
 """
 
 
+#: how long `gridpay switchover` waits by default: longer than the holder's drain may last
+#: with the default grace (ISO messages and HTTP requests 8 s each, the posting queue 10 s),
+#: so that a slow drain is not reported as a failed switchover that then happens anyway
+SWITCHOVER_TIMEOUT_S = 60.0
+
+
 async def switchover(database_url: str, to_node: str | None = None,
-                     timeout_s: float = 10.0) -> SwitchoverResult:
+                     timeout_s: float = SWITCHOVER_TIMEOUT_S) -> SwitchoverResult:
     """Ask the active node to hand the lease to `to_node` (None: to whichever standby takes it)
     and wait until a node holds it under a new epoch. Raises `SwitchoverRefused` or
     `SwitchoverTimeout` (after withdrawing a request nobody acted on)."""
@@ -328,7 +334,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         print(f"gridpay switchover: no database: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-    timeout = float(getattr(args, "timeout", 10.0))
+    timeout = float(getattr(args, "timeout", SWITCHOVER_TIMEOUT_S))
     if not timeout > 0:
         print("gridpay switchover: --timeout must be a positive number of seconds",
               file=sys.stderr)
@@ -419,8 +425,9 @@ def register_cli(subparsers: Any) -> None:
                               help="planned switchover: hand the lease to the standby")
     p.add_argument("--to", default=None, metavar="NODE",
                    help="the node to hand over to (default: whichever standby takes it)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="give up after this many seconds (default 10)")
+    p.add_argument("--timeout", type=float, default=SWITCHOVER_TIMEOUT_S, metavar="S",
+                   help="give up after this many seconds (default 60: the holder first lets "
+                        "its work in flight finish, two graces and 10 s at most)")
     p.add_argument("--database-url", default=None, help=_URL_HELP)
     p.set_defaults(func=cmd_switchover)
     q = subparsers.add_parser("lease", help="show who holds the lease")
