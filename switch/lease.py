@@ -208,21 +208,22 @@ class Lease:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def _renew(self) -> asyncpg.Record | None:
+        """Extend the lease this node holds under its epoch; None if it holds it no more."""
+        async with self.pool.acquire(timeout=self.renew_s) as con:
+            row: asyncpg.Record | None = await con.fetchrow(
+                _RENEW, self.node_id, self.epoch, self.ttl_s, timeout=self.renew_s)
+        return row
+
     async def _tick(self) -> None:
         started = time.monotonic()
         if self._draining:
-            if self._kept:
-                async with self.pool.acquire(timeout=self.renew_s) as con:
-                    row = await con.fetchrow(_RENEW, self.node_id, self.epoch, self.ttl_s,
-                                             timeout=self.renew_s)
-                if row is None:  # another node has it: no more renewals
-                    self._kept = False
-                    log.warning("lease lost while handing it over", extra={"epoch": self.epoch})
+            if self._kept and await self._renew() is None:  # another node has it: no more
+                self._kept = False  # renewals
+                log.warning("lease lost while handing it over", extra={"epoch": self.epoch})
             return
         if self.role is Role.ACTIVE:
-            async with self.pool.acquire(timeout=self.renew_s) as con:
-                row = await con.fetchrow(_RENEW, self.node_id, self.epoch, self.ttl_s,
-                                         timeout=self.renew_s)
+            row = await self._renew()
             if row is None:
                 await self.demote("lease lost")
                 return
