@@ -99,21 +99,23 @@ def load_settings(path: Path | str) -> HsmSettings:
         raise ValueError(f"{path}: port must be an integer from 0 to 65535")
     if not isinstance(host, str):
         raise ValueError(f"{path}: host must be a string")
-    flags = {}
-    for name in ("authorised", "dev_lmk"):
-        # a switch of this weight is true or false, never a guess from "no", "0" or 1 (any
-        # non-empty value was read as true: a mistyped setting authorised key export)
-        value = hsm.get(name, False)
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: {name} must be true or false (TOML booleans, unquoted)")
-        flags[name] = value
     return HsmSettings(
         host=host,
         port=port,
         lmk_components=tuple(components),
-        authorised=flags["authorised"],
-        dev_lmk=flags["dev_lmk"],
+        authorised=_flag(hsm, "authorised", path),
+        dev_lmk=_flag(hsm, "dev_lmk", path),
     )
+
+
+def _flag(hsm: dict[str, Any], name: str, path: Path | str) -> bool:
+    """A true-or-false setting (false when absent). A switch of this weight is never guessed
+    from "no", "0" or 1: any non-empty value used to read as true, and a mistyped setting
+    authorised key export."""
+    value = hsm.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{path}: {name} must be true or false (TOML booleans, unquoted)")
+    return value
 
 
 def load_dev_settings(path: Path | str | None = None) -> HsmSettings:
