@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import asyncpg
 
-from bench.ceiling import ceiling
 from bench.loadgen import LoadSpec, gc_paused, new_histogram
 from switch.keepalive import KeepAlivePool
 
@@ -151,7 +150,7 @@ async def ivr_worker(spec: LoadSpec, pipe: Connection) -> None:
 
 async def run_ivr(h: Harness) -> dict[str, Any]:
     from bench.baseline import pgbench
-    from bench.scenarios import _goal, aiohttp_baseline
+    from bench.scenarios import against_handler, aiohttp_baseline
 
     o = h.opts
     callers = o.connections or 32
@@ -180,15 +179,7 @@ async def run_ivr(h: Harness) -> dict[str, Any]:
                                "turns' rate is a floor, not the switch's peak")
     report["phases"]["ivr turns (closed loop)"] = fig
     report["cpu"] = cpu
-    base = report["baselines"].get("aiohttp_minimal")
-    if base and base["tps"]:
-        ratio = fig["tps"] / base["tps"]
-        report["ratios"] = {"ivr_turns/aiohttp_minimal_tps": round(ratio, 3)}
-        report["goals"]["ivr_turns_vs_aiohttp_minimal"] = _goal(ratio, 0.3)
-        top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
-                      fig, cpu, goal=0.3)
-        if top is not None:
-            report["ceiling"] = top
+    against_handler(report, "ivr_turns", fig, cpu, 0.3)
     pg = report["baselines"].get("pgbench_N")
     if pg and pg["tps"]:
         report.setdefault("ratios", {})["ivr_turns/pgbench_N_tps"] = round(

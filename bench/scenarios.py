@@ -306,25 +306,33 @@ _OVER = {"link request": 0.02, "http request": 0.02, "ivr turn": 0.02, "loop lag
 Scrape = dict[str, tuple[float, float, float]]
 
 
+def _by_sample_name() -> dict[str, list[tuple[str, tuple[str, str] | None, int]]]:
+    """What `_INSIDE` reads, by sample name (a family's name depends on its TYPE line; a
+    sample's does not): (name shown, label filter, 0 sum / 1 count / 2 the `_OVER` bucket)."""
+    wanted: dict[str, list[tuple[str, tuple[str, str] | None, int]]] = {}
+    for shown, (metric, labels) in _INSIDE.items():
+        for i, suffix in enumerate(("_sum", "_count", "_bucket")):
+            if i < 2 or shown in _OVER:
+                wanted.setdefault(metric + suffix, []).append((shown, labels, i))
+    return wanted
+
+
+_WANTED = _by_sample_name()
+
+
 def parse_histograms(text: str) -> Scrape:
     """(sum, count, count at most its `_OVER` bound) per histogram of `_INSIDE`, over the
     label sets it selects (the third is 0 for a histogram without a bound). The exposition is
     read by prometheus_client's own parser; a scrape it cannot read gives no figures."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    # by sample name (a family's name depends on its TYPE line; a sample's does not)
-    wanted: dict[str, list[tuple[str, tuple[str, str] | None, int]]] = {}
-    for shown, (metric, labels) in _INSIDE.items():
-        for i, suffix in enumerate(("_sum", "_count", "_bucket")):
-            if i < 2 or shown in _OVER:
-                wanted.setdefault(metric + suffix, []).append((shown, labels, i))
     out: dict[str, list[float]] = {}
     try:
         samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     except ValueError:
         return {}
     for sample in samples:
-        for shown, labels, i in wanted.get(sample.name, ()):
+        for shown, labels, i in _WANTED.get(sample.name, ()):
             if labels is not None and not sample.labels.get(labels[0], "").startswith(
                     labels[1]):
                 continue
@@ -491,6 +499,23 @@ async def aiohttp_baseline(h: Harness, report: dict[str, Any], connections: int)
     report["cpu_baseline"] = cpu
 
 
+def against_handler(report: dict[str, Any], what: str, fig: dict[str, Any],
+                    cpu: dict[str, float], goal: float) -> None:
+    """`fig` (a phase measured with CPU split `cpu`) against the minimal handler of the same
+    run, if it was measured: the ratio `what`/handler, its goal, and the ceiling the machine
+    allows (see `bench.ceiling`)."""
+    base = report["baselines"].get("aiohttp_minimal")
+    if not base or not base["tps"]:
+        return
+    ratio = fig["tps"] / base["tps"]
+    report.setdefault("ratios", {})[f"{what}/aiohttp_minimal_tps"] = round(ratio, 3)
+    report["goals"][f"{what}_vs_aiohttp_minimal"] = _goal(ratio, goal)
+    top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
+                  fig, cpu, goal=goal)
+    if top is not None:
+        report["ceiling"] = top
+
+
 async def scenario_http(h: Harness) -> dict[str, Any]:
     o = h.opts
     conns = o.connections or 32
@@ -509,15 +534,7 @@ async def scenario_http(h: Harness) -> dict[str, Any]:
         figs2["http_open"]["offered_rate"] = round(rate, 1)
         report["phases"][f"http_open @{rate:.0f}/s"] = figs2["http_open"]
         report["cpu_open_loop"] = cpu2
-    base = report["baselines"].get("aiohttp_minimal")
-    if base and base["tps"]:
-        ratio = peak["tps"] / base["tps"]
-        report["ratios"] = {"http_tps/aiohttp_minimal_tps": round(ratio, 3)}
-        report["goals"]["http_tps_vs_aiohttp_minimal"] = _goal(ratio, 0.4)
-        top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
-                      peak, cpu, goal=0.4)
-        if top is not None:
-            report["ceiling"] = top
+    against_handler(report, "http_tps", peak, cpu, 0.4)
     return report
 
 

@@ -17,7 +17,13 @@ from bench.ceiling import ceiling, format_ceiling
 from bench.cpu import CpuSnapshot, cpu_split
 from bench.loadgen import LoadSpec, WorkerPool
 from bench.report import format_table, summarise
-from bench.scenarios import Harness, Options, aiohttp_baseline, baseline_server
+from bench.scenarios import (
+    Harness,
+    Options,
+    against_handler,
+    aiohttp_baseline,
+    baseline_server,
+)
 
 # nice 1: that --switch-nice reaches the switch (a positive value needs no privilege)
 # 20 WAL segments: the cluster keeps 16 of them behind (`wal_keep_size`), the rest are recycled
@@ -418,11 +424,13 @@ def test_the_ceiling_is_the_cores_over_the_least_cpu_a_request_costs() -> None:
 
 async def test_the_ceiling_from_a_real_run_names_the_processes_it_adds(harness: Harness
                                                                       ) -> None:
-    report: dict[str, Any] = {"phases": {}, "baselines": {}}
+    report: dict[str, Any] = {"scenario": "http", "phases": {}, "baselines": {}, "goals": {}}
     await aiohttp_baseline(harness, report, 2)
     figs, cpu = await harness.load(await harness.http_specs(name="http", connections=2))
-    top = ceiling(report["phases"]["aiohttp_minimal (baseline)"], report["cpu_baseline"],
-                  figs["http"], cpu, goal=0.4)
+    against_handler(report, "http_tps", figs["http"], cpu, 0.4)
+    assert report["goals"]["http_tps_vs_aiohttp_minimal"]["goal"] == ">= 0.4"
+    assert report["ratios"]["http_tps/aiohttp_minimal_tps"] > 0
+    top = report.get("ceiling")
     assert top is not None, (report["cpu_baseline"], cpu)
     # the handler's process and the database were seen under the roles the figure adds
     assert top["handler_cpu_ms"] > 0 and top["rest_by_process_ms"]["postgres"] > 0
