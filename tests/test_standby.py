@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -76,13 +76,23 @@ def test_takeover_clock_counts_only_the_other_node() -> None:
     assert clock.seconds == pytest.approx(1.0)
 
 
-async def test_switchover_loses_nothing(clean_db: str, clean_redis: str, sims: Sims,
-                                        tmp_path: Path) -> None:
-    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a") as a, \
-            running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
-                         wait_active=False) as b:
+@contextlib.asynccontextmanager
+async def active_and_standby(clean_db: str, clean_redis: str, sims: Sims, tmp_path: Path,
+                             **env: str) -> AsyncIterator[tuple[Node, Node]]:
+    """node-a active (its account mirror synced) and node-b its standby, with settings `env`."""
+    # (wait_active and overrides given in place, so that `env` holds settings only)
+    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a", True, None,
+                            **env) as a, \
+            running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b", False, None,
+                         **env) as b:
         await asyncio.wait_for(a.components["accounts"].synced.wait(), 20)
         assert a.is_active and b.role is Role.STANDBY
+        yield a, b
+
+
+async def test_switchover_loses_nothing(clean_db: str, clean_redis: str, sims: Sims,
+                                        tmp_path: Path) -> None:
+    async with active_and_standby(clean_db, clean_redis, sims, tmp_path) as (a, b):
         epoch = a.epoch
         key = await api_key(a.pool, "internet")
         acct = await active_account(sims.marketing)
@@ -152,13 +162,9 @@ async def test_a_write_in_flight_finishes_before_the_lease_moves(
     the other node takes it. (The lease used to be handed over at once, or to expire during
     the stop: the standby cut the old node's sessions off, and the reversal, rolled back, was
     answered 503.)"""
-    async with running_node(clean_db, clean_redis, sims, tmp_path / "a", "node-a",
-                            GRIDPAY_LEASE_TTL_S=TTL_S, GRIDPAY_LEASE_RENEW_S=RENEW_S) as a, \
-            running_node(clean_db, clean_redis, sims, tmp_path / "b", "node-b",
-                         wait_active=False, GRIDPAY_LEASE_TTL_S=TTL_S,
-                         GRIDPAY_LEASE_RENEW_S=RENEW_S) as b:
-        await asyncio.wait_for(a.components["accounts"].synced.wait(), 20)
-        assert a.is_active and b.role is Role.STANDBY
+    async with active_and_standby(clean_db, clean_redis, sims, tmp_path,
+                                  GRIDPAY_LEASE_TTL_S=TTL_S,
+                                  GRIDPAY_LEASE_RENEW_S=RENEW_S) as (a, b):
         epoch = a.epoch
         key = await api_key(a.pool, "internet")
         acct = await active_account(sims.marketing)
