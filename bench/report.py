@@ -117,8 +117,13 @@ def format_table(report: dict[str, Any]) -> str:
                 created = db.get("wal_segments_created")
                 segs = ("" if created is None else
                         f", {created} new WAL segment{'' if created == 1 else 's'}")
-                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}{segs}, "
-                             f"{ckpt}{vac}")
+                flushes = ""
+                if db.get("wal_fsyncs"):
+                    took = (f" of {db['wal_fsync_ms']} ms each on average"
+                            if db.get("wal_fsync_ms") is not None else "")
+                    flushes = f", {db['wal_fsyncs']} WAL flushes{took}"
+                lines.append(f"{'':<28}postgres: WAL {db['wal_mb']} MB{per_tx}{segs}"
+                             f"{flushes}, {ckpt}{vac}")
                 if "relay_backlog" in db:
                     first, last = db["relay_backlog"]
                     rate = (f"; forwarded meanwhile about {_fmt(fig['forwarded_tps'])}/s"

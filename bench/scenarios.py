@@ -122,6 +122,11 @@ class Harness:
                 await asyncio.sleep(0.2)
             if self.opts.wal_segments > 0:
                 self.wal_ready = await warm_wal(con, self.opts.wal_segments)
+            # the time WAL flushes take, for the phases' database line (a clock read per
+            # flush); without the right to set it, the line gives the flushes' count alone
+            with contextlib.suppress(asyncpg.PostgresError):
+                await con.execute("ALTER SYSTEM SET track_wal_io_timing = on")
+                await con.execute("SELECT pg_reload_conf()")
         finally:
             await con.close()
         async with aiohttp.ClientSession() as s:
@@ -256,6 +261,7 @@ class Harness:
                 "written": int(row["written"]),
                 "vacuuming": int(row["vacuuming"]), "pending": int(row["pending"]),
                 "wal_created": row["wal_created"],
+                "fsyncs": row["wal_fsyncs"], "fsync_ms": row["wal_fsync_ms"],
                 "tables": {r["relname"]: (int(r["autovacuum_count"]),
                                           int(r["autoanalyze_count"])) for r in tables}}
 
@@ -279,7 +285,12 @@ _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wa
        -- last statistics flush (at most a second old under load)
        (SELECT sum(writes) FROM pg_stat_io
          WHERE object = 'wal' AND context = 'init')::bigint AS wal_created,
-       (SELECT count(*) FROM outbox WHERE state = 'pending') AS pending
+       (SELECT count(*) FROM outbox WHERE state = 'pending') AS pending,
+       -- WAL flushes to disk (each commit waits for one, shared by the commits it covers)
+       -- and the time they took; the time needs track_wal_io_timing, which the harness turns
+       -- on (`Harness._prepare`)
+       (SELECT sum(fsyncs) FROM pg_stat_io WHERE object = 'wal')::bigint AS wal_fsyncs,
+       (SELECT sum(fsync_time) FROM pg_stat_io WHERE object = 'wal')::float8 AS wal_fsync_ms
   FROM pg_stat_checkpointer"""
 
 
@@ -391,7 +402,17 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
     vacuumed, analysed = _grown(before, after, 0), _grown(before, after, 1)
     created = (None if after.get("wal_created") is None or before.get("wal_created") is None
                else after["wal_created"] - before["wal_created"])
+    fsyncs = (None if after.get("fsyncs") is None or before.get("fsyncs") is None
+              else after["fsyncs"] - before["fsyncs"])
+    fsync_ms = (None if not fsyncs or after.get("fsync_ms") is None
+                or before.get("fsync_ms") is None
+                else (after["fsync_ms"] - before["fsync_ms"]) / fsyncs)
     return {"wal_mb": round(wal / 1e6, 1),
+            # WAL flushes in the phase, and the mean time one took: the disk's part of every
+            # commit's wait, which the switch does not control and which varies from run to
+            # run on a shared machine
+            "wal_fsyncs": fsyncs,
+            "wal_fsync_ms": round(fsync_ms, 3) if fsync_ms is not None else None,
             "wal_bytes_per_tx": round(wal / paid) if paid else None,
             # each new segment is zero-filled and flushed while the committers wait
             "wal_segments_created": created,

@@ -56,6 +56,9 @@ async def test_bank_load_and_the_books_balance(harness: Harness) -> None:
     finally:
         await con.close()
     assert isinstance(bank["db"]["wal_segments_created"], int) == reads_wal_io
+    # every commit waited for a WAL flush, and the harness timed them (track_wal_io_timing)
+    if reads_wal_io:
+        assert bank["db"]["wal_fsyncs"] > 0 and bank["db"]["wal_fsync_ms"] > 0
     books = await harness.books()
     assert books["ok"], books["problems"]
     assert books["ledger_payments"] == books["approved_responses"] == bank["approved"]
@@ -315,7 +318,8 @@ def test_phase_db_activity_from_two_readings() -> None:
                               "vacuuming": 0, "pending": 0, "tables": {"outbox": (2, 5)}}
     after = {**before, "wal": 3_000_000, "pending": 40}
     quiet = db_activity(before, after, 1000)
-    assert quiet == {"wal_mb": 2.0, "wal_bytes_per_tx": 2000, "wal_segments_created": None,
+    assert quiet == {"wal_mb": 2.0, "wal_fsyncs": None, "wal_fsync_ms": None,
+                     "wal_bytes_per_tx": 2000, "wal_segments_created": None,
                      "checkpoints_started": 0,
                      "checkpoint_buffers_written": 0, "checkpoint_running": False,
                      "autovacuum_running": False, "relay_backlog": [0, 40],
@@ -335,6 +339,17 @@ def test_phase_db_activity_from_two_readings() -> None:
     table = format_table({"scenario": "bank", "status": "pass", "phases": {"p": {
         "tps": 1, "db": created}}})
     assert "3 new WAL segments" in table
+    # WAL flushes and their mean time (the time only with track_wal_io_timing on)
+    flushed = db_activity({**before, "fsyncs": 100, "fsync_ms": 40.0},
+                          {**after, "fsyncs": 600, "fsync_ms": 340.0}, 1000)
+    assert flushed["wal_fsyncs"] == 500 and flushed["wal_fsync_ms"] == 0.6
+    untimed = db_activity({**before, "fsyncs": 100, "fsync_ms": None},
+                          {**after, "fsyncs": 600, "fsync_ms": None}, 1000)
+    assert untimed["wal_fsyncs"] == 500 and untimed["wal_fsync_ms"] is None
+    table = format_table({"scenario": "bank", "status": "pass", "phases": {
+        "p": {"tps": 1, "db": flushed}, "q": {"tps": 1, "db": untimed}}})
+    assert "500 WAL flushes of 0.6 ms each on average" in table
+    assert "500 WAL flushes, no checkpoint" in table
 
 
 def test_a_phase_keeps_up_when_the_relay_queue_grew_by_at_most_two_percent() -> None:
