@@ -164,7 +164,8 @@ class Metrics:
         r = self.registry
         self.child = LabelCache()
         self.role = Gauge("gridpay_node_active", "1 when this node holds the lease", registry=r)
-        self.epoch = Gauge("gridpay_lease_epoch", "lease epoch held by this node", registry=r)
+        self.epoch = Gauge("gridpay_lease_epoch", "lease epoch held by this node (0: none)",
+                           registry=r)
         self.http_requests = Counter("gridpay_http_requests_total", "HTTP requests",
                                      ["route", "status"], registry=r)
         self.http_latency = Histogram("gridpay_http_request_seconds", "HTTP latency", ["route"],

@@ -119,6 +119,7 @@ class Node:
             return
         self._standby_ran = True
         self.metrics.role.set(0)
+        self.metrics.epoch.set(0)  # it holds no epoch now (the gauge showed the old one)
         for hook in self.hooks.on_standby:
             try:
                 await hook()

@@ -127,6 +127,11 @@ async def test_switchover_loses_nothing(clean_db: str, clean_redis: str, sims: S
             assert result.to_epoch == epoch + 1 and result.seconds < 3
             await _wait(lambda: b.is_active, 5, "node-b active")
             assert a.role is Role.STANDBY and not a.is_active
+            # the gauges say which node holds the lease, under which epoch: the old node none
+            gauge = {n: (node.metrics.registry.get_sample_value("gridpay_node_active"),
+                         node.metrics.registry.get_sample_value("gridpay_lease_epoch"))
+                     for n, node in (("a", a), ("b", b))}
+            assert gauge == {"a": (0, 0), "b": (1, epoch + 1)}
             # every approved payment is in the ledger once, and a retry on the new node of a
             # key approved by the old one gets the original answer, byte for byte
             rows = await b.pool.fetch("SELECT dedup_key FROM payments")
