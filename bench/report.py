@@ -187,3 +187,37 @@ def format_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def goals_over_runs(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each goal of repeated runs of one scenario (`--repeat`): its value in every run that
+    measured it, the median, and in how many runs it was met. A figure that lands on either
+    side of its goal from one identical run to the next (the bank's 70 % tail does, see
+    docs/performance.md) is judged by this, not by one run."""
+    values: dict[str, list[float]] = defaultdict(list)
+    met: dict[str, int] = defaultdict(int)
+    goal: dict[str, str] = {}
+    for report in reports:
+        for name, g in report.get("goals", {}).items():
+            if not isinstance(g.get("value"), (int, float)):
+                continue  # a run that could not measure it (a phase skipped or failed)
+            values[name].append(float(g["value"]))
+            met[name] += bool(g.get("met"))
+            goal[name] = str(g.get("goal", ""))
+    out: dict[str, dict[str, Any]] = {}
+    for name, vs in values.items():
+        s = sorted(vs)
+        mid = len(s) // 2
+        median = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+        out[name] = {"values": vs, "median": round(median, 3), "goal": goal[name],
+                     "met": met[name], "runs": len(vs)}
+    return out
+
+
+def format_goals_over_runs(scenario: str, over: dict[str, dict[str, Any]], runs: int) -> str:
+    lines = [f"== {scenario}: goals over {runs} runs =="]
+    for name, g in over.items():
+        vals = ", ".join(_fmt(v) for v in g["values"])
+        lines.append(f"{name}: met in {g['met']} of {g['runs']}, median {_fmt(g['median'])} "
+                     f"(goal {g['goal']}); runs: {vals}")
+    return "\n".join(lines)

@@ -453,3 +453,44 @@ async def test_the_ceiling_from_a_real_run_names_the_processes_it_adds(harness: 
     assert top["max_tps"] > 0 and "ceiling:" in format_table(
         {"scenario": "http", "status": "pass", "ceiling": top})
     assert (await harness.books())["ok"]
+
+
+def test_goals_over_repeated_runs_give_every_value_the_median_and_how_often_met() -> None:
+    from bench.report import format_goals_over_runs, goals_over_runs
+
+    def run(p99: float | None, ratio: float) -> dict[str, Any]:
+        goals: dict[str, Any] = {"bank_tps_vs_pgbench_N": {"value": ratio, "goal": ">= 1.0",
+                                                           "met": ratio >= 1.0}}
+        if p99 is not None:  # a run whose open loop did not run has no such goal
+            goals["p99_ms_at_70pct_open_loop"] = {"value": p99, "goal": "<= 20.0",
+                                                  "met": p99 <= 20.0}
+        return {"scenario": "bank", "goals": goals}
+
+    over = goals_over_runs([run(14.0, 1.2), run(46.9, 1.3), run(19.4, 0.9), run(None, 1.1)])
+    tail = over["p99_ms_at_70pct_open_loop"]
+    assert tail == {"values": [14.0, 46.9, 19.4], "median": 19.4, "goal": "<= 20.0",
+                    "met": 2, "runs": 3}
+    tps = over["bank_tps_vs_pgbench_N"]
+    assert tps["median"] == 1.15 and tps["met"] == 3 and tps["runs"] == 4
+    text = format_goals_over_runs("bank", over, 4)
+    assert "== bank: goals over 4 runs ==" in text
+    assert ("p99_ms_at_70pct_open_loop: met in 2 of 3, median 19.4 (goal <= 20.0); "
+            "runs: 14, 46.9, 19.4") in text
+
+
+def test_repeat_runs_a_scenario_on_its_own_and_sums_its_goals_up(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench.__main__ import main
+
+    out = tmp_path / "codec.json"
+    assert main(["codec", "--repeat", "2", "--duration", "0.4", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["scenario"] == "codec" and doc["status"] == "pass" and len(doc["runs"]) == 2
+    over = doc["goals_over_runs"]["codec_vs_pyiso8583_min_ratio"]
+    assert over["runs"] == 2 and over["values"] == [
+        r["goals"]["codec_vs_pyiso8583_min_ratio"]["value"] for r in doc["runs"]]
+    assert "== codec: goals over 2 runs ==" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["codec", "--repeat", "0"])
