@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -206,11 +207,8 @@ def goals_over_runs(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
             goal[name] = str(g.get("goal", ""))
     out: dict[str, dict[str, Any]] = {}
     for name, vs in values.items():
-        s = sorted(vs)
-        mid = len(s) // 2
-        median = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-        out[name] = {"values": vs, "median": round(median, 3), "goal": goal[name],
-                     "met": met[name], "runs": len(vs)}
+        out[name] = {"values": vs, "median": round(statistics.median(vs), 3),
+                     "goal": goal[name], "met": met[name], "runs": len(vs)}
     return out
 
 

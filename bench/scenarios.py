@@ -400,13 +400,10 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
     wal = after["wal"] - before["wal"]
     written = after["written"] - before["written"]
     vacuumed, analysed = _grown(before, after, 0), _grown(before, after, 1)
-    created = (None if after.get("wal_created") is None or before.get("wal_created") is None
-               else after["wal_created"] - before["wal_created"])
-    fsyncs = (None if after.get("fsyncs") is None or before.get("fsyncs") is None
-              else after["fsyncs"] - before["fsyncs"])
-    fsync_ms = (None if not fsyncs or after.get("fsync_ms") is None
-                or before.get("fsync_ms") is None
-                else (after["fsync_ms"] - before["fsync_ms"]) / fsyncs)
+    created = _delta(before, after, "wal_created")
+    fsyncs = _delta(before, after, "fsyncs")
+    flushing = _delta(before, after, "fsync_ms")
+    fsync_ms = flushing / fsyncs if fsyncs and flushing is not None else None
     return {"wal_mb": round(wal / 1e6, 1),
             # WAL flushes in the phase, and the mean time one took: the disk's part of every
             # commit's wait, which the switch does not control and which varies from run to
@@ -428,6 +425,14 @@ def db_activity(before: dict[str, Any] | None, after: dict[str, Any] | None,
             "relay_backlog": [before.get("pending", 0), after.get("pending", 0)],
             # which tables were vacuumed and analysed by the autovacuum daemon meanwhile
             "autovacuumed": vacuumed, "autoanalyzed": analysed}
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any], key: str) -> Any:
+    """How much a counter read at both ends of a phase grew (None: not read at either end,
+    as on a server too old to have it, or without track_wal_io_timing for the times)."""
+    if before.get(key) is None or after.get(key) is None:
+        return None
+    return after[key] - before[key]
 
 
 def _grown(before: dict[str, Any], after: dict[str, Any], i: int) -> list[str]:
