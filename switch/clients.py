@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from switch import db
 from switch.loop import cancel_and_wait
 
 KEY_PREFIX = "gp_"
@@ -62,8 +63,7 @@ async def create_client(pool: asyncpg.Pool, name: str, channel: str) -> tuple[uu
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     async with pool.acquire() as con, con.transaction():
         # one add per name at a time: two at once would make two clients of one name
-        await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                          "api-client:" + name)
+        await db.lock_name(con, "api-client:" + name)
         # the client is the one whose key is in force under this name; a name whose keys
         # were all revoked is a new client (it may be another party: it inherits nothing)
         first = await con.fetchrow(

@@ -195,6 +195,12 @@ async def fence(conn: Conn, epoch: int | None) -> None:
         await conn.execute("SELECT gridpay_fence($1)", epoch)
 
 
+async def lock_name(conn: Conn, name: str) -> None:
+    """Hold a lock named `name` until the transaction ends (an advisory lock on its 64-bit
+    hash): the transactions that take one name run one at a time, on every node."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
+
+
 def fenced(param: int, statement: str) -> str:
     """`statement` fenced as `fence` does, in one statement, by the epoch in `$param` when
     that is not NULL (NULL: not fenced). The statement reads `{fence}` in its FROM (one row,

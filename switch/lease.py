@@ -201,9 +201,7 @@ class Lease:
         if task is None:
             return
         if not task.done():
-            # bounded: the tick's own statements time out well within this
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(5.0, 2 * self.ttl_s))
+            await self._tick_ended()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -335,9 +333,14 @@ class Lease:
         to undo), and so does a switchover under way, for `grace_s` at most."""
         self._retiring = True
         if self._task is not None and not self._task.done():
-            with contextlib.suppress(TimeoutError):  # as in `halt`
-                await asyncio.wait_for(self._idle.wait(), max(5.0, 2 * self.ttl_s))
+            await self._tick_ended()
         await self._switchover_done(grace_s)
+
+    async def _tick_ended(self) -> None:
+        """Wait for the tick under way to end; bounded (its own statements time out well
+        within the bound)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(5.0, 2 * self.ttl_s))
 
     async def _switchover_done(self, within_s: float) -> None:
         if self._handing_over is not None:

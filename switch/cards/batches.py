@@ -366,8 +366,6 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
             "SELECT serial FROM cards WHERE batch_id = $1 AND state = 'voided'", batch_id)}
         before = len(already - to_void.keys())
         rec = dataclasses.replace(rec, matched=rec.matched - before, voided_before=before)
-        await conn.execute("UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
-                           " WHERE id = $1", batch_id, rec.as_dict())
         for kind, serials in sorted(by_kind.items()):
             todo = [s for s in serials if s not in already]
             if todo:
@@ -375,19 +373,19 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
                                         reason=f"reconciliation: {kind}",
                                         doc=states.Document(type="batch", id=str(batch_id)))
         # a file that comes after the cards' expiry date makes them expired, not produced
+        exclude = list(to_void)
         expired = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.EXPIRED, actor=actor,
-            reason="past expiry date", exclude=list(to_void))
+            reason="past expiry date", exclude=exclude)
         moved = await states.transition_batch(
             conn, batch_id, CardState.ORDERED, CardState.PRODUCED, actor=actor,
-            reason="reconciled with the card-back file", exclude=list(to_void))
+            reason="reconciled with the card-back file", exclude=exclude)
         if moved + expired != rec.matched:
             raise Conflict(f"batch {batch_id}: {moved + expired} cards matched in the database,"
                            f" {rec.matched} in the file", code="reconciliation_mismatch")
-        if expired:
-            rec = dataclasses.replace(rec, expired=expired)
-            await conn.execute("UPDATE card_batches SET reconciliation = $2 WHERE id = $1",
-                               batch_id, rec.as_dict())
+        rec = dataclasses.replace(rec, expired=expired)
+        await conn.execute("UPDATE card_batches SET status = 'reconciled', reconciliation = $2"
+                           " WHERE id = $1", batch_id, rec.as_dict())
         if not moved:  # every card voided or expired: nothing will be stocked in, so the
             # file (its PINs, encrypted) goes now, as with any void that completes a batch
             await _erase_file(conn, batch_id)

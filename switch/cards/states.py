@@ -24,6 +24,7 @@ from types import MappingProxyType
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from switch import db
 from switch.cards.errors import IllegalTransition, InvalidInput
 
 #: A connection, or one borrowed from a pool.
@@ -267,6 +268,15 @@ async def expire_touched(conn: Conn, serials: Sequence[str],
     """Mark as expired those of `serials` that are past expiry and not redeemed (lazy)."""
     n: int = await conn.fetchval(_EXPIRE, list(serials), UNREDEEMED_VALUES, actor)
     return n
+
+
+async def expire_fenced(conn: Conn, serials: Sequence[str], actor: str,
+                        epoch: int | None) -> int:
+    """`expire_touched` in a transaction of its own, fenced by `epoch` (the active node's
+    write only; None: unfenced, as for a one-shot command)."""
+    async with conn.transaction():
+        await db.fence(conn, epoch)
+        return await expire_touched(conn, serials, actor)
 
 
 async def sweep_expired(pool: asyncpg.Pool, *, actor: str = "sweep", chunk: int = 10000,

@@ -73,9 +73,7 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
                            code="invalid_reason")
     pending = reason in VOID_NEEDS_APPROVAL
     async with pool.acquire() as conn:
-        async with conn.transaction():
-            await db.fence(conn, epoch)
-            await states.expire_touched(conn, serials, user.username)
+        await states.expire_fenced(conn, serials, user.username, epoch)
         async with conn.transaction():
             await db.fence(conn, epoch)
             if stocktake_id is not None and await conn.fetchval(
@@ -111,38 +109,37 @@ async def void_cards(pool: asyncpg.Pool, user: User, serials: Sequence[str], rea
 async def approve_void(pool: asyncpg.Pool, user: User, void_id: int, *, approve: bool = True,
                        audit: Audit | None = None, epoch: int | None = None) -> dict[str, Any]:
     async with pool.acquire() as conn:
-        # a card past its expiry date is expired, not voided, as with a direct void; only
-        # for an approval that the checks below will let through (a refused one changes
-        # nothing)
-        serials = await conn.fetchval(
-            "SELECT serials FROM card_voids WHERE id = $1 AND state = 'pending_approval'"
-            " AND requested_by <> $2", void_id, user.username)
-        if approve and serials:
-            async with conn.transaction():
-                await db.fence(conn, epoch)
-                await states.expire_touched(conn, serials, user.username)
-    async with pool.acquire() as conn, conn.transaction():
-        await db.fence(conn, epoch)
-        row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
-        if row is None:
-            raise NotFound(f"no void {void_id}", code="void_not_found")
-        if row["state"] != "pending_approval":
-            raise Conflict(f"void {void_id} is {row['state']}", code="void_state")
-        if row["requested_by"] == user.username:
-            raise Forbidden("the approver of a void cannot be its requester",
-                            code="maker_checker")
         if approve:
-            await states.transition(conn, row["serials"], CardState.VOIDED, event="void",
-                                    actor=user.username,
-                                    reason=f"{row['reason']} (approved by {user.username})",
-                                    doc=Document(type="void", id=str(void_id)))
-            await erase_files_of_voided_batches(conn, row["serials"])
-        await conn.execute(
-            "UPDATE card_voids SET state = $2, approved_by = $3, done_at = now() WHERE id = $1",
-            void_id, "done" if approve else "rejected", user.username)
-        return await _audited(audit, conn, {"void_id": void_id,
-                                            "state": "done" if approve else "rejected",
-                                            "count": len(row["serials"])})
+            # a card past its expiry date is expired, not voided, as with a direct void; only
+            # for an approval that the checks below will let through (a refused one changes
+            # nothing)
+            serials = await conn.fetchval(
+                "SELECT serials FROM card_voids WHERE id = $1 AND state = 'pending_approval'"
+                " AND requested_by <> $2", void_id, user.username)
+            if serials:
+                await states.expire_fenced(conn, serials, user.username, epoch)
+        async with conn.transaction():
+            await db.fence(conn, epoch)
+            row = await conn.fetchrow("SELECT * FROM card_voids WHERE id = $1 FOR UPDATE", void_id)
+            if row is None:
+                raise NotFound(f"no void {void_id}", code="void_not_found")
+            if row["state"] != "pending_approval":
+                raise Conflict(f"void {void_id} is {row['state']}", code="void_state")
+            if row["requested_by"] == user.username:
+                raise Forbidden("the approver of a void cannot be its requester",
+                                code="maker_checker")
+            if approve:
+                await states.transition(conn, row["serials"], CardState.VOIDED, event="void",
+                                        actor=user.username,
+                                        reason=f"{row['reason']} (approved by {user.username})",
+                                        doc=Document(type="void", id=str(void_id)))
+                await erase_files_of_voided_batches(conn, row["serials"])
+            await conn.execute(
+                "UPDATE card_voids SET state = $2, approved_by = $3, done_at = now() WHERE id = $1",
+                void_id, "done" if approve else "rejected", user.username)
+            return await _audited(audit, conn, {"void_id": void_id,
+                                                "state": "done" if approve else "rejected",
+                                                "count": len(row["serials"])})
 
 
 # --- stocktakes -------------------------------------------------------------------------------
@@ -160,13 +157,11 @@ async def known_location(pool: asyncpg.Pool, location: str) -> bool:
 
 
 async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequence[str], *,
-                    audit: Audit | None = None, epoch: int | None = None,
-                    known: bool | None = None) -> dict[str, Any]:
+                    known: bool, audit: Audit | None = None,
+                    epoch: int | None = None) -> dict[str, Any]:
     """Compare the serials counted at `location` with the cards that should be there.
-    `known`: what `known_location` said of it, when the caller asked already."""
+    `known`: what `known_location` said of it (the caller asks first, for its audit)."""
     user.require_hall(location)  # first: a hall's user learns nothing of other halls' codes
-    if known is None:
-        known = await known_location(pool, location)
     if not known:
         raise InvalidInput("location is the warehouse or a hall that has users or cards",
                            code="invalid_location")
@@ -318,9 +313,7 @@ async def sell(pool: asyncpg.Pool, user: User, serials: Sequence[str], *,
     if user.role is not Role.CASHIER or user.hall is None:
         raise Forbidden("only a cashier sells, at their hall", code="forbidden_role")
     async with pool.acquire() as conn:
-        async with conn.transaction():
-            await db.fence(conn, epoch)
-            await states.expire_touched(conn, serials, user.username)
+        await states.expire_fenced(conn, serials, user.username, epoch)
         async with conn.transaction():
             await db.fence(conn, epoch)
             sale_id: int = await conn.fetchval(
@@ -348,9 +341,7 @@ async def unlock(pool: asyncpg.Pool, user: User, serial: str, *,
     if not valid_serial(serial):
         raise not_a_serial("the serial")
     async with pool.acquire() as conn:
-        async with conn.transaction():
-            await db.fence(conn, epoch)
-            await states.expire_touched(conn, [serial], user.username)
+        await states.expire_fenced(conn, [serial], user.username, epoch)
         async with conn.transaction():
             await db.fence(conn, epoch)
             await states.transition(conn, [serial], CardState.SOLD, event="unlock",

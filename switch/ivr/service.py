@@ -45,7 +45,7 @@ from switch.cards.states import (
     RECHARGE_RESULT,
     CardState,
     card_view,
-    expire_touched,
+    expire_fenced,
     record_wrong_pin,
     refused_and_marked,
 )
@@ -494,9 +494,8 @@ class IvrService:
         refusal is handled as any effect's, by `_perform`)."""
         card = card_view(row)
         if card.state is CardState.EXPIRED and row["state"] != CardState.EXPIRED.value:
-            async with self.node.pool.acquire() as con, con.transaction():
-                await db.fence(con, self.node.epoch)  # the active node's write only
-                await expire_touched(con, [card.serial], "ivr")
+            async with self.node.pool.acquire() as con:  # the active node's write only
+                await expire_fenced(con, [card.serial], "ivr", self.node.epoch)
         return CardFact(state=card.state.value, face_value=card.face_value)
 
     async def _verify_pin(self, call: Call, effect: VerifyPin, ihash: str) -> Fact:
@@ -545,8 +544,7 @@ class IvrService:
         async with node.pool.acquire() as con, con.transaction():
             await db.fence(con, node.epoch)
             # one caller number at a time: count-and-block is atomic across parallel calls
-            await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                              "ivr-ani:" + call.ani)
+            await db.lock_name(con, "ivr-ani:" + call.ani)
             fresh = await con.fetchval(
                 "INSERT INTO ivr_pin_failures (call_id, attempt, ani, serial)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
