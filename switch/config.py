@@ -71,10 +71,12 @@ def _check_authority(key: str, url: str) -> None:
     rest = url.split("://", 1)[1]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     # user:password cut short by a raw delimiter: the authority holds a ':' but no '@', and
-    # an '@' follows (an '@' in a query, such as ?user=app@corp, after a host is no password)
+    # an '@' follows (an '@' in a query, such as ?user=app@corp, after a host is no password;
+    # one before the query is, even after digits that would read as a port: app:1234#x@db)
     cut = authority.partition(":")[2]
-    if "@" not in authority and "@" in rest[len(authority):] and cut and not cut.isdigit() \
-            and "," not in authority:
+    tail = rest[len(authority):]
+    if "@" not in authority and cut and "," not in authority and (
+            "@" in tail.split("?", 1)[0] or ("@" in tail and not cut.isdigit())):
         raise ConfigError(key, url, "a URL whose password has its '#', '/', '?' and '@' "
                                     "percent-encoded (%23, %2F, %3F, %40)")
     for host in authority.rpartition("@")[2].split(","):  # libpq takes h1:p1,h2:p2

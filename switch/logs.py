@@ -40,8 +40,9 @@ _KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|k
 # the password of a URL: scheme://user:PASSWORD@host, up to the URL's last '@' within 256
 # characters (bounded work on any text), so that a password holding an '@', or a raw '#',
 # '/' or '?' (which a URL should carry percent-encoded, and a config check refuses), is
-# masked whole
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@]{0,256}:)\S{0,256}@")
+# masked whole; with no '@' that near, the rest of the token goes (a longer password)
+_URL_PASSWORD = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@]{0,256}:)(?:\S{0,256}@|\S{257,})")
 # a password given in a URL's query (libpq takes `password` and `sslpassword` there)
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -50,7 +51,8 @@ _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", 
 def mask_url(url: str) -> str:
     """`url` with its passwords masked: the user's (as in log text) and a `password` or
     `sslpassword` parameter of the query (libpq takes both)."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
+    url = _URL_PASSWORD.sub(lambda m: m[1] + ("***@" if m[0].endswith("@") else "***"), url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def mask_text(text: str) -> str:

@@ -61,6 +61,9 @@ def test_bad_values_name_key_value_and_what_is_allowed(env: dict[str, str], key:
     "postgresql://gridpay:DbPw#S3cret-93@127.0.0.1:5432/gridpay",
     "postgresql://gridpay:Db/Pw@127.0.0.1:5432/gridpay",
     "redis://:pw?S3cret-93@127.0.0.1:6379/0",
+    # digits first, which would read as a port: the driver's error quoted them
+    "postgresql://gridpay:1234#S3cret@127.0.0.1/gridpay",
+    "postgresql://gridpay:2024/S3cret@127.0.0.1/gridpay",
 ])
 def test_a_password_with_raw_url_delimiters_is_refused_and_never_shown(url: str) -> None:
     """Raw, the password's rest would be read as the host or port, and the driver's error

@@ -76,7 +76,7 @@ def test_url_passwords_and_more_secret_words_are_masked() -> None:
 
 
 def test_a_url_printed_for_operators_shows_no_password() -> None:
-    from switch.logs import mask_url
+    from switch.logs import mask_text, mask_url
 
     cases = {
         # an '@' in the password: masked up to the last '@' of the authority
@@ -95,3 +95,8 @@ def test_a_url_printed_for_operators_shows_no_password() -> None:
     }
     for url, shown in cases.items():
         assert mask_url(url) == shown, url
+    # a password too long for the '@' to be in reach: the rest of the token goes
+    long_pw = "S3cr.t!" * 40
+    for masked in (mask_url(f"postgresql://u:{long_pw}@db/x"),
+                   mask_text(f"connect postgresql://u:{long_pw}@db/x failed")):
+        assert "S3cr" not in masked and "postgresql://u:***" in masked, masked
