@@ -71,13 +71,12 @@ KEY_PROFILES: MappingProxyType[str, KeyProfile] = MappingProxyType({
 
 @dataclass(frozen=True, slots=True)
 class _Use:
-    """A permitted use of a key: usages, algorithm (with the optional blocks that complete it,
-    such as an HMAC key's hash), modes of use."""
+    """A permitted use of a key: usages, algorithm (completed by the usage's profile's
+    optional blocks, such as an HMAC key's hash), modes of use."""
 
     usages: frozenset[str]
     algorithm: str
     modes: frozenset[str]
-    blocks: tuple[tuple[str, str], ...] = ()
 
 
 _KEK_WRAP = _Use(frozenset({"K0", "K1"}), "A", frozenset("BE"))
@@ -86,8 +85,8 @@ _MAC_GENERATE = _Use(frozenset({"M6"}), "A", frozenset("CG"))
 _MAC_VERIFY = _Use(frozenset({"M6"}), "A", frozenset("CV"))
 _PIN_ENCRYPT = _Use(frozenset({"P0"}), "A", frozenset("BE"))
 _PIN_DECRYPT = _Use(frozenset({"P0"}), "A", frozenset("BD"))
-_VOUCHER_GENERATE = _Use(frozenset({"V0"}), "H", frozenset("CG"), KEY_PROFILES["V0"].blocks)
-_VOUCHER_VERIFY = _Use(frozenset({"V0"}), "H", frozenset("CV"), KEY_PROFILES["V0"].blocks)
+_VOUCHER_GENERATE = _Use(frozenset({"V0"}), "H", frozenset("CG"))
+_VOUCHER_VERIFY = _Use(frozenset({"V0"}), "H", frozenset("CV"))
 
 _KEY_BLOCK_ERRORS: MappingProxyType[str, str] = MappingProxyType({
     "header": "A4", "length": "80", "encoding": "15", "mac": "10", "key": "10",
@@ -150,7 +149,10 @@ class _Refused(Exception):
 def _check_use(header: KeyBlockHeader, use: _Use) -> None:
     if header.key_usage not in use.usages:
         raise _Refused("A6")
-    if header.algorithm != use.algorithm or not _blocks_match(header, use.blocks):
+    # the blocks that complete the algorithm are the usage's own (every usage here has a
+    # profile)
+    if header.algorithm != use.algorithm or not _blocks_match(
+            header, KEY_PROFILES[header.key_usage].blocks):
         raise _Refused("A7")
     if header.mode_of_use not in use.modes:
         raise _Refused("A8")

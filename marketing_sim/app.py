@@ -309,8 +309,11 @@ class MarketingSim:
 
     # --- HTTP ---------------------------------------------------------------------------------
 
-    def _dispatch(self, request: Request, connection: Connection) -> Outcome:
-        """Faults first (except for ``/_faults``), then the route."""
+    def _dispatch(self, request: Request, connection: Connection, *,
+                  waited: bool = False) -> Outcome:
+        """Faults first (except for ``/_faults``), then the route. `waited`: the latency fault
+        has been waited out; the other faults are looked at again, as they are now (a
+        simulator that went down, or broke, meanwhile does nothing)."""
         if request.path.startswith("/_faults"):
             return self._route(request, connection)
         if self._faults.down is not None:
@@ -320,7 +323,7 @@ class MarketingSim:
         if self._broken:
             return _BROKEN
         faults = self._faults
-        if faults.latency_ms:
+        if faults.latency_ms and not waited:
             return self._delayed(request, connection, faults.latency_ms)
         if self.roll(faults.error_rate):
             return _INJECTED
@@ -328,15 +331,7 @@ class MarketingSim:
 
     async def _delayed(self, request: Request, connection: Connection, latency_ms: int) -> Outcome:
         await asyncio.sleep(latency_ms / 1000)
-        # "before anything else": a simulator that went down, or broke, meanwhile does nothing
-        if self._faults.down is not None:
-            connection.drop()
-            return None
-        if self._broken:
-            return _BROKEN
-        if self.roll(self._faults.error_rate):
-            return _INJECTED
-        return self._route(request, connection)
+        return self._dispatch(request, connection, waited=True)
 
     def _route(self, request: Request, connection: Connection) -> Outcome:
         try:

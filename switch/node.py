@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,9 +27,6 @@ from switch.logs import mask_url
 from switch.loop import watch_lag
 from switch.metrics import Metrics
 from switch.redis_pipe import RedisPipe
-
-if TYPE_CHECKING:
-    from switch.web.app import InFlight
 
 log = logging.getLogger("gridpay.node")
 
@@ -75,7 +72,6 @@ class Node:
         self.components: dict[str, Any] = {}
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
-        self._in_flight: InFlight | None = None  # the HTTP requests taken as the active node
         self._stopping = False
         self._demotion: asyncio.Task[None] | None = None  # see `fenced`
         self._standby_ran = False  # the standby hooks ran since the last activation
@@ -133,11 +129,16 @@ class Node:
         answered 503 already; a switchover or a stop renews the lease meanwhile, so that what
         they write is committed under this node's epoch instead of being cut off by the node
         taking over."""
-        if self._in_flight is None or not len(self._in_flight):
+        if self._runner is None:
+            return
+        from switch.web.app import IN_FLIGHT
+
+        in_flight = self._runner.app[IN_FLIGHT]  # the HTTP requests taken as the active node
+        if not in_flight:
             return
         grace_s = self.settings.node.shutdown_grace_s
-        log.info("waiting for requests in flight", extra={"requests": len(self._in_flight)})
-        left = await self._in_flight.finished(grace_s)
+        log.info("waiting for requests in flight", extra={"requests": len(in_flight)})
+        left = await in_flight.finished(grace_s)
         if left:
             log.warning("requests still in flight after the grace",
                         extra={"requests": left, "grace_s": grace_s})
@@ -205,10 +206,9 @@ class Node:
         self.lease = Lease(lease_pool, s.node.id, ttl_s=s.lease.ttl_s, renew_s=s.lease.renew_s,
                            on_active=self._became_active, on_standby=self._became_standby)
 
-        from switch.web.app import IN_FLIGHT, ProblemRunner, build_app
+        from switch.web.app import ProblemRunner, build_app
 
         app = build_app(self)
-        self._in_flight = app[IN_FLIGHT]
         self._runner = ProblemRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=s.node.shutdown_grace_s)
         await self._runner.setup()

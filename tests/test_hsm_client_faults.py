@@ -199,7 +199,8 @@ async def test_a_request_sent_while_the_hsm_is_not_reading_still_ends_at_its_dea
 async def test_a_verification_answer_with_bytes_after_its_code_is_trusted_for_neither(
         hsm_server: HsmServer) -> None:
     """`M9` and `ZW` carry nothing after their code: an answer that does (here a forged
-    "match" with two bytes more) is malformed, never taken as a match."""
+    "match" with two bytes more) is malformed, never taken as a match. Both are read by the
+    client's one `_verdict`; the `M9` of a MAC verification stands for the two here."""
     from tests.test_hsm_sim import MAC_C, MAC_KEY
 
     def answers(link: Link, frame: bytes) -> bytes:

@@ -189,14 +189,14 @@ class LinkProtocol(asyncio.Protocol):
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)
-        if (self.paused and len(self.in_flight) < self.listener.settings.max_in_flight
-                and self.transport is not None and not self.transport.is_closing()
-                and not self.closing):
-            self._take_frames()  # those already read first
-            if len(self.in_flight) < self.listener.settings.max_in_flight \
-                    and not self.transport.is_closing():
-                self.transport.resume_reading()
-                self.paused = False
+        if not self.paused or self.closing or self.transport is None \
+                or self.transport.is_closing():
+            return
+        self._take_frames()  # those already read first (as many as there is room for)
+        if len(self.in_flight) < self.listener.settings.max_in_flight \
+                and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self.paused = False
 
 
 class LinkListener:

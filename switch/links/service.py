@@ -419,28 +419,24 @@ class LinkService:
             match = [i for i in link.candidates if i.id == f32]
             if not match:
                 raise Decline("58", "field 32 names no institution allowed on this link")
-            if code != "001":
-                # an address that several institutions share: the link is theirs, and counted
-                # against their connection limit, from the sign-on on. An echo (or a sign-off)
-                # before it is answered and takes no slot: it would lock the institution's
-                # real connection out.
-                if code == "301" or link.network(code):
-                    return self._response(msg, "00")
-                raise Decline("12", f"unknown network management code {code}")
-            if not link.bind(match[0]):
-                raise Decline("58", "the institution is at its connection limit")
-            link.institution = match[0]
+            # an address that several institutions share: the link is theirs, and counted
+            # against their connection limit, from the sign-on on. An echo (or a sign-off)
+            # before it is answered and takes no slot: it would lock the institution's real
+            # connection out.
+            if code == "001":
+                if not link.bind(match[0]):
+                    raise Decline("58", "the institution is at its connection limit")
+                link.institution = match[0]
         elif link.institution.id != f32:
             raise Decline("58", "field 32 does not match this link's institution")
         if code == "301":
-            resp = self._response(msg, "00")
-        elif link.network(code):
+            return self._response(msg, "00")
+        if not link.network(code):
+            raise Decline("12", f"unknown network management code {code}")
+        if link.institution is not None:  # a change of a bound link's state
             log.info("link state", extra={"institution": link.institution.id,
                                           "state": str(link.state), "peer": link.peer})
-            resp = self._response(msg, "00")
-        else:
-            raise Decline("12", f"unknown network management code {code}")
-        return resp
+        return self._response(msg, "00")
 
     # -- inquiry --------------------------------------------------------------------------
 
