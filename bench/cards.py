@@ -1,5 +1,7 @@
 """Card centre benchmark: order a batch (PINs in the HSM), write its new-card file,
-manufacture it, reconcile the card-back file and stock it in; cards/s per phase.
+manufacture it, reconcile the card-back file and stock it in; cards/s per phase, and the
+longest the event loop went without a turn in each phase (a node runs these jobs on the loop
+that answers its payments, so a long stall there is every channel's latency).
 
     python -m bench.cards [--cards 100000] [--database-url URL] [--in-flight 6]
 
@@ -10,6 +12,7 @@ GRIDPAY_TEST_DATABASE_URL / --database-url or an embedded PostgreSQL in a tempor
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -68,6 +71,28 @@ def database(url: str | None) -> Iterator[str]:
             pg.stop()
 
 
+class LoopWatch:
+    """The longest the event loop went without running a 1 ms timer, since the last `take`."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, time.perf_counter() - t - 0.001)
+
+    async def take(self) -> float:
+        await asyncio.sleep(0.002)  # a turn for the timer, so that a stall just ended counts
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
 async def run(cards: int, url: str, port: int, in_flight: int, workdir: Path) -> dict[str, Any]:
     conn = await asyncpg.connect(url)
     try:
@@ -78,6 +103,8 @@ async def run(cards: int, url: str, port: int, in_flight: int, workdir: Path) ->
     hsm = HsmClient("127.0.0.1", port, pool_size=2, timeout=30.0)
     await hsm.start()
     phases: dict[str, float] = {}
+    stalls: dict[str, float] = {}
+    watch = LoopWatch()
     try:
         ring = await provision_dev_keys(hsm, load_dev_keys())
         order = batches.BatchOrder.validate(
@@ -92,6 +119,7 @@ async def run(cards: int, url: str, port: int, in_flight: int, workdir: Path) ->
         await batches.generate(pool, hsm, ring, batch_id, Progress(job_id=job, total=cards),
                                in_flight=in_flight)
         phases["order_and_generate"] = time.perf_counter() - t0
+        stalls["order_and_generate"] = await watch.take()
 
         t0 = time.perf_counter()
         ncf = workdir / f"batch-{batch_id}.ncf"
@@ -99,25 +127,29 @@ async def run(cards: int, url: str, port: int, in_flight: int, workdir: Path) ->
             async for chunk in batches.new_card_file(pool, batch_id):
                 fh.write(chunk)
         phases["new_card_file"] = time.perf_counter() - t0
+        stalls["new_card_file"] = await watch.take()
 
         t0 = time.perf_counter()
         cbf = workdir / f"batch-{batch_id}.cbf"
         manufacture(ncf, cbf, missing=3, damaged=2, changed_face=1, unexpected=1)
         phases["manufacturer_simulator"] = time.perf_counter() - t0
+        await watch.take()  # the simulator stands for the manufacturer: not the node's stall
 
         t0 = time.perf_counter()
         parser = CardBackParser()
         with cbf.open("rb") as fh:
-            for line in fh:
-                parser.feed(line)
+            await batches.feed_card_back(parser, fh)
         rec = await batches.reconcile_batch(pool, batch_id, parser.result().records,
                                             actor="bench")
         phases["card_back_and_reconcile"] = time.perf_counter() - t0
+        stalls["card_back_and_reconcile"] = await watch.take()
 
         t0 = time.perf_counter()
         out = await batches.stock_in(pool, batch_id, actor="bench")
         phases["stock_in"] = time.perf_counter() - t0
+        stalls["stock_in"] = await watch.take()
     finally:
+        watch.close()
         await hsm.close()
         await pool.close()
     switch_total = sum(v for k, v in phases.items() if k != "manufacturer_simulator")
@@ -125,6 +157,7 @@ async def run(cards: int, url: str, port: int, in_flight: int, workdir: Path) ->
             "seconds": {k: round(v, 2) for k, v in phases.items()},
             "cards_per_s": {k: round(cards / v) for k, v in phases.items()},
             "switch_total_s": round(switch_total, 2),
+            "worst_loop_stall_ms": {k: round(v * 1000, 1) for k, v in stalls.items()},
             "reconciliation": rec.counts(), "matched": rec.matched,
             "stocked_in": out["stocked_in"]}
 

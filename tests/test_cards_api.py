@@ -330,7 +330,7 @@ async def test_a_card_back_file_that_voids_every_card_erases_the_new_card_file(
     a = admin_api
     batch = await _order(a, 3)
     good, _ = await _card_back(a, tmp_path, batch, seed=1)
-    records = [replace(r, status="DAMAGED")
+    records = [r._replace(status="DAMAGED")
                for r in parse_card_back(good).records]
     body = b"".join(card_back_record(r) for r in records)
     data = (card_back_header(batch_id=batch["id"], count=3, manufacturer="acme",

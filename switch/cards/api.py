@@ -433,8 +433,7 @@ async def _read_card_back(request: web.Request, max_records: int) -> CardBackPar
             continue
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        for line in lines:
-            parser.feed(line + b"\n")
+        await batches.feed_card_back(parser, (line + b"\n" for line in lines))
     if rest:
         parser.feed(rest)
     return parser

@@ -13,17 +13,21 @@ MAX_SEQ = 10**SEQ_LEN - 1
 MAX_RANGE = 1_000_000
 
 
+#: a digit → its double with the digits of the double added (Luhn's doubling)
+_DOUBLED = str.maketrans("0123456789", "0246813579")
+
+
 def luhn_digit(body: str) -> str:
-    """The Luhn check digit to append to the digit string `body`."""
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = ord(ch) - 48
-        if i % 2 == 0:  # doubled: rightmost digit of the body sits next to the check digit
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
+    """The Luhn check digit to append to the ASCII digit string `body`.
+
+    From the right, every other digit of the body (starting with the rightmost, which sits
+    next to the check digit) is doubled; the check digit makes the total a multiple of 10.
+    The digits are summed as their ASCII codes, in C: half the time of a loop in Python, and
+    a million-card reconciliation checks a million serials."""
+    rev = body[::-1]
+    total = (sum(rev[0::2].translate(_DOUBLED).encode()) + sum(rev[1::2].encode())
+             - 48 * len(rev))
+    return str(-total % 10)
 
 
 def digits(text: str) -> bool:
