@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 from switch.keepalive import AnswerTooLarge, KeepAlivePool
+from switch.loop import in_slices
 
 log = logging.getLogger("gridpay.marketing")
 
@@ -601,7 +602,8 @@ class MarketingClient:
             raise MarketingUnavailable("marketing system sent a malformed posting list") from exc
         out: list[PostingRecord] = []
         unread = 0
-        for item in items:
+        # a day's list can hold hundreds of thousands: read with turns for the event loop
+        async for item in in_slices(items):
             # a record that cannot be read is left out when it is another system's posting
             # (an id or a kind of its own), not the whole day; one that carries an id of our
             # shape refuses the list, as any malformed list is (reconciling without it would

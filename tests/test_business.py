@@ -12,10 +12,12 @@ import aiohttp
 import orjson
 import pytest
 
-from switch import db
+from switch import db, marketing_client
+from switch import loop as loop_module
 from switch.business import BusinessCalendar, filing_dates, next_cutover
 from switch.marketing_client import MarketingClient
 from switch.node import Node
+from switch.payments import reconcile as reconcile_module
 from switch.payments.reconcile import reconcile
 from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
 
@@ -71,6 +73,60 @@ async def _drain(node: Node) -> None:
         node.components["forwarder"].wake()
         await asyncio.sleep(0.05)
     raise AssertionError("outbox did not drain")
+
+
+async def test_reconciliation_gives_the_event_loop_turns_through_a_day(
+        clean_db: str, clean_redis: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reconciliation runs on the active node. A busy day is hundreds of thousands of
+    # postings, and going through them in one go held every payment the node was answering
+    # for seconds: the lists (ours, the marketing system's) are gone through in slices with a
+    # turn for the event loop between them. Seen here with slices of two postings: a ticker
+    # task moves on between the comparisons, and between the marketing list's records.
+    monkeypatch.setattr(loop_module, "SLICE", 2)
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    seen: dict[str, list[int]] = {"compared": [], "read": []}
+
+    def watched(name: str, fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            seen[name].append(turns)
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(reconcile_module, "_same", watched("compared", reconcile_module._same))
+    monkeypatch.setattr(marketing_client, "_record", watched("read", marketing_client._record))
+    async with simulators() as sims, running_node(clean_db, clean_redis, sims,
+                                                  tmp_path) as node:
+        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+        key = await api_key(node.pool, "internet")
+        acct = await active_account(sims.marketing)
+        async with aiohttp.ClientSession() as s:
+            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+            for i in range(8):
+                st, _, _ = await api.call("POST", "/v1/payments", idem=f"t{i}",
+                                          json={"account_no": acct, "amount": 100 + i,
+                                                "method": "cash"})
+                assert st == 201
+        await _drain(node)
+        day = node.components["calendar"].today()
+        seen["compared"].clear()
+        seen["read"].clear()
+        task = asyncio.get_running_loop().create_task(ticker())
+        try:
+            rep = await reconcile(node.pool, node.components["marketing"], day,
+                                  calendar=node.components["calendar"])
+        finally:
+            task.cancel()
+        assert rep.clean and rep.matched == 8
+        assert len(seen["compared"]) == 8 and len(set(seen["compared"])) >= 4, seen
+        assert len(seen["read"]) >= 8 and len(set(seen["read"])) >= 4, seen
 
 
 async def test_reconciliation_finds_and_requeues_what_is_missing(

@@ -18,7 +18,6 @@ from switch.cards import oplog, states
 from switch.cards.batches import feed_card_back
 from switch.cards.errors import IllegalTransition, InvalidInput
 from switch.cards.files import (
-    SLICE,
     CardBackParser,
     CardBackRecord,
     CardBackRecords,
@@ -44,6 +43,7 @@ from switch.cards.serials import (
 )
 from switch.cards.states import ALLOWED_FROM, TRANSITIONS, CardState, Document
 from switch.cards.users import add_user, main_users_add
+from switch.loop import SLICE
 
 S = CardState
 DOC = Document(type="test", id="1")

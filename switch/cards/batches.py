@@ -25,7 +25,6 @@ from switch.business import iso_date
 from switch.cards import states
 from switch.cards.errors import Conflict, Gone, HsmUnavailable, InvalidInput, NotFound
 from switch.cards.files import (
-    SLICE,
     CardBackParser,
     CardBackRecord,
     Reconciliation,
@@ -40,7 +39,7 @@ from switch.cards.states import CardState
 from switch.db import fence
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing
-from switch.loop import all_or_cancel
+from switch.loop import all_or_cancel, in_slices
 
 log = logging.getLogger("gridpay.cards.batches")
 
@@ -340,13 +339,11 @@ async def new_card_file(pool: asyncpg.Pool, batch_id: int) -> AsyncIterator[byte
 # --- reconciliation and stock-in ---------------------------------------------------------------
 
 async def feed_card_back(parser: CardBackParser, lines: Iterable[bytes]) -> None:
-    """Feed `lines` (each with its newline) to `parser`, with a turn for the event loop every
-    `SLICE` lines: a megabyte of a card-back file already received is 25 000 lines, and a
+    """Feed `lines` (each with its newline) to `parser`, with turns for the event loop in
+    between (`in_slices`): a megabyte of a card-back file already received is 25 000 lines, and a
     whole file up to two million, which the node's payments must not wait behind."""
-    for i, line in enumerate(lines, 1):
+    async for line in in_slices(lines):
         parser.feed(line)
-        if i % SLICE == 0:
-            await asyncio.sleep(0)
 
 
 async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[CardBackRecord],

@@ -25,6 +25,7 @@ from typing import NamedTuple, cast, overload
 
 from switch.cards.errors import InvalidInput
 from switch.cards.serials import digits, luhn_digit, make_serial
+from switch.loop import SLICE
 
 NEW_CARD_MAGIC = "GRIDPAY-NEWCARD"
 CARD_BACK_MAGIC = "GRIDPAY-CARDBACK"
@@ -355,9 +356,6 @@ class Reconciliation:
                 "discrepancies": [d.as_dict() for d in self.discrepancies]}
 
 
-#: records (or serials of the batch) looked at between two yields of `reconcile_steps`: about
-#: 3 ms of work, so that a node reconciling a million-card file still answers its payments
-SLICE = 2000
 
 
 def reconcile_steps(*, batch_id: int, prefix: str, first_seq: int, quantity: int,
