@@ -150,6 +150,30 @@ async def until_a_statement_waits_on_a_lock(pool: asyncpg.Pool, within_s: float 
     raise AssertionError("no statement waited on the lock")
 
 
+class LoopTurns:
+    """Within `async with`: `count` is how many turns the event loop has given other tasks (a
+    task that yields and counts). Code that holds the loop for a long stretch lets it move on
+    only at its end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0)
+            self.count += 1
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 class StallProxy:
     """A TCP relay to a real server that can stall: while stalled it takes connections and
     bytes but forwards nothing either way, then forwards what it held on `resume` (a server

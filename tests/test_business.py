@@ -19,7 +19,15 @@ from switch.marketing_client import MarketingClient
 from switch.node import Node
 from switch.payments import reconcile as reconcile_module
 from switch.payments.reconcile import reconcile
-from tests.nodekit import Api, Sims, active_account, api_key, running_node, simulators
+from tests.nodekit import (
+    Api,
+    LoopTurns,
+    Sims,
+    active_account,
+    api_key,
+    running_node,
+    simulators,
+)
 
 SH = ZoneInfo("Asia/Shanghai")
 
@@ -75,6 +83,22 @@ async def _drain(node: Node) -> None:
     raise AssertionError("outbox did not drain")
 
 
+async def _pay_internet(node: Node, sims: Sims, amounts: list[int]) -> str:
+    """Internet payments of `amounts` to one active account, forwarded; the account."""
+    await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
+    key = await api_key(node.pool, "internet")
+    acct = await active_account(sims.marketing)
+    async with aiohttp.ClientSession() as s:
+        api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
+        for i, amount in enumerate(amounts):
+            st, _, _ = await api.call("POST", "/v1/payments", idem=f"r{i}",
+                                      json={"account_no": acct, "amount": amount,
+                                            "method": "cash"})
+            assert st == 201
+    await _drain(node)
+    return acct
+
+
 async def test_reconciliation_gives_the_event_loop_turns_through_a_day(
         clean_db: str, clean_redis: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,19 +108,12 @@ async def test_reconciliation_gives_the_event_loop_turns_through_a_day(
     # turn for the event loop between them. Seen here with slices of two postings: a ticker
     # task moves on between the comparisons, and between the marketing list's records.
     monkeypatch.setattr(loop_module, "SLICE", 2)
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
-
+    turns = LoopTurns()
     seen: dict[str, list[int]] = {"compared": [], "read": []}
 
     def watched(name: str, fn: Any) -> Any:
         def call(*args: Any) -> Any:
-            seen[name].append(turns)
+            seen[name].append(turns.count)
             return fn(*args)
         return call
 
@@ -104,26 +121,13 @@ async def test_reconciliation_gives_the_event_loop_turns_through_a_day(
     monkeypatch.setattr(marketing_client, "_record", watched("read", marketing_client._record))
     async with simulators() as sims, running_node(clean_db, clean_redis, sims,
                                                   tmp_path) as node:
-        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
-        key = await api_key(node.pool, "internet")
-        acct = await active_account(sims.marketing)
-        async with aiohttp.ClientSession() as s:
-            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
-            for i in range(8):
-                st, _, _ = await api.call("POST", "/v1/payments", idem=f"t{i}",
-                                          json={"account_no": acct, "amount": 100 + i,
-                                                "method": "cash"})
-                assert st == 201
-        await _drain(node)
+        await _pay_internet(node, sims, [100 + i for i in range(8)])
         day = node.components["calendar"].today()
         seen["compared"].clear()
         seen["read"].clear()
-        task = asyncio.get_running_loop().create_task(ticker())
-        try:
+        async with turns:
             rep = await reconcile(node.pool, node.components["marketing"], day,
                                   calendar=node.components["calendar"])
-        finally:
-            task.cancel()
         assert rep.clean and rep.matched == 8
         assert len(seen["compared"]) == 8 and len(set(seen["compared"])) >= 4, seen
         assert len(seen["read"]) >= 8 and len(set(seen["read"])) >= 4, seen
@@ -133,17 +137,7 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         clean_db: str, clean_redis: str, tmp_path: Path) -> None:
     async with simulators() as sims, running_node(clean_db, clean_redis, sims,
                                                   tmp_path) as node:
-        await asyncio.wait_for(node.components["accounts"].synced.wait(), 20)
-        key = await api_key(node.pool, "internet")
-        acct = await active_account(sims.marketing)
-        async with aiohttp.ClientSession() as s:
-            api = Api(s, f"http://127.0.0.1:{node.ports.http}", key)
-            for i in range(3):
-                st, _, _ = await api.call("POST", "/v1/payments", idem=f"r{i}",
-                                          json={"account_no": acct, "amount": 100 + i,
-                                                "method": "cash"})
-                assert st == 201
-        await _drain(node)
+        acct = await _pay_internet(node, sims, [100, 101, 102])
         day = node.components["calendar"].today()
         clean = await reconcile(node.pool, node.components["marketing"], day,
                               calendar=node.components["calendar"])

@@ -44,6 +44,7 @@ from switch.cards.serials import (
 from switch.cards.states import ALLOWED_FROM, TRANSITIONS, CardState, Document
 from switch.cards.users import add_user, main_users_add
 from switch.loop import SLICE
+from tests.nodekit import LoopTurns
 
 S = CardState
 DOC = Document(type="test", id="1")
@@ -341,20 +342,10 @@ async def test_a_large_card_back_file_gives_the_event_loop_turns() -> None:
     n = 10 * SLICE
     records = [CardBackRecord(make_serial("130225", q), 1, 1, "OK", 10000)
                for q in range(1, n + 1)]
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
-
-    task = asyncio.get_running_loop().create_task(ticker())
-    await asyncio.sleep(0)
     parser = CardBackParser()
-    await feed_card_back(parser, _card_back_bytes(records).splitlines(keepends=True))
-    task.cancel()
-    assert turns >= 9, turns
+    async with LoopTurns() as turns:
+        await feed_card_back(parser, _card_back_bytes(records).splitlines(keepends=True))
+    assert turns.count >= 9, turns.count
     assert len(parser.result().records) == n
     # the reconciliation yields as often, over the file's records and over the serials the
     # file lacks, and comes to the same answer as run through at once
