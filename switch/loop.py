@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
+from typing import Any, TypeVar, cast
 
 # libuv (inside uvloop) may use io_uring; an io_uring instance was open in a process whose
 # loop close hung, so it is switched off here, before any loop exists (libuv reads this once).
@@ -95,6 +95,26 @@ async def in_slices(items: Iterable[T], size: int | None = None) -> AsyncIterato
         yield item
         if i % every == 0:
             await asyncio.sleep(0)
+
+
+def run_through(steps: Generator[None, None, T]) -> T:
+    """What a generator of steps (one that yields now and then, and returns its result) comes
+    to, run through at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
+
+
+async def run_in_turns(steps: Generator[None, None, T]) -> T:
+    """The same, with a turn for the event loop at each of its yields."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
+        await asyncio.sleep(0)
 
 
 async def all_or_cancel(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:

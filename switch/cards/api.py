@@ -513,7 +513,7 @@ async def create_void(ctx: Ctx) -> web.StreamResponse:
     if st is not None and (type(st) is not int or not 1 <= st < 2**63):
         raise InvalidInput("stocktake_id is a positive integer (a stocktake's id)",
                            code="invalid_id")
-    serials = workflow.cards_of(doc)
+    serials = await workflow.cards_of(doc)
     ctx.objects.update(reason=reason if reason in workflow.VOID_REASONS else NOT_LOGGED,
                        count=len(serials),
                        ranges=[r for r in workflow._ranges(serials)][:100])
@@ -553,7 +553,7 @@ async def create_stocktake(ctx: Ctx) -> web.StreamResponse:
     if not doc.get("serials") and not doc.get("ranges"):
         counted: list[str] = []
     else:
-        counted = workflow.cards_of(doc)
+        counted = await workflow.cards_of(doc)
     known = await workflow.known_location(ctx.pool, location)
     ctx.objects.update(location=location if known else NOT_LOGGED, counted=len(counted))
     out = await workflow.stocktake(
@@ -626,7 +626,7 @@ async def issue_request(ctx: Ctx) -> web.StreamResponse:
 @_handler("sale.create", changes=True)
 async def create_sale(ctx: Ctx) -> web.StreamResponse:
     doc = await json_body(ctx.request, BIG_BODY)
-    serials = workflow.cards_of(doc, limit=100_000)
+    serials = await workflow.cards_of(doc, limit=100_000)
     ctx.objects.update(count=len(serials), ranges=workflow._ranges(serials)[:100],
                        hall=ctx.user.hall)
     out = await workflow.sell(

@@ -39,7 +39,7 @@ from switch.cards.states import CardState
 from switch.db import fence
 from switch.hsm_client import HsmClient
 from switch.keys import KeyRing
-from switch.loop import all_or_cancel, in_slices
+from switch.loop import all_or_cancel, in_slices, run_in_turns
 
 log = logging.getLogger("gridpay.cards.batches")
 
@@ -361,16 +361,9 @@ async def reconcile_batch(pool: asyncpg.Pool, batch_id: int, records: Sequence[C
                        "for an ordered batch", code="batch_state")
     # a turn for the event loop every few milliseconds of comparing: a million-card file
     # takes about two seconds of CPU, which the node's payments must not wait behind
-    steps = reconcile_steps(batch_id=batch_id, prefix=row["prefix"], first_seq=row["first_seq"],
-                            quantity=row["quantity"], face_value=row["face_value"],
-                            records=records)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            rec: Reconciliation = done.value
-            break
-        await asyncio.sleep(0)
+    rec = await run_in_turns(reconcile_steps(
+        batch_id=batch_id, prefix=row["prefix"], first_seq=row["first_seq"],
+        quantity=row["quantity"], face_value=row["face_value"], records=records))
     to_void = rec.to_void()
     by_kind: dict[str, list[str]] = {}
     for serial, kind in to_void.items():

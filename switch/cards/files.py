@@ -21,11 +21,11 @@ import re
 from array import array
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, cast, overload
+from typing import NamedTuple, overload
 
 from switch.cards.errors import InvalidInput
 from switch.cards.serials import digits, luhn_digit, make_serial
-from switch.loop import SLICE
+from switch.loop import SLICE, run_through
 
 NEW_CARD_MAGIC = "GRIDPAY-NEWCARD"
 CARD_BACK_MAGIC = "GRIDPAY-CARDBACK"
@@ -419,10 +419,6 @@ def reconcile_steps(*, batch_id: int, prefix: str, first_seq: int, quantity: int
 def reconcile(*, batch_id: int, prefix: str, first_seq: int, quantity: int, face_value: int,
               records: Iterable[CardBackRecord]) -> Reconciliation:
     """`reconcile_steps` run through at once."""
-    steps = reconcile_steps(batch_id=batch_id, prefix=prefix, first_seq=first_seq,
-                            quantity=quantity, face_value=face_value, records=records)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return cast(Reconciliation, done.value)
+    return run_through(reconcile_steps(batch_id=batch_id, prefix=prefix, first_seq=first_seq,
+                                       quantity=quantity, face_value=face_value,
+                                       records=records))

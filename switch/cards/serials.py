@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from switch.cards.errors import InvalidInput
+from switch.loop import SLICE, run_through
 
 SERIAL_LEN = 16
 SEQ_LEN = 9
@@ -89,29 +90,44 @@ class SerialRange:
     def __iter__(self) -> Iterator[str]:
         prefix, a = serial_seq(self.first)
         _, b = serial_seq(self.last)
-        for seq in range(a, b + 1):
-            yield make_serial(prefix, seq)
+        for seq in range(a, b + 1):  # make_serial without its checks: the range's are done
+            body = f"{prefix}{seq:09d}"
+            yield body + luhn_digit(body)
 
     def as_dict(self) -> dict[str, object]:
         return {"first": self.first, "last": self.last, "count": len(self)}
 
 
-def expand(serials: Iterable[str], ranges: Iterable[SerialRange],
-           limit: int = MAX_RANGE) -> list[str]:
-    """Every serial named, singly or by range, without duplicates, in order of mention."""
+def expand_steps(serials: Iterable[str], ranges: Iterable[SerialRange],
+                 limit: int = MAX_RANGE) -> Generator[None, None, list[str]]:
+    """Every serial named, singly or by range, without duplicates, in order of mention.
+
+    A generator of steps (see `switch.loop.run_in_turns`): it yields after every `SLICE`
+    serials, so that a node expanding a million-card range in a request still answers its
+    payments meanwhile."""
     out: dict[str, None] = {}
     for i, s in enumerate(serials, 1):
         if not valid_serial(s):
             raise not_a_serial(f"serial {i} of the list")
         out[s] = None
+        if i % SLICE == 0:
+            yield
     for r in ranges:
         if len(out) + len(r) > limit:
             raise InvalidInput(f"at most {limit} cards per call", code="too_many_cards")
-        for s in r:
+        for i, s in enumerate(r, 1):
             out[s] = None
+            if i % SLICE == 0:
+                yield
     if len(out) > limit:
         raise InvalidInput(f"at most {limit} cards per call", code="too_many_cards")
     return list(out)
+
+
+def expand(serials: Iterable[str], ranges: Iterable[SerialRange],
+           limit: int = MAX_RANGE) -> list[str]:
+    """`expand_steps` run through at once."""
+    return run_through(expand_steps(serials, ranges, limit))
 
 
 def compress(serials: Sequence[str]) -> list[SerialRange]:

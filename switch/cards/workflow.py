@@ -13,9 +13,16 @@ from switch.business import iso_date
 from switch.cards import states
 from switch.cards.batches import erase_files_of_voided_batches
 from switch.cards.errors import Conflict, Forbidden, InvalidInput, NotFound
-from switch.cards.serials import SerialRange, compress, expand, not_a_serial, valid_serial
+from switch.cards.serials import (
+    SerialRange,
+    compress,
+    expand_steps,
+    not_a_serial,
+    valid_serial,
+)
 from switch.cards.states import UNREDEEMED_VALUES, CardState, Document
 from switch.cards.users import HALL_ROLES, Role, User
+from switch.loop import run_in_turns
 
 #: Called with the connection and the action's result as the last step of the action's own
 #: transaction, so that what it writes (the operation log's entry) commits with the action or
@@ -37,8 +44,9 @@ VOID_NEEDS_APPROVAL = frozenset({"lost"})
 WAREHOUSE = "warehouse"
 
 
-def cards_of(doc: Mapping[str, object], limit: int = 1_000_000) -> list[str]:
-    """Serials named by `serials` (a list) and `ranges` (a list of {first, last})."""
+async def cards_of(doc: Mapping[str, object], limit: int = 1_000_000) -> list[str]:
+    """Serials named by `serials` (a list) and `ranges` (a list of {first, last}), expanded
+    with turns for the event loop (up to a million of them)."""
     raw_serials = doc.get("serials", [])
     raw_ranges = doc.get("ranges", [])
     if not isinstance(raw_serials, list) or not all(isinstance(s, str) for s in raw_serials):
@@ -52,7 +60,7 @@ def cards_of(doc: Mapping[str, object], limit: int = 1_000_000) -> list[str]:
             raise InvalidInput("each range is {\"first\": serial, \"last\": serial}",
                                code="invalid_range")
         ranges.append(SerialRange(r["first"], r["last"]))
-    out = expand(raw_serials, ranges, limit)
+    out = await run_in_turns(expand_steps(raw_serials, ranges, limit))
     if not out:
         raise InvalidInput("name at least one card (serials or ranges)", code="no_cards")
     return out
