@@ -9,11 +9,13 @@ import gc
 import hashlib
 import itertools
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
+from switch import loop as loop_module
 from switch.cards import oplog, states, workflow
 from switch.cards.batches import feed_card_back
 from switch.cards.errors import IllegalTransition, InvalidInput
@@ -223,6 +225,29 @@ async def test_wrong_pins_lock_then_unlock_and_redeem(pool: asyncpg.Pool) -> Non
     history = [r["to_state"] for r in await pool.fetch(
         "SELECT to_state FROM card_events WHERE serial = $1 ORDER BY id", serial)]
     assert history == ["sold", "sold", "locked", "sold", "redeemed"]
+
+
+async def test_the_log_check_gives_the_event_loop_turns_within_a_page(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the check runs on the active node and rehashes every entry of a page of 5 000 at a
+    # time; with slices of two entries here, a ticker moves on between the entries' hashes
+    async with pool.acquire() as conn:
+        for i in range(6):
+            await oplog.append(conn, actor="alice", action="batch.order",
+                               objects={"batch_id": i}, result={"ok": True})
+    monkeypatch.setattr(loop_module, "SLICE", 2)
+    turns = LoopTurns()
+    at: list[int] = []
+    entry_hash = oplog.entry_hash
+
+    def watched(*args: Any) -> bytes:
+        at.append(turns.count)
+        return entry_hash(*args)
+
+    monkeypatch.setattr(oplog, "entry_hash", watched)
+    async with turns:
+        assert (await oplog.verify(pool)).ok
+    assert len(at) == 6 and len(set(at)) >= 3, at
 
 
 async def test_operation_log_detects_edit_and_deletion(pool: asyncpg.Pool) -> None:

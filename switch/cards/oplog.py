@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from switch.cards.states import Conn
+from switch.loop import in_slices
 
 OPLOG_LOCK = 0x63617264  # "card"
 GENESIS = bytes(32)
@@ -143,7 +144,7 @@ async def _walk(pool: Conn, page: int) -> Verification:
             " WHERE seq > $1 ORDER BY seq LIMIT $2", after, page)
         if not rows:
             break
-        for r in rows:
+        async for r in in_slices(rows):  # the node answers payments meanwhile
             seq = int(r["seq"])
             if seq != expected_seq:
                 return Verification(ok=False, entries=count, first_broken=expected_seq,
