@@ -272,6 +272,7 @@ def _record(body: Mapping[str, Any], listed_for: date) -> PostingRecord:
 
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _skip_whitespace(text: str, at: int) -> int:
@@ -297,6 +298,10 @@ async def _parse_in_turns(raw: bytes) -> Any:
     library's scanner reads the list an element at a time, at about 2.7 times orjson's cost,
     run once a day."""
     try:
+        if _SURROGATE_ESCAPE.search(raw) is not None:
+            # a \uD8xx-\uDFxx escape: the standard library would take a lone one, which
+            # orjson refuses (it is no Unicode text); such a rare answer is parsed whole
+            return orjson.loads(raw)
         text = raw.decode("utf-8")
         value, at = await _value_in_turns(text, _skip_whitespace(text, 0), 0)
         if _skip_whitespace(text, at) != len(text):

@@ -691,6 +691,7 @@ async def test_a_day_list_is_parsed_as_orjson_parses_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(marketing_client, "SLICE", 3)
     rng = random.Random(7)
     docs: list[bytes] = [b"[]", b" [ ] ", b"{}", b'{"postings": []}', b'"x"', b"12",
+                         b'["\\ud83d\\ude00", "\\u00e9"]',  # an escaped pair, and an escape
                          b'\n{ "date" : "2026-11-27" ,\r\n "postings" : [ {"a": [1, {"b": 2}]} ,'
                          b' 3 , "s" ] , "more": {"x": [1, 2]} }\n']
     for _ in range(300):
@@ -703,7 +704,8 @@ async def test_a_day_list_is_parsed_as_orjson_parses_it(monkeypatch: pytest.Monk
         assert await _parse_in_turns(raw) == orjson.loads(raw), raw
     for bad in (b"", b"[", b"[1,]", b"[1 2]", b"[,1]", b'{"a" 1}', b'{"a": 1,}', b"{1: 2}",
                 b"[1] x", b"[NaN]", b'{"postings": [Infinity]}', b"[\xff]", b"[1]]",
-                b'{"a": [1}', b"[" + b"9" * 5000 + b"]", b"[01]"):
+                b'{"a": [1}', b"[" + b"9" * 5000 + b"]", b"[01]", b'["\\ud800"]',
+                b'{"postings": ["x\\uDFFFy"]}'):
         with pytest.raises(MarketingUnavailable, match="not JSON"):
             await _parse_in_turns(bad)
         with pytest.raises(orjson.JSONDecodeError):
