@@ -512,6 +512,14 @@ async def test_maker_checker_roles_and_halls(admin_api: Api, tmp_path: Path) -> 
     st = await a.call("POST", "/stocktakes", "store",
                       json={"location": "warehouse", "serials": inv_serials[2:]}, expect=201)
     assert st["missing"] == inv_serials[:2] and st["unexpected"] == []
+    assert st["expected"] == len(inv_serials) and st["counted"] == len(inv_serials) - 2
+    # serials counted that should not be there: in byte order, each with what it is known as
+    strays = [make_serial("999999", 5), make_serial("000001", 9)]
+    odd = await a.call("POST", "/stocktakes", "store",
+                       json={"location": "warehouse", "serials": [*strays, *inv_serials]},
+                       expect=201)
+    assert odd["missing"] == [] and odd["missing_count"] == 0
+    assert odd["unexpected"] == [{"serial": s, "known_as": "unknown"} for s in sorted(strays)]
     void = await a.call("POST", "/voids", "admin", json={
         "reason": "lost", "serials": st["missing"], "stocktake_id": st["stocktake_id"]},
         expect=202)
