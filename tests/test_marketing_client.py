@@ -698,14 +698,24 @@ async def test_a_day_list_is_parsed_as_orjson_parses_it(monkeypatch: pytest.Monk
         doc = _random_json(rng)
         docs.append(orjson.dumps(doc))
         docs.append(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    # orjson's reading of an integer beyond 64 bits: a float
+    docs.append(b'{"postings": [{"amount": 18446744073709551616}, -9223372036854775809]}')
     docs.append(orjson.dumps({"date": "d", "postings": [_random_json(rng) for _ in range(50)]}))
     docs.append(orjson.dumps([_random_json(rng) for _ in range(50)]))
     for raw in docs:
         assert await _parse_in_turns(raw) == orjson.loads(raw), raw
+    # nesting deeper than the standard library's scanner goes, within orjson's limit: read
+    # (walked down by hand: comparing it would go as deep as Python's own limit)
+    deep = await _parse_in_turns(b'{"postings": [' + b"[" * 1000 + b"]" * 1000 + b"]}")
+    level, depth = deep["postings"][0], 1
+    while level:
+        level, depth = level[0], depth + 1
+    assert depth == 1000
     for bad in (b"", b"[", b"[1,]", b"[1 2]", b"[,1]", b'{"a" 1}', b'{"a": 1,}', b"{1: 2}",
                 b"[1] x", b"[NaN]", b'{"postings": [Infinity]}', b"[\xff]", b"[1]]",
                 b'{"a": [1}', b"[" + b"9" * 5000 + b"]", b"[01]", b'["\\ud800"]',
-                b'{"postings": ["x\\uDFFFy"]}'):
+                b'{"postings": ["x\\uDFFFy"]}', b"[1e400]", b'{"postings": [{"a": -1e309}]}',
+                b'{"postings": [' + b"[" * 1100 + b"]" * 1100 + b"]}"):
         with pytest.raises(MarketingUnavailable, match="not JSON"):
             await _parse_in_turns(bad)
         with pytest.raises(orjson.JSONDecodeError):
