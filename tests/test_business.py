@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -247,6 +248,37 @@ async def test_reconciliation_finds_and_requeues_what_is_missing(
         assert db.is_fenced(fenced.value), fenced.value
         assert await node.pool.fetchval("SELECT state FROM outbox WHERE posting_id = $1",
                                         "P999999999999999999") == "dead"
+
+
+class _ListsNothing:
+    """The marketing client, but it lists no posting at all."""
+
+    async def postings_for_date(self, day: date) -> list[object]:
+        return []
+
+
+async def test_a_bad_date_is_logged_by_counts_and_a_sample(
+        clean_db: str, clean_redis: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # a date the billing system lost whole named every posting in one log line (megabytes
+    # for a busy date); the line carries the counts and the first ten ids of each list, and
+    # the cut-over keeps the whole report
+    async with simulators() as sims, running_node(clean_db, clean_redis, sims,
+                                                  tmp_path) as node:
+        await _pay_internet(node, sims, [100 + i for i in range(12)])
+        await node.components["forwarder"].stop()  # the re-queued stay queued for the check
+        daily = node.components["daily"]
+        daily.marketing = _ListsNothing()
+        day = node.components["calendar"].today()
+        with caplog.at_level(logging.INFO, logger="gridpay"):
+            rep = await daily.close_date(day)
+        assert rep is not None and len(rep.missing) == 12 and rep.requeued == 12
+        [line] = [r for r in caplog.records if r.getMessage().startswith("business date")]
+        assert line.missing_count == 12 and line.missing == rep.missing[:10]  # type: ignore[attr-defined]
+        assert line.queued == [] and line.queued_count == 0  # type: ignore[attr-defined]
+        kept = await node.pool.fetchval(
+            "SELECT reconciliation FROM cutovers WHERE business_date = $1", day)
+        assert sorted(kept["missing"]) == sorted(rep.missing)
 
 
 class _Missing:

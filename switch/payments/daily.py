@@ -76,7 +76,7 @@ class DailyCutover:
         level = logging.INFO if rep.clean else logging.WARNING
         log.log(level, "business date reconciled" if rep.complete else
                 "business date reconciled; postings still queued: compared again once they "
-                "have gone", extra=rep.as_dict())
+                "have gone", extra=rep.summary())
         if rep.requeued:
             self.node.components["forwarder"].wake()
         return rep

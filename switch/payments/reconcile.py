@@ -19,6 +19,9 @@ from switch.business import BusinessCalendar, filing_dates
 from switch.loop import in_slices
 from switch.marketing_client import OUR_POSTING_IDS, MarketingClient, Posting
 
+#: the report's lists of posting ids
+_LISTS = ("missing", "queued", "different", "extra", "held_but_dead")
+
 
 @dataclass(slots=True)
 class ReconReport:
@@ -47,6 +50,17 @@ class ReconReport:
     def complete(self) -> bool:
         """Whether every posting of the date has been forwarded (or given up)."""
         return not self.queued
+
+    def summary(self, sample: int = 10) -> dict[str, object]:
+        """For a log line: every count, and the first `sample` posting ids of each list with
+        its length beside it. A bad date can name hundreds of thousands of postings (the
+        billing system restored from an old backup, say), which as one log line would be
+        megabytes; the whole report is kept with the date's cut-over."""
+        out = self.as_dict()
+        for name in _LISTS:
+            ids = getattr(self, name)
+            out[name], out[f"{name}_count"] = ids[:sample], len(ids)
+        return out
 
     def as_dict(self) -> dict[str, object]:
         return {"business_date": self.business_date.isoformat(), "ours": self.ours,
