@@ -73,12 +73,23 @@ end
 return saved
 """
 
-# KEYS: the turn lock, the call; ARGV: token, lock ttl ms, then any fields to read beside
-# the call. Takes the lock and, only then, reads the call: {1, version, doc, fields...} (nil
-# for what is not there), or {0} when the lock is held.
+# KEYS: the turn lock, the call; ARGV: token, lock ttl ms, n, then n stale tokens (of turns
+# of this node that failed on Redis: their lock, if it holds one of them, is let go first),
+# then any fields to read beside the call. Takes the lock and, only then, reads the call:
+# {1, version, doc, fields...} (nil for what is not there), or {0} when the lock is held.
 _HOLD = """
+local n = tonumber(ARGV[3])
+if n > 0 then
+    local holder = redis.call('GET', KEYS[1])
+    for i = 4, 3 + n do
+        if holder == ARGV[i] then
+            redis.call('DEL', KEYS[1])
+            break
+        end
+    end
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local got = redis.call('HMGET', KEYS[2], 'v', 'doc', unpack(ARGV, 3))
+    local got = redis.call('HMGET', KEYS[2], 'v', 'doc', unpack(ARGV, 4 + n))
     table.insert(got, 1, 1)
     return got
 end
@@ -131,10 +142,14 @@ class RedisLock:
 
         return await _take(attempt, self.key, wait_s, poll_s)
 
-    async def release(self, token: str) -> None:
-        """Release the lock if this token still owns it (it expires by itself otherwise)."""
-        with contextlib.suppress(Exception):
+    async def release(self, token: str) -> bool:
+        """Release the lock if this token still owns it (it expires by itself otherwise);
+        whether Redis could be asked."""
+        try:
             await self._release(keys=[self.key], args=[token])
+        except Exception:
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def hold(self, wait_s: float) -> AsyncIterator[None]:
@@ -190,6 +205,10 @@ class HeldCall:
     released: bool = False
 
 
+#: calls whose failed turns' tokens a store keeps at most (the oldest go first)
+STALE_CALLS_KEPT = 10_000
+
+
 class CallStore:
     def __init__(self, redis: RedisPipe, *, idle_s: int, lock_ttl_ms: int = 15000) -> None:
         self.redis = redis
@@ -197,6 +216,31 @@ class CallStore:
         self.lock_ttl_ms = lock_ttl_ms
         self._save = redis.register_script(_SAVE)
         self._hold = redis.register_script(_HOLD)
+        # call id -> tokens of its turns that failed on Redis here, each with when its lock
+        # would expire: a stalled Redis may have run such a turn's hold after it had given up
+        # (or never run its release), leaving the call locked under a token no turn knows,
+        # and the caller's retries told "turn in progress" until the lock expired. The next
+        # hold of the call lets go of a lock held under one of them.
+        self._stale: dict[str, list[tuple[str, float]]] = {}
+
+    def _failed(self, call_id: str, token: str) -> None:
+        tokens = self._stale.pop(call_id, [])  # re-inserted: the newest at the end
+        tokens.append((token, time.monotonic() + self.lock_ttl_ms / 1000))
+        self._stale[call_id] = tokens
+        while len(self._stale) > STALE_CALLS_KEPT:
+            del self._stale[next(iter(self._stale))]
+
+    def _stale_tokens(self, call_id: str) -> list[str]:
+        tokens = self._stale.get(call_id)
+        if not tokens:
+            return []
+        now = time.monotonic()
+        live = [(t, until) for t, until in tokens if until > now]
+        if live:
+            self._stale[call_id] = live
+        else:
+            del self._stale[call_id]
+        return [t for t, _ in live]
 
     @staticmethod
     def key(call_id: str) -> str:
@@ -212,12 +256,18 @@ class CallStore:
         and any `fields` saved beside it, in one round trip when the lock is free."""
         token = _token()
         keys = [self.lock_key(call_id), self.key(call_id)]
-        args: list[str | int] = [token, self.lock_ttl_ms, *fields]
 
         async def attempt() -> HeldCall | None:
-            r = await self._hold(keys=keys, args=args)
+            stale = self._stale_tokens(call_id)
+            try:
+                r = await self._hold(keys=keys, args=[token, self.lock_ttl_ms, len(stale),
+                                                      *stale, *fields])
+            except Exception:
+                self._failed(call_id, token)  # Redis may yet run it
+                raise
             if r[0] != 1:
                 return None
+            self._stale.pop(call_id, None)
             return HeldCall(call_id, token, _stored(r[1], r[2]), tuple(r[3:]))
 
         return await _take(attempt, keys[0], wait_s, poll_s)
@@ -226,7 +276,8 @@ class CallStore:
         """Give the turn lock back (it expires by itself if this fails)."""
         if not held.released:
             lock = RedisLock(self.redis, self.lock_key(held.call_id), ttl_ms=self.lock_ttl_ms)
-            await lock.release(held.token)
+            if not await lock.release(held.token):
+                self._failed(held.call_id, held.token)
             held.released = True
 
     async def load(self, call_id: str) -> StoredCall | None:
