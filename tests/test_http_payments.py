@@ -588,6 +588,23 @@ async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
     assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
 
 
+async def test_a_body_in_another_charset_than_utf_8_is_a_clear_415(node: Node, api: Api,
+                                                                   sims: Sims) -> None:
+    # it was read as UTF-8 whatever it said it was
+    acct = await active_account(sims.marketing)
+    body = orjson.dumps({"account_no": acct, "amount": 100, "method": "cash",
+                         "reference": "caf\u00e9"})
+    st, h, raw = await api.call("POST", "/v1/payments", idem="cs1", data=body.decode().encode(
+        "latin-1"), headers={"Content-Type": "application/json; charset=latin-1"})
+    assert st == 415 and h["Content-Type"] == "application/problem+json"
+    assert orjson.loads(raw)["code"] == "unsupported_media_type"
+    assert "latin" not in raw.decode()  # what was sent is not echoed
+    for ctype in ("application/json; charset=UTF-8", "application/json;charset=utf8"):
+        st, _, raw = await api.call("POST", "/v1/payments", idem=f"cs-{ctype[-1]}", data=body,
+                                    headers={"Content-Type": ctype})
+        assert st == 201, raw
+
+
 async def test_a_commit_cut_short_by_the_switch_stopping_is_an_unknown_outcome(
         node: Node, api: Api, sims: Sims) -> None:
     # the commit waits on the lease row (locked here), and the posting path stops meanwhile:

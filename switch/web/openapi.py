@@ -83,7 +83,7 @@ def document(node: Node | None = None) -> dict[str, Any]:
                     "404": _err("Unknown account"),
                     "409": _err("The same key is still being processed"),
                     "413": _err("Body over the size limit"),
-                    "415": _err("Body not application/json"),
+                    "415": _err("Body not application/json, or not in UTF-8"),
                     "417": _err("An Expect header other than 100-continue"),
                     "422": _err("Closed account, invalid amount, or key reused with another "
                                 "body"),

@@ -123,6 +123,12 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
     ctype = request.content_type
     if ctype not in ("application/json", "application/problem+json"):
         raise Problem(415, "unsupported_media_type", "send the body as application/json")
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        # JSON between systems is UTF-8 (RFC 8259): a body declared in another charset was
+        # read as UTF-8 all the same, so a name or a reference in it came out wrong
+        raise Problem(415, "unsupported_media_type",
+                      "send the JSON body in UTF-8: Content-Type application/json without a "
+                      "charset, or with charset=utf-8")
     # a body that came whole with its headers (the common case) cannot keep anyone waiting:
     # no timer for it
     raw = await (request.read() if request.content.is_eof()
