@@ -588,6 +588,29 @@ async def test_malformed_json_is_a_clear_400(node: Node, api: Api) -> None:
     assert st == 400 and orjson.loads(raw)["code"] == "malformed_json"
 
 
+async def test_a_member_named_twice_is_a_clear_400(node: Node, api: Api, sims: Sims) -> None:
+    # the last one counted, where a gateway in front may have checked the first
+    acct = await active_account(sims.marketing)
+    for i, body in enumerate((
+            b'{"account_no": "%s", "amount": 100, "method": "cash", "amount": 100000}',
+            b'{"account_no":"%s","amount":100,"method":"cash","method" :"wallet"}',
+            b'{"account_no": "%s", "amount": 100, "method": "cash",'
+            b' "reference": "x", "extra": {"a": 1, "a": 2}}')):
+        st, _, raw = await api.call("POST", "/v1/payments", idem=f"dup{i}",
+                                    data=body % acct.encode(),
+                                    headers={"Content-Type": "application/json"})
+        doc = orjson.loads(raw)
+        assert st == 400 and doc["code"] == "malformed_json", raw
+        assert "twice" in doc["detail"]
+    # text that looks like a member name inside a string is no repeat
+    st, _, raw = await api.call("POST", "/v1/payments", idem="dup-no", data=b'{"account_no": "'
+                                + acct.encode() + b'", "amount": 100, "method": "cash",'
+                                b' "reference": "amount\\": 5, \\"amount\\" : 6"}',
+                                headers={"Content-Type": "application/json"})
+    assert st == 201, raw
+    assert await node.pool.fetchval("SELECT count(*) FROM payments") == 1
+
+
 async def test_a_body_in_another_charset_than_utf_8_is_a_clear_415(node: Node, api: Api,
                                                                    sims: Sims) -> None:
     # it was read as UTF-8 whatever it said it was

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -147,6 +148,11 @@ async def json_body(request: web.Request, max_bytes: int = 65536, *,
                           f"the body is not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict):
         raise Problem(400, "malformed_json", "the body must be a JSON object")
+    if _names_twice(raw, doc):
+        # which of the two counts is a guess, and a proxy or gateway in front may have taken
+        # the other one: {"amount": 100, "amount": 100000}
+        raise Problem(400, "malformed_json", "a member name appears twice in one object of "
+                      "the body; send each once")
     # JSON can spell a NUL character only as this escape
     if not fields_checked and b"\\u0000" in raw and _has_nul(doc):
         raise Problem(400, "invalid_text", "text in the body must not contain NUL (\\u0000) "
@@ -177,6 +183,47 @@ def exactly(raw: bytes) -> object:
         return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
+
+
+_NAME_END = re.compile(rb'"[ \t\n\r]*:')
+
+
+def _members(doc: object) -> int:
+    """How many members the objects of a parsed JSON document have, in all."""
+    n = 0
+    todo = [doc]  # a stack, as in `_has_nul`
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            n += len(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return n
+
+
+def _names_twice(raw: bytes, doc: object) -> bool:
+    """Whether an object of the document `raw` (parsed: `doc`, where a repeated name kept its
+    last value) names a member twice. Every member name in `raw` ends with a quote, maybe
+    whitespace, and a colon, so as many of those as the parsed members means no name was
+    repeated (the common case, one scan); more (a repeat, or a string holding such text)
+    are told apart by reading the body again, member by member."""
+    if len(_NAME_END.findall(raw)) == _members(doc):
+        return False
+    repeated = False
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal repeated
+        out = dict(items)
+        repeated = repeated or len(out) != len(items)
+        return out
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs, parse_int=_bounded_int,
+                   parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return False  # orjson read it; the finer reading is not to be had
+    return repeated
 
 
 def _has_nul(doc: object) -> bool:
