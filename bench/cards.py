@@ -3,7 +3,7 @@ manufacture it, reconcile the card-back file and stock it in; cards/s per phase,
 longest the event loop went without a turn in each phase (a node runs these jobs on the loop
 that answers its payments, so a long stall there is every channel's latency).
 
-    python -m bench.cards [--cards 100000] [--database-url URL] [--in-flight 6]
+    python -m bench.cards [--cards 100000] [--database-url URL] [--in-flight 3]
 
 The HSM simulator runs as its own process (as in production), the database is the one in
 GRIDPAY_TEST_DATABASE_URL / --database-url or an embedded PostgreSQL in a temporary directory.
@@ -73,7 +73,10 @@ def database(url: str | None) -> Iterator[str]:
 
 
 class LoopWatch:
-    """The longest the event loop went without running a 1 ms timer, since the last `take`."""
+    """The longest the event loop went without running a 1 ms timer, since the last `take`.
+
+    Not `switch.loop.watch_lag`, which a node's lag metric uses: that reads the loop's clock,
+    which uvloop keeps in whole milliseconds, and stalls of a few are what this measures."""
 
     def __init__(self) -> None:
         self.worst = 0.0

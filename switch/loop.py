@@ -88,9 +88,10 @@ def tune_gc() -> None:
 SLICE = 2000
 
 
-async def in_slices(items: Iterable[T], size: int | None = None) -> AsyncIterator[T]:
-    """`items`, with a turn for the event loop after every `size` (default `SLICE`) of them."""
-    every = SLICE if size is None else size
+async def in_slices(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, with a turn for the event loop after every `SLICE` of them (read when called,
+    so that a test can make slices small)."""
+    every = SLICE
     for i, item in enumerate(items, 1):
         yield item
         if i % every == 0:
@@ -139,6 +140,7 @@ async def watch_lag(observe: Callable[[float], None], every_s: float = 0.05) -> 
         due = loop.time() + every_s
         await asyncio.sleep(every_s)
         observe(max(0.0, loop.time() - due))
+
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel `task` (None: nothing to do) and wait until it has ended. The task's own

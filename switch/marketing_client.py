@@ -272,7 +272,6 @@ def _record(body: Mapping[str, Any], listed_for: date) -> PostingRecord:
 
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
-_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _skip_whitespace(text: str, at: int) -> int:
@@ -281,11 +280,8 @@ def _skip_whitespace(text: str, at: int) -> int:
     return at if m is None else m.end()
 
 
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity, which the stdlib would take
-
-
-_ELEMENT_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)
+#: finds where a value ends; what the value is, orjson says (`_element`)
+_ELEMENT_DECODER: Final = json.JSONDecoder()
 
 
 async def _parse_in_turns(raw: bytes) -> Any:
@@ -299,10 +295,6 @@ async def _parse_in_turns(raw: bytes) -> Any:
     element: the values are orjson's, as they were (numbers beyond 64 bits, floats beyond a
     double's range and the rest of its rules), at about 3.1 times its cost, once a day."""
     try:
-        if _SURROGATE_ESCAPE.search(raw) is not None:
-            # a \uD8xx-\uDFxx escape: the standard library would take a lone one, which
-            # orjson refuses (it is no Unicode text); such a rare answer is parsed whole
-            return orjson.loads(raw)
         text = raw.decode("utf-8")
         try:
             value, at = await _value_in_turns(text, _skip_whitespace(text, 0), 0)

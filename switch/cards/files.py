@@ -356,8 +356,6 @@ class Reconciliation:
                 "discrepancies": [d.as_dict() for d in self.discrepancies]}
 
 
-
-
 def reconcile_steps(*, batch_id: int, prefix: str, first_seq: int, quantity: int,
                     face_value: int, records: Iterable[CardBackRecord],
                     slice_: int = SLICE) -> Generator[None, None, Reconciliation]:

@@ -194,8 +194,7 @@ async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequ
         await db.fence(conn, epoch)
         # Compared by PostgreSQL: a warehouse holds up to millions of cards, which as Python
         # sets (and their sorting) held the node's event loop most of a second
-        seen = counted  # distinct, as `cards_of` gives them
-        compared = await conn.fetchrow(_STOCKTAKE, location, seen)
+        compared = await conn.fetchrow(_STOCKTAKE, location, counted)
         assert compared is not None  # a SELECT of three values: one row
         expected, missing, unexpected = compared
         where = {r["serial"]: f"{r['state']} at {r['location']}" for r in await conn.fetch(
@@ -204,9 +203,9 @@ async def stocktake(pool: asyncpg.Pool, user: User, location: str, counted: Sequ
         st_id: int = await conn.fetchval(
             "INSERT INTO card_stocktakes (location, counted, expected, missing, unexpected,"
             " counted_by) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            location, len(seen), expected, missing, unexpected, user.username)
+            location, len(counted), expected, missing, unexpected, user.username)
         return await _audited(audit, conn, {
-            "stocktake_id": st_id, "location": location, "counted": len(seen),
+            "stocktake_id": st_id, "location": location, "counted": len(counted),
             "expected": expected, "missing_count": len(missing),
             "unexpected_count": len(unexpected), "missing": missing,
             "missing_ranges": _ranges(missing),

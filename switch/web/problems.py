@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -176,30 +176,32 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json takes them
 
 
-def exactly(raw: bytes) -> object:
+def exactly(raw: bytes, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+            ) -> object:
     """`raw` parsed with integers of any length (kept as they are up to 40 digits, larger
-    ones as 10^40 with their sign); None when it is not JSON after all."""
+    ones as 10^40 with their sign), objects made by `object_pairs_hook` when given; None when
+    it is not JSON after all."""
     try:
-        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant,
+                          object_pairs_hook=object_pairs_hook)
     except (ValueError, RecursionError):
         return None
 
 
-_NAME_END = re.compile(rb'"[ \t\n\r]*:')
-
-
-def _members(doc: object) -> int:
-    """How many members the objects of a parsed JSON document have, in all."""
-    n = 0
-    todo = [doc]  # a stack, as in `_has_nul`
+def _parts(doc: object) -> Iterator[object]:
+    """Every object, array, string and number of a parsed JSON document (member names not
+    included), walked with a stack, not recursion: orjson takes bodies 1 024 levels deep."""
+    todo = [doc]
     while todo:
         item = todo.pop()
+        yield item
         if isinstance(item, dict):
-            n += len(item)
             todo.extend(item.values())
         elif isinstance(item, list):
             todo.extend(item)
-    return n
+
+
+_NAME_END = re.compile(rb'"[ \t\n\r]*:')
 
 
 def _names_twice(raw: bytes, doc: object) -> bool:
@@ -208,41 +210,28 @@ def _names_twice(raw: bytes, doc: object) -> bool:
     whitespace, and a colon, so as many of those as the parsed members means no name was
     repeated (the common case, one scan); more (a repeat, or a string holding such text)
     are told apart by reading the body again, member by member."""
-    if len(_NAME_END.findall(raw)) == _members(doc):
+    members = sum(len(item) for item in _parts(doc) if isinstance(item, dict))
+    if len(_NAME_END.findall(raw)) == members:
         return False
     repeated = False
 
-    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal repeated
         out = dict(items)
         repeated = repeated or len(out) != len(items)
         return out
 
-    try:
-        json.loads(raw, object_pairs_hook=pairs, parse_int=_bounded_int,
-                   parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        return False  # orjson read it; the finer reading is not to be had
-    return repeated
+    # not JSON to the standard library (orjson read it): the finer reading is not to be had
+    return exactly(raw, pairs) is not None and repeated
 
 
 def _has_nul(doc: object) -> bool:
     """Whether a NUL character is in any string (key or value) of a parsed JSON document:
     PostgreSQL stores none in text or jsonb, so such a body would fail deep inside a
     handler instead of being refused here."""
-    todo = [doc]  # a stack, not recursion: orjson takes bodies 1 024 levels deep
-    while todo:
-        item = todo.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            if any("\x00" in k for k in item):
-                return True
-            todo.extend(item.values())
-        elif isinstance(item, list):
-            todo.extend(item)
-    return False
+    return any((isinstance(item, str) and "\x00" in item)
+               or (isinstance(item, dict) and any("\x00" in k for k in item))
+               for item in _parts(doc))
 
 
 def one_header(request: web.Request, name: str, code: str) -> str | None:
