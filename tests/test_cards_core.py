@@ -401,6 +401,12 @@ async def test_a_large_range_is_expanded_with_turns_for_the_event_loop() -> None
     assert out[1:] == [make_serial("130225", q) for q in range(1, 5 * SLICE + 1)]
     with pytest.raises(InvalidInput, match="at most 100 cards"):
         await workflow.cards_of({"ranges": [{"first": first, "last": last}]}, limit=100)
+    # as many turns when the cards come as many ranges, each shorter than a slice
+    short = [{"first": make_serial("130227", q), "last": make_serial("130227", q + 9)}
+             for q in range(1, 5 * SLICE, 10)]
+    async with LoopTurns() as turns:
+        out = await workflow.cards_of({"ranges": short})
+    assert len(out) == 5 * SLICE and turns.count >= 4, turns.count
 
 
 def test_render_progress() -> None:
