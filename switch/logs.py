@@ -37,12 +37,14 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _BYTES_REPR = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
 _KV = re.compile(r"(?i)\b(pin_?block|pin|password|passwd|secret|api_?key|token|key|mac|cvv)"
                  r"(\s*[=:]\s*)(\S+)")
-# the password of a URL: scheme://user:PASSWORD@host, up to the URL's last '@' within 256
-# characters (bounded work on any text), so that a password holding an '@', or a raw '#',
-# '/' or '?' (which a URL should carry percent-encoded, and a config check refuses), is
-# masked whole; with no '@' that near, the rest of the token goes (a longer password)
+# the password of a URL: scheme://user:PASSWORD@host, up to the last '@' of the token, so
+# that a password holding an '@' (anywhere, however long), or a raw '#', '/' or '?' (which a
+# URL should carry percent-encoded, and a config check refuses), is masked whole; with no '@'
+# after it, a token that runs on past 256 characters goes from there (a password that lost
+# its host). The work stays linear: a token scanned to its end is then consumed, by the
+# match or by the second branch.
 _URL_PASSWORD = re.compile(
-    r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@]{0,256}:)(?:\S{0,256}@|\S{257,})")
+    r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@]{0,256}:)(?:\S*@|\S{257,})")
 # a password given in a URL's query (libpq takes `password` and `sslpassword` there)
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

@@ -100,3 +100,7 @@ def test_a_url_printed_for_operators_shows_no_password() -> None:
     for masked in (mask_url(f"postgresql://u:{long_pw}@db/x"),
                    mask_text(f"connect postgresql://u:{long_pw}@db/x failed")):
         assert "S3cr" not in masked and "postgresql://u:***" in masked, masked
+    # ... and one with an '@' early in it: masked up to its last '@', however far
+    for masked in (mask_url(f"postgresql://u:a@{long_pw}@db/x"),
+                   mask_text(f"connect postgresql://u:a@{long_pw}@db/x failed")):
+        assert "S3cr" not in masked and "postgresql://u:***@db/x" in masked, masked
