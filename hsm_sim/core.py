@@ -102,11 +102,15 @@ class _WorkingKey:
     (ECB, which carries no state from one block to the next). The repr names the usage only.
     """
 
-    __slots__ = ("_cmac", "_codec", "_kcv", "header", "key")
+    __slots__ = ("_cmac", "_codec", "_kcv", "header", "key", "profile_blocks")
 
     def __init__(self, header: KeyBlockHeader, key: bytes) -> None:
         self.header = header
         self.key = key
+        # whether the header carries the optional blocks its usage's profile asks for (an
+        # HMAC key's hash): the header cannot change, so judged once, not on every command
+        profile = KEY_PROFILES.get(header.key_usage)
+        self.profile_blocks = profile is not None and _blocks_match(header, profile.blocks)
         self._cmac: cmac.CMAC | None = None
         self._codec: Format4Codec | None = None
         self._kcv: bytes | None = None
@@ -146,13 +150,13 @@ class _Refused(Exception):
         self.code = code
 
 
-def _check_use(header: KeyBlockHeader, use: _Use) -> None:
+def _check_use(working: _WorkingKey, use: _Use) -> None:
+    header = working.header
     if header.key_usage not in use.usages:
         raise _Refused("A6")
     # the blocks that complete the algorithm are the usage's own (every usage here has a
     # profile)
-    if header.algorithm != use.algorithm or not _blocks_match(
-            header, KEY_PROFILES[header.key_usage].blocks):
+    if header.algorithm != use.algorithm or not working.profile_blocks:
         raise _Refused("A7")
     if header.mode_of_use not in use.modes:
         raise _Refused("A8")
@@ -270,7 +274,7 @@ class HsmCore:
         else:
             cache.move_to_end(block)
         if use is not None:
-            _check_use(working.header, use)
+            _check_use(working, use)
         return working
 
     @property

@@ -27,7 +27,7 @@ from typing import Final
 
 import orjson
 
-from marketing_sim.customers import MAX_CUSTOMERS, CustomerBook
+from marketing_sim.customers import CustomerBook, check_count
 from marketing_sim.faults import NO_FAULTS, FaultError, Faults
 from marketing_sim.journal import Group, JournalError, PostingJournal
 from marketing_sim.ledger import Ledger, LedgerError, PostedCredit, PostingRequest
@@ -66,8 +66,7 @@ class MarketingSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ValueError("port must be between 0 and 65535")
-        if not 0 <= self.customers <= MAX_CUSTOMERS:
-            raise ValueError(f"customers must be from 0 to {MAX_CUSTOMERS:,}")
+        check_count(self.customers)
 
 
 def _read_json(body: bytes) -> object:

@@ -75,6 +75,13 @@ class CustomerError(ValueError):
     """Bad customer-book parameters."""
 
 
+def check_count(count: int) -> None:
+    """Refuse a number of customers the book cannot seed (`CustomerError`, which says the
+    range)."""
+    if not 0 <= count <= MAX_CUSTOMERS:
+        raise CustomerError(f"customers must be from 0 to {MAX_CUSTOMERS:,}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Bill:
     """One monthly bill: ``period`` is ``YYYY-MM``, ``amount`` in fen."""
@@ -126,8 +133,7 @@ class CustomerBook:
     __slots__ = ("_count", "_seed_key")
 
     def __init__(self, *, count: int, seed: int) -> None:
-        if not 0 <= count <= MAX_CUSTOMERS:
-            raise CustomerError(f"customers must be between 0 and {MAX_CUSTOMERS}")
+        check_count(count)
         self._count = count
         self._seed_key = hashlib.blake2b(str(seed).encode(), digest_size=16).digest()
 

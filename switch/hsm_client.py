@@ -495,8 +495,8 @@ class HsmClient:
         """A verification's answer: `00` matches, `01` does not; an answer that carries
         anything after its code is not one this command gives, and is trusted for neither."""
         code, rest = await self._call(command, fields, ok=("00", "01"))
-        if rest.remaining:
-            raise HsmError(None, command, "malformed response")
+        with _bad_response(command):
+            rest.end()
         return code == "00"
 
     async def _fields(self, command: str, fields: bytes) -> FieldReader:
