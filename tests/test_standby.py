@@ -494,19 +494,32 @@ async def test_a_switchover_whose_drain_outlasts_the_ttl_keeps_the_lease_until_i
 
 async def test_a_switchover_drain_stops_renewing_once_another_node_has_the_lease(
         clean_db: str) -> None:
+    taken_at: list[float] = []
+
     async def taken_meanwhile() -> None:  # the lease moves on while node-a drains
         await asyncio.sleep(0.1)
         await pools[1].execute("UPDATE node_lease SET holder = 'node-x', epoch = epoch + 1,"
                                " expires_at = now() + interval '1 second' WHERE id = 1")
-        await asyncio.sleep(1.5)
+        taken_at.append(time.monotonic())
+        await asyncio.sleep(1.5)  # seven renewal periods of node-a's drain
 
     a, b, pools = await _lease_pair(clean_db, ttl_s=1.0, a_standby=taken_meanwhile)
+    renewals: list[float] = []  # when node-a asked to renew (the real statement runs)
+    renew = a._renew
+
+    async def counted() -> asyncpg.Record | None:
+        renewals.append(time.monotonic())
+        return await renew()
+
+    a._renew = counted  # type: ignore[method-assign]
     await a.start()
     try:
         assert a.is_active
         epoch = a.epoch
         assert await a.handover() is False  # lost, not handed over
         assert a.role is Role.STANDBY and not a.is_active
+        # one renewal after the lease moved on found it taken, and the drain asked no more
+        assert len([t for t in renewals if t > taken_at[0]]) == 1, (renewals, taken_at)
         # it renewed nothing of node-x's, and went back to being a standby that takes an
         # expired lease (epoch + 2, once node-x's has expired)
         await _wait(lambda: a.is_active, 3, "node-a takes the expired lease again")
