@@ -288,9 +288,11 @@ _DB_STATS = """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wa
        (SELECT count(*) FROM outbox WHERE state = 'pending') AS pending,
        -- WAL flushes to disk (each commit waits for one, shared by the commits it covers)
        -- and the time they took; the time needs track_wal_io_timing, which the harness turns
-       -- on (`Harness._prepare`)
+       -- on (`Harness._prepare`): without it the server counts 0 ms, read here as no time
        (SELECT sum(fsyncs) FROM pg_stat_io WHERE object = 'wal')::bigint AS wal_fsyncs,
-       (SELECT sum(fsync_time) FROM pg_stat_io WHERE object = 'wal')::float8 AS wal_fsync_ms
+       CASE WHEN current_setting('track_wal_io_timing')::bool
+            THEN (SELECT sum(fsync_time) FROM pg_stat_io WHERE object = 'wal')::float8
+       END AS wal_fsync_ms
   FROM pg_stat_checkpointer"""
 
 

@@ -494,3 +494,24 @@ def test_repeat_runs_a_scenario_on_its_own_and_sums_its_goals_up(
     assert "== codec: goals over 2 runs ==" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["codec", "--repeat", "0"])
+
+
+async def test_a_phase_reading_has_no_flush_time_when_the_server_does_not_time_flushes(
+        pool: asyncpg.Pool) -> None:
+    # PostgreSQL counts 0 ms of flushing when it does not time them: read as 0, the phase
+    # line said "of 0.0 ms each on average"
+    from bench.scenarios import _DB_STATS
+
+    async def flush_ms(con: Any) -> object:
+        row = await con.fetchrow(_DB_STATS)
+        assert row is not None
+        return row["wal_fsync_ms"]
+
+    async with pool.acquire() as con:
+        try:
+            await con.execute("SET track_wal_io_timing = off")
+            assert await flush_ms(con) is None
+            await con.execute("SET track_wal_io_timing = on")
+            assert await flush_ms(con) is not None
+        finally:
+            await con.execute("RESET track_wal_io_timing")
